@@ -1,0 +1,119 @@
+//! x86_64 syscall numbers of the syscalls vmaudit traces.
+//!
+//! The eBPF side is compiled for `bpfel-unknown-none` and cannot ask libc for the host's
+//! numbering, so the numbers live here; a userspace unit test checks them against
+//! `libc::SYS_*`. Only x86_64 is supported for now (the userspace crate refuses other targets).
+
+pub const IOCTL: u32 = 16;
+pub const OPEN: u32 = 2;
+pub const CLOSE: u32 = 3;
+pub const PIPE: u32 = 22;
+pub const DUP: u32 = 32;
+pub const DUP2: u32 = 33;
+pub const SOCKET: u32 = 41;
+pub const ACCEPT: u32 = 43;
+pub const RECVMSG: u32 = 47;
+pub const SOCKETPAIR: u32 = 53;
+pub const CLONE: u32 = 56;
+pub const FORK: u32 = 57;
+pub const VFORK: u32 = 58;
+pub const FCNTL: u32 = 72;
+pub const CREAT: u32 = 85;
+pub const EPOLL_CREATE: u32 = 213;
+pub const INOTIFY_INIT: u32 = 253;
+pub const OPENAT: u32 = 257;
+pub const SIGNALFD: u32 = 282;
+pub const TIMERFD_CREATE: u32 = 283;
+pub const EVENTFD: u32 = 284;
+pub const ACCEPT4: u32 = 288;
+pub const SIGNALFD4: u32 = 289;
+pub const EVENTFD2: u32 = 290;
+pub const EPOLL_CREATE1: u32 = 291;
+pub const DUP3: u32 = 292;
+pub const PIPE2: u32 = 293;
+pub const INOTIFY_INIT1: u32 = 294;
+pub const PERF_EVENT_OPEN: u32 = 298;
+pub const RECVMMSG: u32 = 299;
+pub const FANOTIFY_INIT: u32 = 300;
+pub const OPEN_BY_HANDLE_AT: u32 = 304;
+pub const MEMFD_CREATE: u32 = 319;
+pub const BPF: u32 = 321;
+pub const USERFAULTFD: u32 = 323;
+pub const IO_URING_SETUP: u32 = 425;
+pub const PIDFD_OPEN: u32 = 434;
+pub const CLONE3: u32 = 435;
+pub const CLOSE_RANGE: u32 = 436;
+pub const OPENAT2: u32 = 437;
+pub const PIDFD_GETFD: u32 = 438;
+pub const MEMFD_SECRET: u32 = 447;
+
+/// ioctl requests that matter to an fd table; every other ioctl is filtered out in the kernel
+/// (qemu issues millions of KVM_RUN ioctls).
+pub mod ioctl {
+    /// Set close-on-exec.
+    pub const FIOCLEX: u64 = 0x5451;
+    /// Clear close-on-exec.
+    pub const FIONCLEX: u64 = 0x5450;
+    /// Returns a new VM fd.
+    pub const KVM_CREATE_VM: u64 = 0xAE01;
+    /// Returns a new vCPU fd.
+    pub const KVM_CREATE_VCPU: u64 = 0xAE41;
+    /// Returns a new stats fd.
+    pub const KVM_GET_STATS_FD: u64 = 0xAECE;
+
+    pub const fn is_tracked(req: u64) -> bool {
+        // The request is an `unsigned int`; glibc passes it zero-extended.
+        let req = req & 0xffff_ffff;
+        matches!(req, FIOCLEX | FIONCLEX | KVM_CREATE_VM | KVM_CREATE_VCPU | KVM_GET_STATS_FD)
+    }
+}
+
+/// Every syscall whose tracepoints vmaudit attaches to, with the tracepoint's name.
+pub const TRACED: &[(u32, &str)] = &[
+    (OPEN, "open"),
+    (OPENAT, "openat"),
+    (OPENAT2, "openat2"),
+    (CREAT, "creat"),
+    (OPEN_BY_HANDLE_AT, "open_by_handle_at"),
+    (DUP, "dup"),
+    (DUP2, "dup2"),
+    (DUP3, "dup3"),
+    (FCNTL, "fcntl"),
+    (IOCTL, "ioctl"),
+    (RECVMSG, "recvmsg"),
+    (RECVMMSG, "recvmmsg"),
+    (PIDFD_GETFD, "pidfd_getfd"),
+    (PIDFD_OPEN, "pidfd_open"),
+    (SOCKET, "socket"),
+    (SOCKETPAIR, "socketpair"),
+    (ACCEPT, "accept"),
+    (ACCEPT4, "accept4"),
+    (PIPE, "pipe"),
+    (PIPE2, "pipe2"),
+    (EVENTFD, "eventfd"),
+    (EVENTFD2, "eventfd2"),
+    (EPOLL_CREATE, "epoll_create"),
+    (EPOLL_CREATE1, "epoll_create1"),
+    (MEMFD_CREATE, "memfd_create"),
+    (MEMFD_SECRET, "memfd_secret"),
+    (SIGNALFD, "signalfd"),
+    (SIGNALFD4, "signalfd4"),
+    (TIMERFD_CREATE, "timerfd_create"),
+    (INOTIFY_INIT, "inotify_init"),
+    (INOTIFY_INIT1, "inotify_init1"),
+    (FANOTIFY_INIT, "fanotify_init"),
+    (USERFAULTFD, "userfaultfd"),
+    (PERF_EVENT_OPEN, "perf_event_open"),
+    (IO_URING_SETUP, "io_uring_setup"),
+    (BPF, "bpf"),
+    (CLOSE, "close"),
+    (CLOSE_RANGE, "close_range"),
+    (CLONE, "clone"),
+    (CLONE3, "clone3"),
+    (FORK, "fork"),
+    (VFORK, "vfork"),
+];
+
+/// Syscalls whose tracepoint may be absent on a kernel built without the feature; vmaudit
+/// warns and goes on without them. Every other entry of [`TRACED`] is required.
+pub const OPTIONAL: &[u32] = &[MEMFD_SECRET, FANOTIFY_INIT, USERFAULTFD, PERF_EVENT_OPEN, IO_URING_SETUP, BPF, OPEN_BY_HANDLE_AT];
