@@ -92,13 +92,12 @@ fn lose(cause: LossCause, tgid: u32) {
     }
 }
 
-/// Where the `path` of an event comes from.
-#[derive(Clone, Copy)]
-enum PathSrc {
-    None,
-    User(u64),
-    Kernel(*const u8),
-}
+// Where the `path` of an event comes from. Plain integers, not an enum with payload: a BPF
+// subprogram call must have every argument register initialised, and a payload-less variant
+// leaves one unset.
+const PATH_NONE: u64 = 0;
+const PATH_USER: u64 = 1;
+const PATH_KERNEL: u64 = 2;
 
 struct Emit {
     kind: EventKind,
@@ -108,10 +107,13 @@ struct Emit {
     ret: i64,
     args: [u64; 4],
     fds: [i32; 2],
+    /// One of PATH_NONE, PATH_USER, PATH_KERNEL.
+    path_src: u64,
+    path_ptr: u64,
 }
 
 #[inline(never)]
-fn emit(e: &Emit, path: PathSrc) {
+fn emit(e: &Emit) {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         lose(LossCause::RingFull, e.tgid);
         return;
@@ -131,10 +133,10 @@ fn emit(e: &Emit, path: PathSrc) {
         (*ev)._pad = 0;
         (*ev).path_len = 0;
         let buf = &mut (*ev).path;
-        let got = match path {
-            PathSrc::None => None,
-            PathSrc::User(p) => bpf_probe_read_user_str_bytes(p as *const u8, buf).ok(),
-            PathSrc::Kernel(p) => bpf_probe_read_kernel_str_bytes(p, buf).ok(),
+        let got = match e.path_src {
+            PATH_USER => bpf_probe_read_user_str_bytes(e.path_ptr as *const u8, buf).ok(),
+            PATH_KERNEL => bpf_probe_read_kernel_str_bytes(e.path_ptr as *const u8, buf).ok(),
+            _ => None,
         };
         if let Some(s) = got {
             (*ev).path_len = s.len() as u32;
@@ -209,8 +211,9 @@ pub fn vmaudit_sys_exit(ctx: TracePointContext) -> u32 {
         ret,
         args: inf.args,
         fds: [-1, -1],
+        path_src: PATH_NONE,
+        path_ptr: 0,
     };
-    let mut path = PathSrc::None;
     match nr {
         // Forks are reported by sched_process_fork, which reads these entries.
         nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => return 0,
@@ -244,11 +247,11 @@ pub fn vmaudit_sys_exit(ctx: TracePointContext) -> u32 {
                 }
             }
         }
-        nr::OPEN | nr::CREAT => path = PathSrc::User(inf.args[0]),
-        nr::OPENAT | nr::OPENAT2 => path = PathSrc::User(inf.args[1]),
+        nr::OPEN | nr::CREAT => (e.path_src, e.path_ptr) = (PATH_USER, inf.args[0]),
+        nr::OPENAT | nr::OPENAT2 => (e.path_src, e.path_ptr) = (PATH_USER, inf.args[1]),
         _ => {}
     }
-    emit(&e, path);
+    emit(&e);
     0
 }
 
@@ -290,7 +293,7 @@ fn recv_rights(e: &mut Emit, msg: u64) {
                 match read_user::<i32>(control + off + CMSG_HDR_LEN + 4 * i) {
                     Some(fd) => {
                         e.fds = [fd, -1];
-                        emit(e, PathSrc::None);
+                        emit(e);
                     }
                     None => lose(LossCause::UserRead, e.tgid),
                 }
@@ -355,8 +358,10 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         ret: 0,
         args: [child as u64, clone_flags, 0, 0],
         fds: [-1, -1],
+        path_src: PATH_NONE,
+        path_ptr: 0,
     };
-    emit(&e, PathSrc::None);
+    emit(&e);
     0
 }
 
@@ -369,12 +374,6 @@ pub fn vmaudit_sched_exec(ctx: TracePointContext) -> u32 {
     }
     let loc = read_ctx::<u32>(&ctx, EXEC_FILENAME_LOC_OFF).unwrap_or(0);
     let off = (loc & 0xffff) as usize;
-    let path = if off == 0 {
-        PathSrc::None
-    } else {
-        // SAFETY: `off` is the __data_loc offset of the filename inside this record.
-        PathSrc::Kernel(unsafe { (ctx.as_ptr() as *const u8).add(off) })
-    };
     let e = Emit {
         kind: EventKind::Exec,
         tgid,
@@ -383,8 +382,11 @@ pub fn vmaudit_sched_exec(ctx: TracePointContext) -> u32 {
         ret: 0,
         args: [0; 4],
         fds: [-1, -1],
+        // `off` is the __data_loc offset of the filename inside this record.
+        path_src: if off == 0 { PATH_NONE } else { PATH_KERNEL },
+        path_ptr: ctx.as_ptr() as u64 + off as u64,
     };
-    emit(&e, path);
+    emit(&e);
     0
 }
 
@@ -409,7 +411,9 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         ret: 0,
         args: [0; 4],
         fds: [-1, -1],
+        path_src: PATH_NONE,
+        path_ptr: 0,
     };
-    emit(&e, PathSrc::None);
+    emit(&e);
     0
 }

@@ -1,0 +1,64 @@
+//! Subcommands, one module each.
+
+mod demo;
+mod fds;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmaudit::exit;
+
+const EXIT_CODES: &str = "Exit codes:
+  0  finished normally (watch: stopped by SIGINT/SIGTERM)
+  1  internal error
+  2  malformed command line
+  3  no such process
+  4  missing privileges
+  5  kernel feature missing (tracefs, tracepoint, BPF)
+  6  the watched process(es) exited while watched";
+
+/// Says, from the kernel itself, which fds a VM's emulator really holds.
+#[derive(Debug, Parser)]
+#[command(name = "vmaudit", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream every fd a process gains or loses, from the kernel, as JSON lines.
+    Watch(watch::Args),
+    /// Print a process's current fd table (from /proc).
+    Fds(fds::Args),
+    /// Run the demo: watch a small workload and print its fd events.
+    Demo(demo::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Watch(a) => watch::run(a),
+        Command::Fds(a) => fds::run(a),
+        Command::Demo(a) => demo::run(a),
+    };
+    ExitCode::from(code)
+}
+
+/// Prints one clear line for a failure (its cause chain joined) and returns its exit code.
+pub fn fail(err: &(dyn std::error::Error + 'static), code: u8) -> u8 {
+    // First lines only: a verifier log can run to thousands of lines (RUST_LOG=debug has it).
+    let first = |e: &dyn std::error::Error| e.to_string().lines().next().unwrap_or_default().to_owned();
+    let mut msg = first(err);
+    let mut source = err.source();
+    while let Some(s) = source {
+        log::debug!("{s}");
+        msg.push_str(": ");
+        msg.push_str(&first(s));
+        source = s.source();
+    }
+    eprintln!("vmaudit: {msg}");
+    debug_assert!(exit::TABLE.iter().any(|(c, _)| *c == code));
+    code
+}

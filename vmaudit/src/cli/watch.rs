@@ -1,0 +1,97 @@
+//! `vmaudit watch`: stream a process's fd events from the kernel.
+
+use std::io::Write as _;
+
+use vmaudit::{
+    exit,
+    observe::{Output, Summary, WatchOptions, Watcher, loader::TrackerOptions},
+    procfs::ProcFs,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The process to watch (repeat for several).
+    #[arg(long, required = true)]
+    pid: Vec<u32>,
+    /// Also watch children the process forks from now on (not threads), transitively.
+    #[arg(long)]
+    follow_children: bool,
+    /// Size of the kernel's event ring buffer in bytes (a power of two, at least 4096).
+    #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = parse_ring)]
+    ring_buffer_bytes: u32,
+}
+
+fn parse_ring(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err("must be a power of two of at least 4096".into());
+    }
+    Ok(n)
+}
+
+/// Writes one JSON object per line on stdout. A closed stdout (a pipe whose reader left)
+/// ends nothing: the summary still reaches whoever reads it.
+pub fn print_json(value: &impl serde::Serialize) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, value);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+pub fn run(args: Args) -> u8 {
+    let opts = WatchOptions {
+        pids: args.pid.clone(),
+        follow_children: args.follow_children,
+        tracker: TrackerOptions {
+            ring_bytes: args.ring_buffer_bytes,
+        },
+    };
+    match watch(&opts, &mut |o| print_json(&o)) {
+        Ok(summary) => {
+            print_json(&summary);
+            if summary.ended == "exited" {
+                let pids: Vec<String> = args.pid.iter().map(u32::to_string).collect();
+                eprintln!("vmaudit: watched process {} exited", pids.join(", "));
+                exit::TARGET_EXITED
+            } else {
+                exit::OK
+            }
+        }
+        Err(e) => super::fail(&e, e.exit_code()),
+    }
+}
+
+/// Starts the watcher, says so on stderr, and runs it until SIGINT/SIGTERM or the end of
+/// every watched process.
+pub fn watch(opts: &WatchOptions, sink: &mut dyn FnMut(Output)) -> Result<Summary, vmaudit::observe::ObserveError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| vmaudit::observe::ObserveError::Poll { source })?;
+    rt.block_on(async {
+        let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
+        let held: usize = opts
+            .pids
+            .iter()
+            .filter_map(|p| watcher.tables().get(*p))
+            .map(|t| t.fds.len())
+            .sum();
+        // Tests and scripts wait for this line before making the watched process act.
+        log::info!("watching pid {:?} ({held} fds)", opts.pids);
+        watcher.run(sink, shutdown_signal()).await
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without signal handlers only the watched processes' exit ends the watch.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,17 @@
+//! vmaudit: holds a VM manager's claims about the devices its emulator holds to what the
+//! kernel saw.
+//!
+//! The library core; the `vmaudit` binary is a thin CLI over it.
+//! - [`observe`]: the eBPF fd tracker and the per-process fd tables it keeps exact.
+//! - [`procfs`]: fd identities read from /proc (seeding, resyncing, `vmaudit fds`).
+//! - [`kcmp`]: whether two fds in two processes are the same open file description.
+//! - [`exit`]: the documented exit codes.
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("vmaudit's syscall tables are x86_64 only for now");
+
+pub mod exit;
+pub mod kcmp;
+pub mod observe;
+pub mod paths;
+pub mod procfs;

@@ -1,0 +1,175 @@
+//! Checks before loading anything, each failing with a message a person can act on.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use super::ObserveError;
+use crate::paths;
+
+/// Capability numbers (linux/capability.h).
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Parses `CapEff:` from /proc/self/status text.
+pub fn effective_caps(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The capabilities missing from `caps` for loading and attaching the tracker and reading
+/// other processes' fd tables.
+pub fn missing_caps(caps: u64) -> Vec<&'static str> {
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !(admin || has(CAP_BPF)) {
+        missing.push("CAP_BPF");
+    }
+    if !(admin || has(CAP_PERFMON)) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
+    }
+    missing
+}
+
+/// Fails unless this process may load and attach the tracker.
+pub fn check_caps() -> Result<(), ObserveError> {
+    let status = fs::read_to_string(paths::SELF_STATUS).unwrap_or_default();
+    let missing = missing_caps(effective_caps(&status).unwrap_or(0));
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ObserveError::Privileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// The mount points of filesystems of type `fstype` in mountinfo text.
+pub fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let ty = right.split(' ').next()?;
+            (ty == fstype).then(|| PathBuf::from(unescape_mount(mount_point)))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\040` etc.
+fn unescape_mount(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Makes sure tracefs is mounted where aya looks for it (`/sys/kernel/tracing`), mounting it
+/// when absent. Returns the mount point.
+pub fn ensure_tracefs() -> Result<PathBuf, ObserveError> {
+    let default = Path::new(paths::TRACEFS_DEFAULT);
+    let mountinfo = fs::read_to_string(paths::SELF_MOUNTINFO).unwrap_or_default();
+    let mounted = mounts_of_type(&mountinfo, "tracefs");
+    if mounted.iter().any(|m| m == default) {
+        return Ok(default.to_owned());
+    }
+    nix::mount::mount(
+        Some("nodev"),
+        default,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|errno| ObserveError::Tracefs {
+        path: default.to_owned(),
+        errno,
+    })?;
+    log::info!("mounted tracefs at {}", default.display());
+    Ok(default.to_owned())
+}
+
+/// Fails when a required syscall tracepoint is missing; returns the optional ones missing.
+pub fn check_tracepoints(tracefs: &Path) -> Result<Vec<&'static str>, ObserveError> {
+    use vmaudit_common::nr;
+    let mut missing_optional = Vec::new();
+    for (n, name) in nr::TRACED {
+        let present = paths::syscall_tracepoint(tracefs, true, name).exists()
+            && paths::syscall_tracepoint(tracefs, false, name).exists();
+        if present {
+            continue;
+        }
+        if nr::OPTIONAL.contains(n) {
+            missing_optional.push(*name);
+        } else {
+            return Err(ObserveError::Tracepoint {
+                name: format!("syscalls/sys_enter_{name}"),
+            });
+        }
+    }
+    for name in ["sched_process_fork", "sched_process_exec", "sched_process_exit"] {
+        if !tracefs.join("events").join("sched").join(name).exists() {
+            return Err(ObserveError::Tracepoint {
+                name: format!("sched/{name}"),
+            });
+        }
+    }
+    Ok(missing_optional)
+}
+
+/// The thread-group id of `pid` from /proc/PID/status, or None if no such process.
+pub fn tgid_of(proc_root: &Path, pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_parse_and_missing() {
+        let status = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(missing_caps(effective_caps(status).unwrap()), Vec::<&str>::new());
+        assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
+        // CAP_SYS_ADMIN covers BPF and PERFMON, not PTRACE.
+        assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), vec!["CAP_SYS_PTRACE"]);
+    }
+
+    #[test]
+    fn mountinfo_finds_tracefs_and_unescapes() {
+        let mi = "22 1 0:20 / /sys rw - sysfs sysfs rw\n\
+                  40 22 0:12 / /sys/kernel/tracing rw,nosuid - tracefs nodev rw\n\
+                  41 22 0:13 / /mnt/with\\040space rw shared:5 - tracefs nodev rw\n";
+        assert_eq!(
+            mounts_of_type(mi, "tracefs"),
+            vec![PathBuf::from("/sys/kernel/tracing"), PathBuf::from("/mnt/with space")]
+        );
+        assert!(mounts_of_type(mi, "bpf").is_empty());
+    }
+}

@@ -1,0 +1,54 @@
+//! Every filesystem location vmaudit reads or writes, in one place.
+
+use std::path::{Path, PathBuf};
+
+/// Where /proc and /sys are; tests point these at fixtures.
+#[derive(Clone, Debug)]
+pub struct Roots {
+    pub proc: PathBuf,
+    pub sys: PathBuf,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Self {
+            proc: PathBuf::from("/proc"),
+            sys: PathBuf::from("/sys"),
+        }
+    }
+}
+
+impl Roots {
+    pub fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.proc.join(pid.to_string())
+    }
+    pub fn fd_dir(&self, pid: u32) -> PathBuf {
+        self.pid_dir(pid).join("fd")
+    }
+    pub fn fd_link(&self, pid: u32, fd: i32) -> PathBuf {
+        self.fd_dir(pid).join(fd.to_string())
+    }
+    pub fn fdinfo(&self, pid: u32, fd: i32) -> PathBuf {
+        self.pid_dir(pid).join("fdinfo").join(fd.to_string())
+    }
+    /// `/sys/dev/char/MAJ:MIN`: a link into the device's sysfs directory.
+    pub fn sys_dev_char(&self, major: u32, minor: u32) -> PathBuf {
+        self.sys.join("dev").join("char").join(format!("{major}:{minor}"))
+    }
+}
+
+/// The mount information of this process, to find tracefs and the cgroup layout.
+pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Our own status (capabilities).
+pub const SELF_STATUS: &str = "/proc/self/status";
+/// Where vmaudit mounts tracefs when it is not mounted anywhere.
+pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
+
+/// `events/syscalls/sys_enter_NAME` under a tracefs mount.
+pub fn syscall_tracepoint(tracefs: &Path, enter: bool, name: &str) -> PathBuf {
+    let dir = if enter { "sys_enter_" } else { "sys_exit_" };
+    tracefs
+        .join("events")
+        .join("syscalls")
+        .join(format!("{dir}{name}"))
+}

@@ -1,0 +1,345 @@
+//! Fd identities read from /proc: what `/proc/PID/fd/N` points at, its device numbers, inode,
+//! flags, and for tun/tap and macvtap the network interface.
+//!
+//! Used to seed a table when watching starts, to resync it after lost events, to resolve a new
+//! fd's identity, and by `vmaudit fds`.
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs, io,
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    path::Path,
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::paths::Roots;
+
+/// A device number, printed `MAJ:MIN` in decimal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevNum {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevNum {
+    pub fn from_raw(dev: u64) -> Self {
+        Self {
+            major: libc::major(dev),
+            minor: libc::minor(dev),
+        }
+    }
+}
+
+impl fmt::Display for DevNum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+impl Serialize for DevNum {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What kind of file an fd refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    Char,
+    Block,
+    Regular,
+    Dir,
+    Fifo,
+    Socket,
+    Symlink,
+    /// An anonymous inode (eventfd, epoll, pidfd, bpf objects, kvm-vm, ...).
+    Anon,
+    Unknown,
+}
+
+/// How an identity was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Read from /proc/PID/fd while the fd was open.
+    Proc,
+    /// Copied from the fd it was duplicated from, or the parent's table at fork.
+    Table,
+    /// Only the name the syscall used: the fd was already closed or replaced when vmaudit
+    /// looked, so /proc could not be trusted for it.
+    Syscall,
+}
+
+/// The identity of one fd.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdIdentity {
+    /// What /proc/PID/fd/N points at (`/dev/net/tun`, `socket:[123]`, `anon_inode:[eventfd]`),
+    /// or the syscall's name for the file when [`Source::Syscall`].
+    pub path: String,
+    pub kind: FileKind,
+    /// Device number of a character or block device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<DevNum>,
+    /// Device of the filesystem holding the inode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<DevNum>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+    /// `flags:` from fdinfo (open flags, octal in /proc), when read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u32>,
+    /// The network interface of a tun/tap fd (`iff:` in fdinfo) or of a macvtap device node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+    pub source: Source,
+}
+
+impl FdIdentity {
+    /// An identity known only by the name a syscall used. An absolute name is stat'ed now,
+    /// which gives a device node's numbers (what matters for devices) though not the open
+    /// file's own state.
+    pub fn from_syscall(path: Option<String>) -> Self {
+        let meta = path
+            .as_deref()
+            .filter(|p| p.starts_with('/'))
+            .and_then(|p| fs::metadata(p).ok());
+        let kind = meta.as_ref().map_or(FileKind::Unknown, |m| kind_of(m.file_type(), ""));
+        Self {
+            path: path.unwrap_or_else(|| "?".to_owned()),
+            kind,
+            rdev: meta
+                .as_ref()
+                .filter(|_| matches!(kind, FileKind::Char | FileKind::Block))
+                .map(|m| DevNum::from_raw(m.rdev())),
+            dev: meta.as_ref().map(|m| DevNum::from_raw(m.dev())),
+            ino: meta.as_ref().map(|m| m.ino()),
+            flags: None,
+            iface: None,
+            source: Source::Syscall,
+        }
+    }
+
+    /// Whether the file is the same inode as `other` (identity across resyncs).
+    pub fn same_inode(&self, other: &FdIdentity) -> bool {
+        match (self.ino, other.ino) {
+            (Some(a), Some(b)) => a == b && self.dev == other.dev,
+            _ => self.path == other.path,
+        }
+    }
+}
+
+fn kind_of(ft: fs::FileType, link: &str) -> FileKind {
+    if link.starts_with("anon_inode:") {
+        FileKind::Anon
+    } else if ft.is_char_device() {
+        FileKind::Char
+    } else if ft.is_block_device() {
+        FileKind::Block
+    } else if ft.is_file() {
+        FileKind::Regular
+    } else if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_fifo() {
+        FileKind::Fifo
+    } else if ft.is_socket() {
+        FileKind::Socket
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else {
+        FileKind::Unknown
+    }
+}
+
+/// `O_CLOEXEC` as fdinfo shows it in `flags:`.
+pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+
+/// The parts of `/proc/PID/fdinfo/N` vmaudit uses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FdInfo {
+    pub flags: Option<u32>,
+    pub iff: Option<String>,
+}
+
+/// Parses fdinfo text: `flags:\t0100002` (octal), `iff:\ttap0` (tun/tap).
+pub fn parse_fdinfo(text: &str) -> FdInfo {
+    let mut info = FdInfo::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "flags" => info.flags = u32::from_str_radix(value, 8).ok(),
+            "iff" if !value.is_empty() => info.iff = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Reads fd identities from a /proc (and /sys) tree.
+#[derive(Clone, Debug, Default)]
+pub struct ProcFs {
+    pub roots: Roots,
+}
+
+impl ProcFs {
+    pub fn new(roots: Roots) -> Self {
+        Self { roots }
+    }
+
+    /// Whether a process with this pid exists.
+    pub fn exists(&self, pid: u32) -> bool {
+        self.roots.pid_dir(pid).exists()
+    }
+
+    /// The fd numbers a process holds now.
+    pub fn fd_numbers(&self, pid: u32) -> io::Result<Vec<i32>> {
+        let mut fds = Vec::new();
+        for entry in fs::read_dir(self.roots.fd_dir(pid))? {
+            let entry = entry?;
+            if let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+                fds.push(fd);
+            }
+        }
+        fds.sort_unstable();
+        Ok(fds)
+    }
+
+    /// The identity of one fd, read now.
+    pub fn identity(&self, pid: u32, fd: i32) -> io::Result<FdIdentity> {
+        let link = self.roots.fd_link(pid, fd);
+        let target = fs::read_link(&link)?;
+        let path = target.to_string_lossy().into_owned();
+        // stat() through the magic link reaches the open file itself, whatever its name.
+        let meta = fs::metadata(&link)?;
+        let kind = kind_of(meta.file_type(), &path);
+        let rdev = matches!(kind, FileKind::Char | FileKind::Block).then(|| DevNum::from_raw(meta.rdev()));
+        // fdinfo can vanish between the two reads if the fd is closed; the identity stands.
+        let info = fs::read_to_string(self.roots.fdinfo(pid, fd))
+            .map(|t| parse_fdinfo(&t))
+            .unwrap_or_default();
+        let iface = info.iff.clone().or_else(|| match (kind, rdev) {
+            (FileKind::Char, Some(r)) => self.macvtap_iface(r),
+            _ => None,
+        });
+        Ok(FdIdentity {
+            path,
+            kind,
+            rdev,
+            dev: Some(DevNum::from_raw(meta.dev())),
+            ino: Some(meta.ino()),
+            flags: info.flags,
+            iface,
+        source: Source::Proc,
+        })
+    }
+
+    /// A macvtap (or ipvtap) node `/dev/tapN` belongs to the interface whose sysfs directory
+    /// holds `tapN`: `/sys/dev/char/MAJ:MIN` links to `.../net/<iface>/tapN`.
+    fn macvtap_iface(&self, rdev: DevNum) -> Option<String> {
+        let target = fs::read_link(self.roots.sys_dev_char(rdev.major, rdev.minor)).ok()?;
+        iface_from_sys_dev_link(&target)
+    }
+
+    /// The whole table of a process, read now.
+    pub fn snapshot(&self, pid: u32) -> io::Result<BTreeMap<i32, FdIdentity>> {
+        let mut table = BTreeMap::new();
+        for fd in self.fd_numbers(pid)? {
+            match self.identity(pid, fd) {
+                Ok(id) => {
+                    table.insert(fd, id);
+                }
+                // Closed between listing and reading: not in the table.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// `.../devices/virtual/net/mvt0/tap5` → `mvt0`; anything without a `net/<iface>/tap*` tail
+/// (every ordinary device) → None.
+pub fn iface_from_sys_dev_link(target: &Path) -> Option<String> {
+    let mut parts: Vec<&str> = target.iter().filter_map(|p| p.to_str()).collect();
+    let last = parts.pop()?;
+    let iface = parts.pop()?;
+    let net = parts.pop()?;
+    (net == "net" && last.starts_with("tap")).then(|| iface.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn fdinfo_flags_are_octal_and_iff_is_read() {
+        let info = parse_fdinfo("pos:\t0\nflags:\t02004002\nmnt_id:\t25\nino:\t5\niff:\ttap0\n");
+        assert_eq!(info.flags, Some(0o2004002));
+        assert!(info.flags.unwrap() & O_CLOEXEC != 0);
+        assert_eq!(info.iff.as_deref(), Some("tap0"));
+        assert_eq!(parse_fdinfo("flags:\tzz\n"), FdInfo::default());
+    }
+
+    #[test]
+    fn macvtap_link_names_its_interface() {
+        let t = Path::new("../../devices/virtual/net/mvt0/tap7");
+        assert_eq!(iface_from_sys_dev_link(t).as_deref(), Some("mvt0"));
+        let null = Path::new("../../devices/virtual/mem/null");
+        assert_eq!(iface_from_sys_dev_link(null), None);
+    }
+
+    /// A fixture /proc tree: fd links to real files in a temp dir, fdinfo text beside them.
+    #[test]
+    fn snapshot_from_fixture_tree() {
+        let dir = tempdir();
+        let proc = dir.join("proc");
+        let fd_dir = proc.join("42").join("fd");
+        let info_dir = proc.join("42").join("fdinfo");
+        fs::create_dir_all(&fd_dir).unwrap();
+        fs::create_dir_all(&info_dir).unwrap();
+        let file = dir.join("data");
+        fs::write(&file, b"x").unwrap();
+        symlink(&file, fd_dir.join("3")).unwrap();
+        symlink("/dev/null", fd_dir.join("7")).unwrap();
+        fs::write(info_dir.join("3"), "pos:\t0\nflags:\t02100002\n").unwrap();
+        fs::write(info_dir.join("7"), "pos:\t0\nflags:\t0100001\n").unwrap();
+        // A dangling entry, as when an fd closes between readdir and readlink.
+        symlink(dir.join("gone"), fd_dir.join("9")).unwrap();
+
+        let p = ProcFs::new(Roots {
+            proc,
+            sys: dir.join("sys"),
+        });
+        assert!(p.exists(42));
+        assert!(!p.exists(43));
+        let snap = p.snapshot(42).unwrap();
+        assert_eq!(snap.keys().copied().collect::<Vec<_>>(), vec![3, 7]);
+        let data = &snap[&3];
+        assert_eq!(data.kind, FileKind::Regular);
+        assert_eq!(data.path, file.to_string_lossy());
+        assert!(data.flags.unwrap() & O_CLOEXEC != 0);
+        let null = &snap[&7];
+        assert_eq!(null.kind, FileKind::Char);
+        assert_eq!(null.rdev, Some(DevNum { major: 1, minor: 3 }));
+        assert_eq!(null.rdev.unwrap().to_string(), "1:3");
+        assert_eq!(null.source, Source::Proc);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "vmaudit-procfs-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
