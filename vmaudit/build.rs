@@ -16,7 +16,10 @@ fn main() -> anyhow::Result<()> {
     let joined = env::join_paths(dirs).context("PATH")?;
     // SAFETY: no other thread runs in this build script.
     unsafe { env::set_var("PATH", &joined) };
-    println!("cargo:rerun-if-changed={}", tools.join("bpf-linker").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        tools.join("bpf-linker").display()
+    );
     if which_in(&joined, "bpf-linker").is_none() {
         return Err(anyhow!(
             "bpf-linker not found in {} or PATH: run `cargo xtask setup` (the README's commands do)",

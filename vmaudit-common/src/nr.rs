@@ -64,7 +64,10 @@ pub mod ioctl {
     pub const fn is_tracked(req: u64) -> bool {
         // The request is an `unsigned int`; glibc passes it zero-extended.
         let req = req & 0xffff_ffff;
-        matches!(req, FIOCLEX | FIONCLEX | KVM_CREATE_VM | KVM_CREATE_VCPU | KVM_GET_STATS_FD)
+        matches!(
+            req,
+            FIOCLEX | FIONCLEX | KVM_CREATE_VM | KVM_CREATE_VCPU | KVM_GET_STATS_FD
+        )
     }
 }
 
@@ -116,4 +119,12 @@ pub const TRACED: &[(u32, &str)] = &[
 
 /// Syscalls whose tracepoint may be absent on a kernel built without the feature; vmaudit
 /// warns and goes on without them. Every other entry of [`TRACED`] is required.
-pub const OPTIONAL: &[u32] = &[MEMFD_SECRET, FANOTIFY_INIT, USERFAULTFD, PERF_EVENT_OPEN, IO_URING_SETUP, BPF, OPEN_BY_HANDLE_AT];
+pub const OPTIONAL: &[u32] = &[
+    MEMFD_SECRET,
+    FANOTIFY_INIT,
+    USERFAULTFD,
+    PERF_EVENT_OPEN,
+    IO_URING_SETUP,
+    BPF,
+    OPEN_BY_HANDLE_AT,
+];

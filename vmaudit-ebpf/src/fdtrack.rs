@@ -67,7 +67,7 @@ fn ids() -> (u32, u32) {
 #[inline(always)]
 fn is_watched(tgid: u32) -> Option<u32> {
     // SAFETY: the value is copied out at once; a concurrent delete can only make it stale.
-    unsafe { WATCHED.get(&tgid) }.copied()
+    unsafe { WATCHED.get(tgid) }.copied()
 }
 
 /// Counts one undeliverable event, globally by cause and for the process it concerned.
@@ -77,7 +77,7 @@ fn lose(cause: LossCause, tgid: u32) {
         // SAFETY: per-CPU slot, so no other CPU writes it; the pointer comes from the map.
         unsafe { *c += 1 };
     }
-    match LOST_TGIDS.get_ptr_mut(&tgid) {
+    match LOST_TGIDS.get_ptr_mut(tgid) {
         Some(p) => {
             // SAFETY: the pointer is a live map value of 8 bytes. Two CPUs may race on it and
             // undercount; what matters is that the entry exists (the global per-CPU counters
@@ -87,7 +87,7 @@ fn lose(cause: LossCause, tgid: u32) {
         None => {
             // Losing this insert loses nothing more: the global counter above already forces a
             // resync of every table when the per-process map cannot say which one.
-            let _ = LOST_TGIDS.insert(&tgid, &1, 0);
+            let _ = LOST_TGIDS.insert(tgid, 1, 0);
         }
     }
 }
@@ -186,7 +186,7 @@ pub fn vmaudit_sys_enter(ctx: TracePointContext) -> u32 {
         nr: nr as u64,
         args,
     };
-    if INFLIGHT.insert(&tid, &inflight, 0).is_err() {
+    if INFLIGHT.insert(tid, inflight, 0).is_err() {
         lose(LossCause::InflightFull, tgid);
     }
     0
@@ -197,10 +197,10 @@ pub fn vmaudit_sys_enter(ctx: TracePointContext) -> u32 {
 pub fn vmaudit_sys_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
     // SAFETY: copied out at once.
-    let Some(inf) = (unsafe { INFLIGHT.get(&tid) }).copied() else {
+    let Some(inf) = (unsafe { INFLIGHT.get(tid) }).copied() else {
         return 0;
     };
-    let _ = INFLIGHT.remove(&tid);
+    let _ = INFLIGHT.remove(tid);
     let ret = read_ctx::<i64>(&ctx, SYSCALL_RET_OFF).unwrap_or(0);
     let nr = inf.nr as u32;
     let mut e = Emit {
@@ -321,7 +321,7 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: copied out at once.
-    let Some(inf) = (unsafe { INFLIGHT.get(&tid) }).copied() else {
+    let Some(inf) = (unsafe { INFLIGHT.get(tid) }).copied() else {
         // The clone's entry was not recorded (INFLIGHT full, counted then): the child is lost.
         lose(LossCause::WatchFull, tgid);
         return 0;
@@ -346,7 +346,7 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let child = child as u32;
-    if WATCHED.insert(&child, &flags, 0).is_err() {
+    if WATCHED.insert(child, flags, 0).is_err() {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
@@ -398,11 +398,11 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // A thread killed inside a syscall never reaches its sys_exit.
-    let _ = INFLIGHT.remove(&tid);
+    let _ = INFLIGHT.remove(tid);
     if read_ctx::<u8>(&ctx, EXIT_GROUP_DEAD_OFF).unwrap_or(0) == 0 {
         return 0;
     }
-    let _ = WATCHED.remove(&tgid);
+    let _ = WATCHED.remove(tgid);
     let e = Emit {
         kind: EventKind::Exit,
         tgid,

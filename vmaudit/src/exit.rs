@@ -23,6 +23,12 @@ pub const TABLE: &[(u8, &str)] = &[
     (USAGE, "malformed command line"),
     (NO_SUCH_PROCESS, "no such process"),
     (PRIVILEGES, "missing privileges"),
-    (KERNEL_FEATURE, "kernel feature missing (tracefs, tracepoint, BPF)"),
-    (TARGET_EXITED, "the watched process(es) exited while watched"),
+    (
+        KERNEL_FEATURE,
+        "kernel feature missing (tracefs, tracepoint, BPF)",
+    ),
+    (
+        TARGET_EXITED,
+        "the watched process(es) exited while watched",
+    ),
 ];

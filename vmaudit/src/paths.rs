@@ -33,7 +33,10 @@ impl Roots {
     }
     /// `/sys/dev/char/MAJ:MIN`: a link into the device's sysfs directory.
     pub fn sys_dev_char(&self, major: u32, minor: u32) -> PathBuf {
-        self.sys.join("dev").join("char").join(format!("{major}:{minor}"))
+        self.sys
+            .join("dev")
+            .join("char")
+            .join(format!("{major}:{minor}"))
     }
 }
 

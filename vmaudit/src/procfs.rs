@@ -105,7 +105,9 @@ impl FdIdentity {
             .as_deref()
             .filter(|p| p.starts_with('/'))
             .and_then(|p| fs::metadata(p).ok());
-        let kind = meta.as_ref().map_or(FileKind::Unknown, |m| kind_of(m.file_type(), ""));
+        let kind = meta
+            .as_ref()
+            .map_or(FileKind::Unknown, |m| kind_of(m.file_type(), ""));
         Self {
             path: path.unwrap_or_else(|| "?".to_owned()),
             kind,
@@ -216,7 +218,8 @@ impl ProcFs {
         // stat() through the magic link reaches the open file itself, whatever its name.
         let meta = fs::metadata(&link)?;
         let kind = kind_of(meta.file_type(), &path);
-        let rdev = matches!(kind, FileKind::Char | FileKind::Block).then(|| DevNum::from_raw(meta.rdev()));
+        let rdev =
+            matches!(kind, FileKind::Char | FileKind::Block).then(|| DevNum::from_raw(meta.rdev()));
         // fdinfo can vanish between the two reads if the fd is closed; the identity stands.
         let info = fs::read_to_string(self.roots.fdinfo(pid, fd))
             .map(|t| parse_fdinfo(&t))
@@ -233,7 +236,7 @@ impl ProcFs {
             ino: Some(meta.ino()),
             flags: info.flags,
             iface,
-        source: Source::Proc,
+            source: Source::Proc,
         })
     }
 

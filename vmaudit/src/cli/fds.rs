@@ -23,7 +23,10 @@ pub fn run(args: Args) -> u8 {
     let snap = match procfs.snapshot(args.pid) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!("vmaudit: cannot read the fds of pid {}: {e} (needs CAP_SYS_PTRACE or the same user)", args.pid);
+            eprintln!(
+                "vmaudit: cannot read the fds of pid {}: {e} (needs CAP_SYS_PTRACE or the same user)",
+                args.pid
+            );
             return exit::PRIVILEGES;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -49,9 +52,15 @@ pub fn run(args: Args) -> u8 {
         println!("{}", serde_json::Value::Array(rows));
         return exit::OK;
     }
-    println!("{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  PATH", "FD", "CLOEXEC", "KIND", "RDEV", "INODE", "IFACE");
+    println!(
+        "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  PATH",
+        "FD", "CLOEXEC", "KIND", "RDEV", "INODE", "IFACE"
+    );
     for (fd, id) in &snap {
-        let kind = serde_json::to_value(id.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let kind = serde_json::to_value(id.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         println!(
             "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  {}",
             fd,

@@ -49,7 +49,8 @@ pub fn main() -> ExitCode {
 /// Prints one clear line for a failure (its cause chain joined) and returns its exit code.
 pub fn fail(err: &(dyn std::error::Error + 'static), code: u8) -> u8 {
     // First lines only: a verifier log can run to thousands of lines (RUST_LOG=debug has it).
-    let first = |e: &dyn std::error::Error| e.to_string().lines().next().unwrap_or_default().to_owned();
+    let first =
+        |e: &dyn std::error::Error| e.to_string().lines().next().unwrap_or_default().to_owned();
     let mut msg = first(err);
     let mut source = err.source();
     while let Some(s) = source {

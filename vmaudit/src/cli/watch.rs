@@ -63,7 +63,10 @@ pub fn run(args: Args) -> u8 {
 
 /// Starts the watcher, says so on stderr, and runs it until SIGINT/SIGTERM or the end of
 /// every watched process.
-pub fn watch(opts: &WatchOptions, sink: &mut dyn FnMut(Output)) -> Result<Summary, vmaudit::observe::ObserveError> {
+pub fn watch(
+    opts: &WatchOptions,
+    sink: &mut dyn FnMut(Output),
+) -> Result<Summary, vmaudit::observe::ObserveError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -85,7 +88,10 @@ pub fn watch(opts: &WatchOptions, sink: &mut dyn FnMut(Output)) -> Result<Summar
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         // Without signal handlers only the watched processes' exit ends the watch.
         std::future::pending::<()>().await;
         return;

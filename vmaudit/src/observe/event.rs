@@ -66,7 +66,11 @@ pub enum Change {
     /// The process exited: every fd is gone.
     Exit,
     /// The syscall failed: nothing changed.
-    Failed { errno: i32, fd: Option<i32>, path: Option<String> },
+    Failed {
+        errno: i32,
+        fd: Option<i32>,
+        path: Option<String>,
+    },
     /// The syscall changes no fd (a bpf command that returns no fd, signalfd on an existing fd).
     Nothing,
 }
@@ -149,7 +153,10 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
                 }],
             )
         }
-        EventKind::Syscall => (syscall_name(raw.nr), decode_syscall(raw.nr, a, ret, raw.fds, path)),
+        EventKind::Syscall => (
+            syscall_name(raw.nr),
+            decode_syscall(raw.nr, a, ret, raw.fds, path),
+        ),
     };
     Ok(Event {
         ts_ns: raw.ts_ns,
@@ -160,7 +167,13 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
     })
 }
 
-fn decode_syscall(n: u32, a: [u64; 4], ret: i64, fds: [i32; 2], path: Option<String>) -> Vec<Change> {
+fn decode_syscall(
+    n: u32,
+    a: [u64; 4],
+    ret: i64,
+    fds: [i32; 2],
+    path: Option<String>,
+) -> Vec<Change> {
     let fd_arg = |i: usize| a[i] as i32;
     if ret < 0 {
         let fd = match n {
@@ -212,7 +225,11 @@ fn decode_syscall(n: u32, a: [u64; 4], ret: i64, fds: [i32; 2], path: Option<Str
             if old == target {
                 vec![Change::Nothing]
             } else {
-                let cloexec = if n == nr::DUP3 { a[2] & O_CLOEXEC != 0 } else { false };
+                let cloexec = if n == nr::DUP3 {
+                    a[2] & O_CLOEXEC != 0
+                } else {
+                    false
+                };
                 vec![Change::Gain {
                     fd: target,
                     how: Gain::Dup,
@@ -232,8 +249,14 @@ fn decode_syscall(n: u32, a: [u64; 4], ret: i64, fds: [i32; 2], path: Option<Str
             _ => vec![Change::Nothing],
         },
         nr::IOCTL => match a[1] & 0xffff_ffff {
-            nr::ioctl::FIOCLEX => vec![Change::SetCloexec { fd: fd_arg(0), on: true }],
-            nr::ioctl::FIONCLEX => vec![Change::SetCloexec { fd: fd_arg(0), on: false }],
+            nr::ioctl::FIOCLEX => vec![Change::SetCloexec {
+                fd: fd_arg(0),
+                on: true,
+            }],
+            nr::ioctl::FIONCLEX => vec![Change::SetCloexec {
+                fd: fd_arg(0),
+                on: false,
+            }],
             // KVM creates its fds with O_CLOEXEC.
             _ => gain(Gain::New, Some(true), None, None),
         },
@@ -245,7 +268,9 @@ fn decode_syscall(n: u32, a: [u64; 4], ret: i64, fds: [i32; 2], path: Option<Str
         nr::SOCKETPAIR => pair(a[1] & SOCK_CLOEXEC != 0),
         nr::PIPE => pair(false),
         nr::PIPE2 => pair(a[1] & O_CLOEXEC != 0),
-        nr::EVENTFD | nr::EPOLL_CREATE | nr::INOTIFY_INIT => gain(Gain::New, Some(false), None, None),
+        nr::EVENTFD | nr::EPOLL_CREATE | nr::INOTIFY_INIT => {
+            gain(Gain::New, Some(false), None, None)
+        }
         nr::SIGNALFD if fd_arg(0) == -1 => gain(Gain::New, Some(false), None, None),
         nr::SIGNALFD4 if fd_arg(0) == -1 => gain(Gain::New, flag(a[3], O_CLOEXEC), None, None),
         nr::SIGNALFD | nr::SIGNALFD4 => vec![Change::Nothing],
@@ -355,7 +380,10 @@ mod tests {
     fn short_and_unknown_records_are_rejected() {
         assert_eq!(
             parse_raw(&[0; 10]).unwrap_err(),
-            DecodeError::Length { got: 10, expected: RawEvent::SIZE }
+            DecodeError::Length {
+                got: 10,
+                expected: RawEvent::SIZE
+            }
         );
         let mut r = raw(EventKind::Exit, 0, [0; 4], 0);
         r.kind = 99;
@@ -389,9 +417,21 @@ mod tests {
         let e = decode(&raw(EventKind::Syscall, nr::OPENAT, [0; 4], -2)).unwrap();
         assert!(matches!(e.changes[0], Change::Failed { errno: 2, .. }));
         // close with EINTR still released the fd; with EBADF there was none.
-        let e = decode(&raw(EventKind::Syscall, nr::CLOSE, [4, 0, 0, 0], -(libc::EINTR as i64))).unwrap();
+        let e = decode(&raw(
+            EventKind::Syscall,
+            nr::CLOSE,
+            [4, 0, 0, 0],
+            -(libc::EINTR as i64),
+        ))
+        .unwrap();
         assert_eq!(e.changes, vec![Change::Close { fd: 4 }]);
-        let e = decode(&raw(EventKind::Syscall, nr::CLOSE, [4, 0, 0, 0], -(libc::EBADF as i64))).unwrap();
+        let e = decode(&raw(
+            EventKind::Syscall,
+            nr::CLOSE,
+            [4, 0, 0, 0],
+            -(libc::EBADF as i64),
+        ))
+        .unwrap();
         assert!(matches!(e.changes[0], Change::Failed { fd: Some(4), .. }));
     }
 
@@ -401,14 +441,43 @@ mod tests {
         assert!(matches!(d(nr::DUP2, [3, 3, 0, 0], 3)[0], Change::Nothing));
         assert_eq!(
             d(nr::DUP3, [3, 9, O_CLOEXEC, 0], 9),
-            vec![Change::Gain { fd: 9, how: Gain::Dup, cloexec: Some(true), from: Some(3), path: None }]
+            vec![Change::Gain {
+                fd: 9,
+                how: Gain::Dup,
+                cloexec: Some(true),
+                from: Some(3),
+                path: None
+            }]
         );
-        assert!(matches!(d(nr::FCNTL, [3, F_DUPFD_CLOEXEC, 10, 0], 10)[0], Change::Gain { fd: 10, cloexec: Some(true), from: Some(3), .. }));
-        assert_eq!(d(nr::FCNTL, [3, F_SETFD, 1, 0], 0), vec![Change::SetCloexec { fd: 3, on: true }]);
-        assert_eq!(d(nr::CLOSE_RANGE, [3, u32::MAX as u64, 0, 0], 0), vec![Change::CloseRange { first: 3, last: u32::MAX }]);
-        assert_eq!(d(nr::CLOSE_RANGE, [3, 5, CLOSE_RANGE_CLOEXEC, 0], 0), vec![Change::CloexecRange { first: 3, last: 5 }]);
+        assert!(matches!(
+            d(nr::FCNTL, [3, F_DUPFD_CLOEXEC, 10, 0], 10)[0],
+            Change::Gain {
+                fd: 10,
+                cloexec: Some(true),
+                from: Some(3),
+                ..
+            }
+        ));
+        assert_eq!(
+            d(nr::FCNTL, [3, F_SETFD, 1, 0], 0),
+            vec![Change::SetCloexec { fd: 3, on: true }]
+        );
+        assert_eq!(
+            d(nr::CLOSE_RANGE, [3, u32::MAX as u64, 0, 0], 0),
+            vec![Change::CloseRange {
+                first: 3,
+                last: u32::MAX
+            }]
+        );
+        assert_eq!(
+            d(nr::CLOSE_RANGE, [3, 5, CLOSE_RANGE_CLOEXEC, 0], 0),
+            vec![Change::CloexecRange { first: 3, last: 5 }]
+        );
         assert_eq!(d(nr::BPF, [1, 0, 0, 0], 0), vec![Change::Nothing]);
-        assert!(matches!(d(nr::BPF, [5, 0, 0, 0], 6)[0], Change::Gain { fd: 6, .. }));
+        assert!(matches!(
+            d(nr::BPF, [5, 0, 0, 0], 6)[0],
+            Change::Gain { fd: 6, .. }
+        ));
     }
 
     #[test]
@@ -417,13 +486,39 @@ mod tests {
         r.fds = [4, 5];
         let e = decode(&r).unwrap();
         assert_eq!(e.changes.len(), 2);
-        assert!(matches!(e.changes[1], Change::Gain { fd: 5, cloexec: Some(true), .. }));
-        let mut r = raw(EventKind::RecvFd, nr::RECVMSG, [3, 0, MSG_CMSG_CLOEXEC, 0], 10);
+        assert!(matches!(
+            e.changes[1],
+            Change::Gain {
+                fd: 5,
+                cloexec: Some(true),
+                ..
+            }
+        ));
+        let mut r = raw(
+            EventKind::RecvFd,
+            nr::RECVMSG,
+            [3, 0, MSG_CMSG_CLOEXEC, 0],
+            10,
+        );
         r.fds = [6, -1];
         let e = decode(&r).unwrap();
         assert_eq!(e.source, "recvmsg");
-        assert!(matches!(e.changes[0], Change::Gain { fd: 6, how: Gain::RecvFd, cloexec: Some(true), .. }));
+        assert!(matches!(
+            e.changes[0],
+            Change::Gain {
+                fd: 6,
+                how: Gain::RecvFd,
+                cloexec: Some(true),
+                ..
+            }
+        ));
         let e = decode(&raw(EventKind::Fork, nr::CLONE, [99, 17, 0, 0], 0)).unwrap();
-        assert_eq!(e.changes, vec![Change::Fork { child: 99, clone_flags: 17 }]);
+        assert_eq!(
+            e.changes,
+            vec![Change::Fork {
+                child: 99,
+                clone_flags: 17
+            }]
+        );
     }
 }

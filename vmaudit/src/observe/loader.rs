@@ -46,38 +46,56 @@ fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveErr
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ObserveError> {
-    ebpf.take_map(name).ok_or(ObserveError::MissingObject { name })
+    ebpf.take_map(name)
+        .ok_or(ObserveError::MissingObject { name })
 }
 
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, ObserveError> {
-    let prog = ebpf.program_mut(name).ok_or(ObserveError::MissingObject { name })?;
-    let tp: &mut TracePoint = prog.try_into().map_err(|source| ObserveError::Program { name, source })?;
-    tp.load().map_err(|source| ObserveError::Program { name, source })?;
+fn tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, ObserveError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(ObserveError::MissingObject { name })?;
+    let tp: &mut TracePoint = prog
+        .try_into()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    tp.load()
+        .map_err(|source| ObserveError::Program { name, source })?;
     Ok(tp)
 }
 
 fn attach(tp: &mut TracePoint, category: &str, name: &str) -> Result<(), ObserveError> {
-    tp.attach(category, name).map_err(|source| ObserveError::Attach {
-        tracepoint: format!("{category}/{name}"),
-        source,
-    })?;
+    tp.attach(category, name)
+        .map_err(|source| ObserveError::Attach {
+            tracepoint: format!("{category}/{name}"),
+            source,
+        })?;
     Ok(())
 }
 
 impl Tracker {
     /// Loads the programs and attaches them to every tracked tracepoint. `missing_optional`
     /// lists syscall tracepoints the preflight found absent (not attached).
-    pub fn load(opts: &TrackerOptions, missing_optional: Vec<&'static str>) -> Result<Self, ObserveError> {
+    pub fn load(
+        opts: &TrackerOptions,
+        missing_optional: Vec<&'static str>,
+    ) -> Result<Self, ObserveError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|source| ObserveError::Load { source: Box::new(source) })?;
+            .map_err(|source| ObserveError::Load {
+                source: Box::new(source),
+            })?;
         let syscalls: Vec<&str> = nr::TRACED
             .iter()
             .map(|(_, name)| *name)
             .filter(|name| !missing_optional.contains(name))
             .collect();
-        for (prog, prefix) in [(programs::SYS_ENTER, "sys_enter_"), (programs::SYS_EXIT, "sys_exit_")] {
+        for (prog, prefix) in [
+            (programs::SYS_ENTER, "sys_enter_"),
+            (programs::SYS_EXIT, "sys_exit_"),
+        ] {
             let tp = tracepoint(&mut ebpf, prog)?;
             for name in &syscalls {
                 attach(tp, "syscalls", &format!("{prefix}{name}"))?;
@@ -90,11 +108,14 @@ impl Tracker {
         ] {
             attach(tracepoint(&mut ebpf, prog)?, "sched", event)?;
         }
-        let ring = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
-        let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED)?).map_err(map_err("WATCHED"))?;
-        let losses = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOSSES)?).map_err(map_err("LOSSES"))?;
-        let lost_tgids =
-            HashMap::try_from(take_map(&mut ebpf, maps::LOST_TGIDS)?).map_err(map_err("LOST_TGIDS"))?;
+        let ring =
+            RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
+        let watched =
+            HashMap::try_from(take_map(&mut ebpf, maps::WATCHED)?).map_err(map_err("WATCHED"))?;
+        let losses =
+            PerCpuArray::try_from(take_map(&mut ebpf, maps::LOSSES)?).map_err(map_err("LOSSES"))?;
+        let lost_tgids = HashMap::try_from(take_map(&mut ebpf, maps::LOST_TGIDS)?)
+            .map_err(map_err("LOST_TGIDS"))?;
         Ok(Self {
             _ebpf: ebpf,
             ring: Some(ring),
@@ -112,8 +133,14 @@ impl Tracker {
 
     /// Starts watching a process (and its future children with `follow_children`).
     pub fn watch(&mut self, tgid: u32, follow_children: bool) -> Result<(), ObserveError> {
-        let flags = if follow_children { WatchFlags::FOLLOW_CHILDREN } else { 0 };
-        self.watched.insert(tgid, flags, 0).map_err(map_err("WATCHED"))
+        let flags = if follow_children {
+            WatchFlags::FOLLOW_CHILDREN
+        } else {
+            0
+        };
+        self.watched
+            .insert(tgid, flags, 0)
+            .map_err(map_err("WATCHED"))
     }
 
     /// Stops watching a process; a missing entry (it exited) is not an error.
@@ -125,7 +152,10 @@ impl Tracker {
     pub fn losses(&self) -> Result<[u64; LossCause::COUNT as usize], ObserveError> {
         let mut out = [0u64; LossCause::COUNT as usize];
         for cause in LossCause::ALL {
-            let per_cpu = self.losses.get(&(cause as u32), 0).map_err(map_err("LOSSES"))?;
+            let per_cpu = self
+                .losses
+                .get(&(cause as u32), 0)
+                .map_err(map_err("LOSSES"))?;
             out[cause as usize] = per_cpu.iter().sum();
         }
         Ok(out)

@@ -32,7 +32,10 @@ pub enum ObserveError {
     #[error("missing capabilities {missing} (run as root, or grant them)")]
     Privileges { missing: String },
     #[error("cannot mount tracefs at {path} ({errno}); mount it: mount -t tracefs nodev {path}")]
-    Tracefs { path: PathBuf, errno: nix::errno::Errno },
+    Tracefs {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
     #[error("kernel has no tracepoint {name} (needs CONFIG_FTRACE_SYSCALLS and tracefs)")]
     Tracepoint { name: String },
     #[error("no such process: {pid}")]
@@ -85,12 +88,17 @@ impl ObserveError {
             Self::Tracefs { .. } | Self::Tracepoint { .. } => exit::KERNEL_FEATURE,
             // Loading fails for want of privileges (EPERM) or of kernel support.
             Self::Load { source } => match source.as_ref() {
-                aya::EbpfError::MapError(_) | aya::EbpfError::ProgramError(_) => exit::KERNEL_FEATURE,
+                aya::EbpfError::MapError(_) | aya::EbpfError::ProgramError(_) => {
+                    exit::KERNEL_FEATURE
+                }
                 _ => exit::INTERNAL,
             },
             Self::Program { .. } | Self::Attach { .. } => exit::KERNEL_FEATURE,
             Self::NoSuchProcess { .. } | Self::NotAProcess { .. } => exit::NO_SUCH_PROCESS,
-            Self::MissingObject { .. } | Self::Map { .. } | Self::Proc { .. } | Self::Poll { .. } => exit::INTERNAL,
+            Self::MissingObject { .. }
+            | Self::Map { .. }
+            | Self::Proc { .. }
+            | Self::Poll { .. } => exit::INTERNAL,
         }
     }
 }
@@ -160,7 +168,8 @@ pub struct WatchOptions {
 
 /// The kernel's CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -170,7 +179,9 @@ pub fn start_tracker(opts: &TrackerOptions) -> Result<Tracker, ObserveError> {
     let tracefs = preflight::ensure_tracefs()?;
     let missing = preflight::check_tracepoints(&tracefs)?;
     for name in &missing {
-        log::warn!("kernel lacks the {name} syscall tracepoints; fds it creates are seen only at the next resync");
+        log::warn!(
+            "kernel lacks the {name} syscall tracepoints; fds it creates are seen only at the next resync"
+        );
     }
     Tracker::load(opts, missing)
 }
@@ -192,7 +203,11 @@ pub struct Watcher {
 impl Watcher {
     /// Loads the tracker, starts watching `opts.pids` and seeds their tables. The seed
     /// records go to `sink`.
-    pub fn start(opts: &WatchOptions, procfs: ProcFs, sink: &mut dyn FnMut(Output)) -> Result<Self, ObserveError> {
+    pub fn start(
+        opts: &WatchOptions,
+        procfs: ProcFs,
+        sink: &mut dyn FnMut(Output),
+    ) -> Result<Self, ObserveError> {
         for &pid in &opts.pids {
             match preflight::tgid_of(&procfs.roots.proc, pid) {
                 None => return Err(ObserveError::NoSuchProcess { pid }),
@@ -201,11 +216,15 @@ impl Watcher {
             }
         }
         let mut tracker = start_tracker(&opts.tracker)?;
-        let ring = tracker.take_ring().ok_or(ObserveError::MissingObject { name: "EVENTS" })?;
+        let ring = tracker
+            .take_ring()
+            .ok_or(ObserveError::MissingObject { name: "EVENTS" })?;
         // SAFETY: the RingBuf owns its map fd, which stays open and the same for as long as
         // the RingBuf lives, and the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| ObserveError::Poll { source: e.into_parts().1 })?;
+            .map_err(|e| ObserveError::Poll {
+                source: e.into_parts().1,
+            })?;
         let last_losses = tracker.losses()?;
         let mut w = Self {
             tracker,
@@ -277,7 +296,9 @@ impl Watcher {
                 self.resync_one(ev.tgid, 0, sink);
             }
             let later = &events[i + 1..];
-            let records = self.tables.apply(ev, &|fd| touched_later(later, ev.tgid, fd));
+            let records = self
+                .tables
+                .apply(ev, &|fd| touched_later(later, ev.tgid, fd));
             for r in records {
                 self.emit(sink, Output::Fd(r));
             }
@@ -331,7 +352,12 @@ impl Watcher {
         Ok(())
     }
 
-    fn resync_one(&mut self, pid: u32, _lost: u64, sink: &mut dyn FnMut(Output)) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
+    fn resync_one(
+        &mut self,
+        pid: u32,
+        _lost: u64,
+        sink: &mut dyn FnMut(Output),
+    ) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
         let t0 = monotonic_ns();
         self.read_at.insert(pid, t0);
         let records = if self.tables.get(pid).is_none() {
@@ -343,8 +369,18 @@ impl Watcher {
         } else {
             self.tables.resync(pid, t0)
         };
-        let pick = |op| records.iter().filter(|r| r.op == op).filter_map(|r| r.fd).collect::<Vec<_>>();
-        (pick(table::Op::ResyncAdd), pick(table::Op::ResyncRemove), records)
+        let pick = |op| {
+            records
+                .iter()
+                .filter(|r| r.op == op)
+                .filter_map(|r| r.fd)
+                .collect::<Vec<_>>()
+        };
+        (
+            pick(table::Op::ResyncAdd),
+            pick(table::Op::ResyncRemove),
+            records,
+        )
     }
 
     /// Waits for kernel events and applies them until `shutdown` resolves or every watched

@@ -129,7 +129,11 @@ pub fn check_tracepoints(tracefs: &Path) -> Result<Vec<&'static str>, ObserveErr
             });
         }
     }
-    for name in ["sched_process_fork", "sched_process_exec", "sched_process_exit"] {
+    for name in [
+        "sched_process_fork",
+        "sched_process_exec",
+        "sched_process_exit",
+    ] {
         if !tracefs.join("events").join("sched").join(name).exists() {
             return Err(ObserveError::Tracepoint {
                 name: format!("sched/{name}"),
@@ -155,8 +159,14 @@ mod tests {
     #[test]
     fn caps_parse_and_missing() {
         let status = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(missing_caps(effective_caps(status).unwrap()), Vec::<&str>::new());
-        assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
+        assert_eq!(
+            missing_caps(effective_caps(status).unwrap()),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            missing_caps(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]
+        );
         // CAP_SYS_ADMIN covers BPF and PERFMON, not PTRACE.
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), vec!["CAP_SYS_PTRACE"]);
     }
@@ -168,7 +178,10 @@ mod tests {
                   41 22 0:13 / /mnt/with\\040space rw shared:5 - tracefs nodev rw\n";
         assert_eq!(
             mounts_of_type(mi, "tracefs"),
-            vec![PathBuf::from("/sys/kernel/tracing"), PathBuf::from("/mnt/with space")]
+            vec![
+                PathBuf::from("/sys/kernel/tracing"),
+                PathBuf::from("/mnt/with space")
+            ]
         );
         assert!(mounts_of_type(mi, "bpf").is_empty());
     }

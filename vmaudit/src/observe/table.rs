@@ -154,7 +154,15 @@ impl<R: Resolver> Tables<R> {
                 since_ns: 0,
                 via: Op::Seed,
             };
-            out.push(record(0, pid, pid, Op::Seed, "proc", Some(fd), Some(&entry)));
+            out.push(record(
+                0,
+                pid,
+                pid,
+                Op::Seed,
+                "proc",
+                Some(fd),
+                Some(&entry),
+            ));
             table.fds.insert(fd, entry);
         }
         self.procs.insert(pid, table);
@@ -181,7 +189,15 @@ impl<R: Resolver> Tables<R> {
             .collect();
         for fd in stale {
             if let Some(e) = table.fds.remove(&fd) {
-                out.push(record(ts, pid, pid, Op::ResyncRemove, "resync", Some(fd), Some(&e)));
+                out.push(record(
+                    ts,
+                    pid,
+                    pid,
+                    Op::ResyncRemove,
+                    "resync",
+                    Some(fd),
+                    Some(&e),
+                ));
             }
         }
         for (fd, id) in snap {
@@ -195,7 +211,15 @@ impl<R: Resolver> Tables<R> {
                 since_ns: ts,
                 via: Op::ResyncAdd,
             };
-            out.push(record(ts, pid, pid, Op::ResyncAdd, "resync", Some(fd), Some(&entry)));
+            out.push(record(
+                ts,
+                pid,
+                pid,
+                Op::ResyncAdd,
+                "resync",
+                Some(fd),
+                Some(&entry),
+            ));
             table.fds.insert(fd, entry);
         }
         table.exited = gone;
@@ -212,10 +236,22 @@ impl<R: Resolver> Tables<R> {
         out
     }
 
-    fn apply_one(&mut self, ev: &Event, change: &Change, stale: &dyn Fn(i32) -> bool, out: &mut Vec<FdRecord>) {
+    fn apply_one(
+        &mut self,
+        ev: &Event,
+        change: &Change,
+        stale: &dyn Fn(i32) -> bool,
+        out: &mut Vec<FdRecord>,
+    ) {
         let (pid, tid, ts, sys) = (ev.tgid, ev.tid, ev.ts_ns, ev.source);
         match change {
-            Change::Gain { fd, how, cloexec, from, path } => {
+            Change::Gain {
+                fd,
+                how,
+                cloexec,
+                from,
+                path,
+            } => {
                 let via = match how {
                     Gain::Open => Op::Open,
                     Gain::Dup => Op::Dup,
@@ -223,10 +259,12 @@ impl<R: Resolver> Tables<R> {
                     Gain::PidfdGetfd => Op::PidfdGetfd,
                     Gain::New => Op::New,
                 };
-                let copied = from.and_then(|src| self.table(pid).fds.get(&src)).map(|e| FdIdentity {
-                    source: Source::Table,
-                    ..e.id.clone()
-                });
+                let copied =
+                    from.and_then(|src| self.table(pid).fds.get(&src))
+                        .map(|e| FdIdentity {
+                            source: Source::Table,
+                            ..e.id.clone()
+                        });
                 let id = match copied {
                     Some(id) => id,
                     None if !stale(*fd) => self
@@ -238,7 +276,15 @@ impl<R: Resolver> Tables<R> {
                 let cloexec = cloexec.unwrap_or_else(|| cloexec_of(&id));
                 let table = self.table(pid);
                 if let Some(old) = table.fds.remove(fd) {
-                    out.push(record(ts, pid, tid, Op::Replaced, sys, Some(*fd), Some(&old)));
+                    out.push(record(
+                        ts,
+                        pid,
+                        tid,
+                        Op::Replaced,
+                        sys,
+                        Some(*fd),
+                        Some(&old),
+                    ));
                 }
                 let entry = FdEntry {
                     fd: *fd,
@@ -254,10 +300,20 @@ impl<R: Resolver> Tables<R> {
             }
             Change::Close { fd } => {
                 let old = self.table(pid).fds.remove(fd);
-                out.push(record(ts, pid, tid, Op::Close, sys, Some(*fd), old.as_ref()));
+                out.push(record(
+                    ts,
+                    pid,
+                    tid,
+                    Op::Close,
+                    sys,
+                    Some(*fd),
+                    old.as_ref(),
+                ));
             }
             Change::CloseRange { first, last } => {
-                self.remove_where(pid, tid, ts, sys, Op::CloseRange, out, |fd, _| in_range(fd, *first, *last));
+                self.remove_where(pid, tid, ts, sys, Op::CloseRange, out, |fd, _| {
+                    in_range(fd, *first, *last)
+                });
             }
             Change::SetCloexec { fd, on } => {
                 let op = if *on { Op::CloexecOn } else { Op::CloexecOff };
@@ -283,7 +339,15 @@ impl<R: Resolver> Tables<R> {
                     e.id.source = Source::Table;
                     e.since_ns = ts;
                     e.via = Op::Inherit;
-                    out.push(record(ts, *child, *child, Op::Inherit, sys, Some(fd), Some(&e)));
+                    out.push(record(
+                        ts,
+                        *child,
+                        *child,
+                        Op::Inherit,
+                        sys,
+                        Some(fd),
+                        Some(&e),
+                    ));
                     table.fds.insert(fd, e);
                 }
                 self.procs.insert(*child, table);
@@ -318,7 +382,12 @@ impl<R: Resolver> Tables<R> {
         pred: impl Fn(i32, &FdEntry) -> bool,
     ) {
         let table = self.table(pid);
-        let gone: Vec<i32> = table.fds.iter().filter(|(fd, e)| pred(**fd, e)).map(|(fd, _)| *fd).collect();
+        let gone: Vec<i32> = table
+            .fds
+            .iter()
+            .filter(|(fd, e)| pred(**fd, e))
+            .map(|(fd, _)| *fd)
+            .collect();
         for fd in gone {
             if let Some(e) = table.fds.remove(&fd) {
                 out.push(record(ts, pid, tid, op, sys, Some(fd), Some(&e)));
@@ -346,7 +415,15 @@ fn failed_op(syscall: &str) -> Op {
     }
 }
 
-fn record(ts: u64, pid: u32, tid: u32, op: Op, syscall: &'static str, fd: Option<i32>, entry: Option<&FdEntry>) -> FdRecord {
+fn record(
+    ts: u64,
+    pid: u32,
+    tid: u32,
+    op: Op,
+    syscall: &'static str,
+    fd: Option<i32>,
+    entry: Option<&FdEntry>,
+) -> FdRecord {
     FdRecord {
         ty: "fd",
         ts,
@@ -399,7 +476,10 @@ mod tests {
         FdIdentity {
             path: path.into(),
             kind: FileKind::Char,
-            rdev: Some(DevNum { major: 10, minor: 200 }),
+            rdev: Some(DevNum {
+                major: 10,
+                minor: 200,
+            }),
             dev: Some(DevNum { major: 0, minor: 5 }),
             ino: Some(ino),
             flags: Some(0o2),
@@ -410,23 +490,42 @@ mod tests {
 
     impl Resolver for &Fake {
         fn identity(&self, pid: u32, fd: i32) -> io::Result<FdIdentity> {
-            self.0.borrow().get(&(pid, fd)).cloned().ok_or_else(|| io::ErrorKind::NotFound.into())
+            self.0
+                .borrow()
+                .get(&(pid, fd))
+                .cloned()
+                .ok_or_else(|| io::ErrorKind::NotFound.into())
         }
         fn snapshot(&self, pid: u32) -> io::Result<BTreeMap<i32, FdIdentity>> {
             let m = self.0.borrow();
             if !m.keys().any(|(p, _)| *p == pid) {
                 return Err(io::ErrorKind::NotFound.into());
             }
-            Ok(m.iter().filter(|((p, _), _)| *p == pid).map(|((_, f), id)| (*f, id.clone())).collect())
+            Ok(m.iter()
+                .filter(|((p, _), _)| *p == pid)
+                .map(|((_, f), id)| (*f, id.clone()))
+                .collect())
         }
     }
 
     fn ev(pid: u32, source: &'static str, changes: Vec<Change>) -> Event {
-        Event { ts_ns: 100, tgid: pid, tid: pid, source, changes }
+        Event {
+            ts_ns: 100,
+            tgid: pid,
+            tid: pid,
+            source,
+            changes,
+        }
     }
 
     fn gain(fd: i32, how: Gain, cloexec: Option<bool>, from: Option<i32>) -> Change {
-        Change::Gain { fd, how, cloexec, from, path: Some("/dev/net/tun".into()) }
+        Change::Gain {
+            fd,
+            how,
+            cloexec,
+            from,
+            path: Some("/dev/net/tun".into()),
+        }
     }
 
     fn fds(t: &Tables<&Fake>, pid: u32) -> Vec<i32> {
@@ -443,19 +542,31 @@ mod tests {
         assert_eq!(t.seed(1).unwrap().len(), 1);
 
         fake.put(1, 3, "/dev/net/tun", 9);
-        let r = t.apply(&ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]), NEVER);
+        let r = t.apply(
+            &ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
+            NEVER,
+        );
         assert_eq!(r[0].op, Op::Open);
         assert_eq!(r[0].file.as_ref().unwrap().source, Source::Proc);
 
         // dup takes the source's identity from the table, whatever /proc says.
-        let r = t.apply(&ev(1, "fcntl", vec![gain(4, Gain::Dup, Some(true), Some(3))]), NEVER);
+        let r = t.apply(
+            &ev(1, "fcntl", vec![gain(4, Gain::Dup, Some(true), Some(3))]),
+            NEVER,
+        );
         assert_eq!(r[0].from_fd, Some(3));
         assert_eq!(r[0].file.as_ref().unwrap().ino, Some(9));
         assert_eq!(r[0].file.as_ref().unwrap().source, Source::Table);
 
         // dup2 onto an open fd reports the implicit close first.
-        let r = t.apply(&ev(1, "dup2", vec![gain(0, Gain::Dup, Some(false), Some(3))]), NEVER);
-        assert_eq!(r.iter().map(|r| r.op).collect::<Vec<_>>(), vec![Op::Replaced, Op::Dup]);
+        let r = t.apply(
+            &ev(1, "dup2", vec![gain(0, Gain::Dup, Some(false), Some(3))]),
+            NEVER,
+        );
+        assert_eq!(
+            r.iter().map(|r| r.op).collect::<Vec<_>>(),
+            vec![Op::Replaced, Op::Dup]
+        );
         assert_eq!(fds(&t, 1), vec![0, 3, 4]);
 
         let r = t.apply(&ev(1, "exec", vec![Change::Exec { filename: None }]), NEVER);
@@ -479,9 +590,15 @@ mod tests {
         t.seed(1).unwrap();
         // /proc shows fd 3 as something else already (closed and reused).
         fake.put(1, 3, "/etc/passwd", 77);
-        let r = t.apply(&ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]), &|fd| fd == 3);
+        let r = t.apply(
+            &ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
+            &|fd| fd == 3,
+        );
         let f = r[0].file.as_ref().unwrap();
-        assert_eq!((f.path.as_str(), f.source), ("/dev/net/tun", Source::Syscall));
+        assert_eq!(
+            (f.path.as_str(), f.source),
+            ("/dev/net/tun", Source::Syscall)
+        );
     }
 
     #[test]
@@ -492,14 +609,47 @@ mod tests {
         }
         let mut t = Tables::new(&fake);
         t.seed(1).unwrap();
-        t.apply(&ev(1, "fcntl", vec![Change::SetCloexec { fd: 1, on: true }]), NEVER);
-        let r = t.apply(&ev(1, "close_range", vec![Change::CloexecRange { first: 4, last: 4 }]), NEVER);
+        t.apply(
+            &ev(1, "fcntl", vec![Change::SetCloexec { fd: 1, on: true }]),
+            NEVER,
+        );
+        let r = t.apply(
+            &ev(
+                1,
+                "close_range",
+                vec![Change::CloexecRange { first: 4, last: 4 }],
+            ),
+            NEVER,
+        );
         assert_eq!(r.len(), 1);
-        let r = t.apply(&ev(1, "fork", vec![Change::Fork { child: 2, clone_flags: 17 }]), NEVER);
+        let r = t.apply(
+            &ev(
+                1,
+                "fork",
+                vec![Change::Fork {
+                    child: 2,
+                    clone_flags: 17,
+                }],
+            ),
+            NEVER,
+        );
         assert_eq!(r.len(), 6);
         assert!(r.iter().all(|r| r.pid == 2 && r.op == Op::Inherit));
-        let r = t.apply(&ev(2, "close_range", vec![Change::CloseRange { first: 3, last: u32::MAX }]), NEVER);
-        assert_eq!(r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let r = t.apply(
+            &ev(
+                2,
+                "close_range",
+                vec![Change::CloseRange {
+                    first: 3,
+                    last: u32::MAX,
+                }],
+            ),
+            NEVER,
+        );
+        assert_eq!(
+            r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         let r = t.apply(&ev(2, "exec", vec![Change::Exec { filename: None }]), NEVER);
         assert_eq!(r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(), vec![1]);
         assert_eq!(fds(&t, 2), vec![0, 2]);
@@ -513,7 +663,15 @@ mod tests {
         let mut t = Tables::new(&fake);
         t.seed(1).unwrap();
         let r = t.apply(
-            &ev(1, "openat", vec![Change::Failed { errno: libc::ENOENT, fd: None, path: Some("/nope".into()) }]),
+            &ev(
+                1,
+                "openat",
+                vec![Change::Failed {
+                    errno: libc::ENOENT,
+                    fd: None,
+                    path: Some("/nope".into()),
+                }],
+            ),
             NEVER,
         );
         assert_eq!((r[0].op, r[0].result.as_str()), (Op::Open, "ENOENT"));
@@ -537,14 +695,22 @@ mod tests {
         got.sort_by_key(|(_, fd)| *fd);
         assert_eq!(
             got,
-            vec![(Op::ResyncRemove, 0), (Op::ResyncAdd, 0), (Op::ResyncRemove, 5), (Op::ResyncAdd, 7)]
+            vec![
+                (Op::ResyncRemove, 0),
+                (Op::ResyncAdd, 0),
+                (Op::ResyncRemove, 5),
+                (Op::ResyncAdd, 7)
+            ]
         );
         assert_eq!(fds(&t, 1), vec![0, 7]);
     }
 
     #[test]
     fn lookahead_sees_later_closes() {
-        let later = vec![ev(1, "close", vec![Change::Close { fd: 3 }]), ev(2, "close", vec![Change::Close { fd: 4 }])];
+        let later = vec![
+            ev(1, "close", vec![Change::Close { fd: 3 }]),
+            ev(2, "close", vec![Change::Close { fd: 4 }]),
+        ];
         assert!(touched_later(&later, 1, 3));
         assert!(!touched_later(&later, 1, 4));
         assert!(touched_later(&[ev(1, "exit", vec![Change::Exit])], 1, 9));
