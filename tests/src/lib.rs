@@ -1,1 +1,303 @@
+//! Support for vmaudit's privileged integration tests: RAII guards for every process the
+//! tests start, and a reader of `vmaudit watch` output that waits on records, never on time.
+//!
+//! These tests need root (CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE) and run one at a time
+//! (`--test-threads=1`): `cargo xtask test` does both.
 
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long any single expected record may take before the test fails. A bound on a hang,
+/// not a synchronisation: every wait returns as soon as its record arrives.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Fails the test (not skips it) unless running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged integration tests must run as root (cargo xtask test does)"
+    );
+}
+
+/// Paths of the binaries the tests run. Made by [`bins!`] in a test, where cargo tells
+/// where `fdhelper` was built; `vmaudit` sits beside it.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub helper: PathBuf,
+    pub vmaudit: PathBuf,
+}
+
+impl Bins {
+    pub fn new(helper: &str) -> Self {
+        let helper = PathBuf::from(helper);
+        let vmaudit = helper.parent().expect("bin dir").join("vmaudit");
+        assert!(
+            vmaudit.exists(),
+            "{} missing: run `cargo build --workspace --bins` first (cargo xtask test does)",
+            vmaudit.display()
+        );
+        Self { helper, vmaudit }
+    }
+}
+
+/// The [`Bins`] of this build (expands where `CARGO_BIN_EXE_fdhelper` is defined: a test).
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::Bins::new(env!("CARGO_BIN_EXE_fdhelper"))
+    };
+}
+
+/// The fds a process holds, read by the test itself from /proc.
+pub fn proc_fds(pid: u32) -> BTreeSet<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Names of loaded BPF programs that are vmaudit's (names are cut to 15 bytes by the kernel).
+pub fn loaded_vmaudit_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("vmaudit_"))
+        .collect()
+}
+
+/// A child process killed and reaped on drop, whatever happened to the test.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The fd helper (`fdhelper`), driven line by line.
+pub struct Helper {
+    child: ChildGuard,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Helper {
+    pub fn spawn(bins: &Bins) -> Self {
+        let mut child = Command::new(&bins.helper)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn fdhelper");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child: ChildGuard(child),
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Sends one command and returns the words after `ok`; panics on `err`.
+    pub fn cmd(&mut self, line: &str) -> Vec<String> {
+        self.try_cmd(line)
+            .unwrap_or_else(|reply| panic!("fdhelper answered {reply:?} to {line:?}"))
+    }
+
+    /// Sends one command: Ok(words after `ok`) or Err(the whole `err ...` reply).
+    pub fn try_cmd(&mut self, line: &str) -> Result<Vec<String>, String> {
+        writeln!(self.stdin, "{line}").expect("write to fdhelper");
+        self.stdin.flush().expect("flush");
+        let reply = self.read_line();
+        let mut words = reply.split_whitespace().map(str::to_owned);
+        match words.next().as_deref() {
+            Some("ok") => Ok(words.collect()),
+            _ => Err(reply),
+        }
+    }
+
+    /// Sends a command and returns its single numeric answer (usually an fd).
+    pub fn fd(&mut self, line: &str) -> i32 {
+        self.cmd(line)[0].parse().expect("numeric reply")
+    }
+
+    /// Reads one line the helper (or its forked child) wrote.
+    pub fn read_line(&mut self) -> String {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).expect("read fdhelper");
+        s.trim_end().to_owned()
+    }
+
+    /// Tells the helper to exit and reaps it.
+    pub fn exit(mut self) -> ExitStatus {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.stdin.flush();
+        self.child.0.wait().expect("wait fdhelper")
+    }
+}
+
+/// A running `vmaudit watch` whose JSON lines are collected as they come.
+pub struct Watch {
+    child: ChildGuard,
+    lines: Receiver<Value>,
+    stderr: Receiver<String>,
+    /// Every record received so far, in order.
+    pub seen: Vec<Value>,
+    /// Waits look at records from here on: each wait consumes up to its match.
+    cursor: usize,
+}
+
+impl Watch {
+    /// Starts `vmaudit watch ARGS` and returns once it says it is watching.
+    pub fn start(bins: &Bins, args: &[&str]) -> Self {
+        let mut child = Command::new(&bins.vmaudit)
+            .arg("watch")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmaudit");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        let (etx, err_rx) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[vmaudit] {line}");
+                if etx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let w = Self {
+            child: ChildGuard(child),
+            lines,
+            stderr: err_rx,
+            seen: Vec::new(),
+            cursor: 0,
+        };
+        w.wait_stderr(|l| l.contains("watching pid"));
+        w
+    }
+
+    /// Waits for a stderr line matching `pred`, returning it.
+    pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("vmaudit stderr: no expected line ({e:?})"),
+            }
+        }
+    }
+
+    /// Waits for the next record after the previous match that satisfies `pred` (keeping
+    /// every record in `seen`).
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.seen[self.cursor..].iter().position(&pred) {
+            self.cursor += i + 1;
+            return self.seen[self.cursor - 1].clone();
+        }
+        self.cursor = self.seen.len();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    self.cursor = self.seen.len();
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no record for {what} within {PATIENCE:?}; seen: {:#?}",
+                    self.seen
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("vmaudit ended before {what}; seen: {:#?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Waits for the fd record `op` on `fd` of `pid`.
+    pub fn wait_fd(&mut self, pid: u32, op: &str, fd: i32) -> Value {
+        self.wait_for(&format!("{op} fd {fd} pid {pid}"), |v| {
+            v["type"] == "fd" && v["pid"] == pid && v["op"] == op && v["fd"] == fd
+        })
+    }
+
+    /// Reads every remaining record until vmaudit exits; returns its exit code.
+    pub fn finish(mut self) -> (i32, Vec<Value>) {
+        while let Ok(v) = self.lines.recv_timeout(PATIENCE) {
+            self.seen.push(v);
+        }
+        let status = self.child.0.wait().expect("wait vmaudit");
+        (status.code().unwrap_or(-1), std::mem::take(&mut self.seen))
+    }
+
+    /// Asks vmaudit to stop (SIGTERM) and collects the rest.
+    pub fn stop(self) -> (i32, Vec<Value>) {
+        // SAFETY: kill with a valid pid of our own child.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
+        self.finish()
+    }
+}
+
+/// Runs `vmaudit ARGS` to completion and returns (exit code, stdout, stderr).
+pub fn run_vmaudit(bins: &Bins, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(&bins.vmaudit)
+        .args(args)
+        .output()
+        .expect("run vmaudit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmaudit-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,446 @@
+//! `vmaudit watch` against the real kernel: every way a process gains or loses an fd, each
+//! asserted from vmaudit's own output; losses counted and repaired; bad input refused cleanly.
+
+use std::{
+    collections::BTreeSet,
+    io::IoSlice,
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
+};
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use serde_json::Value;
+use vmaudit_tests::{
+    Helper, TempDir, Watch, bins, loaded_vmaudit_programs, proc_fds, require_root, run_vmaudit,
+};
+
+fn fds_of(records: &[Value], pid: u32, op: &str) -> BTreeSet<i32> {
+    records
+        .iter()
+        .filter(|v| v["type"] == "fd" && v["pid"] == pid && v["op"] == op)
+        .filter_map(|v| v["fd"].as_i64().map(|f| f as i32))
+        .collect()
+}
+
+fn ino(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+#[test]
+fn every_fd_transition_is_reported() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("transitions");
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    let before = proc_fds(pid);
+    let mut w = Watch::start(&bins, &["--pid", &pid.to_string(), "--follow-children"]);
+    // The seed is exactly what /proc shows.
+    let seeded: BTreeSet<i32> = (0..before.len())
+        .map(|_| 0)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect();
+    drop(seeded);
+    for fd in &before {
+        w.wait_fd(pid, "seed", *fd);
+    }
+
+    // open (openat), with identity: path and rdev.
+    let null = h.fd("open /dev/null");
+    let r = w.wait_fd(pid, "open", null);
+    assert_eq!(
+        (
+            r["syscall"].as_str(),
+            r["path"].as_str(),
+            r["rdev"].as_str()
+        ),
+        (Some("openat"), Some("/dev/null"), Some("1:3"))
+    );
+    assert_eq!(
+        (r["result"].as_str(), r["cloexec"].as_bool()),
+        (Some("ok"), Some(false))
+    );
+    assert_eq!(r["tid"], pid, "single-threaded helper: tid is the pid");
+    assert!(r["ts"].as_u64().unwrap() > 0, "kernel timestamp");
+
+    // A tap device's fd carries its rdev 10:200.
+    let tun = h.fd("open /dev/net/tun cloexec");
+    let r = w.wait_fd(pid, "open", tun);
+    assert_eq!(
+        (r["rdev"].as_str(), r["cloexec"].as_bool()),
+        (Some("10:200"), Some(true))
+    );
+
+    // openat2 and creat.
+    let o2 = h.fd("openat2 /dev/zero");
+    let r = w.wait_fd(pid, "open", o2);
+    assert_eq!(
+        (r["syscall"].as_str(), r["cloexec"].as_bool()),
+        (Some("openat2"), Some(true))
+    );
+    let created = tmp.0.join("created");
+    let cr = h.fd(&format!("creat {}", created.display()));
+    let r = w.wait_fd(pid, "open", cr);
+    assert_eq!(r["syscall"], "creat");
+    assert_eq!(r["ino"].as_u64(), Some(ino(&created)));
+
+    // A failed open is reported with its errno and changes nothing.
+    let missing = tmp.0.join("missing");
+    let reply = h.try_cmd(&format!("open_ro {}", missing.display()));
+    assert!(reply.unwrap_err().contains("No such file"));
+    let r = w.wait_for("failed open", |v| {
+        v["op"] == "open" && v["result"] == "ENOENT"
+    });
+    assert_eq!(r["path"].as_str(), Some(missing.to_str().unwrap()));
+    assert!(r["fd"].is_null());
+
+    // dup, dup2 onto an open fd (an implicit close), dup3 with O_CLOEXEC, fcntl F_DUPFD(_CLOEXEC).
+    let d = h.fd(&format!("dup {null}"));
+    let r = w.wait_fd(pid, "dup", d);
+    assert_eq!(
+        (
+            r["syscall"].as_str(),
+            r["from_fd"].as_i64(),
+            r["path"].as_str()
+        ),
+        (Some("dup"), Some(null as i64), Some("/dev/null"))
+    );
+    let d2 = h.fd(&format!("dup2 {tun} {d}"));
+    assert_eq!(d2, d);
+    let r = w.wait_fd(pid, "replaced", d);
+    assert_eq!(r["path"], "/dev/null");
+    let r = w.wait_fd(pid, "dup", d);
+    assert_eq!(
+        (r["syscall"].as_str(), r["rdev"].as_str()),
+        (Some("dup2"), Some("10:200"))
+    );
+    let d3 = h.fd(&format!("dup3 {null} 60"));
+    let r = w.wait_fd(pid, "dup", d3);
+    assert_eq!(
+        (r["syscall"].as_str(), r["cloexec"].as_bool()),
+        (Some("dup3"), Some(true))
+    );
+    let f1 = h.fd(&format!("dupfd {null} 70"));
+    let r = w.wait_fd(pid, "dup", f1);
+    assert_eq!(
+        (r["syscall"].as_str(), r["cloexec"].as_bool(), f1),
+        (Some("fcntl"), Some(false), 70)
+    );
+    let f2 = h.fd(&format!("dupfd_cloexec {null} 80"));
+    let r = w.wait_fd(pid, "dup", f2);
+    assert_eq!((r["cloexec"].as_bool(), f2), (Some(true), 80));
+
+    // An fd arriving through SCM_RIGHTS from another (unwatched) process.
+    let sock_path = tmp.0.join("sock");
+    let listener = h.fd(&format!("listen {}", sock_path.display()));
+    w.wait_fd(pid, "new", listener);
+    let client = UnixStream::connect(&sock_path).unwrap();
+    let conn = h.fd(&format!("accept {listener}"));
+    w.wait_fd(pid, "new", conn);
+    let passed_path = tmp.0.join("passed");
+    let passed = std::fs::File::create(&passed_path).unwrap();
+    let fds = [passed.as_raw_fd()];
+    sendmsg::<()>(
+        client.as_raw_fd(),
+        &[IoSlice::new(b"x")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let got: i32 = h.cmd(&format!("recvfd {conn}"))[0].parse().unwrap();
+    let r = w.wait_fd(pid, "recv_fd", got);
+    assert_eq!(r["syscall"], "recvmsg");
+    assert_eq!(
+        r["ino"].as_u64(),
+        Some(ino(&passed_path)),
+        "identity of the received file"
+    );
+    // The same open file description in both processes, by kcmp.
+    assert!(vmaudit::kcmp::same_file(std::process::id(), passed.as_raw_fd(), pid, got).unwrap());
+
+    // pidfd_getfd. The pidfd it goes through comes first (and goes after).
+    let pg = h.fd(&format!("pidfd_getfd {null}"));
+    let r = w.wait_for("pidfd_open", |v| {
+        v["op"] == "new" && v["syscall"] == "pidfd_open"
+    });
+    let pidfd = r["fd"].as_i64().unwrap() as i32;
+    let r = w.wait_fd(pid, "pidfd_getfd", pg);
+    assert_eq!(
+        (r["path"].as_str(), r["cloexec"].as_bool()),
+        (Some("/dev/null"), Some(true))
+    );
+    w.wait_fd(pid, "close", pidfd);
+
+    // pipe2 gives two fds.
+    let pipe: Vec<i32> = h.cmd("pipe2").iter().map(|s| s.parse().unwrap()).collect();
+    for fd in &pipe {
+        let r = w.wait_fd(pid, "new", *fd);
+        assert_eq!(
+            (r["syscall"].as_str(), r["kind"].as_str()),
+            (Some("pipe2"), Some("fifo"))
+        );
+    }
+
+    // close and close_range.
+    h.fd(&format!("close {f1}"));
+    let r = w.wait_fd(pid, "close", f1);
+    assert_eq!(r["path"], "/dev/null");
+    h.fd(&format!(
+        "close_range {} {}",
+        pipe[0].min(pipe[1]),
+        pipe[0].max(pipe[1])
+    ));
+    for fd in &pipe {
+        w.wait_fd(pid, "close_range", *fd);
+    }
+
+    // fork: the followed child inherits every fd (the parent's, plus the two pipes the
+    // helper makes for it), closes some, and exits holding exactly what /proc shows.
+    let parent_before = proc_fds(pid);
+    let child: u32 = h.fd(&format!("fork {null}")) as u32;
+    let child_holds = proc_fds(child);
+    let inherited: BTreeSet<i32> = w
+        .wait_for("last inherit", |v| {
+            v["pid"] == child && v["op"] == "inherit" && v["fd"].as_i64() == Some(251)
+        })
+        .as_object()
+        .map(|_| fds_of(&w.seen, child, "inherit"))
+        .unwrap();
+    assert!(
+        inherited.is_superset(&parent_before),
+        "{inherited:?} ⊉ {parent_before:?}"
+    );
+    assert_eq!(
+        inherited.len(),
+        parent_before.len() + 4,
+        "plus the helper's two pipes"
+    );
+    let r = w.wait_fd(child, "close", null);
+    assert_eq!(r["path"], "/dev/null");
+    h.cmd("reap");
+    // Exit records come in fd order: the last one closes the set.
+    w.wait_fd(child, "exit", *child_holds.last().unwrap());
+    assert_eq!(
+        fds_of(&w.seen, child, "exit"),
+        child_holds,
+        "the child released exactly what it held"
+    );
+
+    // exec: close-on-exec fds leave, the others stay.
+    let open_now = proc_fds(pid);
+    let cloexec_now: BTreeSet<i32> = open_now
+        .iter()
+        .copied()
+        .filter(|fd| {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            u32::from_str_radix(flags, 8).unwrap() & libc::O_CLOEXEC as u32 != 0
+        })
+        .collect();
+    assert!(cloexec_now.contains(&tun) && cloexec_now.contains(&d3));
+    let before_exec = proc_fds(pid);
+    writeln_helper_exec(&mut h);
+    let after_exec = proc_fds(pid);
+    w.wait_for("exec", |v| v["op"] == "exec_cloexec" && v["pid"] == pid);
+    // Wait for the last one, then compare the whole set.
+    let last = *before_exec.difference(&after_exec).max().unwrap();
+    w.wait_fd(pid, "exec_cloexec", last);
+    let left_by_exec: BTreeSet<i32> = before_exec.difference(&after_exec).copied().collect();
+    assert_eq!(fds_of(&w.seen, pid, "exec_cloexec"), left_by_exec);
+    assert!(left_by_exec.is_superset(&cloexec_now));
+
+    // exit: every fd still held is released, vmaudit ends with code 6 and a summary.
+    let final_fds = proc_fds(pid);
+    let status = h.exit();
+    assert!(status.success());
+    let (code, records) = w.finish();
+    assert_eq!(code, 6, "watched process exited");
+    assert_eq!(
+        fds_of(&records, pid, "exit"),
+        final_fds,
+        "exit releases the exact table"
+    );
+    let summary = records.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["lost_total"], 0);
+    assert_eq!(summary["ended"], "exited");
+    // Only the watched processes appear: the test's own opens were never reported.
+    let me = std::process::id();
+    assert!(records.iter().all(|v| v["pid"] != me));
+    assert!(
+        loaded_vmaudit_programs().is_empty(),
+        "programs detached after exit"
+    );
+}
+
+fn writeln_helper_exec(h: &mut Helper) {
+    // The helper re-executes itself and says `ok exec` from the new image.
+    assert_eq!(h.cmd("exec"), vec!["exec".to_owned()]);
+}
+
+#[test]
+fn flood_overflows_the_ring_and_resyncs_the_table() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    // The smallest ring (one page): a tight open/close loop overflows it.
+    let mut w = Watch::start(
+        &bins,
+        &["--pid", &pid.to_string(), "--ring-buffer-bytes", "4096"],
+    );
+    h.fd("flood 200000");
+    // State the resync must find: 50 fds opened right after the flood.
+    h.fd("hold 50");
+    let gap = w.wait_for("a gap", |v| v["type"] == "gap");
+    assert_eq!(gap["pid"], pid);
+    assert!(gap["causes"]["ring_full"].as_u64().unwrap() > 0, "{gap}");
+    // Markers: open /dev/full until one open is reported as an event (the ring has room
+    // again), then one more. vmaudit checks for losses after every batch it reads, so once the
+    // second marker is reported (as an event, or found by a resync) every loss before the
+    // first has been repaired.
+    let seen_as = |w: &mut Watch, fd: i32| {
+        w.wait_for("marker", |v| {
+            v["pid"] == pid && v["fd"] == fd && (v["op"] == "open" || v["op"] == "resync_add")
+        })["op"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mut rounds = 0;
+    while seen_as(&mut w, h.fd("open /dev/full")) != "open" {
+        rounds += 1;
+        assert!(rounds < 100, "the ring never drained");
+    }
+    let last = h.fd("open /dev/full");
+    seen_as(&mut w, last);
+    let truth = proc_fds(pid);
+    h.exit();
+    let (code, records) = w.finish();
+    assert_eq!(code, 6);
+    let summary = records.last().unwrap();
+    assert!(
+        summary["lost"]["ring_full"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(summary["lost_total"].as_u64().unwrap() > 0);
+    assert!(summary["gaps"].as_u64().unwrap() >= 1);
+    // What vmaudit released at exit (its table) is what /proc showed: the truth.
+    let released: BTreeSet<i32> = fds_of(&records, pid, "exit");
+    let removed_on_resync = fds_of(&records, pid, "resync_remove");
+    assert_eq!(
+        released, truth,
+        "table after resync differs from /proc (resync removed {removed_on_resync:?})"
+    );
+}
+
+#[test]
+fn unknown_pid_is_refused_with_its_own_code_and_nothing_attached() {
+    require_root();
+    let bins = bins!();
+    let (code, out, err) = run_vmaudit(&bins, &["watch", "--pid", "999999999"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(out.is_empty());
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("no such process: 999999999"), "{err}");
+    let (code, _, err) = run_vmaudit(&bins, &["fds", "--pid", "999999999"]);
+    assert_eq!(
+        (code, err.trim()),
+        (3, "vmaudit: no such process: 999999999")
+    );
+    assert!(loaded_vmaudit_programs().is_empty());
+}
+
+#[test]
+fn a_thread_id_is_not_a_process() {
+    require_root();
+    let bins = bins!();
+    // A thread of this test process.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tx.send(unsafe { libc::gettid() }).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = rx.recv().unwrap();
+    let (code, _, err) = run_vmaudit(&bins, &["watch", "--pid", &tid.to_string()]);
+    done_tx.send(()).unwrap();
+    t.join().unwrap();
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("is a thread of process"), "{err}");
+}
+
+#[test]
+fn missing_privileges_exit_4_with_nothing_attached() {
+    require_root();
+    let bins = bins!();
+    let h = Helper::spawn(&bins);
+    // Drop to nobody with no capabilities.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&bins.vmaudit)
+        .args(["watch", "--pid", &h.pid().to_string()])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("missing capabilities CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    assert!(loaded_vmaudit_programs().is_empty());
+}
+
+#[test]
+fn tracefs_is_mounted_when_absent() {
+    require_root();
+    let bins = bins!();
+    let tracing = std::path::Path::new("/sys/kernel/tracing");
+    // Unmount every tracefs stacked there (ignore "not mounted").
+    while nix::mount::umount2(tracing, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+    assert!(!tracing.join("events").exists(), "tracefs still mounted");
+    let h = Helper::spawn(&bins);
+    let w = Watch::start(&bins, &["--pid", &h.pid().to_string()]);
+    assert!(tracing.join("events/syscalls/sys_enter_openat").exists());
+    let (code, records) = w.stop();
+    assert_eq!(code, 0, "stopped by SIGTERM");
+    assert_eq!(records.last().unwrap()["ended"], "signal");
+}
+
+#[test]
+fn fds_prints_the_table_as_json() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let tun = h.fd("open /dev/net/tun");
+    let (code, out, err) = run_vmaudit(&bins, &["fds", "--pid", &h.pid().to_string(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let fds: BTreeSet<i32> = rows
+        .iter()
+        .map(|r| r["fd"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(fds, proc_fds(h.pid()));
+    let row = rows.iter().find(|r| r["fd"] == tun).unwrap();
+    assert_eq!(
+        (
+            row["path"].as_str(),
+            row["rdev"].as_str(),
+            row["kind"].as_str()
+        ),
+        (Some("/dev/net/tun"), Some("10:200"), Some("char"))
+    );
+}
