@@ -1,1 +1,169 @@
-fn main(){}
+//! `cargo xtask <cmd>`: vmaudit's developer commands. Each one runs `setup` first, which checks
+//! before it acts and so costs nothing once done.
+
+mod setup;
+mod sh;
+
+use std::{
+    ffi::OsString,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::sh::Workspace;
+
+/// Built for `bpfel-unknown-none` by `vmaudit/build.rs` (aya-build): its binary cannot be built
+/// for the host, so host cargo commands leave it out and `test` lints it for its own target.
+const EBPF_PACKAGE: &str = "vmaudit-ebpf";
+/// The eBPF crate's target.
+const BPF_TARGET: &str = "bpfel-unknown-none";
+/// Clippy arguments: any warning fails the step.
+const DENY_WARNINGS: [&str; 3] = ["--", "-D", "warnings"];
+/// The integration tests: real kernel, real devices, root only.
+const PRIVILEGED_TESTS: &str = "vmaudit-tests";
+
+#[derive(Parser)]
+#[command(about = "vmaudit's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly rust-src, bpf-linker in .tools, Debian
+    /// packages) and mount tracefs; does nothing when all is in place.
+    Setup,
+    /// Set up, then build the workspace's host binaries.
+    Build,
+    /// Set up, then fmt, clippy, build, unit tests and the privileged integration tests (root).
+    Test,
+    /// Set up, build, then run `vmaudit demo`.
+    Demo,
+    /// Set up, build in release mode, then run `fdbench` with the arguments after `--`.
+    Bench {
+        /// Passed on to fdbench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let ws = Workspace::locate()?;
+    setup::run(&ws)?;
+    match cli.cmd {
+        Cmd::Setup => {}
+        Cmd::Build => sh::run(&mut build(&ws, Profile::Debug))?,
+        Cmd::Test => test(&ws)?,
+        Cmd::Demo => {
+            sh::run(&mut build(&ws, Profile::Debug))?;
+            let mut demo = ws.command(ws.bin("debug", "vmaudit"));
+            return sh::status(demo.arg("demo")).map(sh::exit_code);
+        }
+        Cmd::Bench { args } => {
+            sh::run(&mut build(&ws, Profile::Release))?;
+            let mut bench = ws.command(ws.bin("release", "fdbench"));
+            return sh::status(bench.args(args)).map(sh::exit_code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Copy)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+/// `cargo build` of every host binary (the tests crate has some too).
+fn build(ws: &Workspace, profile: Profile) -> Command {
+    let mut cmd = ws.cargo();
+    cmd.args(["build", "--workspace", "--exclude", EBPF_PACKAGE, "--bins"]);
+    if let Profile::Release = profile {
+        cmd.arg("--release");
+    }
+    cmd
+}
+
+/// The README's test command. Each step prints `==> <command>`; the first failure stops it.
+fn test(ws: &Workspace) -> Result<()> {
+    step(ws.cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        ws.cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                EBPF_PACKAGE,
+                "--all-targets",
+            ])
+            .args(DENY_WARNINGS),
+    )?;
+    step(
+        ws.nightly_cargo()
+            .args(["clippy", "--package", EBPF_PACKAGE, "--target", BPF_TARGET])
+            .args(["-Z", "build-std=core"])
+            .args(DENY_WARNINGS),
+    )?;
+    step(&mut build(ws, Profile::Debug))?;
+    step(
+        ws.cargo()
+            .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
+            .args(["--exclude", PRIVILEGED_TESTS]),
+    )?;
+    let mut privileged = ws.cargo();
+    privileged.args([
+        "test",
+        "--package",
+        PRIVILEGED_TESTS,
+        "--",
+        "--test-threads=1",
+    ]);
+    header(&privileged);
+    if !sh::is_root()? {
+        bail!(
+            "the privileged integration tests ({PRIVILEGED_TESTS}) load eBPF programs and create \
+             devices, so they need root: run `cargo xtask test` as root (they are never skipped)"
+        );
+    }
+    sh::run(&mut privileged)
+}
+
+fn step(cmd: &mut Command) -> Result<()> {
+    header(cmd);
+    sh::run(cmd)
+}
+
+fn header(cmd: &Command) {
+    println!("==> {}", sh::describe(cmd));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(argv: &[&str]) -> Vec<OsString> {
+        match Cli::try_parse_from(argv).map(|cli| cli.cmd) {
+            Ok(Cmd::Bench { args }) => args,
+            _ => panic!("{argv:?} is not a bench command"),
+        }
+    }
+
+    #[test]
+    fn bench_passes_on_what_follows_the_separator() {
+        assert_eq!(
+            bench_args(&["xtask", "bench", "--", "--fds", "1000", "-v"]),
+            ["--fds", "1000", "-v"]
+        );
+        assert!(bench_args(&["xtask", "bench"]).is_empty());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}
