@@ -14,7 +14,7 @@ pub mod nr;
 pub mod maps {
     /// tgid -> [`crate::WatchFlags`]: the processes being watched.
     pub const WATCHED: &str = "WATCHED";
-    /// tid -> [`crate::Inflight`]: arguments of a syscall between its entry and exit.
+    /// tid -> [`crate::Inflight`]: clone flags between the syscall's entry and the fork.
     pub const INFLIGHT: &str = "INFLIGHT";
     /// The ring buffer of [`crate::RawEvent`]s.
     pub const EVENTS: &str = "EVENTS";
@@ -22,14 +22,18 @@ pub mod maps {
     pub const LOSSES: &str = "LOSSES";
     /// tgid -> number of events lost for that process (so only its table is resynced).
     pub const LOST_TGIDS: &str = "LOST_TGIDS";
+    /// Array pre-filter in front of `WATCHED`, indexed by `tgid % WATCH_FILTER_SLOTS`.
+    pub const WATCH_FILTER: &str = "WATCH_FILTER";
 }
 
 /// Program names, as the eBPF object declares them.
 pub mod programs {
-    /// Generic `syscalls/sys_enter_*` handler: stashes the arguments of a watched thread's syscall.
-    pub const SYS_ENTER: &str = "vmaudit_sys_enter";
-    /// Generic `syscalls/sys_exit_*` handler: emits the event with the result.
+    /// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: keeps a watched thread's clone flags.
+    pub const CLONE_ENTER: &str = "vmaudit_clone_enter";
+    /// `raw_syscalls/sys_exit` raw tracepoint: reports a watched process's tracked syscalls.
     pub const SYS_EXIT: &str = "vmaudit_sys_exit";
+    /// Does nothing: the cost floor of a `raw_syscalls/sys_exit` hook (`vmaudit noop-hook`).
+    pub const NOOP: &str = "vmaudit_noop";
     /// `sched/sched_process_fork`.
     pub const SCHED_FORK: &str = "vmaudit_sched_fork";
     /// `sched/sched_process_exec`.
@@ -42,6 +46,8 @@ pub mod programs {
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
 /// Entries in the `INFLIGHT` map (threads of watched processes inside a tracked syscall).
 pub const INFLIGHT_ENTRIES: u32 = 16384;
+/// Slots of the `WATCH_FILTER` array (256 KiB).
+pub const WATCH_FILTER_SLOTS: u32 = 65536;
 /// Entries in the `WATCHED` map.
 pub const WATCHED_ENTRIES: u32 = 16384;
 /// Bytes of a path (open-family filename, exec filename) copied into an event.
@@ -96,7 +102,7 @@ impl TryFrom<u32> for EventKind {
 pub enum LossCause {
     /// The ring buffer was full.
     RingFull = 0,
-    /// No room in `INFLIGHT` to remember a syscall's arguments: its exit cannot be reported.
+    /// No room in `INFLIGHT` to remember a clone's flags: a followed child may be missed.
     InflightFull = 1,
     /// Reading the fds a syscall wrote to user memory (pipe, socketpair, SCM_RIGHTS) failed.
     UserRead = 2,
@@ -126,7 +132,8 @@ impl LossCause {
     }
 }
 
-/// Arguments of a watched thread's syscall, kept from its entry to its exit.
+/// A watched thread's clone/fork arguments, kept from the syscall's entry to sched_process_fork
+/// (and, inside the exit program, a tracked syscall's number and arguments).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Inflight {

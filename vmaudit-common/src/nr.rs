@@ -71,7 +71,7 @@ pub mod ioctl {
     }
 }
 
-/// Every syscall whose tracepoints vmaudit attaches to, with the tracepoint's name.
+/// Every syscall vmaudit follows, with its name.
 pub const TRACED: &[(u32, &str)] = &[
     (OPEN, "open"),
     (OPENAT, "openat"),
@@ -117,14 +117,20 @@ pub const TRACED: &[(u32, &str)] = &[
     (VFORK, "vfork"),
 ];
 
-/// Syscalls whose tracepoint may be absent on a kernel built without the feature; vmaudit
-/// warns and goes on without them. Every other entry of [`TRACED`] is required.
-pub const OPTIONAL: &[u32] = &[
-    MEMFD_SECRET,
-    FANOTIFY_INIT,
-    USERFAULTFD,
-    PERF_EVENT_OPEN,
-    IO_URING_SETUP,
-    BPF,
-    OPEN_BY_HANDLE_AT,
-];
+/// Bitmap of the syscall numbers in [`TRACED`], for an O(1) check in the kernel.
+pub const TRACED_BITS: [u64; 8] = {
+    let mut bits = [0u64; 8];
+    let mut i = 0;
+    while i < TRACED.len() {
+        let n = TRACED[i].0 as usize;
+        bits[n / 64] |= 1 << (n % 64);
+        i += 1;
+    }
+    bits
+};
+
+/// Whether syscall `nr` is one vmaudit follows.
+#[inline(always)]
+pub fn is_traced(nr: u64) -> bool {
+    nr < 512 && TRACED_BITS[(nr / 64) as usize] & (1 << (nr % 64)) != 0
+}

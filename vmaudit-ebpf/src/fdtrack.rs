@@ -3,16 +3,16 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use vmaudit_common::{
     DEFAULT_RING_BYTES, EventKind, INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS,
-    MAX_RIGHTS_PER_CMSG, RawEvent, WATCHED_ENTRIES, WatchFlags, nr,
+    MAX_RIGHTS_PER_CMSG, RawEvent, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr,
 };
 
 #[map]
@@ -30,12 +30,22 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossCause::COUNT
 #[map]
 static LOST_TGIDS: HashMap<u32, u64> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
 
-// Offsets in the syscall tracepoint records (see events/syscalls/*/format): a common header of
-// 8 bytes, `int __syscall_nr` at 8, then each argument as 8 bytes from 16; the exit record has
-// `long ret` at 16.
+/// A pre-filter in front of `WATCHED`: slot `tgid % WATCH_FILTER_SLOTS` is non-zero when a
+/// watched process may hash there. Array reads are inlined by the verifier, so an unwatched
+/// process pays no helper call. Slots are set (by userspace, and here for followed children)
+/// and never cleared: a stale slot only costs one hash lookup.
+#[map]
+static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0);
+
+// x86_64 `struct pt_regs`: the syscall arguments are in di, si, dx, r10 (then r8, r9), the
+// syscall number in orig_ax. A syscall leaves these saved user registers as they were, so the
+// exit sees the arguments of the entry.
+const PT_REGS_ARG_OFF: [u64; 4] = [112, 104, 96, 56];
+const PT_REGS_ORIG_AX_OFF: u64 = 120;
+// Classic syscall tracepoint records (events/syscalls/*/format): `int __syscall_nr` at 8, the
+// arguments as 8 bytes each from 16.
 const SYSCALL_NR_OFF: usize = 8;
 const SYSCALL_ARG0_OFF: usize = 16;
-const SYSCALL_RET_OFF: usize = 16;
 // sched_process_fork: `pid_t child_pid` at 20. sched_process_exec: `__data_loc char[] filename`
 // at 8. sched_process_exit: `bool group_dead` at 32.
 const FORK_CHILD_PID_OFF: usize = 20;
@@ -62,6 +72,13 @@ const SIGCHLD: u64 = 17;
 fn ids() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+#[inline(always)]
+fn maybe_watched(tgid: u32) -> bool {
+    WATCH_FILTER
+        .get(tgid % WATCH_FILTER_SLOTS)
+        .is_some_and(|v| *v != 0)
 }
 
 #[inline(always)]
@@ -157,23 +174,58 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// Generic entry handler attached to `syscalls/sys_enter_<name>` for every tracked syscall.
+/// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: remembers a watched thread's clone flags for
+/// `sched_process_fork`, which needs them to tell a child process from a thread. Per-syscall
+/// tracepoints run only for these (rare) syscalls.
 #[tracepoint]
-pub fn vmaudit_sys_enter(ctx: TracePointContext) -> u32 {
+pub fn vmaudit_clone_enter(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
-    if is_watched(tgid).is_none() {
+    if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
-    let Some(nr) = read_ctx::<i32>(&ctx, SYSCALL_NR_OFF) else {
-        return 0;
+    let nr = read_ctx::<i32>(&ctx, SYSCALL_NR_OFF).unwrap_or(-1) as u64;
+    let arg0 = read_ctx::<u64>(&ctx, SYSCALL_ARG0_OFF).unwrap_or(0);
+    let inflight = Inflight {
+        nr,
+        args: [arg0, 0, 0, 0],
     };
+    if INFLIGHT.insert(tid, inflight, 0).is_err() {
+        lose(LossCause::InflightFull, tgid);
+    }
+    0
+}
+
+/// `raw_syscalls/sys_exit` (a raw tracepoint: `struct pt_regs *regs, long ret`), run for every
+/// syscall of every process. An unwatched process costs an inlined array read; a watched
+/// process's tracked syscall is reported with its arguments (still in the saved user
+/// registers at exit) and its result.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let (tgid, tid) = ids();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly.
+    let nr = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX_OFF) as *const u64) }
+        .unwrap_or(u64::MAX);
+    if !nr::is_traced(nr) || is_watched(tgid).is_none() {
+        return 0;
+    }
+    let nr = nr as u32;
+    if matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK) {
+        // sched_process_fork has used the entry (in the parent); the child has none.
+        let _ = INFLIGHT.remove(tid);
+        return 0;
+    }
     let mut args = [0u64; 4];
     let mut i = 0;
     while i < 4 {
-        args[i] = read_ctx::<u64>(&ctx, SYSCALL_ARG0_OFF + 8 * i).unwrap_or(0);
+        // SAFETY: as above.
+        args[i] = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ARG_OFF[i]) as *const u64) }
+            .unwrap_or(0);
         i += 1;
     }
-    let nr = nr as u32;
     // Filter requests that cannot change the fd table here, not in userspace: qemu issues
     // millions of ioctls and fcntls.
     if nr == nr::IOCTL && !nr::ioctl::is_tracked(args[1]) {
@@ -182,26 +234,11 @@ pub fn vmaudit_sys_enter(ctx: TracePointContext) -> u32 {
     if nr == nr::FCNTL && !matches!(args[1], F_DUPFD | F_DUPFD_CLOEXEC | F_SETFD) {
         return 0;
     }
-    let inflight = Inflight {
+    let inf = Inflight {
         nr: nr as u64,
         args,
     };
-    if INFLIGHT.insert(tid, inflight, 0).is_err() {
-        lose(LossCause::InflightFull, tgid);
-    }
-    0
-}
-
-/// Generic exit handler attached to `syscalls/sys_exit_<name>` for every tracked syscall.
-#[tracepoint]
-pub fn vmaudit_sys_exit(ctx: TracePointContext) -> u32 {
-    let (tgid, tid) = ids();
-    // SAFETY: copied out at once.
-    let Some(inf) = (unsafe { INFLIGHT.get(tid) }).copied() else {
-        return 0;
-    };
-    let _ = INFLIGHT.remove(tid);
-    let ret = read_ctx::<i64>(&ctx, SYSCALL_RET_OFF).unwrap_or(0);
+    let ret: i64 = ctx.arg(1);
     let nr = inf.nr as u32;
     let mut e = Emit {
         kind: EventKind::Syscall,
@@ -215,8 +252,6 @@ pub fn vmaudit_sys_exit(ctx: TracePointContext) -> u32 {
         path_ptr: 0,
     };
     match nr {
-        // Forks are reported by sched_process_fork, which reads these entries.
-        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => return 0,
         nr::RECVMSG => {
             if ret >= 0 {
                 recv_rights(&mut e, inf.args[1]);
@@ -314,6 +349,9 @@ fn recv_rights(e: &mut Emit, msg: u64) {
 #[tracepoint]
 pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
     let Some(flags) = is_watched(tgid) else {
         return 0;
     };
@@ -350,6 +388,10 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
+    if let Some(slot) = WATCH_FILTER.get_ptr_mut(child % WATCH_FILTER_SLOTS) {
+        // SAFETY: a live array slot of 4 bytes; any racing writer also writes 1.
+        unsafe { *slot = 1 };
+    }
     let e = Emit {
         kind: EventKind::Fork,
         tgid,
@@ -369,7 +411,7 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn vmaudit_sched_exec(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
-    if is_watched(tgid).is_none() {
+    if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
     let loc = read_ctx::<u32>(&ctx, EXEC_FILENAME_LOC_OFF).unwrap_or(0);
@@ -394,7 +436,7 @@ pub fn vmaudit_sched_exec(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
-    if is_watched(tgid).is_none() {
+    if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
     // A thread killed inside a syscall never reaches its sys_exit.
@@ -415,5 +457,12 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         path_ptr: 0,
     };
     emit(&e);
+    0
+}
+
+/// A program that does nothing, for `vmaudit noop-hook`: what merely hooking every syscall's
+/// exit costs on this kernel, the floor under `vmaudit_sys_exit` (see BENCHMARKS.md).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn vmaudit_noop(_ctx: RawTracePointContext) -> i32 {
     0
 }

@@ -1,6 +1,6 @@
 //! Every filesystem location vmaudit reads or writes, in one place.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where /proc and /sys are; tests point these at fixtures.
 #[derive(Clone, Debug)]
@@ -46,12 +46,3 @@ pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 pub const SELF_STATUS: &str = "/proc/self/status";
 /// Where vmaudit mounts tracefs when it is not mounted anywhere.
 pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
-
-/// `events/syscalls/sys_enter_NAME` under a tracefs mount.
-pub fn syscall_tracepoint(tracefs: &Path, enter: bool, name: &str) -> PathBuf {
-    let dir = if enter { "sys_enter_" } else { "sys_exit_" };
-    tracefs
-        .join("events")
-        .join("syscalls")
-        .join(format!("{dir}{name}"))
-}

@@ -2,6 +2,7 @@
 
 mod demo;
 mod fds;
+mod noop_hook;
 mod watch;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     Fds(fds::Args),
     /// Run the demo: watch a small workload and print its fd events.
     Demo(demo::Args),
+    /// Attach a do-nothing program to every syscall's exit until SIGINT/SIGTERM: the cost
+    /// floor of any syscall hook on this kernel (used by the benchmark).
+    NoopHook(noop_hook::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -42,6 +46,7 @@ pub fn main() -> ExitCode {
         Command::Watch(a) => watch::run(a),
         Command::Fds(a) => fds::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::NoopHook(a) => noop_hook::run(a),
     };
     ExitCode::from(code)
 }

@@ -4,12 +4,15 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
 };
-use vmaudit_common::{LossCause, WatchFlags, maps, nr, programs};
+use vmaudit_common::{LossCause, WATCH_FILTER_SLOTS, WatchFlags, maps, programs};
 
 use super::ObserveError;
+
+/// Syscalls whose entry is hooked (classic tracepoints) to learn clone flags.
+pub const CLONE_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmaudit-ebpf"));
@@ -37,8 +40,7 @@ pub struct Tracker {
     watched: HashMap<MapData, u32, u32>,
     losses: PerCpuArray<MapData, u64>,
     lost_tgids: HashMap<MapData, u32, u64>,
-    /// Optional syscall tracepoints this kernel lacks (warned about, not attached).
-    pub missing_optional: Vec<&'static str>,
+    filter: Array<MapData, u32>,
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
@@ -65,6 +67,23 @@ fn tracepoint<'a>(
     Ok(tp)
 }
 
+fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(), ObserveError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(ObserveError::MissingObject { name })?;
+    let tp: &mut RawTracePoint = prog
+        .try_into()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    tp.load()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    tp.attach(tracepoint)
+        .map_err(|source| ObserveError::Attach {
+            tracepoint: format!("raw_syscalls/{tracepoint}"),
+            source,
+        })?;
+    Ok(())
+}
+
 fn attach(tp: &mut TracePoint, category: &str, name: &str) -> Result<(), ObserveError> {
     tp.attach(category, name)
         .map_err(|source| ObserveError::Attach {
@@ -74,32 +93,36 @@ fn attach(tp: &mut TracePoint, category: &str, name: &str) -> Result<(), Observe
     Ok(())
 }
 
+/// Attaches only the no-op program to `raw_syscalls/sys_exit`: the floor any syscall hook costs
+/// here, for benchmarks. Detached when the returned object is dropped.
+pub fn attach_noop_hook() -> Result<Ebpf, ObserveError> {
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .map_err(|source| ObserveError::Load {
+            source: Box::new(source),
+        })?;
+    attach_raw(&mut ebpf, programs::NOOP, "sys_exit")?;
+    Ok(ebpf)
+}
+
 impl Tracker {
-    /// Loads the programs and attaches them to every tracked tracepoint. `missing_optional`
-    /// lists syscall tracepoints the preflight found absent (not attached).
-    pub fn load(
-        opts: &TrackerOptions,
-        missing_optional: Vec<&'static str>,
-    ) -> Result<Self, ObserveError> {
+    /// Loads the programs and attaches them.
+    pub fn load(opts: &TrackerOptions) -> Result<Self, ObserveError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|source| ObserveError::Load {
                 source: Box::new(source),
             })?;
-        let syscalls: Vec<&str> = nr::TRACED
-            .iter()
-            .map(|(_, name)| *name)
-            .filter(|name| !missing_optional.contains(name))
-            .collect();
-        for (prog, prefix) in [
-            (programs::SYS_ENTER, "sys_enter_"),
-            (programs::SYS_EXIT, "sys_exit_"),
-        ] {
-            let tp = tracepoint(&mut ebpf, prog)?;
-            for name in &syscalls {
-                attach(tp, "syscalls", &format!("{prefix}{name}"))?;
-            }
+        // One raw tracepoint sees every syscall's exit, with the arguments still in the saved
+        // registers; it keeps only watched processes and tracked syscall numbers. Per-syscall
+        // tracepoints would cost a perf buffer per call, and an entry hook a second program run
+        // per syscall, for every process on the host (see BENCHMARKS.md). Only clone-family
+        // entries are hooked, to tell a forked process from a thread.
+        attach_raw(&mut ebpf, programs::SYS_EXIT, "sys_exit")?;
+        let clone_enter = tracepoint(&mut ebpf, programs::CLONE_ENTER)?;
+        for name in CLONE_SYSCALLS {
+            attach(clone_enter, "syscalls", &format!("sys_enter_{name}"))?;
         }
         for (prog, event) in [
             (programs::SCHED_FORK, "sched_process_fork"),
@@ -114,6 +137,8 @@ impl Tracker {
             HashMap::try_from(take_map(&mut ebpf, maps::WATCHED)?).map_err(map_err("WATCHED"))?;
         let losses =
             PerCpuArray::try_from(take_map(&mut ebpf, maps::LOSSES)?).map_err(map_err("LOSSES"))?;
+        let filter = Array::try_from(take_map(&mut ebpf, maps::WATCH_FILTER)?)
+            .map_err(map_err("WATCH_FILTER"))?;
         let lost_tgids = HashMap::try_from(take_map(&mut ebpf, maps::LOST_TGIDS)?)
             .map_err(map_err("LOST_TGIDS"))?;
         Ok(Self {
@@ -122,7 +147,7 @@ impl Tracker {
             watched,
             losses,
             lost_tgids,
-            missing_optional,
+            filter,
         })
     }
 
@@ -140,7 +165,10 @@ impl Tracker {
         };
         self.watched
             .insert(tgid, flags, 0)
-            .map_err(map_err("WATCHED"))
+            .map_err(map_err("WATCHED"))?;
+        self.filter
+            .set(tgid % WATCH_FILTER_SLOTS, 1, 0)
+            .map_err(map_err("WATCH_FILTER"))
     }
 
     /// Stops watching a process; a missing entry (it exited) is not an error.

@@ -177,13 +177,8 @@ pub fn monotonic_ns() -> u64 {
 pub fn start_tracker(opts: &TrackerOptions) -> Result<Tracker, ObserveError> {
     preflight::check_caps()?;
     let tracefs = preflight::ensure_tracefs()?;
-    let missing = preflight::check_tracepoints(&tracefs)?;
-    for name in &missing {
-        log::warn!(
-            "kernel lacks the {name} syscall tracepoints; fds it creates are seen only at the next resync"
-        );
-    }
-    Tracker::load(opts, missing)
+    preflight::check_tracepoints(&tracefs)?;
+    Tracker::load(opts)
 }
 
 /// Watches processes and keeps their fd tables exact.

@@ -111,36 +111,25 @@ pub fn ensure_tracefs() -> Result<PathBuf, ObserveError> {
     Ok(default.to_owned())
 }
 
-/// Fails when a required syscall tracepoint is missing; returns the optional ones missing.
-pub fn check_tracepoints(tracefs: &Path) -> Result<Vec<&'static str>, ObserveError> {
-    use vmaudit_common::nr;
-    let mut missing_optional = Vec::new();
-    for (n, name) in nr::TRACED {
-        let present = paths::syscall_tracepoint(tracefs, true, name).exists()
-            && paths::syscall_tracepoint(tracefs, false, name).exists();
-        if present {
-            continue;
-        }
-        if nr::OPTIONAL.contains(n) {
-            missing_optional.push(*name);
-        } else {
-            return Err(ObserveError::Tracepoint {
-                name: format!("syscalls/sys_enter_{name}"),
-            });
-        }
-    }
-    for name in [
+/// Fails when a sched or clone-entry tracepoint the tracker needs is missing. (Syscalls are followed through
+/// the `raw_syscalls` raw tracepoints, which need no tracefs; an absent one fails the attach.)
+pub fn check_tracepoints(tracefs: &Path) -> Result<(), ObserveError> {
+    let sched = [
         "sched_process_fork",
         "sched_process_exec",
         "sched_process_exit",
-    ] {
-        if !tracefs.join("events").join("sched").join(name).exists() {
+    ]
+    .map(|n| ("sched".to_owned(), n.to_owned()));
+    let clone =
+        super::loader::CLONE_SYSCALLS.map(|n| ("syscalls".to_owned(), format!("sys_enter_{n}")));
+    for (category, name) in sched.into_iter().chain(clone) {
+        if !tracefs.join("events").join(&category).join(&name).exists() {
             return Err(ObserveError::Tracepoint {
-                name: format!("sched/{name}"),
+                name: format!("{category}/{name}"),
             });
         }
     }
-    Ok(missing_optional)
+    Ok(())
 }
 
 /// The thread-group id of `pid` from /proc/PID/status, or None if no such process.
