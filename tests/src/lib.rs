@@ -76,6 +76,24 @@ pub fn loaded_vmaudit_programs() -> Vec<String> {
         .collect()
 }
 
+/// Whether every vmaudit program is gone from the kernel, checked until `PATIENCE` runs out.
+/// A program is freed after an RCU grace period once its last fd and link are closed, so it
+/// can still be listed for a moment after vmaudit has exited: this polls the kernel's list
+/// (the only way to see the free happen), and fails only if the programs stay.
+pub fn vmaudit_programs_gone() -> Result<(), Vec<String>> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = loaded_vmaudit_programs();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(left);
+        }
+        thread::yield_now();
+    }
+}
+
 /// A child process killed and reaped on drop, whatever happened to the test.
 pub struct ChildGuard(pub Child);
 

@@ -10,7 +10,7 @@ use std::{
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::Value;
 use vmaudit_tests::{
-    Helper, TempDir, Watch, bins, loaded_vmaudit_programs, proc_fds, require_root, run_vmaudit,
+    Helper, TempDir, Watch, bins, proc_fds, require_root, run_vmaudit, vmaudit_programs_gone,
 };
 
 fn fds_of(records: &[Value], pid: u32, op: &str) -> BTreeSet<i32> {
@@ -273,10 +273,7 @@ fn every_fd_transition_is_reported() {
     // Only the watched processes appear: the test's own opens were never reported.
     let me = std::process::id();
     assert!(records.iter().all(|v| v["pid"] != me));
-    assert!(
-        loaded_vmaudit_programs().is_empty(),
-        "programs detached after exit"
-    );
+    assert_eq!(vmaudit_programs_gone(), Ok(()), "programs left after exit");
 }
 
 fn writeln_helper_exec(h: &mut Helper) {
@@ -354,7 +351,7 @@ fn unknown_pid_is_refused_with_its_own_code_and_nothing_attached() {
         (code, err.trim()),
         (3, "vmaudit: no such process: 999999999")
     );
-    assert!(loaded_vmaudit_programs().is_empty());
+    assert_eq!(vmaudit_programs_gone(), Ok(()));
 }
 
 #[test]
@@ -401,7 +398,7 @@ fn missing_privileges_exit_4_with_nothing_attached() {
         err.contains("missing capabilities CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE"),
         "{err}"
     );
-    assert!(loaded_vmaudit_programs().is_empty());
+    assert_eq!(vmaudit_programs_gone(), Ok(()));
 }
 
 #[test]

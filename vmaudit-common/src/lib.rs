@@ -43,7 +43,7 @@ pub mod programs {
 }
 
 /// Default size of the event ring buffer, in bytes (a power-of-two multiple of the page size).
-pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+pub const DEFAULT_RING_BYTES: u32 = 1 << 24;
 /// Entries in the `INFLIGHT` map (threads of watched processes inside a tracked syscall).
 pub const INFLIGHT_ENTRIES: u32 = 16384;
 /// Slots of the `WATCH_FILTER` array (256 KiB).

@@ -42,7 +42,8 @@ enum Cmd {
     Test,
     /// Set up, build, then run `vmaudit demo`.
     Demo,
-    /// Set up, build in release mode, then run `fdbench` with the arguments after `--`.
+    /// Set up, build in release mode, then run `fdbench` (with the arguments after `--`) and
+    /// rewrite its table in BENCHMARKS.md.
     Bench {
         /// Passed on to fdbench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -65,7 +66,9 @@ fn main() -> Result<ExitCode> {
         }
         Cmd::Bench { args } => {
             sh::run(&mut build(&ws, Profile::Release))?;
+            // The figures land in BENCHMARKS.md, between fdbench's markers.
             let mut bench = ws.command(ws.bin("release", "fdbench"));
+            bench.arg("--write").arg(ws.root().join("BENCHMARKS.md"));
             return sh::status(bench.args(args)).map(sh::exit_code);
         }
     }

@@ -32,6 +32,11 @@ impl Workspace {
         Ok(Self { root, path })
     }
 
+    /// The workspace's root folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The project-owned folder for tools (gitignored).
     pub fn tools(&self) -> PathBuf {
         self.root.join(".tools")

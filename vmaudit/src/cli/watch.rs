@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use vmaudit::{
     exit,
-    observe::{Output, Summary, WatchOptions, Watcher, loader::TrackerOptions},
+    observe::{Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions},
     procfs::ProcFs,
 };
 
@@ -29,13 +29,35 @@ fn parse_ring(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// Writes one JSON object per line on stdout. A closed stdout (a pipe whose reader left)
-/// ends nothing: the summary still reaches whoever reads it.
+/// Writes one JSON object per line on stdout, unbuffered. A closed stdout (a pipe whose
+/// reader left) ends nothing.
 pub fn print_json(value: &impl serde::Serialize) {
     let mut out = std::io::stdout().lock();
     let _ = serde_json::to_writer(&mut out, value);
     let _ = out.write_all(b"\n");
     let _ = out.flush();
+}
+
+/// JSON lines on stdout, buffered and written once per batch of kernel events.
+pub struct JsonLines(std::io::BufWriter<std::io::Stdout>);
+
+impl JsonLines {
+    pub fn stdout() -> Self {
+        Self(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stdout(),
+        ))
+    }
+}
+
+impl Sink for JsonLines {
+    fn record(&mut self, out: Output) {
+        let _ = serde_json::to_writer(&mut self.0, &out);
+        let _ = self.0.write_all(b"\n");
+    }
+    fn flush(&mut self) {
+        let _ = self.0.flush();
+    }
 }
 
 pub fn run(args: Args) -> u8 {
@@ -46,7 +68,10 @@ pub fn run(args: Args) -> u8 {
             ring_bytes: args.ring_buffer_bytes,
         },
     };
-    match watch(&opts, &mut |o| print_json(&o)) {
+    let mut sink = JsonLines::stdout();
+    let result = watch(&opts, &mut sink);
+    sink.flush();
+    match result {
         Ok(summary) => {
             print_json(&summary);
             if summary.ended == "exited" {
@@ -65,7 +90,7 @@ pub fn run(args: Args) -> u8 {
 /// every watched process.
 pub fn watch(
     opts: &WatchOptions,
-    sink: &mut dyn FnMut(Output),
+    sink: &mut dyn Sink,
 ) -> Result<Summary, vmaudit::observe::ObserveError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,6 +98,7 @@ pub fn watch(
         .map_err(|source| vmaudit::observe::ObserveError::Poll { source })?;
     rt.block_on(async {
         let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
+        sink.flush();
         let held: usize = opts
             .pids
             .iter()

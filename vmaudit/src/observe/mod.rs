@@ -22,7 +22,7 @@ use vmaudit_common::LossCause;
 use self::{
     event::{Event, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
-    table::{FdRecord, Tables, touched_later},
+    table::{FdRecord, Lookahead, Tables},
 };
 use crate::{exit, procfs::ProcFs};
 
@@ -129,6 +129,19 @@ pub enum Output {
     Gap(GapRecord),
 }
 
+/// Where the watcher's output goes. Records come in batches (one per read of the ring
+/// buffer); `flush` ends each batch, so a buffered sink writes once per batch, not per line.
+pub trait Sink {
+    fn record(&mut self, out: Output);
+    fn flush(&mut self) {}
+}
+
+impl<F: FnMut(Output)> Sink for F {
+    fn record(&mut self, out: Output) {
+        self(out)
+    }
+}
+
 /// Per-process line of the summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcSummary {
@@ -201,7 +214,7 @@ impl Watcher {
     pub fn start(
         opts: &WatchOptions,
         procfs: ProcFs,
-        sink: &mut dyn FnMut(Output),
+        sink: &mut dyn Sink,
     ) -> Result<Self, ObserveError> {
         for &pid in &opts.pids {
             match preflight::tgid_of(&procfs.roots.proc, pid) {
@@ -251,15 +264,15 @@ impl Watcher {
         &self.tables
     }
 
-    fn emit(&mut self, sink: &mut dyn FnMut(Output), out: Output) {
+    fn emit(&mut self, sink: &mut dyn Sink, out: Output) {
         if matches!(out, Output::Fd(_)) {
             self.records += 1;
         }
-        sink(out);
+        sink.record(out);
     }
 
     /// Reads every event available now and applies it. Returns whether any arrived.
-    pub fn drain(&mut self, sink: &mut dyn FnMut(Output)) -> bool {
+    pub fn drain(&mut self, sink: &mut dyn Sink) -> bool {
         let mut raws = Vec::new();
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
@@ -282,6 +295,8 @@ impl Watcher {
             }
         }
         self.events += raws.len() as u64;
+        let lookahead = Lookahead::new(&events);
+        self.tables.begin_batch();
         for (i, ev) in events.iter().enumerate() {
             if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
                 continue;
@@ -290,10 +305,9 @@ impl Watcher {
                 // A process whose fork event was lost: start its table from /proc.
                 self.resync_one(ev.tgid, 0, sink);
             }
-            let later = &events[i + 1..];
             let records = self
                 .tables
-                .apply(ev, &|fd| touched_later(later, ev.tgid, fd));
+                .apply(ev, &|fd| lookahead.touched_after(i, ev.tgid, fd));
             for r in records {
                 self.emit(sink, Output::Fd(r));
             }
@@ -303,7 +317,7 @@ impl Watcher {
 
     /// Compares the kernel's loss counters with the last look; on new losses resyncs the
     /// affected tables from /proc and reports each as a gap.
-    pub fn check_losses(&mut self, sink: &mut dyn FnMut(Output)) -> Result<(), ObserveError> {
+    pub fn check_losses(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
         let now = self.tracker.losses()?;
         if now == self.last_losses {
             return Ok(());
@@ -331,7 +345,7 @@ impl Watcher {
             }
             let (added, removed, records) = self.resync_one(pid, lost, sink);
             self.gaps += 1;
-            sink(Output::Gap(GapRecord {
+            sink.record(Output::Gap(GapRecord {
                 ty: "gap",
                 ts: *self.read_at.get(&pid).unwrap_or(&0),
                 pid,
@@ -351,7 +365,7 @@ impl Watcher {
         &mut self,
         pid: u32,
         _lost: u64,
-        sink: &mut dyn FnMut(Output),
+        sink: &mut dyn Sink,
     ) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
         let t0 = monotonic_ns();
         self.read_at.insert(pid, t0);
@@ -382,7 +396,7 @@ impl Watcher {
     /// process has exited. Then drains what is left and returns the summary.
     pub async fn run(
         mut self,
-        sink: &mut dyn FnMut(Output),
+        sink: &mut dyn Sink,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<Summary, ObserveError> {
         tokio::pin!(shutdown);
@@ -400,15 +414,18 @@ impl Watcher {
                     guard.clear_ready();
                     self.drain(sink);
                     self.check_losses(sink)?;
+                    sink.flush();
                 }
                 _ = tick.tick() => {
                     self.drain(sink);
                     self.check_losses(sink)?;
+                    sink.flush();
                 }
             }
         };
         self.drain(sink);
         self.check_losses(sink)?;
+        sink.flush();
         Ok(self.summary(ended))
     }
 

@@ -106,6 +106,9 @@ pub struct ProcTable {
 pub struct Tables<R> {
     resolver: R,
     procs: HashMap<u32, ProcTable>,
+    /// Identities by the name a syscall used, for this batch: a loop opening the same device
+    /// costs one stat per batch, not one per open.
+    path_cache: HashMap<String, FdIdentity>,
 }
 
 fn errno_name(errno: i32) -> String {
@@ -121,7 +124,23 @@ impl<R: Resolver> Tables<R> {
         Self {
             resolver,
             procs: HashMap::new(),
+            path_cache: HashMap::new(),
         }
+    }
+
+    /// Starts a batch of events: names may now point at other files.
+    pub fn begin_batch(&mut self) {
+        self.path_cache.clear();
+    }
+
+    fn syscall_identity(&mut self, path: &Option<String>) -> FdIdentity {
+        let Some(p) = path else {
+            return FdIdentity::from_syscall(None);
+        };
+        self.path_cache
+            .entry(p.clone())
+            .or_insert_with(|| FdIdentity::from_syscall(Some(p.clone())))
+            .clone()
     }
 
     pub fn resolver(&self) -> &R {
@@ -265,13 +284,13 @@ impl<R: Resolver> Tables<R> {
                             source: Source::Table,
                             ..e.id.clone()
                         });
-                let id = match copied {
+                let proc_id = match copied {
+                    None if !stale(*fd) => self.resolver.identity(pid, *fd).ok(),
+                    _ => None,
+                };
+                let id = match copied.or(proc_id) {
                     Some(id) => id,
-                    None if !stale(*fd) => self
-                        .resolver
-                        .identity(pid, *fd)
-                        .unwrap_or_else(|_| FdIdentity::from_syscall(path.clone())),
-                    None => FdIdentity::from_syscall(path.clone()),
+                    None => self.syscall_identity(path),
                 };
                 let cloexec = cloexec.unwrap_or_else(|| cloexec_of(&id));
                 let table = self.table(pid);
@@ -439,17 +458,51 @@ fn record(
     }
 }
 
-/// Whether an event later in the same batch touches `fd` of `pid` (closes, replaces, or may
-/// close it), so that /proc, read now, no longer shows what an earlier event gained.
-pub fn touched_later(later: &[Event], pid: u32, fd: i32) -> bool {
-    later.iter().filter(|e| e.tgid == pid).any(|e| {
-        e.changes.iter().any(|c| match c {
-            Change::Gain { fd: f, .. } | Change::Close { fd: f } => *f == fd,
-            Change::CloseRange { first, last } => in_range(fd, *first, *last),
-            Change::Exec { .. } | Change::Exit => true,
-            _ => false,
-        })
-    })
+/// For a batch of events: whether an event later in the batch touches `fd` of `pid` (closes,
+/// replaces, or may close it), so that /proc, read now, no longer shows what an earlier event
+/// gained. Built once per batch; each question is answered in O(1) (plus the batch's
+/// close_range calls, which are few).
+#[derive(Debug, Default)]
+pub struct Lookahead {
+    /// (pid, fd) -> index of the last event that touches that fd.
+    last_touch: HashMap<(u32, i32), usize>,
+    /// pid -> index of its last exec or exit (which may close any fd).
+    last_all: HashMap<u32, usize>,
+    /// (index, pid, first, last) of each close_range.
+    ranges: Vec<(usize, u32, u32, u32)>,
+}
+
+impl Lookahead {
+    pub fn new(events: &[Event]) -> Self {
+        let mut la = Self::default();
+        for (i, e) in events.iter().enumerate() {
+            for c in &e.changes {
+                match c {
+                    Change::Gain { fd, .. } | Change::Close { fd } => {
+                        la.last_touch.insert((e.tgid, *fd), i);
+                    }
+                    Change::CloseRange { first, last } => {
+                        la.ranges.push((i, e.tgid, *first, *last))
+                    }
+                    Change::Exec { .. } | Change::Exit => {
+                        la.last_all.insert(e.tgid, i);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        la
+    }
+
+    /// Whether an event after index `i` touches `fd` of `pid`.
+    pub fn touched_after(&self, i: usize, pid: u32, fd: i32) -> bool {
+        self.last_touch.get(&(pid, fd)).is_some_and(|&j| j > i)
+            || self.last_all.get(&pid).is_some_and(|&j| j > i)
+            || self
+                .ranges
+                .iter()
+                .any(|&(j, p, first, last)| j > i && p == pid && in_range(fd, first, last))
+    }
 }
 
 #[cfg(test)]
@@ -707,12 +760,26 @@ mod tests {
 
     #[test]
     fn lookahead_sees_later_closes() {
-        let later = vec![
+        let batch = vec![
+            ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
             ev(1, "close", vec![Change::Close { fd: 3 }]),
             ev(2, "close", vec![Change::Close { fd: 4 }]),
+            ev(
+                1,
+                "close_range",
+                vec![Change::CloseRange {
+                    first: 10,
+                    last: 20,
+                }],
+            ),
+            ev(3, "exit", vec![Change::Exit]),
         ];
-        assert!(touched_later(&later, 1, 3));
-        assert!(!touched_later(&later, 1, 4));
-        assert!(touched_later(&[ev(1, "exit", vec![Change::Exit])], 1, 9));
+        let la = Lookahead::new(&batch);
+        assert!(la.touched_after(0, 1, 3));
+        assert!(!la.touched_after(1, 1, 3), "the close is not after itself");
+        assert!(!la.touched_after(0, 1, 4), "another process's fd 4");
+        assert!(la.touched_after(0, 1, 15) && !la.touched_after(0, 1, 21));
+        assert!(la.touched_after(0, 3, 99), "exit may close anything");
+        assert!(!la.touched_after(4, 3, 99));
     }
 }
