@@ -7,7 +7,7 @@ pub const OK: u8 = 0;
 pub const INTERNAL: u8 = 1;
 /// The command line was malformed (clap's own code).
 pub const USAGE: u8 = 2;
-/// The process named by `--pid` does not exist.
+/// The process named by `--pid` does not exist (or is a thread, not a process).
 pub const NO_SUCH_PROCESS: u8 = 3;
 /// Missing privileges (capabilities) for what was asked.
 pub const PRIVILEGES: u8 = 4;
@@ -21,7 +21,7 @@ pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
     (INTERNAL, "internal error"),
     (USAGE, "malformed command line"),
-    (NO_SUCH_PROCESS, "no such process"),
+    (NO_SUCH_PROCESS, "no such process (or the pid is a thread)"),
     (PRIVILEGES, "missing privileges"),
     (
         KERNEL_FEATURE,

@@ -10,18 +10,18 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vmaudit::exit;
 
-const EXIT_CODES: &str = "Exit codes:
-  0  finished normally (watch: stopped by SIGINT/SIGTERM)
-  1  internal error
-  2  malformed command line
-  3  no such process
-  4  missing privileges
-  5  kernel feature missing (tracefs, tracepoint, BPF)
-  6  the watched process(es) exited while watched";
+/// The exit-code table for `--help`, from [`exit::TABLE`].
+fn exit_codes() -> String {
+    let mut s = String::from("Exit codes:");
+    for (code, meaning) in exit::TABLE {
+        s.push_str(&format!("\n  {code}  {meaning}"));
+    }
+    s
+}
 
 /// Says, from the kernel itself, which fds a VM's emulator really holds.
 #[derive(Debug, Parser)]
-#[command(name = "vmaudit", version, after_help = EXIT_CODES)]
+#[command(name = "vmaudit", version, after_help = exit_codes())]
 struct Cli {
     #[command(subcommand)]
     command: Command,
