@@ -302,6 +302,69 @@ pub fn run_vmaudit(bins: &Bins, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs a command that must succeed (set-up steps of a test).
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A veth pair (`NAME` and `NAME-p`) deleted on drop, with everything stacked on it.
+pub struct VethGuard(pub String);
+
+impl VethGuard {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("{name}-p"),
+            ],
+        );
+        Self(name.to_owned())
+    }
+
+    /// Adds a macvtap link on this veth and makes its `/dev/tapN` node in `dir` (no udev here).
+    /// Returns the node's path.
+    pub fn add_macvtap(&self, name: &str, dir: &std::path::Path) -> PathBuf {
+        sh(
+            "ip",
+            &[
+                "link", "add", "link", &self.0, "name", name, "type", "macvtap", "mode", "bridge",
+            ],
+        );
+        let ifindex =
+            std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).expect("ifindex");
+        let ifindex = ifindex.trim();
+        let dev = std::fs::read_to_string(format!("/sys/class/net/{name}/tap{ifindex}/dev"))
+            .expect("tap dev");
+        let (major, minor) = dev.trim().split_once(':').expect("MAJ:MIN");
+        let node = dir.join(format!("tap{ifindex}"));
+        sh("mknod", &[node.to_str().expect("utf-8"), "c", major, minor]);
+        node
+    }
+}
+
+impl Drop for VethGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -10,7 +10,8 @@ use std::{
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::Value;
 use vmaudit_tests::{
-    Helper, TempDir, Watch, bins, proc_fds, require_root, run_vmaudit, vmaudit_programs_gone,
+    Helper, TempDir, VethGuard, Watch, bins, proc_fds, require_root, run_vmaudit,
+    vmaudit_programs_gone,
 };
 
 fn fds_of(records: &[Value], pid: u32, op: &str) -> BTreeSet<i32> {
@@ -440,4 +441,43 @@ fn fds_prints_the_table_as_json() {
         ),
         (Some("/dev/net/tun"), Some("10:200"), Some("char"))
     );
+}
+
+#[test]
+fn tap_and_macvtap_fds_name_their_interfaces() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("ifaces");
+    let veth = VethGuard::new("vmaudit-tv0");
+    let node = veth.add_macvtap("vmaudit-tmv0", &tmp.0);
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    let mut w = Watch::start(&bins, &["--pid", &pid.to_string()]);
+    // A tap: /dev/net/tun attached to an interface with TUNSETIFF; fdinfo names it.
+    let tun = h.fd("open /dev/net/tun");
+    w.wait_fd(pid, "open", tun);
+    h.fd(&format!("tunsetiff {tun} vmaudit-tap0"));
+    // A macvtap: its /dev/tapN node belongs to the macvtap link.
+    let mvt = h.fd(&format!("open {}", node.display()));
+    let r = w.wait_fd(pid, "open", mvt);
+    assert_eq!(r["iface"], "vmaudit-tmv0", "{r}");
+    assert_eq!(r["kind"], "char");
+    let (code, out, err) = run_vmaudit(&bins, &["fds", "--pid", &pid.to_string(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let row = |fd: i32| rows.iter().find(|r| r["fd"] == fd).unwrap().clone();
+    assert_eq!(
+        (row(tun)["iface"].as_str(), row(tun)["rdev"].as_str()),
+        (Some("vmaudit-tap0"), Some("10:200"))
+    );
+    assert_eq!(row(mvt)["iface"], "vmaudit-tmv0");
+    h.exit();
+    let (code, records) = w.finish();
+    assert_eq!(code, 6);
+    // The tap fd's identity at exit carries the interface it had by then.
+    let exit_tun = records
+        .iter()
+        .find(|v| v["op"] == "exit" && v["fd"] == tun)
+        .unwrap();
+    assert_eq!(exit_tun["rdev"], "10:200");
 }

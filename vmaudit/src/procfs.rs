@@ -264,14 +264,17 @@ impl ProcFs {
     }
 }
 
-/// `.../devices/virtual/net/mvt0/tap5` → `mvt0`; anything without a `net/<iface>/tap*` tail
-/// (every ordinary device) → None.
+/// `.../devices/virtual/net/mvt0/macvtap/tap5` → `mvt0` (ipvtap has `ipvtap/` there; older
+/// kernels nothing); anything that is not a `tapN` under `net/<iface>` (every ordinary
+/// device) → None.
 pub fn iface_from_sys_dev_link(target: &Path) -> Option<String> {
-    let mut parts: Vec<&str> = target.iter().filter_map(|p| p.to_str()).collect();
-    let last = parts.pop()?;
-    let iface = parts.pop()?;
-    let net = parts.pop()?;
-    (net == "net" && last.starts_with("tap")).then(|| iface.to_owned())
+    let parts: Vec<&str> = target.iter().filter_map(|p| p.to_str()).collect();
+    if !parts.last()?.starts_with("tap") {
+        return None;
+    }
+    let net = parts.iter().rposition(|p| *p == "net")?;
+    let iface = parts.get(net + 1)?;
+    (net + 2 < parts.len()).then(|| (*iface).to_owned())
 }
 
 #[cfg(test)]
@@ -291,8 +294,12 @@ mod tests {
 
     #[test]
     fn macvtap_link_names_its_interface() {
-        let t = Path::new("../../devices/virtual/net/mvt0/tap7");
+        let t = Path::new("../../devices/virtual/net/mvt0/macvtap/tap7");
         assert_eq!(iface_from_sys_dev_link(t).as_deref(), Some("mvt0"));
+        let old = Path::new("../../devices/virtual/net/mvt1/tap8");
+        assert_eq!(iface_from_sys_dev_link(old).as_deref(), Some("mvt1"));
+        let bare = Path::new("../../devices/virtual/net/tap9");
+        assert_eq!(iface_from_sys_dev_link(bare), None);
         let null = Path::new("../../devices/virtual/mem/null");
         assert_eq!(iface_from_sys_dev_link(null), None);
     }

@@ -290,6 +290,19 @@ fn run(
             }
             held.len() as i64
         }
+        "tunsetiff" => {
+            // Attach tun fd `words[1]` to a new tap interface named `words[2]` (gone with the fd).
+            let fd = int(words, 1)?;
+            let name = words.get(2).ok_or("missing name")?.as_bytes();
+            // struct ifreq: char ifr_name[16]; short ifr_flags; padding to 40 bytes.
+            let mut ifr = [0u8; 40];
+            ifr[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+            let flags: i16 = 0x0002 | 0x1000; // IFF_TAP | IFF_NO_PI
+            ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+            const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+            // SAFETY: see above; ifr is a 40-byte struct ifreq owned by this frame.
+            check(unsafe { libc::syscall(libc::SYS_ioctl, fd, TUNSETIFF, ifr.as_mut_ptr()) })?
+        }
         "exit" => std::process::exit(0),
         other => return Err(format!("unknown command {other}")),
     };

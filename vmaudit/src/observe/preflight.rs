@@ -161,6 +161,35 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_tracepoint_is_named_and_exits_5() {
+        let dir = std::env::temp_dir().join(format!("vmaudit-tracefs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for tp in [
+            "sched/sched_process_fork",
+            "sched/sched_process_exec",
+            "syscalls/sys_enter_clone",
+        ] {
+            fs::create_dir_all(dir.join("events").join(tp)).unwrap();
+        }
+        let err = check_tracepoints(&dir).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel has no tracepoint sched/sched_process_exit (needs CONFIG_FTRACE_SYSCALLS and tracefs)"
+        );
+        assert_eq!(err.exit_code(), crate::exit::KERNEL_FEATURE);
+        for tp in [
+            "sched/sched_process_exit",
+            "syscalls/sys_enter_clone3",
+            "syscalls/sys_enter_fork",
+            "syscalls/sys_enter_vfork",
+        ] {
+            fs::create_dir_all(dir.join("events").join(tp)).unwrap();
+        }
+        assert!(check_tracepoints(&dir).is_ok());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn mountinfo_finds_tracefs_and_unescapes() {
         let mi = "22 1 0:20 / /sys rw - sysfs sysfs rw\n\
                   40 22 0:12 / /sys/kernel/tracing rw,nosuid - tracefs nodev rw\n\
