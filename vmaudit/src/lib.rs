@@ -10,8 +10,11 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmaudit's syscall tables are x86_64 only for now");
 
+pub mod audit;
+pub mod cgroup;
 pub mod exit;
 pub mod kcmp;
 pub mod observe;
 pub mod paths;
 pub mod procfs;
+pub mod runtime;

@@ -1,0 +1,1 @@
+//! libvirt-compatible audit records: formatting, the kernel audit subsystem sink, the journal.
