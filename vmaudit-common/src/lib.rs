@@ -8,6 +8,7 @@
 
 use core::mem::size_of;
 
+pub mod devcg;
 pub mod nr;
 
 /// Map names, as the eBPF object declares them.

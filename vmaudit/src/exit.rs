@@ -1,7 +1,8 @@
 //! Exit codes of the `vmaudit` binary. Each failure class has its own code so that scripts
 //! (and the verifier's users) can tell "found a problem" from "could not look".
 
-/// Finished normally (for `watch`: stopped by SIGINT/SIGTERM).
+/// Finished normally (for `watch`: stopped by SIGINT/SIGTERM; for `run`: the VM was stopped
+/// on SIGINT/SIGTERM or shut down by itself).
 pub const OK: u8 = 0;
 /// An unexpected internal error (a bug, or an I/O error with no better class).
 pub const INTERNAL: u8 = 1;
@@ -15,6 +16,21 @@ pub const PRIVILEGES: u8 = 4;
 pub const KERNEL_FEATURE: u8 = 5;
 /// Every watched process exited while being watched (the summary is still printed).
 pub const TARGET_EXITED: u8 = 6;
+
+/// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
+/// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
+pub const SPEC: u8 = 10;
+/// `vmaudit run`: the journal cannot be opened or written.
+pub const JOURNAL: u8 = 11;
+/// `vmaudit run`: a device could not be opened (its failure record was written; everything
+/// opened before it was closed).
+pub const DEVICE: u8 = 12;
+/// `vmaudit run`: the VM's cgroup or its device ACL could not be set up.
+pub const CGROUP: u8 = 13;
+/// `vmaudit run`: the emulator could not be started, or exited before it was up.
+pub const EMULATOR_FAILED: u8 = 14;
+/// `vmaudit run`: the emulator crashed or exited with an error while running.
+pub const EMULATOR_CRASHED: u8 = 15;
 
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
@@ -30,5 +46,20 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         TARGET_EXITED,
         "the watched process(es) exited while watched",
+    ),
+    (
+        SPEC,
+        "run: malformed spec, or it names something the host lacks",
+    ),
+    (
+        JOURNAL,
+        "run: the audit records cannot be written (journal; kernel with --audit kernel)",
+    ),
+    (DEVICE, "run: a device could not be opened"),
+    (CGROUP, "run: the VM's cgroup could not be set up"),
+    (EMULATOR_FAILED, "run: the emulator could not be started"),
+    (
+        EMULATOR_CRASHED,
+        "run: the emulator crashed or failed while running",
     ),
 ];

@@ -46,3 +46,18 @@ pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 pub const SELF_STATUS: &str = "/proc/self/status";
 /// Where vmaudit mounts tracefs when it is not mounted anywhere.
 pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
+
+/// Per-VM runtime state of `vmaudit run` (QMP socket, pid file): `/run/vmaudit/<name>`.
+pub const RUN_DIR: &str = "/run/vmaudit";
+/// Default journal of `vmaudit run`: `/var/log/vmaudit/<name>.jsonl`.
+pub const JOURNAL_DIR: &str = "/var/log/vmaudit";
+
+/// The run directory of VM `name`.
+pub fn vm_run_dir(name: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(name)
+}
+
+/// The default journal of VM `name`.
+pub fn default_journal(name: &str) -> PathBuf {
+    PathBuf::from(JOURNAL_DIR).join(format!("{name}.jsonl"))
+}

@@ -3,6 +3,7 @@
 mod demo;
 mod fds;
 mod noop_hook;
+mod run;
 mod watch;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ struct Cli {
 enum Command {
     /// Stream every fd a process gains or loses, from the kernel, as JSON lines.
     Watch(watch::Args),
+    /// Run a VM from a spec: open its devices, set its device cgroup, launch the emulator,
+    /// audit every step (journal lines on stdout).
+    Run(run::Args),
     /// Print a process's current fd table (from /proc).
     Fds(fds::Args),
     /// Run the demo: watch a small workload and print its fd events.
@@ -45,6 +49,7 @@ pub fn main() -> ExitCode {
     let code = match cli.command {
         Command::Watch(a) => watch::run(a),
         Command::Fds(a) => fds::run(a),
+        Command::Run(a) => run::run(a),
         Command::Demo(a) => demo::run(a),
         Command::NoopHook(a) => noop_hook::run(a),
     };

@@ -1,0 +1,382 @@
+//! `vmaudit run` with real parts: Debian's qemu, real tap and macvtap devices, a real cgroup.
+//! Records are checked field by field against libvirt's format; the emulator's fds are read
+//! from /proc by the test itself.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    thread,
+};
+
+use serde_json::Value;
+use vmaudit_tests::{
+    Bins, ChildGuard, Helper, PATIENCE, TempDir, VethGuard, bins, proc_fds, require_root,
+    run_vmaudit,
+};
+
+const UUID: &str = "5b0c2a7e-9a55-4d5e-8f0a-2f7e1c3d4b6a";
+
+/// A running `vmaudit run`: stdout lines (journal entries) and stderr lines as they come.
+struct Run {
+    child: ChildGuard,
+    stderr: Receiver<String>,
+    stdout: Receiver<Value>,
+}
+
+impl Run {
+    fn start(bins: &Bins, spec: &Path, journal: &Path) -> Self {
+        let mut child = Command::new(&bins.vmaudit)
+            .arg("run")
+            .arg(spec)
+            .args(["--audit", "journal", "--journal"])
+            .arg(journal)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmaudit run");
+        let (etx, stderr) = channel();
+        let e = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for l in BufReader::new(e).lines().map_while(Result::ok) {
+                eprintln!("[vmaudit run] {l}");
+                if etx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let (otx, stdout) = channel();
+        let o = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for l in BufReader::new(o).lines().map_while(Result::ok) {
+                let v: Value =
+                    serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"));
+                if otx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child: ChildGuard(child),
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Waits for `vmaudit: VM NAME running, emulator pid PID` and returns the pid.
+    fn wait_running(&self) -> u32 {
+        loop {
+            let line = self
+                .stderr
+                .recv_timeout(PATIENCE)
+                .expect("vmaudit run: no `running` line");
+            if let Some(rest) = line.split("emulator pid ").nth(1) {
+                return rest.trim().parse().expect("pid");
+            }
+        }
+    }
+
+    /// SIGTERM, then every remaining record and the exit code.
+    fn stop(self) -> (i32, Vec<Value>) {
+        // SAFETY: kill with our child's pid.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
+        self.finish()
+    }
+
+    fn finish(mut self) -> (i32, Vec<Value>) {
+        let records: Vec<Value> = self.stdout.iter().collect();
+        let code = self.child.0.wait().expect("wait").code().unwrap_or(-1);
+        (code, records)
+    }
+}
+
+fn journal_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn texts(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn write_spec(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join("vm.toml");
+    std::fs::write(&p, format!("name = \"{name}\"\nuuid = \"{UUID}\"\n{body}")).unwrap();
+    p
+}
+
+#[test]
+fn real_qemu_holds_exactly_the_passed_tap_and_macvtap_fds() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("run-qemu");
+    let veth = VethGuard::new("vmaudit-rv0");
+    let spec = write_spec(
+        &tmp.0,
+        "vmaudit-t1",
+        r#"
+[[interface]]
+mac = "52:54:00:00:10:01"
+ifname = "vma-t1tap"
+
+[[interface]]
+mac = "52:54:00:00:10:02"
+backend = "macvtap"
+parent = "vmaudit-rv0"
+ifname = "vma-t1mvt"
+"#,
+    );
+    let journal = tmp.0.join("journal.jsonl");
+    let run = Run::start(&bins, &spec, &journal);
+    let qemu = run.wait_running();
+
+    // The journal, written and fsync'd before `running` was said.
+    let recs = journal_lines(&journal);
+    let t = texts(&recs);
+    let vm = format!("vm=\"vmaudit-t1\" uuid={UUID}");
+    // Open records, libvirt's fields in libvirt's order, ours after.
+    let tap_open = format!(
+        "virt=qemu resrc=net reason=open {vm} net=52:54:00:00:10:01 path=\"/dev/net/tun\" rdev=0A:C8"
+    );
+    let tap_rec = recs
+        .iter()
+        .find(|r| r["text"].as_str().unwrap().starts_with(&tap_open))
+        .unwrap_or_else(|| panic!("no {tap_open} in {t:#?}"));
+    assert_eq!(tap_rec["type"], "VIRT_RESOURCE");
+    assert_eq!(tap_rec["result"], "success");
+    assert!(tap_rec["text"].as_str().unwrap().contains(" res=success"));
+    let mvt_rec = recs
+        .iter()
+        .find(|r| r["mac"] == "52:54:00:00:10:02" && r["reason"] == "open")
+        .unwrap_or_else(|| panic!("no macvtap open in {t:#?}"));
+    let ifindex = std::fs::read_to_string("/sys/class/net/vma-t1mvt/ifindex").unwrap();
+    assert_eq!(mvt_rec["path"], format!("/dev/tap{}", ifindex.trim()));
+    // The cgroup: deny all, then the default allows, then the pty major.
+    let cg = recs
+        .iter()
+        .find(|r| r["class"] == "all")
+        .expect("deny all record");
+    let cgroup_dir = PathBuf::from(cg["cgroup"].as_str().unwrap());
+    assert!(cg["text"].as_str().unwrap().starts_with(&format!(
+        "virt=qemu resrc=cgroup reason=deny {vm} cgroup=\""
+    )));
+    assert!(t.iter().any(|x| x.starts_with(&format!("virt=qemu resrc=cgroup reason=allow {vm} cgroup=\"{}\" class=path path=\"/dev/null\" rdev=01:03 acl=rw", cgroup_dir.display()))), "{t:#?}");
+    assert!(
+        t.iter()
+            .any(|x| x.contains("class=major category=pty maj=88 acl=rw")),
+        "{t:#?}"
+    );
+    // Start records.
+    for mac in ["52:54:00:00:10:01", "52:54:00:00:10:02"] {
+        let s = format!("virt=qemu resrc=net reason=start {vm} old-net=\"?\" new-net=\"{mac}\"");
+        assert!(t.iter().any(|x| x.starts_with(&s)), "no {s} in {t:#?}");
+    }
+    let ctl = format!("virt=qemu op=start reason=booted {vm} vm-pid={qemu}");
+    let ctl_rec = recs
+        .iter()
+        .find(|r| r["text"].as_str().unwrap().starts_with(&ctl))
+        .unwrap_or_else(|| panic!("no {ctl} in {t:#?}"));
+    assert_eq!(ctl_rec["type"], "VIRT_CONTROL");
+
+    // qemu holds exactly the passed device fds, at the numbers the records give.
+    let passed: BTreeSet<i32> = recs
+        .iter()
+        .filter(|r| r["reason"] == "open")
+        .map(|r| r["emulator_fd"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(passed.len(), 2);
+    let held = proc_fds(qemu);
+    let device_fds: BTreeSet<i32> = held
+        .iter()
+        .copied()
+        .filter(|fd| {
+            let target = std::fs::read_link(format!("/proc/{qemu}/fd/{fd}")).unwrap();
+            target == Path::new("/dev/net/tun") || target.to_string_lossy().starts_with("/dev/tap")
+        })
+        .collect();
+    assert_eq!(device_fds, passed);
+    // Nothing else of vmaudit's leaked into qemu: no fd it has is vmaudit's open file (kcmp).
+    let vmaudit_pid = run.child.0.id();
+    for qfd in held.iter().filter(|fd| **fd > 2) {
+        for vfd in proc_fds(vmaudit_pid).iter().filter(|fd| **fd > 2) {
+            assert!(
+                !vmaudit::kcmp::same_file(qemu, *qfd, vmaudit_pid, *vfd).unwrap(),
+                "qemu fd {qfd} is vmaudit's fd {vfd}"
+            );
+        }
+    }
+    // vmaudit closed its own copies of the device fds.
+    let vm_held: Vec<String> = proc_fds(vmaudit_pid)
+        .iter()
+        .filter_map(|fd| std::fs::read_link(format!("/proc/{vmaudit_pid}/fd/{fd}")).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !vm_held
+            .iter()
+            .any(|p| p == "/dev/net/tun" || p.starts_with("/dev/tap")),
+        "{vm_held:?}"
+    );
+
+    // The cgroup enforces the ACL on a process inside it.
+    let mut h = Helper::spawn(&bins);
+    std::fs::write(cgroup_dir.join("cgroup.procs"), h.pid().to_string()).unwrap();
+    h.fd("open /dev/null");
+    let denied = h.try_cmd("open /dev/net/tun").unwrap_err();
+    assert!(denied.contains("Operation not permitted"), "{denied}");
+    drop(h);
+
+    let (code, _) = run.stop();
+    assert_eq!(code, 0, "stopped on SIGTERM");
+    let recs = journal_lines(&journal);
+    let stop = recs.last().unwrap();
+    assert!(
+        stop["text"].as_str().unwrap().starts_with(&format!(
+            "virt=qemu op=stop reason=destroyed {vm} vm-pid={qemu}"
+        )),
+        "{stop}"
+    );
+    // Nothing left: qemu, links, cgroup, run dir.
+    assert!(!Path::new(&format!("/proc/{qemu}")).exists());
+    assert!(!link_exists("vma-t1tap") && !link_exists("vma-t1mvt"));
+    assert!(!cgroup_dir.exists(), "{} left", cgroup_dir.display());
+    assert!(!Path::new("/run/vmaudit/vmaudit-t1").exists());
+    drop(veth);
+}
+
+#[test]
+fn bad_specs_are_refused_naming_the_field_and_leave_nothing() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("run-bad");
+    let journal = tmp.0.join("j.jsonl");
+    let j = journal.to_str().unwrap();
+    let cases: &[(&str, &str, i32, &str)] = &[
+        (
+            "unknown key",
+            "colour = \"red\"\n",
+            10,
+            "unknown field `colour`",
+        ),
+        (
+            "bad MAC",
+            "[[interface]]\nmac = \"52:54:00:zz:00:01\"\n",
+            10,
+            "is not a MAC address",
+        ),
+        (
+            "duplicate MAC",
+            "[[interface]]\nmac = \"52:54:00:00:00:01\"\n[[interface]]\nmac = \"52:54:00:00:00:01\"\n",
+            10,
+            "interface[1].mac: duplicate MAC",
+        ),
+        (
+            "missing parent",
+            "[[interface]]\nmac = \"52:54:00:00:00:01\"\nbackend = \"macvtap\"\nparent = \"vmaudit-none0\"\n",
+            10,
+            "interface[0].parent: no link named `vmaudit-none0`",
+        ),
+        (
+            "missing emulator",
+            "[emulator]\npath = \"/nonexistent/qemu\"\n",
+            10,
+            "emulator.path: `/nonexistent/qemu` not found",
+        ),
+    ];
+    for (what, body, code, msg) in cases {
+        let spec = write_spec(&tmp.0, "vmaudit-bad", body);
+        let (got, out, err) = run_vmaudit(
+            &bins,
+            &[
+                "run",
+                spec.to_str().unwrap(),
+                "--audit",
+                "journal",
+                "--journal",
+                j,
+            ],
+        );
+        assert_eq!(got, *code, "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
+        assert!(err.contains(msg), "{what}: {err}");
+        assert!(out.is_empty(), "{what}: {out}");
+        assert!(
+            !journal.exists(),
+            "{what}: nothing journaled before the spec is valid"
+        );
+    }
+    // An unwritable journal.
+    let spec = write_spec(&tmp.0, "vmaudit-bad", "");
+    let (got, _, err) = run_vmaudit(
+        &bins,
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--audit",
+            "journal",
+            "--journal",
+            "/proc/vmaudit/j.jsonl",
+        ],
+    );
+    assert_eq!(got, 11, "{err}");
+    assert!(err.contains("/proc/vmaudit/j.jsonl"), "{err}");
+    assert!(!Path::new("/run/vmaudit/vmaudit-bad").exists());
+}
+
+#[test]
+fn a_device_that_fails_to_open_is_recorded_and_unwound() {
+    require_root();
+    if Path::new("/dev/vhost-net").exists() {
+        eprintln!("skipping test - this host has /dev/vhost-net; the failure needs it absent");
+        return;
+    }
+    let bins = bins!();
+    let tmp = TempDir::new("run-vhost");
+    let spec = write_spec(
+        &tmp.0,
+        "vmaudit-vh",
+        "[[interface]]\nmac = \"52:54:00:00:20:01\"\nifname = \"vma-vhtap\"\nvhost = true\n",
+    );
+    let journal = tmp.0.join("j.jsonl");
+    let (code, _, err) = run_vmaudit(
+        &bins,
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--audit",
+            "journal",
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 12, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/vhost-net"), "{err}");
+    let recs = journal_lines(&journal);
+    let t = texts(&recs);
+    // The tap opened, then vhost-net failed: one record each, the failure says so.
+    assert!(
+        t[0].contains("path=\"/dev/net/tun\" rdev=0A:C8") && t[0].contains("res=success"),
+        "{t:#?}"
+    );
+    assert!(
+        t[1].contains("path=\"/dev/vhost-net\" rdev=?") && t[1].contains("res=failed"),
+        "{t:#?}"
+    );
+    assert_eq!(recs[1]["result"], "failed");
+    assert_eq!(recs.len(), 2, "nothing after the failure: {t:#?}");
+    assert!(!link_exists("vma-vhtap"), "the tap went with its fd");
+    assert!(!Path::new("/run/vmaudit/vmaudit-vh").exists());
+}

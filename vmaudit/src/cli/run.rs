@@ -1,0 +1,53 @@
+//! `vmaudit run SPEC`: run a VM, auditing every step (see `vmaudit::runtime::run`).
+
+use std::path::PathBuf;
+
+use vmaudit::{
+    audit::AuditMode,
+    runtime::run::{RunOptions, run as run_vm},
+};
+
+use super::watch::{print_json, shutdown_signal};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The VM spec (TOML; see the README).
+    spec: PathBuf,
+    /// Where the audit records go: the kernel audit subsystem, the journal, or both.
+    #[arg(long, value_enum, default_value_t = AuditMode::Both)]
+    audit: AuditMode,
+    /// The journal (JSON lines). Default: /var/log/vmaudit/<name>.jsonl.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> u8 {
+    let opts = RunOptions {
+        spec: args.spec,
+        audit: args.audit,
+        journal: args.journal,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&e, vmaudit::exit::INTERNAL),
+    };
+    let result = rt.block_on(async {
+        run_vm(
+            &opts,
+            &mut |entry| print_json(entry),
+            &mut |pid| log::info!("VM running, emulator pid {pid}"),
+            shutdown_signal(),
+        )
+        .await
+    });
+    match result {
+        Ok(ending) => {
+            log::info!("VM ended: {ending:?}");
+            ending.exit_code()
+        }
+        Err(e) => super::fail(&e, e.exit_code()),
+    }
+}

@@ -1,0 +1,385 @@
+//! `vmaudit run`: the VM's life, each step audited before it is reported done.
+//!
+//! Order, as libvirt's qemu driver does it: open every device (one `reason=open` record per
+//! fd, success or failure), set up the cgroup and its device ACL (one record per change),
+//! launch the emulator in the cgroup with exactly the device fds, write `resrc=net
+//! reason=start` per interface and VIRT_CONTROL `op=start`, close vmaudit's copies of the
+//! fds; then wait for SIGINT/SIGTERM or the emulator's end, write `op=stop` with the reason,
+//! and remove everything that was made.
+
+use std::{
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::{
+    devices::{self, NetDevice, OpenAttempt, Role},
+    launch,
+    spec::{Spec, SpecError},
+    vmcgroup::{self, VmCgroupHandle},
+};
+use crate::{
+    audit::{
+        AuditMode, AuditSink, Journal, JournalEntry,
+        record::{ControlOp, NetChange, Record, RecordBuilder, StartReason, StopReason, VmIdent},
+    },
+    exit, paths,
+};
+
+/// Why a run failed, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("journal")]
+    Journal(#[source] crate::audit::JournalError),
+    #[error("audit record")]
+    Record(#[from] crate::audit::record::RecordError),
+    #[error("writing the audit record")]
+    Sink(#[source] crate::audit::SinkError),
+    #[error("interface {mac}")]
+    Device {
+        mac: String,
+        #[source]
+        source: Box<devices::DeviceError>,
+    },
+    #[error("cgroup")]
+    Cgroup(#[source] Box<vmcgroup::SetupError>),
+    #[error("emulator")]
+    Launch(#[from] launch::LaunchError),
+    #[error("the emulator exited before it was up ({status})")]
+    EarlyExit { status: std::process::ExitStatus },
+    #[error("run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the emulator")]
+    Wait(#[source] std::io::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Spec(_) => exit::SPEC,
+            Self::Journal(_) | Self::Sink(_) => exit::JOURNAL,
+            Self::Device { .. } => exit::DEVICE,
+            Self::Cgroup(_) => exit::CGROUP,
+            Self::Launch(_) | Self::EarlyExit { .. } => exit::EMULATOR_FAILED,
+            Self::Record(_) | Self::RunDir { .. } | Self::Wait(_) => exit::INTERNAL,
+        }
+    }
+}
+
+/// How the VM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Stopped by vmaudit on SIGINT/SIGTERM.
+    Destroyed,
+    /// The emulator exited with status 0 by itself.
+    Shutdown,
+    /// The emulator exited with an error or was killed by someone else.
+    Crashed,
+}
+
+impl Ending {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Destroyed | Self::Shutdown => exit::OK,
+            Self::Crashed => exit::EMULATOR_CRASHED,
+        }
+    }
+}
+
+/// What `vmaudit run` was asked.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub spec: PathBuf,
+    pub audit: AuditMode,
+    /// Default: `/var/log/vmaudit/<name>.jsonl`.
+    pub journal: Option<PathBuf>,
+}
+
+/// The audit trail of one VM: every record goes to the sink (kernel, then the journal,
+/// fsync'd), then its journal line to `on_record` (stdout, for the operator).
+pub struct Trail<'a> {
+    pub vm: VmIdent,
+    sink: AuditSink,
+    on_record: &'a mut dyn FnMut(&JournalEntry),
+}
+
+impl Trail<'_> {
+    pub fn emit(&mut self, b: RecordBuilder) -> Result<Record, RunError> {
+        let rec = b.build()?;
+        let outcome = self.sink.emit(&rec).map_err(RunError::Sink)?;
+        (self.on_record)(&outcome.entry);
+        Ok(rec)
+    }
+}
+
+/// The run directory, removed on drop.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create(name: &str) -> Result<Self, RunError> {
+        let path = paths::vm_run_dir(name);
+        let err = |source| RunError::RunDir {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(paths::RUN_DIR).map_err(err)?;
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let pid = std::fs::read_to_string(path.join("pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok());
+                // SAFETY: kill with signal 0 only checks for the process.
+                if pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0) {
+                    return Err(RunError::RunDir {
+                        path: path.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a vmaudit run of this VM is alive",
+                        ),
+                    });
+                }
+                // A leftover of a run that died: start afresh.
+                let _ = std::fs::remove_dir_all(&path);
+                std::fs::create_dir(&path).map_err(err)?;
+            }
+            Err(e) => return Err(err(e)),
+        }
+        std::fs::write(path.join("pid"), std::process::id().to_string()).map_err(err)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a VM to its end. `on_record` sees each record once it is journaled; `on_running` is
+/// called with the emulator's pid once it is up and every start record is written.
+pub async fn run(
+    opts: &RunOptions,
+    on_record: &mut dyn FnMut(&JournalEntry),
+    on_running: &mut dyn FnMut(u32),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Ending, RunError> {
+    let spec = Spec::load(&opts.spec)?;
+    let journal = match opts.audit {
+        AuditMode::Kernel => None,
+        AuditMode::Journal | AuditMode::Both => {
+            let path = opts
+                .journal
+                .clone()
+                .unwrap_or_else(|| paths::default_journal(&spec.name));
+            Some(Journal::open(&path).map_err(RunError::Journal)?)
+        }
+    };
+    let sink = AuditSink::new(opts.audit, journal).map_err(RunError::Sink)?;
+    let mut trail = Trail {
+        vm: VmIdent::new(spec.emulator.accel.virt(), spec.name.clone(), spec.uuid),
+        sink,
+        on_record,
+    };
+    let run_dir = RunDir::create(&spec.name)?;
+
+    // Devices, one record per fd.
+    let mut devs: Vec<NetDevice> = Vec::new();
+    for (i, iface) in spec.interfaces.iter().enumerate() {
+        let default_name = match iface.backend {
+            super::spec::Backend::Tap => "vmtap%d".to_owned(),
+            super::spec::Backend::Macvtap => {
+                format!("vmvt{}{i}", &spec.uuid.simple().to_string()[..8])
+            }
+        };
+        let mac = iface.mac.to_string();
+        let mut pending: Result<(), RunError> = Ok(());
+        let opened = devices::open_interface(iface, &default_name, &mut |a: OpenAttempt<'_>| {
+            if pending.is_err() {
+                return;
+            }
+            let mut b = Record::net_open(&trail.vm, &mac, a.path, a.rdev).success(a.result.is_ok());
+            if let Ok(fd) = a.result {
+                b = b.fd(fd).emulator_fd(fd);
+            }
+            b = b
+                .extra(
+                    "vmaudit-role",
+                    if a.role == Role::Tap { "tap" } else { "vhost" },
+                )
+                .extra("vmaudit-queue", &a.queue.to_string());
+            pending = trail.emit(b).map(|_| ());
+        })
+        .await;
+        match (opened, pending) {
+            (Ok(dev), Ok(())) => devs.push(dev),
+            (Err(source), _) => {
+                teardown(devs).await;
+                return Err(RunError::Device {
+                    mac,
+                    source: Box::new(source),
+                });
+            }
+            (Ok(dev), Err(e)) => {
+                dev.teardown().await;
+                teardown(devs).await;
+                return Err(e);
+            }
+        }
+    }
+
+    // The cgroup and its ACL, one record per change.
+    let cgroup = match vmcgroup::setup(&spec, &mut trail) {
+        Ok(c) => c,
+        Err(e) => {
+            teardown(devs).await;
+            return Err(e);
+        }
+    };
+
+    // Launch.
+    let qmp = run_dir.0.join("qmp.sock");
+    let mut args = spec
+        .emulator
+        .args
+        .clone()
+        .unwrap_or_else(|| launch::default_args(&spec, &qmp));
+    for (i, (dev, iface)) in devs.iter().zip(&spec.interfaces).enumerate() {
+        args.extend(devices::qemu_args(dev, i, iface.queues));
+    }
+    let keep: Vec<i32> = devs
+        .iter()
+        .flat_map(|d| d.fds.iter().map(|f| f.fd.as_raw_fd()))
+        .collect();
+    let program = super::spec::find_program(&spec.emulator.path)
+        .unwrap_or_else(|| spec.emulator.path.clone());
+    let mut child = match launch::spawn(&program, &args, Some(&cgroup.procs_path()), &keep) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = trail.emit(
+                Record::control(&trail.vm, ControlOp::Stop(StopReason::Failed), 0).success(false),
+            );
+            finish(devs, cgroup).await;
+            return Err(e.into());
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    if spec.emulator.args.is_none()
+        && let Err(e) = wait_until_up(&mut child, &qmp).await
+    {
+        let _ = trail.emit(
+            Record::control(&trail.vm, ControlOp::Stop(StopReason::Failed), pid as i64)
+                .success(false),
+        );
+        let _ = child.kill().await;
+        finish(devs, cgroup).await;
+        return Err(e);
+    }
+    for (dev, iface) in devs.iter().zip(&spec.interfaces) {
+        let fds: Vec<String> = dev
+            .fds
+            .iter()
+            .map(|f| f.fd.as_raw_fd().to_string())
+            .collect();
+        let b = Record::net(&trail.vm, NetChange::Start, &iface.mac.to_string())
+            .extra("vmaudit-fds", &fds.join(","))
+            .extra("vmaudit-emulator-fds", &fds.join(","));
+        trail.emit(b)?;
+    }
+    trail.emit(Record::control(
+        &trail.vm,
+        ControlOp::Start(StartReason::Booted),
+        pid as i64,
+    ))?;
+    // The emulator holds the fds now; vmaudit's copies go.
+    for d in &mut devs {
+        d.fds.clear();
+    }
+    on_running(pid);
+
+    // Until a signal or the emulator's end.
+    let ending = tokio::select! {
+        _ = shutdown => {
+            stop_emulator(&mut child).await;
+            Ending::Destroyed
+        }
+        status = child.wait() => match status {
+            Ok(s) if s.success() => Ending::Shutdown,
+            Ok(_) => Ending::Crashed,
+            Err(e) => {
+                finish(devs, cgroup).await;
+                return Err(RunError::Wait(e));
+            }
+        },
+    };
+    let reason = match ending {
+        Ending::Destroyed => StopReason::Destroyed,
+        Ending::Shutdown => StopReason::Shutdown,
+        Ending::Crashed => StopReason::Crashed,
+    };
+    let stop = trail.emit(Record::control(
+        &trail.vm,
+        ControlOp::Stop(reason),
+        pid as i64,
+    ));
+    finish(devs, cgroup).await;
+    drop(run_dir);
+    stop?;
+    Ok(ending)
+}
+
+/// Waits until qemu's QMP socket accepts a connection (qemu is up), or fails if qemu exits
+/// first. Bounded: 30 s.
+async fn wait_until_up(child: &mut tokio::process::Child, qmp: &Path) -> Result<(), RunError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut delay = Duration::from_millis(2);
+    loop {
+        if tokio::net::UnixStream::connect(qmp).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().map_err(RunError::Wait)? {
+            return Err(RunError::EarlyExit { status });
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(RunError::Wait(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "QMP socket never answered",
+            )));
+        }
+        // qemu gives no other sign of being up than its socket: back off while polling it.
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+async fn stop_emulator(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+async fn teardown(devs: Vec<NetDevice>) {
+    for d in devs {
+        d.teardown().await;
+    }
+}
+
+async fn finish(devs: Vec<NetDevice>, cgroup: VmCgroupHandle) {
+    teardown(devs).await;
+    cgroup.remove();
+}
