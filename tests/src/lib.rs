@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod libvirt;
+
 /// How long any single expected record may take before the test fails. A bound on a hang,
 /// not a synchronisation: every wait returns as soon as its record arrives.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -381,4 +383,151 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+// ---- Device cgroup tests (tests/tests/cgroup.rs) ----
+
+impl Helper {
+    /// [`Helper::spawn`], with `configure` applied to the command first (e.g. a `pre_exec`
+    /// that joins a cgroup before the helper runs).
+    pub fn spawn_with(bins: &Bins, configure: impl FnOnce(&mut Command)) -> Self {
+        let mut cmd = Command::new(&bins.helper);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn fdhelper");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child: ChildGuard(child),
+            stdin,
+            stdout,
+        }
+    }
+}
+
+/// Whether no loaded BPF program is named `name`, polled until `PATIENCE` runs out (see
+/// [`vmaudit_programs_gone`] for why it polls). Err: how many remain.
+pub fn programs_named_gone(name: &str) -> Result<(), usize> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = loaded_vmaudit_programs()
+            .iter()
+            .filter(|n| *n == name)
+            .count();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(left);
+        }
+        thread::yield_now();
+    }
+}
+
+/// A test's own parent directory in a cgroup hierarchy (`<root>/vmaudit-test-TAG-PID`),
+/// removed on drop with every cgroup left below it; processes still inside are moved back to
+/// the hierarchy's root first (never killed: the tests' [`ChildGuard`]s do that).
+pub struct CgroupDirGuard {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl CgroupDirGuard {
+    /// Names the directory, clearing what a crashed run may have left; does not create it.
+    pub fn new(root: &std::path::Path, tag: &str) -> Self {
+        let dir = root.join(format!("vmaudit-test-{tag}-{}", std::process::id()));
+        let g = Self {
+            root: root.to_owned(),
+            dir,
+        };
+        g.clear();
+        g
+    }
+
+    fn clear(&self) {
+        if self.dir.exists() {
+            remove_cgroup_tree(&self.root, &self.dir);
+        }
+    }
+}
+
+impl Drop for CgroupDirGuard {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+fn remove_cgroup_tree(root: &std::path::Path, dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(root, &e.path());
+            }
+        }
+    }
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(root.join("cgroup.procs"), pid);
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        eprintln!("cleanup: rmdir {}: {e}", dir.display());
+    }
+}
+
+/// `pid`'s cgroup path in the hierarchy of `controller`, from `/proc/PID/cgroup`: `""` for
+/// cgroup v2 (its line is `0::PATH`), `"devices"` for the v1 devices controller.
+pub fn proc_cgroup(pid: u32, controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_owned())
+    })
+}
+
+// ---- end of device cgroup tests ----
+
+/// Kernel auditing set on or off for a test, and put back as it was on drop, whatever
+/// happened to the test. Other tests running at the same time may toggle it too: the state is
+/// the host's, not the test's.
+pub struct AuditEnabledGuard {
+    kernel: vmaudit::audit::KernelAudit,
+    previous: bool,
+}
+
+impl AuditEnabledGuard {
+    pub fn set(enabled: bool) -> Self {
+        let mut kernel = vmaudit::audit::KernelAudit::open().expect("NETLINK_AUDIT socket");
+        let status = kernel.status().expect("AUDIT_GET");
+        assert!(
+            !status.is_locked(),
+            "kernel auditing is locked (enabled=2): tests cannot change it"
+        );
+        kernel.set_enabled(enabled).expect("AUDIT_SET enabled");
+        Self {
+            kernel,
+            previous: status.is_enabled(),
+        }
+    }
+}
+
+impl Drop for AuditEnabledGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.kernel.set_enabled(self.previous) {
+            eprintln!(
+                "could not restore kernel auditing to {}: {e}",
+                self.previous
+            );
+        }
+    }
+}
+
+/// A UUID no other test run uses (the kernel's random one).
+pub fn fresh_uuid() -> vmaudit::audit::Uuid {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("random uuid");
+    vmaudit::audit::Uuid::parse_str(s.trim()).expect("uuid")
 }

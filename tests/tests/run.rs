@@ -380,3 +380,142 @@ fn a_device_that_fails_to_open_is_recorded_and_unwound() {
     assert!(!link_exists("vma-vhtap"), "the tap went with its fd");
     assert!(!Path::new("/run/vmaudit/vmaudit-vh").exists());
 }
+
+/// With `--audit both`, every record reaches the kernel audit subsystem too, and Debian's
+/// `ausearch --uuid` finds each one in an audit.log written from the kernel's own stream.
+#[test]
+fn kernel_records_are_found_by_ausearch_and_aureport() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("run-ausearch");
+    let _audit = vmaudit_tests::AuditEnabledGuard::set(true);
+    let mut reader = vmaudit::audit::Reader::open().expect("audit multicast reader");
+    let spec = write_spec(
+        &tmp.0,
+        "vmaudit-t2",
+        "[[interface]]\nmac = \"52:54:00:00:30:01\"\nifname = \"vma-t2tap\"\n",
+    );
+    let journal = tmp.0.join("journal.jsonl");
+    let mut child = Command::new(&bins.vmaudit)
+        .arg("run")
+        .arg(&spec)
+        .args(["--audit", "both", "--journal"])
+        .arg(&journal)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut guard = ChildGuard(child);
+    for line in stderr.lines().map_while(Result::ok) {
+        if line.contains("emulator pid") {
+            break;
+        }
+    }
+    // SAFETY: kill with our child's pid.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(guard.0.wait().unwrap().code(), Some(0));
+    let recs = journal_lines(&journal);
+    assert!(recs.iter().all(|r| r["kernel"] == "sent"), "{recs:#?}");
+    // The kernel's copies, as auditd would log them, until the stop record.
+    let mut log = String::new();
+    let mut seen = 0;
+    while seen < recs.len() {
+        let rec = reader
+            .next_timeout(PATIENCE)
+            .expect("read")
+            .expect("a record within PATIENCE");
+        if rec.text.contains(&format!("uuid={UUID}")) {
+            seen += 1;
+            log.push_str(&vmaudit::audit::logfmt::auditd_line(&rec).unwrap());
+            log.push('\n');
+        }
+    }
+    for r in &recs {
+        assert!(
+            log.contains(&format!("msg='{}'", r["text"].as_str().unwrap())),
+            "kernel copy of {}",
+            r["text"]
+        );
+    }
+    let file = tmp.0.join("audit.log");
+    std::fs::write(&file, &log).unwrap();
+    let out = Command::new("ausearch")
+        .args([
+            "-if",
+            file.to_str().unwrap(),
+            "-m",
+            "VIRT_RESOURCE,VIRT_CONTROL",
+            "--uuid",
+            UUID,
+            "--raw",
+        ])
+        .output()
+        .expect("ausearch (Debian package auditd)");
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        found
+            .lines()
+            .filter(|l| l.starts_with("type=VIRT_"))
+            .count(),
+        recs.len(),
+        "{found}"
+    );
+    let out = Command::new("aureport")
+        .args(["--virt", "-if", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.lines().filter(|l| l.contains("VIRT_")).count() >= recs.len(),
+        "{report}"
+    );
+}
+
+/// The emulator dying under vmaudit: `op=stop reason=crashed`, exit 15, everything removed.
+#[test]
+fn an_emulator_that_dies_is_recorded_as_crashed() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("run-crash");
+    let spec = write_spec(
+        &tmp.0,
+        "vmaudit-t3",
+        "[[interface]]\nmac = \"52:54:00:00:40:01\"\nifname = \"vma-t3tap\"\nqueues = 2\n",
+    );
+    let journal = tmp.0.join("journal.jsonl");
+    let run = Run::start(&bins, &spec, &journal);
+    let qemu = run.wait_running();
+    // A multiqueue tap: one record and one fd per queue, all held by qemu.
+    let recs = journal_lines(&journal);
+    let opens: Vec<&Value> = recs.iter().filter(|r| r["reason"] == "open").collect();
+    assert_eq!(opens.len(), 2);
+    let tun_fds: BTreeSet<i32> = proc_fds(qemu)
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/{qemu}/fd/{fd}"))
+                .is_ok_and(|p| p == Path::new("/dev/net/tun"))
+        })
+        .collect();
+    assert_eq!(
+        tun_fds,
+        opens
+            .iter()
+            .map(|r| r["emulator_fd"].as_i64().unwrap() as i32)
+            .collect()
+    );
+    // SAFETY: SIGKILL to the emulator, which this test started through vmaudit.
+    unsafe { libc::kill(qemu as i32, libc::SIGKILL) };
+    let (code, _) = run.finish();
+    assert_eq!(code, 15);
+    let stop = journal_lines(&journal).pop().unwrap();
+    assert!(
+        stop["text"].as_str().unwrap().starts_with(&format!(
+            "virt=qemu op=stop reason=crashed vm=\"vmaudit-t3\" uuid={UUID} vm-pid={qemu}"
+        )),
+        "{stop}"
+    );
+    assert!(!link_exists("vma-t3tap"));
+    assert!(!Path::new("/run/vmaudit/vmaudit-t3").exists());
+}
