@@ -61,8 +61,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `program args`, output to `log`, with `NOTIFY_SOCKET=notify` (the sd_notify
-    /// protocol, which libvirtd, virtlogd and auditd speak without systemd).
+    /// Starts `program args`, output to `log`, with `NOTIFY_SOCKET=notify` if given (the
+    /// sd_notify protocol, which libvirtd and virtlogd speak without systemd).
     fn spawn(
         name: &'static str,
         program: &str,
@@ -130,8 +130,8 @@ impl Daemon {
         if self.exit_status().is_some() {
             return self.status;
         }
-        // The waiter thread reaps the child only after it exits, and we checked just above that
-        // it had not: the pid cannot have been reused yet.
+        // It had not exited when checked just above; at worst the waiter thread reaped it an
+        // instant ago, far too soon for the kernel to hand its pid to another process.
         let _ = kill(self.pid, Signal::SIGTERM);
         self.status = match self.exited.recv_timeout(PATIENCE) {
             Ok(status) => Some(status),

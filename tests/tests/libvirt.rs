@@ -14,6 +14,7 @@ use std::{
 };
 
 use vmaudit_tests::libvirt::{AuditCapture, Domain, Libvirt, Nic, Record, rdev_of, tun_fds};
+use vmaudit_tests::require_root;
 
 /// The devices libvirt allows qemu by default (deny all, then one `class=path` allow each).
 const DEFAULT_DEVICES: &[&str] = &[
@@ -353,4 +354,169 @@ fn detach_without_a_guest_is_reported_done_yet_nothing_is_released() {
         matching(&records, "VIRT_RESOURCE", &[("reason", "detach")]).is_empty(),
         "no detach record at stop either"
     );
+}
+
+/// How a value is written in an audit record: quoted, hex-encoded, or raw.
+fn form(v: &str) -> &'static str {
+    if v.starts_with('"') {
+        "quoted"
+    } else if v == "?" {
+        "?"
+    } else if v.len() >= 2
+        && v.len() % 2 == 0
+        && v.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+        && v.contains(|c: char| c.is_ascii_alphabetic())
+    {
+        "hex"
+    } else {
+        "raw"
+    }
+}
+
+/// The text fields of a record (after the kernel's pid/uid/auid/ses), as (name, form).
+fn shape(r: &Record) -> Vec<(String, &'static str)> {
+    r.fields
+        .iter()
+        .skip(4)
+        .map(|(k, v)| (k.clone(), form(v)))
+        .collect()
+}
+
+/// vmaudit's records for an equivalent VM against libvirt's, on the same machine: for each
+/// record shape, libvirt's fields in libvirt's order with the same encodings, then only
+/// vmaudit's `vmaudit-*` fields; and equal values where the facts are equal.
+#[test]
+fn vmaudit_records_match_libvirts_field_by_field() {
+    const LV_UUID: &str = "7e57c0de-0000-4000-8000-00000000b001";
+    const VA_UUID: &str = "7e57c0de-0000-4000-8000-00000000b002";
+    require_root();
+    let bins = vmaudit_tests::bins!();
+    let mut audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let nics = [
+        Nic::new("52:54:00:1c:00:01", "vmlv1n0"),
+        Nic::new("52:54:00:1c:00:02", "vmlv1n1"),
+    ];
+    let mut dom = Domain::start(&lv, "vmlv1", LV_UUID, &nics);
+    audit.wait_record("VIRT_CONTROL", LV_UUID, &[("op", "start")]);
+    dom.destroy();
+    audit.wait_record("VIRT_CONTROL", LV_UUID, &[("op", "stop")]);
+
+    // The same VM under vmaudit (the capture sees its kernel records too).
+    let tmp = vmaudit_tests::TempDir::new("lv-compare");
+    let spec = tmp.0.join("vm.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"vmva1\"\nuuid = \"{VA_UUID}\"\n[[interface]]\nmac = \"52:54:00:1c:00:03\"\nifname = \"vmva1n0\"\n[[interface]]\nmac = \"52:54:00:1c:00:04\"\nifname = \"vmva1n1\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(&bins.vmaudit)
+        .arg("run")
+        .arg(&spec)
+        .args(["--audit", "kernel"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    audit.wait_record("VIRT_CONTROL", VA_UUID, &[("op", "start")]);
+    // SAFETY: kill with our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    audit.wait_record("VIRT_CONTROL", VA_UUID, &[("op", "stop")]);
+
+    let theirs = audit.virt_records(LV_UUID);
+    let ours = audit.virt_records(VA_UUID);
+    let shapes: &[(&str, &[(&str, &str)])] = &[
+        ("VIRT_RESOURCE", &[("resrc", "net"), ("reason", "open")]),
+        (
+            "VIRT_RESOURCE",
+            &[("resrc", "cgroup"), ("reason", "deny"), ("class", "all")],
+        ),
+        (
+            "VIRT_RESOURCE",
+            &[
+                ("resrc", "cgroup"),
+                ("reason", "allow"),
+                ("class", "path"),
+                ("path", "\"/dev/null\""),
+            ],
+        ),
+        (
+            "VIRT_RESOURCE",
+            &[("resrc", "cgroup"), ("reason", "allow"), ("class", "major")],
+        ),
+        ("VIRT_RESOURCE", &[("resrc", "net"), ("reason", "start")]),
+        ("VIRT_CONTROL", &[("op", "start")]),
+        ("VIRT_CONTROL", &[("op", "stop")]),
+    ];
+    for (kind, fields) in shapes {
+        let l = matching(&theirs, kind, fields);
+        let o = matching(&ours, kind, fields);
+        assert!(
+            !l.is_empty() && !o.is_empty(),
+            "{kind} {fields:?}: libvirt {} vmaudit {}",
+            l.len(),
+            o.len()
+        );
+        let (ls, os) = (shape(l[0]), shape(o[0]));
+        assert_eq!(
+            &os[..ls.len()],
+            &ls[..],
+            "{kind} {fields:?}\nlibvirt: {}\nvmaudit: {}",
+            l[0].line,
+            o[0].line
+        );
+        assert!(
+            os[ls.len()..]
+                .iter()
+                .all(|(k, _)| k.starts_with("vmaudit-")),
+            "only vmaudit's fields after libvirt's: {}",
+            o[0].line
+        );
+        for k in [
+            "virt", "resrc", "reason", "class", "category", "maj", "acl", "rdev", "path",
+            "old-net", "hostname", "addr", "terminal", "res",
+        ] {
+            assert_eq!(l[0].raw(k), o[0].raw(k), "{k} of {kind} {fields:?}");
+        }
+    }
+    // One open record per tap and one start per interface, as libvirt writes.
+    for (reason, n) in [("open", 2), ("start", 2)] {
+        assert_eq!(
+            matching(
+                &ours,
+                "VIRT_RESOURCE",
+                &[("resrc", "net"), ("reason", reason)]
+            )
+            .len(),
+            n
+        );
+        assert_eq!(
+            matching(
+                &theirs,
+                "VIRT_RESOURCE",
+                &[("resrc", "net"), ("reason", reason)]
+            )
+            .len(),
+            n
+        );
+    }
+    // The same default device ACL, in the same order.
+    let acl = |rs: &[Record]| -> Vec<String> {
+        rs.iter()
+            .filter(|r| r.get("resrc") == Some("cgroup"))
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r.get("reason").unwrap(),
+                    r.get("class").unwrap(),
+                    r.get("path").or(r.get("category")).unwrap_or("-"),
+                    r.get("acl").unwrap_or("-")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(acl(&ours), acl(&theirs));
 }

@@ -19,12 +19,13 @@ pub fn run(_args: Args) -> u8 {
         Err(e) => return super::fail(&e, exit::INTERNAL),
     };
     rt.block_on(async {
+        let shutdown = super::watch::shutdown_signal();
         let hook = match observe::loader::attach_noop_hook() {
             Ok(h) => h,
             Err(e) => return super::fail(&e, e.exit_code()),
         };
         log::info!("no-op hook attached to raw_syscalls/sys_exit");
-        super::watch::shutdown_signal().await;
+        shutdown.await;
         drop(hook);
         exit::OK
     })

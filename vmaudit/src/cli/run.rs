@@ -35,11 +35,12 @@ pub fn run(args: Args) -> u8 {
         Err(e) => return super::fail(&e, vmaudit::exit::INTERNAL),
     };
     let result = rt.block_on(async {
+        let shutdown = shutdown_signal();
         run_vm(
             &opts,
             &mut |entry| print_json(entry),
             &mut |pid| log::info!("VM running, emulator pid {pid}"),
-            shutdown_signal(),
+            shutdown,
         )
         .await
     });

@@ -97,6 +97,7 @@ pub fn watch(
         .build()
         .map_err(|source| vmaudit::observe::ObserveError::Poll { source })?;
     rt.block_on(async {
+        let shutdown = shutdown_signal();
         let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
         sink.flush();
         let held: usize = opts
@@ -107,23 +108,28 @@ pub fn watch(
             .sum();
         // Tests and scripts wait for this line before making the watched process act.
         log::info!("watching pid {:?} ({held} fds)", opts.pids);
-        watcher.run(sink, shutdown_signal()).await
+        watcher.run(sink, shutdown).await
     })
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on the first SIGINT or SIGTERM. Call it inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    // Registered now, not when first polled: a signal that comes before the future is awaited
+    // must not take the default action (ending vmaudit without its clean-up).
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        // Without signal handlers only the watched processes' exit ends the watch.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without signal handlers only the watched processes' exit ends the watch.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }

@@ -58,6 +58,12 @@ impl ChildSetup {
     /// Runs in the forked child: join the cgroup, then mark every fd close-on-exec except the
     /// ones handed to the emulator.
     fn run(&self) -> io::Result<()> {
+        // The emulator goes with vmaudit, even if vmaudit is killed (no clean-up could run
+        // then, and a VM nobody audits must not live on).
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         if let Some(procs) = &self.cgroup_procs {
             // SAFETY: a NUL-terminated path prepared before the fork; open/write/close are
             // async-signal-safe.

@@ -274,10 +274,7 @@ pub async fn run(
     if spec.emulator.args.is_none()
         && let Err(e) = wait_until_up(&mut child, &qmp).await
     {
-        let _ = trail.emit(
-            Record::control(&trail.vm, ControlOp::Stop(StopReason::Failed), pid as i64)
-                .success(false),
-        );
+        let _ = trail.emit(stop_record(&trail.vm, StopReason::Failed, pid).success(false));
         let _ = child.kill().await;
         finish(devs, cgroup).await;
         return Err(e);
@@ -324,15 +321,17 @@ pub async fn run(
         Ending::Shutdown => StopReason::Shutdown,
         Ending::Crashed => StopReason::Crashed,
     };
-    let stop = trail.emit(Record::control(
-        &trail.vm,
-        ControlOp::Stop(reason),
-        pid as i64,
-    ));
+    let stop = trail.emit(stop_record(&trail.vm, reason, pid));
     finish(devs, cgroup).await;
     drop(run_dir);
     stop?;
     Ok(ending)
+}
+
+/// `op=stop`: libvirt writes `vm-pid=0` there (the domain has no pid any more); the
+/// emulator's pid follows in vmaudit's own field.
+fn stop_record(vm: &VmIdent, reason: StopReason, pid: u32) -> RecordBuilder {
+    Record::control(vm, ControlOp::Stop(reason), 0).extra("vmaudit-vm-pid", &pid.to_string())
 }
 
 /// Waits until qemu's QMP socket accepts a connection (qemu is up), or fails if qemu exits

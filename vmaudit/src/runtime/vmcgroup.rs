@@ -93,7 +93,9 @@ fn record_of(trail: &Trail<'_>, cgroup: &Path, rule: &Rule) -> crate::audit::rec
             },
         ),
     };
-    Record::cgroup(&trail.vm, reason, cgroup, class)
+    // libvirt writes the cgroup directory with a trailing `/`.
+    let dir = PathBuf::from(format!("{}/", cgroup.display()));
+    Record::cgroup(&trail.vm, reason, &dir, class)
 }
 
 /// The spec's extra rules.
@@ -124,6 +126,21 @@ fn spec_rules(spec: &Spec) -> Result<Vec<Rule>, SetupError> {
         .collect()
 }
 
+/// A cgroup of this VM's name with no process in it is what a vmaudit that was killed left
+/// behind: remove it so this run can start. One with processes is left alone (creating the
+/// cgroup then fails, naming it).
+fn remove_leftover(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join(crate::cgroup::CGROUP_PROCS)) else {
+        return;
+    };
+    if procs.trim().is_empty() {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => log::warn!("removed a leftover empty cgroup {}", dir.display()),
+            Err(e) => log::warn!("leftover cgroup {}: {e}", dir.display()),
+        }
+    }
+}
+
 /// Creates the VM's cgroup with libvirt's default ACL and the spec's rules, writing one record
 /// per change. Any refused rule fails the set-up (after its record), and the cgroup is removed.
 pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunError> {
@@ -145,6 +162,7 @@ pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunEr
         }
     };
     let parent = root.join(&spec.cgroup.parent);
+    remove_leftover(&parent.join(&spec.name));
     let mut rules = Rule::defaults();
     rules.extend(spec_rules(spec).map_err(fail)?);
     let created = if v2 {
