@@ -363,7 +363,7 @@ fn form(v: &str) -> &'static str {
     } else if v == "?" {
         "?"
     } else if v.len() >= 2
-        && v.len() % 2 == 0
+        && v.len().is_multiple_of(2)
         && v.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
         && v.contains(|c: char| c.is_ascii_alphabetic())
