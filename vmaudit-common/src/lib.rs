@@ -23,6 +23,8 @@ pub mod maps {
     pub const LOSSES: &str = "LOSSES";
     /// tgid -> number of events lost for that process (so only its table is resynced).
     pub const LOST_TGIDS: &str = "LOST_TGIDS";
+    /// tid -> 1: threads whose own syscalls are not reported (vmaudit's consumer thread).
+    pub const IGNORED_TIDS: &str = "IGNORED_TIDS";
     /// Array pre-filter in front of `WATCHED`, indexed by `tgid % WATCH_FILTER_SLOTS`.
     pub const WATCH_FILTER: &str = "WATCH_FILTER";
 }
@@ -81,6 +83,8 @@ pub enum EventKind {
     Exec = 4,
     /// The last thread of a watched process exited: every fd is released.
     Exit = 5,
+    /// One fd sent through SCM_RIGHTS by sendmsg/sendmmsg: `fds[0]`, `args` of the call.
+    SendFd = 6,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -92,6 +96,7 @@ impl TryFrom<u32> for EventKind {
             3 => Self::Fork,
             4 => Self::Exec,
             5 => Self::Exit,
+            6 => Self::SendFd,
             other => return Err(other),
         })
     }

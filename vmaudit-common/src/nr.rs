@@ -12,6 +12,7 @@ pub const DUP: u32 = 32;
 pub const DUP2: u32 = 33;
 pub const SOCKET: u32 = 41;
 pub const ACCEPT: u32 = 43;
+pub const SENDMSG: u32 = 46;
 pub const RECVMSG: u32 = 47;
 pub const SOCKETPAIR: u32 = 53;
 pub const CLONE: u32 = 56;
@@ -34,6 +35,7 @@ pub const PIPE2: u32 = 293;
 pub const INOTIFY_INIT1: u32 = 294;
 pub const PERF_EVENT_OPEN: u32 = 298;
 pub const RECVMMSG: u32 = 299;
+pub const SENDMMSG: u32 = 307;
 pub const FANOTIFY_INIT: u32 = 300;
 pub const OPEN_BY_HANDLE_AT: u32 = 304;
 pub const MEMFD_CREATE: u32 = 319;
@@ -85,6 +87,8 @@ pub const TRACED: &[(u32, &str)] = &[
     (IOCTL, "ioctl"),
     (RECVMSG, "recvmsg"),
     (RECVMMSG, "recvmmsg"),
+    (SENDMSG, "sendmsg"),
+    (SENDMMSG, "sendmmsg"),
     (PIDFD_GETFD, "pidfd_getfd"),
     (PIDFD_OPEN, "pidfd_open"),
     (SOCKET, "socket"),

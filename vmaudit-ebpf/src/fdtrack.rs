@@ -30,6 +30,10 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossCause::COUNT
 #[map]
 static LOST_TGIDS: HashMap<u32, u64> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
 
+/// Threads of watched processes whose own syscalls are not reported (vmaudit's consumer).
+#[map]
+static IGNORED_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
 /// A pre-filter in front of `WATCHED`: slot `tgid % WATCH_FILTER_SLOTS` is non-zero when a
 /// watched process may hash there. Array reads are inlined by the verifier, so an unwatched
 /// process pays no helper call. Slots are set (by userspace, and here for followed children)
@@ -212,6 +216,12 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     if !nr::is_traced(nr) || is_watched(tgid).is_none() {
         return 0;
     }
+    // vmaudit's own consumer thread, when vmaudit watches itself: its reads of /proc would
+    // otherwise feed back into the ring forever.
+    // SAFETY: only the presence of the key is read.
+    if unsafe { IGNORED_TIDS.get(tid) }.is_some() {
+        return 0;
+    }
     let nr = nr as u32;
     if matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK) {
         // sched_process_fork has used the entry (in the parent); the child has none.
@@ -252,19 +262,29 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         path_ptr: 0,
     };
     match nr {
-        nr::RECVMSG => {
+        nr::RECVMSG | nr::SENDMSG => {
             if ret >= 0 {
-                recv_rights(&mut e, inf.args[1]);
+                e.kind = if nr == nr::RECVMSG {
+                    EventKind::RecvFd
+                } else {
+                    EventKind::SendFd
+                };
+                scm_rights(&mut e, inf.args[1]);
             }
             return 0;
         }
-        nr::RECVMMSG => {
+        nr::RECVMMSG | nr::SENDMMSG => {
+            e.kind = if nr == nr::RECVMMSG {
+                EventKind::RecvFd
+            } else {
+                EventKind::SendFd
+            };
             let mut i: u64 = 0;
             while i < MAX_MMSGS as u64 {
                 if (i as i64) >= ret {
                     break;
                 }
-                recv_rights(&mut e, inf.args[1] + i * MMSGHDR_SIZE);
+                scm_rights(&mut e, inf.args[1] + i * MMSGHDR_SIZE);
                 i += 1;
             }
             return 0;
@@ -290,9 +310,9 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Emits one `RecvFd` event per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`.
+/// Emits one event (`e.kind`: RecvFd or SendFd) per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`.
 #[inline(never)]
-fn recv_rights(e: &mut Emit, msg: u64) {
+fn scm_rights(e: &mut Emit, msg: u64) {
     let (Some(control), Some(controllen)) = (
         read_user::<u64>(msg + MSGHDR_CONTROL_OFF),
         read_user::<u64>(msg + MSGHDR_CONTROLLEN_OFF),
@@ -300,7 +320,6 @@ fn recv_rights(e: &mut Emit, msg: u64) {
         lose(LossCause::UserRead, e.tgid);
         return;
     };
-    e.kind = EventKind::RecvFd;
     let mut off: u64 = 0;
     let mut c = 0;
     while c < MAX_CMSGS {

@@ -17,6 +17,13 @@ pub const KERNEL_FEATURE: u8 = 5;
 /// Every watched process exited while being watched (the summary is still printed).
 pub const TARGET_EXITED: u8 = 6;
 
+/// The verifier found a violation (`vmaudit verify`; `vmaudit run --strict`, which then stops
+/// the VM).
+pub const VIOLATED: u8 = 7;
+/// The verifier could not confirm everything: a claim is unconfirmed (deadline passed without
+/// evidence), unknown (events lost) or unverified (no verdict in the journal); nothing violated.
+pub const UNCONFIRMED: u8 = 8;
+
 /// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
 /// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
 pub const SPEC: u8 = 10;

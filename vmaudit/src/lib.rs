@@ -18,3 +18,4 @@ pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod runtime;
+pub mod verify;

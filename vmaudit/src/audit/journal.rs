@@ -110,7 +110,12 @@ impl Journal {
 
     /// Appends a prepared line and fsyncs it.
     pub fn append_entry(&mut self, entry: &JournalEntry) -> Result<(), JournalError> {
-        let mut line = serde_json::to_string(entry).expect("a JournalEntry always serialises");
+        self.append_json(entry)
+    }
+
+    /// Appends any JSON line (a verdict) in one write and fsyncs it.
+    pub fn append_json<T: serde::Serialize>(&mut self, value: &T) -> Result<(), JournalError> {
+        let mut line = serde_json::to_string(value).expect("journal lines always serialise");
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
@@ -137,6 +142,8 @@ impl Journal {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
+            // Verdict lines (`"type":"verdict"`) share the journal; they are not records.
+            .filter(|(_, l)| !l.starts_with("{\"type\":\"verdict\""))
             .map(|(i, l)| {
                 serde_json::from_str(l).map_err(|source| JournalError::Parse {
                     path: path.to_owned(),

@@ -149,11 +149,10 @@ pub fn run(_args: Args) -> u8 {
         "\n== audit records, in the order written (libvirt's fields, then libaudit's, then vmaudit's):",
     );
 
-    let opts = RunOptions {
-        spec: spec.clone(),
-        audit: AuditMode::Both,
-        journal: Some(journal.clone()),
-    };
+    let mut opts = RunOptions::new(spec.clone());
+    opts.audit = AuditMode::Both;
+    opts.journal = Some(journal.clone());
+    opts.echo_verdicts = false;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop_tx = Some(stop_tx);
     let mut watcher: Option<std::thread::JoinHandle<()>> = None;

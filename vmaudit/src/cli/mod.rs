@@ -4,6 +4,7 @@ mod demo;
 mod fds;
 mod noop_hook;
 mod run;
+mod verify;
 mod watch;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     /// Run a VM from a spec: open its devices, set its device cgroup, launch the emulator,
     /// audit every step (journal lines on stdout).
     Run(run::Args),
+    /// The claims of a journal and their verdicts, with totals.
+    Verify(verify::Args),
     /// Print a process's current fd table (from /proc).
     Fds(fds::Args),
     /// Run the demo: watch a small workload and print its fd events.
@@ -50,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Watch(a) => watch::run(a),
         Command::Fds(a) => fds::run(a),
         Command::Run(a) => run::run(a),
+        Command::Verify(a) => verify::run(a),
         Command::Demo(a) => demo::run(a),
         Command::NoopHook(a) => noop_hook::run(a),
     };

@@ -19,14 +19,24 @@ pub struct Args {
     /// The journal (JSON lines). Default: /var/log/vmaudit/<name>.jsonl.
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Stop the VM at the first violation and exit 7.
+    #[arg(long)]
+    strict: bool,
+    /// Do not hold the claims to the kernel's evidence (no verdicts).
+    #[arg(long, conflicts_with = "strict")]
+    no_verify: bool,
+    /// How long a claim may wait for its kernel evidence, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    deadline_ms: u64,
 }
 
 pub fn run(args: Args) -> u8 {
-    let opts = RunOptions {
-        spec: args.spec,
-        audit: args.audit,
-        journal: args.journal,
-    };
+    let mut opts = RunOptions::new(args.spec);
+    opts.audit = args.audit;
+    opts.journal = args.journal;
+    opts.strict = args.strict;
+    opts.verify = !args.no_verify;
+    opts.deadline = std::time::Duration::from_millis(args.deadline_ms);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> u8 {
         tracker: TrackerOptions {
             ring_bytes: args.ring_buffer_bytes,
         },
+        ignore_tids: Vec::new(),
     };
     let mut sink = JsonLines::stdout();
     let result = watch(&opts, &mut sink);

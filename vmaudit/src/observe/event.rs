@@ -65,6 +65,8 @@ pub enum Change {
     Exec { filename: Option<String> },
     /// The process exited: every fd is gone.
     Exit,
+    /// `fd` was sent to another process through SCM_RIGHTS (the sender keeps it).
+    SendFd { fd: i32 },
     /// The syscall failed: nothing changed.
     Failed {
         errno: i32,
@@ -153,6 +155,10 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
                 }],
             )
         }
+        EventKind::SendFd => (
+            syscall_name(raw.nr),
+            vec![Change::SendFd { fd: raw.fds[0] }],
+        ),
         EventKind::Syscall => (
             syscall_name(raw.nr),
             decode_syscall(raw.nr, a, ret, raw.fds, path),
@@ -338,6 +344,8 @@ mod tests {
             (nr::IOCTL, libc::SYS_ioctl),
             (nr::RECVMSG, libc::SYS_recvmsg),
             (nr::RECVMMSG, libc::SYS_recvmmsg),
+            (nr::SENDMSG, libc::SYS_sendmsg),
+            (nr::SENDMMSG, libc::SYS_sendmmsg),
             (nr::PIDFD_GETFD, libc::SYS_pidfd_getfd),
             (nr::PIDFD_OPEN, libc::SYS_pidfd_open),
             (nr::SOCKET, libc::SYS_socket),

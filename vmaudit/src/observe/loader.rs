@@ -171,6 +171,21 @@ impl Tracker {
             .map_err(map_err("WATCH_FILTER"))
     }
 
+    /// Stops reporting the syscalls of thread `tid` of a watched process (vmaudit's own
+    /// consumer thread, when vmaudit watches itself).
+    pub fn ignore_tid(&mut self, tid: u32) -> Result<(), ObserveError> {
+        let mut map: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf_map_mut(maps::IGNORED_TIDS)?)
+                .map_err(map_err("IGNORED_TIDS"))?;
+        map.insert(tid, 1, 0).map_err(map_err("IGNORED_TIDS"))
+    }
+
+    fn ebpf_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ObserveError> {
+        self._ebpf
+            .map_mut(name)
+            .ok_or(ObserveError::MissingObject { name })
+    }
+
     /// Stops watching a process; a missing entry (it exited) is not an error.
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.watched.remove(&tgid);

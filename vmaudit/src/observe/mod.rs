@@ -177,6 +177,8 @@ pub struct WatchOptions {
     pub pids: Vec<u32>,
     pub follow_children: bool,
     pub tracker: TrackerOptions,
+    /// Threads of the watched processes whose own syscalls are not reported.
+    pub ignore_tids: Vec<u32>,
 }
 
 /// The kernel's CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -245,6 +247,9 @@ impl Watcher {
             gaps: 0,
             malformed: 0,
         };
+        for &tid in &opts.ignore_tids {
+            w.tracker.ignore_tid(tid)?;
+        }
         for &pid in &opts.pids {
             w.tracker.watch(pid, opts.follow_children)?;
             let t0 = monotonic_ns();
@@ -258,6 +263,22 @@ impl Watcher {
             }
         }
         Ok(w)
+    }
+
+    /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]).
+    pub fn ignore_tid(&mut self, tid: u32) -> Result<(), ObserveError> {
+        self.tracker.ignore_tid(tid)
+    }
+
+    /// Waits until the ring buffer has events (then [`Watcher::drain`] them).
+    pub async fn readable(&mut self) -> Result<(), ObserveError> {
+        let mut guard = self
+            .ring
+            .readable_mut()
+            .await
+            .map_err(|source| ObserveError::Poll { source })?;
+        guard.clear_ready();
+        Ok(())
     }
 
     pub fn tables(&self) -> &Tables<ProcFs> {

@@ -54,6 +54,8 @@ pub enum Op {
     Exit,
     CloexecOn,
     CloexecOff,
+    /// Sent to another process through SCM_RIGHTS (still held here too).
+    SendFd,
     /// Found in /proc but not in the table after lost events.
     ResyncAdd,
     /// In the table but not in /proc after lost events.
@@ -384,6 +386,18 @@ impl<R: Resolver> Tables<R> {
                 r.result = errno_name(*errno);
                 r.file = path.clone().map(|p| FdIdentity::from_syscall(Some(p)));
                 out.push(r);
+            }
+            Change::SendFd { fd } => {
+                let entry = self.table(pid).fds.get(fd).cloned();
+                out.push(record(
+                    ts,
+                    pid,
+                    tid,
+                    Op::SendFd,
+                    sys,
+                    Some(*fd),
+                    entry.as_ref(),
+                ));
             }
             Change::Nothing => {}
         }

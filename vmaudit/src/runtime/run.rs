@@ -24,7 +24,14 @@ use crate::{
         AuditMode, AuditSink, Journal, JournalEntry,
         record::{ControlOp, NetChange, Record, RecordBuilder, StartReason, StopReason, VmIdent},
     },
-    exit, paths,
+    exit,
+    observe::{loader::TrackerOptions, monotonic_ns},
+    paths,
+    verify::{
+        Verdict,
+        claims::{Claim, ClaimKind, PassedFd},
+        engine::{Engine, EngineConfig, Msg},
+    },
 };
 
 /// Why a run failed, each with its exit code.
@@ -58,6 +65,8 @@ pub enum RunError {
     },
     #[error("waiting for the emulator")]
     Wait(#[source] std::io::Error),
+    #[error("verifier")]
+    Verify(#[source] crate::observe::ObserveError),
 }
 
 impl RunError {
@@ -69,6 +78,7 @@ impl RunError {
             Self::Cgroup(_) => exit::CGROUP,
             Self::Launch(_) | Self::EarlyExit { .. } => exit::EMULATOR_FAILED,
             Self::Record(_) | Self::RunDir { .. } | Self::Wait(_) => exit::INTERNAL,
+            Self::Verify(e) => e.exit_code(),
         }
     }
 }
@@ -82,6 +92,10 @@ pub enum Ending {
     Shutdown,
     /// The emulator exited with an error or was killed by someone else.
     Crashed,
+    /// `--strict`: stopped at the first violation.
+    Violation,
+    /// Ended otherwise, but the verifier found a violation on the way.
+    ViolationFound,
 }
 
 impl Ending {
@@ -89,6 +103,7 @@ impl Ending {
         match self {
             Self::Destroyed | Self::Shutdown => exit::OK,
             Self::Crashed => exit::EMULATOR_CRASHED,
+            Self::Violation | Self::ViolationFound => exit::VIOLATED,
         }
     }
 }
@@ -100,6 +115,28 @@ pub struct RunOptions {
     pub audit: AuditMode,
     /// Default: `/var/log/vmaudit/<name>.jsonl`.
     pub journal: Option<PathBuf>,
+    /// Hold every claim to the kernel's evidence (default).
+    pub verify: bool,
+    /// Stop the VM at the first violation.
+    pub strict: bool,
+    /// How long a claim may wait for its evidence.
+    pub deadline: Duration,
+    /// Print each verdict's journal line on stdout too.
+    pub echo_verdicts: bool,
+}
+
+impl RunOptions {
+    pub fn new(spec: PathBuf) -> Self {
+        Self {
+            spec,
+            audit: AuditMode::Both,
+            journal: None,
+            verify: true,
+            strict: false,
+            deadline: Duration::from_secs(2),
+            echo_verdicts: true,
+        }
+    }
 }
 
 /// The audit trail of one VM: every record goes to the sink (kernel, then the journal,
@@ -108,14 +145,41 @@ pub struct Trail<'a> {
     pub vm: VmIdent,
     sink: AuditSink,
     on_record: &'a mut dyn FnMut(&JournalEntry),
+    verifier: Option<Engine>,
+    claims: u64,
 }
 
 impl Trail<'_> {
     pub fn emit(&mut self, b: RecordBuilder) -> Result<Record, RunError> {
+        self.emit_entry(b).map(|(rec, _)| rec)
+    }
+
+    fn emit_entry(&mut self, b: RecordBuilder) -> Result<(Record, JournalEntry), RunError> {
         let rec = b.build()?;
         let outcome = self.sink.emit(&rec).map_err(RunError::Sink)?;
         (self.on_record)(&outcome.entry);
+        Ok((rec, outcome.entry))
+    }
+
+    /// Emits a record and hands its claim to the verifier.
+    pub fn emit_claim(&mut self, b: RecordBuilder, kind: ClaimKind) -> Result<Record, RunError> {
+        let made_ns = monotonic_ns();
+        let (rec, entry) = self.emit_entry(b)?;
+        if let Some(v) = &self.verifier {
+            self.claims += 1;
+            v.claim(Claim {
+                id: self.claims,
+                kind,
+                text: rec.libvirt_text().to_owned(),
+                record_ts_ns: entry.ts_ns,
+                made_ns,
+            });
+        }
         Ok(rec)
+    }
+
+    pub fn verifier(&self) -> Option<&Engine> {
+        self.verifier.as_ref()
     }
 }
 
@@ -182,11 +246,22 @@ pub async fn run(
             Some(Journal::open(&path).map_err(RunError::Journal)?)
         }
     };
+    let verdict_journal = match (&journal, opts.verify) {
+        (Some(j), true) => Some(Journal::open(j.path()).map_err(RunError::Journal)?),
+        _ => None,
+    };
     let sink = AuditSink::new(opts.audit, journal).map_err(RunError::Sink)?;
+    let verifier = if opts.verify {
+        Some(start_verifier(opts, verdict_journal)?)
+    } else {
+        None
+    };
     let mut trail = Trail {
         vm: VmIdent::new(spec.emulator.accel.virt(), spec.name.clone(), spec.uuid),
         sink,
         on_record,
+        verifier,
+        claims: 0,
     };
     let run_dir = RunDir::create(&spec.name)?;
 
@@ -215,7 +290,14 @@ pub async fn run(
                     if a.role == Role::Tap { "tap" } else { "vhost" },
                 )
                 .extra("vmaudit-queue", &a.queue.to_string());
-            pending = trail.emit(b).map(|_| ());
+            let claim = ClaimKind::NetOpen {
+                mac: mac.clone(),
+                path: a.path.display().to_string(),
+                rdev: a.rdev,
+                fd: a.result.as_ref().ok().copied(),
+                success: a.result.is_ok(),
+            };
+            pending = trail.emit_claim(b, claim).map(|_| ());
         })
         .await;
         match (opened, pending) {
@@ -279,6 +361,7 @@ pub async fn run(
         finish(devs, cgroup).await;
         return Err(e);
     }
+    let me = std::process::id();
     for (dev, iface) in devs.iter().zip(&spec.interfaces) {
         let fds: Vec<String> = dev
             .fds
@@ -288,44 +371,134 @@ pub async fn run(
         let b = Record::net(&trail.vm, NetChange::Start, &iface.mac.to_string())
             .extra("vmaudit-fds", &fds.join(","))
             .extra("vmaudit-emulator-fds", &fds.join(","));
-        trail.emit(b)?;
+        // kcmp now, while vmaudit still holds its copies: is the emulator's fd the very open
+        // file vmaudit opened?
+        let passed = dev
+            .fds
+            .iter()
+            .map(|f| {
+                let n = f.fd.as_raw_fd();
+                PassedFd {
+                    fd: n,
+                    emulator_fd: n,
+                    kcmp_same: crate::kcmp::same_file(me, n, pid, n).ok(),
+                    rdev: f.rdev,
+                    path: f.path.display().to_string(),
+                }
+            })
+            .collect();
+        let claim = ClaimKind::NetStart {
+            mac: iface.mac.to_string(),
+            emulator_pid: pid,
+            fds: passed,
+        };
+        trail.emit_claim(b, claim)?;
     }
-    trail.emit(Record::control(
-        &trail.vm,
-        ControlOp::Start(StartReason::Booted),
-        pid as i64,
-    ))?;
+    trail.emit_claim(
+        Record::control(&trail.vm, ControlOp::Start(StartReason::Booted), pid as i64),
+        ClaimKind::VmStart { pid },
+    )?;
     // The emulator holds the fds now; vmaudit's copies go.
     for d in &mut devs {
         d.fds.clear();
     }
     on_running(pid);
 
-    // Until a signal or the emulator's end.
-    let ending = tokio::select! {
-        _ = shutdown => {
-            stop_emulator(&mut child).await;
-            Ending::Destroyed
-        }
-        status = child.wait() => match status {
-            Ok(s) if s.success() => Ending::Shutdown,
-            Ok(_) => Ending::Crashed,
-            Err(e) => {
-                finish(devs, cgroup).await;
-                return Err(RunError::Wait(e));
+    // Until a signal, the emulator's end, or (--strict) a violation. The device map is read
+    // again now and then: a rule changed behind vmaudit's back is a violation.
+    let mut violations = trail.verifier().map(|v| v.violations.clone());
+    let mut recheck = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(shutdown);
+    let ending = loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                if let Some(v) = trail.verifier() {
+                    v.send(Msg::Stopping(pid));
+                }
+                stop_emulator(&mut child).await;
+                break Ending::Destroyed;
             }
-        },
+            status = child.wait() => match status {
+                Ok(s) if s.success() => break Ending::Shutdown,
+                Ok(_) => break Ending::Crashed,
+                Err(e) => {
+                    finish(devs, cgroup).await;
+                    return Err(RunError::Wait(e));
+                }
+            },
+            changed = async { violations.as_mut()?.changed().await.ok() }, if opts.strict && violations.is_some() => {
+                if changed.is_some() {
+                    log::error!("--strict: stopping the VM at the first violation");
+                    if let Some(v) = trail.verifier() {
+                        v.send(Msg::Stopping(pid));
+                    }
+                    stop_emulator(&mut child).await;
+                    break Ending::Violation;
+                }
+                violations = None;
+            }
+            _ = recheck.tick() => {
+                if let (Some(v), Ok(rules)) = (trail.verifier(), cgroup.cgroup.kernel_rules()) {
+                    v.send(Msg::KernelRules(rules));
+                }
+            }
+        }
     };
     let reason = match ending {
-        Ending::Destroyed => StopReason::Destroyed,
+        Ending::Destroyed | Ending::Violation | Ending::ViolationFound => StopReason::Destroyed,
         Ending::Shutdown => StopReason::Shutdown,
         Ending::Crashed => StopReason::Crashed,
     };
-    let stop = trail.emit(stop_record(&trail.vm, reason, pid));
+    let stop = trail.emit_claim(
+        stop_record(&trail.vm, reason, pid),
+        ClaimKind::VmStop { pid },
+    );
     finish(devs, cgroup).await;
     drop(run_dir);
     stop?;
+    let totals = match trail.verifier.take() {
+        Some(v) => Some(v.finish().map_err(RunError::Verify)?),
+        None => None,
+    };
+    if let Some(t) = &totals {
+        log::info!(
+            "verdicts: {} confirmed, {} violated, {} unconfirmed, {} unknown",
+            t.confirmed,
+            t.violated,
+            t.unconfirmed,
+            t.unknown
+        );
+        if t.violated > 0 && ending != Ending::Violation {
+            return Ok(Ending::ViolationFound);
+        }
+    }
     Ok(ending)
+}
+
+/// Starts the verifier thread: verdicts to the journal (fsync'd) and, if asked, stdout.
+fn start_verifier(opts: &RunOptions, mut journal: Option<Journal>) -> Result<Engine, RunError> {
+    let echo = opts.echo_verdicts;
+    let cfg = EngineConfig {
+        deadline: opts.deadline,
+        tracker: TrackerOptions::default(),
+    };
+    Engine::start(
+        cfg,
+        Box::new(move |v: &Verdict| {
+            if let Some(j) = journal.as_mut()
+                && let Err(e) = j.append_json(v)
+            {
+                log::error!("writing a verdict: {e}");
+            }
+            if echo {
+                let mut out = std::io::stdout().lock();
+                let _ = serde_json::to_writer(&mut out, v);
+                let _ = std::io::Write::write_all(&mut out, b"\n");
+                let _ = std::io::Write::flush(&mut out);
+            }
+        }),
+    )
+    .map_err(RunError::Verify)
 }
 
 /// `op=stop`: libvirt writes `vm-pid=0` there (the domain has no pid any more); the

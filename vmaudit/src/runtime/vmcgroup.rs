@@ -9,8 +9,9 @@ use super::{
 };
 use crate::{
     audit::record::{Acl as AuditAcl, CgroupClass, CgroupReason, Record},
-    cgroup::{Acl, CgroupError, DevKind, Layout, Rule, VmCgroup},
+    cgroup::{Acl, CgroupError, DevKind, DeviceRule, Layout, Rule, VmCgroup},
     procfs::DevNum,
+    verify::{claims::ClaimKind, engine::Msg},
 };
 
 /// Why the cgroup could not be set up.
@@ -179,11 +180,27 @@ pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunEr
             return Err(fail(SetupError::Create(Box::new(e))));
         }
     };
-    let handle = VmCgroupHandle { cgroup };
+    let mut handle = VmCgroupHandle { cgroup };
+    // What the claims say the kernel should hold, and what it holds: read once, now, so each
+    // record's claim carries the kernel's answer.
+    let applied: Vec<Rule> = outcomes
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(rule, _)| rule.clone())
+        .collect();
+    let claimed = DeviceRule::effective(&applied);
+    let kernel = handle.cgroup.kernel_rules().map_err(|e| e.to_string());
     let mut refused = None;
     for (rule, result) in outcomes {
         let rec = record_of(trail, handle.path(), &rule).success(result.is_ok());
-        if let Err(e) = trail.emit(rec) {
+        let claim = ClaimKind::Cgroup {
+            deny_all: matches!(rule, Rule::DenyAll),
+            rule: rule.device_rule(),
+            success: result.is_ok(),
+            claimed: claimed.clone(),
+            kernel: kernel.clone(),
+        };
+        if let Err(e) = trail.emit_claim(rec, claim) {
             handle.remove();
             return Err(e);
         }
@@ -199,6 +216,9 @@ pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunEr
     if let Some(e) = refused {
         handle.remove();
         return Err(fail(e));
+    }
+    if let (Some(v), Some(decisions)) = (trail.verifier(), handle.cgroup.take_decisions()) {
+        v.send(Msg::Decisions(decisions));
     }
     Ok(handle)
 }

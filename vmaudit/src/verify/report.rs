@@ -1,0 +1,187 @@
+//! `vmaudit verify JOURNAL`: the claims of a journal and their verdicts.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::Serialize;
+
+use super::{Status, Verdict, engine::Totals};
+use crate::exit;
+
+/// One record of the journal and the verdicts on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub ts_ns: u64,
+    pub kind: String,
+    pub text: String,
+    /// The worst verdict it got (violated > unknown > unconfirmed > confirmed); None: no verdict.
+    pub status: Option<Status>,
+    pub reasons: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// What no claim accounts for.
+    pub unclaimed: Vec<Verdict>,
+    pub totals: Totals,
+    /// Records without any verdict (journals written with `--no-verify`, or cut short).
+    pub unverified: u64,
+}
+
+fn rank(s: Status) -> u8 {
+    match s {
+        Status::Confirmed => 0,
+        Status::Unconfirmed => 1,
+        Status::Unknown => 2,
+        Status::Violated => 3,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("reading journal {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path}, line {line}: not a journal line")]
+    Parse {
+        path: std::path::PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a journal: records in order, verdicts joined to them by the record's `ts_ns`.
+pub fn build(path: &Path) -> Result<Report, ReportError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut index: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut verdicts = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|source| ReportError::Parse {
+                path: path.to_owned(),
+                line: i + 1,
+                source,
+            })?;
+        if v["type"] == "verdict" {
+            let verdict: Verdict =
+                serde_json::from_value(v).map_err(|source| ReportError::Parse {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    source,
+                })?;
+            verdicts.push(verdict);
+        } else {
+            let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
+            index.insert(ts_ns, rows.len());
+            rows.push(Row {
+                ts_ns,
+                kind: v["type"].as_str().unwrap_or("?").to_owned(),
+                text: v["text"].as_str().unwrap_or_default().to_owned(),
+                status: None,
+                reasons: Vec::new(),
+            });
+        }
+    }
+    let mut totals = Totals::default();
+    let mut unclaimed = Vec::new();
+    for v in verdicts {
+        match v.status {
+            Status::Confirmed => totals.confirmed += 1,
+            Status::Violated => totals.violated += 1,
+            Status::Unconfirmed => totals.unconfirmed += 1,
+            Status::Unknown => totals.unknown += 1,
+        }
+        match index
+            .get(&v.claim.record_ts_ns)
+            .filter(|_| v.claim.record_ts_ns != 0)
+        {
+            Some(&i) => {
+                let row = &mut rows[i];
+                if row.status.is_none_or(|s| rank(v.status) > rank(s)) {
+                    row.status = Some(v.status);
+                }
+                row.reasons
+                    .push(format!("{:?}: {}", v.status, v.reason).to_lowercase());
+            }
+            None => unclaimed.push(v),
+        }
+    }
+    let unverified = rows.iter().filter(|r| r.status.is_none()).count() as u64;
+    Ok(Report {
+        rows,
+        unclaimed,
+        totals,
+        unverified,
+    })
+}
+
+impl Report {
+    /// 0 when every claim is confirmed; [`exit::VIOLATED`] when anything is violated;
+    /// [`exit::UNCONFIRMED`] when something is unconfirmed, unknown or unverified.
+    pub fn exit_code(&self) -> u8 {
+        if self.totals.violated > 0 {
+            exit::VIOLATED
+        } else if self.totals.unconfirmed + self.totals.unknown + self.unverified > 0 {
+            exit::UNCONFIRMED
+        } else {
+            exit::OK
+        }
+    }
+
+    /// The table for a terminal.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("{:<12} {:<14} CLAIM / REASON\n", "STATUS", "TYPE"));
+        for r in &self.rows {
+            let status = r
+                .status
+                .map_or("unverified".to_owned(), |s| format!("{s:?}").to_lowercase());
+            let text: String = r
+                .text
+                .split(" exe=")
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(110)
+                .collect();
+            s.push_str(&format!("{status:<12} {:<14} {text}\n", r.kind));
+            for reason in &r.reasons {
+                s.push_str(&format!("{:<27}   {reason}\n", ""));
+            }
+        }
+        for v in &self.unclaimed {
+            s.push_str(&format!(
+                "{:<12} {:<14} {}\n{:<27}   {}\n",
+                format!("{:?}", v.status).to_lowercase(),
+                "unclaimed",
+                v.claim.text,
+                "",
+                v.reason
+            ));
+        }
+        let t = &self.totals;
+        s.push_str(&format!(
+            "\n{} records; verdicts: {} confirmed, {} violated, {} unconfirmed, {} unknown; {} records unverified\n",
+            self.rows.len(),
+            t.confirmed,
+            t.violated,
+            t.unconfirmed,
+            t.unknown,
+            self.unverified
+        ));
+        s
+    }
+}
