@@ -38,6 +38,8 @@ pub fn require_root() {
 pub struct Bins {
     pub helper: PathBuf,
     pub vmaudit: PathBuf,
+    /// The misbehaving stand-in emulator (`fake-emulator`).
+    pub fake_emulator: PathBuf,
 }
 
 impl Bins {
@@ -49,7 +51,12 @@ impl Bins {
             "{} missing: run `cargo build --workspace --bins` first (cargo xtask test does)",
             vmaudit.display()
         );
-        Self { helper, vmaudit }
+        let fake_emulator = helper.parent().expect("bin dir").join("fake-emulator");
+        Self {
+            helper,
+            vmaudit,
+            fake_emulator,
+        }
     }
 }
 

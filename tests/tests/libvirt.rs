@@ -417,13 +417,25 @@ fn vmaudit_records_match_libvirts_field_by_field() {
         .arg("run")
         .arg(&spec)
         .args(["--audit", "kernel"])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let output = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
     audit.wait_record("VIRT_CONTROL", VA_UUID, &[("op", "start")]);
     // SAFETY: kill with our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let code = child.wait().unwrap().code();
+    let output = output.join().unwrap();
+    let violations: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("\"violated\""))
+        .collect();
+    assert_eq!(code, Some(0), "{violations:#?}");
     audit.wait_record("VIRT_CONTROL", VA_UUID, &[("op", "stop")]);
 
     let theirs = audit.virt_records(LV_UUID);

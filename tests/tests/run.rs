@@ -92,7 +92,15 @@ impl Run {
     }
 }
 
+/// The journal's records (its verdict lines left out).
 fn journal_lines(path: &Path) -> Vec<Value> {
+    all_lines(path)
+        .into_iter()
+        .filter(|v| v["type"] != "verdict")
+        .collect()
+}
+
+fn all_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -384,6 +392,33 @@ fn a_device_that_fails_to_open_is_recorded_and_unwound() {
     );
     assert_eq!(recs[1]["result"], "failed");
     assert_eq!(recs.len(), 2, "nothing after the failure: {t:#?}");
+    // The verifier: the tap was opened (kernel open), never passed, closed and held by
+    // nobody; the kernel refused vhost-net.
+    let verdicts: Vec<Value> = all_lines(&journal)
+        .into_iter()
+        .filter(|v| v["type"] == "verdict")
+        .collect();
+    let tap: Vec<&Value> = verdicts
+        .iter()
+        .filter(|v| v["claim"]["record_ts_ns"] == recs[0]["ts_ns"])
+        .collect();
+    assert!(tap.iter().all(|v| v["status"] == "confirmed"), "{tap:#?}");
+    assert!(
+        tap.iter().any(|v| v["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("opened, not passed")),
+        "{tap:#?}"
+    );
+    let vhost = verdicts
+        .iter()
+        .find(|v| v["claim"]["record_ts_ns"] == recs[1]["ts_ns"])
+        .expect("a verdict on the failed open");
+    assert_eq!(vhost["status"], "confirmed", "{vhost:#}");
+    assert!(
+        vhost["reason"].as_str().unwrap().contains("refused"),
+        "{vhost:#}"
+    );
     assert!(!link_exists("vma-vhtap"), "the tap went with its fd");
     assert!(!Path::new("/run/vmaudit/vmaudit-vh").exists());
 }

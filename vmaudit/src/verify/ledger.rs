@@ -72,6 +72,8 @@ pub struct Ledger {
     reported: HashSet<String>,
     /// Releases with no detach claimed, waiting to see whether the emulator is exiting.
     early_releases: Vec<(u32, u64, Verdict)>,
+    /// SCM_RIGHTS sends seen before the claims that name their fds.
+    early_sends: Vec<(FdRecord, i32)>,
 }
 
 fn ev(pid: u32, fd: Option<i32>, seen: Option<&Seen>, what: &str) -> Evidence {
@@ -132,6 +134,7 @@ impl Ledger {
             lost: HashMap::new(),
             reported: HashSet::new(),
             early_releases: Vec::new(),
+            early_sends: Vec::new(),
         }
     }
 
@@ -268,6 +271,10 @@ impl Ledger {
 
     fn check_send(&mut self, r: &FdRecord, fd: i32, out: &mut Vec<Verdict>) {
         let Some(p) = self.passed_by_emulator_fd(r.pid, fd).cloned() else {
+            // Perhaps a passed fd whose claim has not arrived yet: look again then.
+            if r.pid != self.vmaudit_pid && self.early_sends.len() < 1024 {
+                self.early_sends.push((r.clone(), fd));
+            }
             return;
         };
         let mut e = ev(
@@ -350,6 +357,48 @@ impl Ledger {
             return;
         }
         self.check_device(emu, fd, file, r.ts, &op_name(r.op), out);
+    }
+
+    /// Passed fds already held by another process when the claim is made (a child the
+    /// emulator forked before the claim reached the verifier).
+    fn scan_escapes<R: crate::observe::table::Resolver>(
+        &mut self,
+        tables: &crate::observe::table::Tables<R>,
+        out: &mut Vec<Verdict>,
+    ) {
+        let Some(emu) = self.emulator else {
+            return;
+        };
+        let mut found = Vec::new();
+        for pid in tables
+            .pids()
+            .filter(|p| *p != emu && *p != self.vmaudit_pid)
+        {
+            let Some(t) = tables.get(pid) else { continue };
+            if t.exited {
+                continue;
+            }
+            for e in t.fds.values() {
+                found.push(FdRecord {
+                    ty: "fd",
+                    ts: e.since_ns,
+                    pid,
+                    tid: pid,
+                    op: e.via,
+                    syscall: "table",
+                    fd: Some(e.fd),
+                    result: "ok".into(),
+                    cloexec: Some(e.cloexec),
+                    from_fd: None,
+                    file: Some(e.id.clone()),
+                });
+            }
+        }
+        for r in found {
+            if let Some(fd) = r.fd {
+                self.check_gain(&r, fd, out);
+            }
+        }
     }
 
     /// A device fd the emulator holds that no claim gave it.
@@ -458,10 +507,16 @@ impl Ledger {
             ClaimKind::Cgroup { claimed, .. } => self.claimed_acl.clone_from(claimed),
             ClaimKind::NetOpen { .. } => {}
         }
-        if let ClaimKind::NetStart { emulator_pid, .. } | ClaimKind::VmStart { pid: emulator_pid } =
-            &claim.kind
-        {
-            // What the emulator already holds: devices no claim gave it.
+        if let ClaimKind::NetStart { .. } = &claim.kind {
+            // What happened between the fork and this claim: escapes and sends.
+            self.scan_escapes(tables, out);
+            for (r, fd) in std::mem::take(&mut self.early_sends) {
+                self.check_send(&r, fd, out);
+            }
+        }
+        if let ClaimKind::VmStart { pid: emulator_pid } = &claim.kind {
+            // What the emulator holds once every interface's start is claimed (they come
+            // before the VM's start): devices no claim gave it.
             if let Some(t) = tables.get(*emulator_pid) {
                 let held: Vec<(i32, crate::procfs::FdIdentity, u64)> = t
                     .fds

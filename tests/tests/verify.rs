@@ -1,0 +1,422 @@
+//! The verifier against misbehaviour real qemu will not produce (a stand-in emulator that does
+//! it on purpose) and against a clean run of real qemu. Every wait is on a verdict line.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    thread,
+};
+
+use serde_json::Value;
+use vmaudit_tests::{Bins, ChildGuard, Helper, PATIENCE, TempDir, bins, require_root, run_vmaudit};
+
+const UUID: &str = "3f9e8d7c-6b5a-4a39-8281-706f5e4d3c2b";
+
+struct Vm {
+    child: ChildGuard,
+    lines: Receiver<Value>,
+    stderr: Receiver<String>,
+    seen: Vec<Value>,
+    err_seen: Vec<String>,
+    journal: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Vm {
+    /// `vmaudit run` of a one-tap VM named `name`; `emulator` is the spec's `[emulator]`
+    /// table body, `extra` more spec text.
+    fn start(bins: &Bins, name: &str, emulator: &str, extra: &str, flags: &[&str]) -> Self {
+        let tmp = TempDir::new(name);
+        let spec = tmp.0.join("vm.toml");
+        std::fs::write(
+            &spec,
+            format!("name = \"{name}\"\nuuid = \"{UUID}\"\n{emulator}\n[[interface]]\nmac = \"52:54:00:00:50:01\"\nifname = \"{}\"\n{extra}", &name[..name.len().min(12)]),
+        )
+        .unwrap();
+        let journal = tmp.0.join("journal.jsonl");
+        let mut child = Command::new(&bins.vmaudit)
+            .arg("run")
+            .arg(&spec)
+            .args(["--audit", "journal", "--journal"])
+            .arg(&journal)
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(serde_json::from_str::<Value>(&l).unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        let (etx, stderr) = channel();
+        let err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[vmaudit run] {l}");
+                if etx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child: ChildGuard(child),
+            lines,
+            stderr,
+            seen: Vec::new(),
+            err_seen: Vec::new(),
+            journal,
+            _tmp: tmp,
+        }
+    }
+
+    fn emulator_pid(&mut self) -> u32 {
+        let l = self.stderr_line("`running`", |l| l.contains("emulator pid "));
+        l.split("emulator pid ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits for a stderr line (vmaudit's or the emulator's) matching `pred`.
+    fn stderr_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.err_seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        loop {
+            let l = self
+                .stderr
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|e| panic!("no {what} line ({e:?})"));
+            self.err_seen.push(l.clone());
+            if pred(&l) {
+                return l;
+            }
+        }
+    }
+
+    /// Waits for a verdict matching `pred`.
+    fn verdict(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let is = |v: &Value| v["type"] == "verdict" && pred(v);
+        if let Some(v) = self.seen.iter().find(|v| is(v)) {
+            return v.clone();
+        }
+        loop {
+            match self.lines.recv_timeout(PATIENCE) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if is(&v) {
+                        return v;
+                    }
+                }
+                Err(e) => panic!(
+                    "no verdict {what} ({e:?}); seen: {:#?}",
+                    self.seen
+                        .iter()
+                        .filter(|v| v["type"] == "verdict")
+                        .collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    fn violation(&mut self, what: &str, reason_contains: &str) -> Value {
+        self.verdict(what, |v| {
+            v["status"] == "violated" && v["reason"].as_str().unwrap().contains(reason_contains)
+        })
+    }
+
+    /// SIGTERM, then the exit code and the journal (kept until the returned value drops).
+    fn stop(self) -> (i32, Kept) {
+        // SAFETY: kill with our child's pid.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
+        self.stop_on_its_own()
+    }
+}
+
+fn fake(bins: &Bins, mode: &[&str]) -> String {
+    let args: Vec<String> = ["--mode"]
+        .iter()
+        .chain(mode)
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    format!(
+        "[emulator]\npath = \"{}\"\nargs = [{}]\n",
+        bins.fake_emulator.display(),
+        args.join(", ")
+    )
+}
+
+fn verify_json(bins: &Bins, journal: &Path) -> (i32, Value) {
+    let (code, out, err) = run_vmaudit(bins, &["verify", journal.to_str().unwrap(), "--json"]);
+    (
+        code,
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}")),
+    )
+}
+
+#[test]
+fn a_clean_run_of_real_qemu_is_confirmed_claim_by_claim() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(&bins, "vmaudit-v-clean", "", "", &[]);
+    vm.emulator_pid();
+    vm.verdict("net-start", |v| {
+        v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
+    });
+    let (code, journal) = vm.stop();
+    assert_eq!(code, 0);
+    let (code, report) = verify_json(&bins, &journal);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["totals"]["violated"], 0);
+    assert_eq!(report["totals"]["unconfirmed"], 0);
+    assert_eq!(report["unverified"], 0);
+    let rows = report["rows"].as_array().unwrap();
+    assert!(
+        rows.iter().all(|r| r["status"] == "confirmed"),
+        "{report:#}"
+    );
+    // Each kind of claim was confirmed with kernel evidence.
+    let verdicts: Vec<Value> = std::fs::read_to_string(&*journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "verdict")
+        .collect();
+    for kind in ["net-open", "net-start", "cgroup", "vm-start", "vm-stop"] {
+        let v = verdicts
+            .iter()
+            .find(|v| v["claim"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} verdict"));
+        assert_eq!(v["status"], "confirmed", "{v:#}");
+        assert!(
+            !v["evidence"].as_array().unwrap().is_empty(),
+            "{kind}: confirmed without evidence: {v:#}"
+        );
+    }
+    let start = verdicts
+        .iter()
+        .find(|v| v["claim"]["kind"] == "net-start")
+        .unwrap();
+    let e = &start["evidence"][0];
+    assert!(e["detail"].as_str().unwrap().contains("kcmp"), "{start:#}");
+    assert!(
+        e["ts"].as_u64().unwrap() > 0 && e["what"] == "inherit",
+        "{start:#}"
+    );
+}
+
+#[test]
+fn an_emulator_that_closes_a_passed_fd_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-close",
+        &fake(&bins, &["close-later"]),
+        "",
+        &[],
+    );
+    let emu = vm.emulator_pid();
+    vm.verdict("net-start", |v| {
+        v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
+    });
+    // The stand-in handles SIGUSR1 once it says it is ready.
+    vm.stderr_line("fake-emulator ready", |l| {
+        l.starts_with("fake-emulator: ready")
+    });
+    // SAFETY: SIGUSR1 to the stand-in: it closes the passed fds and keeps running.
+    unsafe { libc::kill(emu as i32, libc::SIGUSR1) };
+    let v = vm.violation("released", "released fd");
+    assert_eq!(v["claim"]["kind"], "net-start");
+    assert_eq!(v["evidence"][0]["what"], "close");
+    let (code, journal) = vm.stop();
+    assert_eq!(code, 7, "a violation was found");
+    let (code, report) = verify_json(&bins, &journal);
+    assert_eq!(
+        (code, report["totals"]["violated"].as_u64()),
+        (7, Some(1)),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn a_passed_fd_escaping_into_a_child_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-leak",
+        &fake(&bins, &["leak-child"]),
+        "",
+        &[],
+    );
+    vm.emulator_pid();
+    let v = vm.violation("escape", "escaped from the emulator into pid");
+    assert!(
+        v["evidence"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kcmp"),
+        "{v:#}"
+    );
+    let (code, _) = vm.stop();
+    assert_eq!(code, 7);
+}
+
+#[test]
+fn a_passed_fd_sent_to_a_stranger_is_caught() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("v-stranger");
+    let sock = tmp.0.join("stranger.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let stranger = thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 8];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        use std::os::fd::AsRawFd as _;
+        let msg = nix::sys::socket::recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        msg.cmsgs().unwrap().count()
+    });
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-send",
+        &fake(&bins, &["send-stranger", "--to", sock.to_str().unwrap()]),
+        "",
+        &[],
+    );
+    vm.emulator_pid();
+    let v = vm.violation("send", "through SCM_RIGHTS");
+    assert_eq!(v["evidence"][0]["what"], "send_fd");
+    assert_eq!(stranger.join().unwrap(), 1, "the stranger received the fd");
+    vm.stop();
+}
+
+#[test]
+fn a_network_device_the_emulator_opens_itself_is_caught() {
+    require_root();
+    let bins = bins!();
+    // The ACL lets it open /dev/net/tun; still, no claim passed it that fd.
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-tun",
+        &fake(&bins, &["open-tun"]),
+        "[[acl]]\npath = \"/dev/net/tun\"\n",
+        &[],
+    );
+    vm.emulator_pid();
+    let v = vm.violation("unclaimed tun", "only the manager opens");
+    assert_eq!(v["claim"]["kind"], "unclaimed");
+    assert_eq!(v["evidence"][0]["rdev"], "10:200");
+    vm.stop();
+}
+
+#[test]
+fn a_device_map_changed_behind_vmaudits_back_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(&bins, "vmaudit-v-map", &fake(&bins, &["hold"]), "", &[]);
+    vm.emulator_pid();
+    vm.verdict("cgroup", |v| {
+        v["claim"]["kind"] == "cgroup" && v["status"] == "confirmed"
+    });
+    // Allow /dev/net/tun (c 10:200 rw) in the VM's device map, with libvirt's layout.
+    let info = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .find(|m| m.name_as_str() == Some("DEVCG_RULES"))
+        .expect("the VM's device map");
+    let data = aya::maps::MapData::from_id(info.id()).unwrap();
+    let mut map: aya::maps::HashMap<_, u64, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    map.insert((10u64 << 32) | 200, ((2 | 4) << 16) | 2, 0)
+        .unwrap();
+    let v = vm.violation("extra map rule", "which no claim made");
+    assert_eq!(v["claim"]["kind"], "unclaimed");
+    // A process of the VM's cgroup now opens /dev/net/tun: the kernel allows it, the claims do not.
+    let cgroup = std::fs::read_to_string(&vm.journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find_map(|r| {
+            r["cgroup"]
+                .as_str()
+                .map(|c| c.trim_end_matches('/').to_owned())
+        })
+        .unwrap();
+    let mut h = Helper::spawn(&bins);
+    std::fs::write(Path::new(&cgroup).join("cgroup.procs"), h.pid().to_string()).unwrap();
+    h.fd("open /dev/net/tun");
+    let v = vm.violation(
+        "decision",
+        "the kernel allowed a device access the claimed ACL does not",
+    );
+    assert_eq!(v["evidence"][0]["pid"], h.pid());
+    drop(h);
+    let (code, _) = vm.stop();
+    assert_eq!(code, 7);
+}
+
+#[test]
+fn strict_stops_the_vm_at_the_first_violation() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-strict",
+        &fake(&bins, &["leak-child"]),
+        "",
+        &["--strict"],
+    );
+    let emu = vm.emulator_pid();
+    let (code, journal) = vm.stop_on_its_own();
+    assert_eq!(code, 7, "--strict exits 7");
+    assert!(
+        !Path::new(&format!("/proc/{emu}")).exists(),
+        "the VM was stopped"
+    );
+    let text = std::fs::read_to_string(&*journal).unwrap();
+    assert!(text.contains("op=stop reason=destroyed"), "{text}");
+}
+
+/// A finished run's journal and the directory holding it.
+struct Kept {
+    journal: PathBuf,
+    _tmp: TempDir,
+}
+
+impl std::ops::Deref for Kept {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.journal
+    }
+}
+
+impl Vm {
+    fn stop_on_its_own(mut self) -> (i32, Kept) {
+        let code = self.child.0.wait().unwrap().code().unwrap_or(-1);
+        (
+            code,
+            Kept {
+                journal: self.journal.clone(),
+                _tmp: self._tmp,
+            },
+        )
+    }
+}
