@@ -23,6 +23,7 @@ use vmaudit_tests::{Bins, ChildGuard, Helper, require_root};
 struct Opts {
     rounds: usize,
     iterations: u64,
+    verdict_runs: usize,
     write: Option<PathBuf>,
 }
 
@@ -30,6 +31,7 @@ fn parse() -> Opts {
     let mut o = Opts {
         rounds: 11,
         iterations: 200_000,
+        verdict_runs: 20,
         write: None,
     };
     let mut args = std::env::args().skip(1);
@@ -39,6 +41,7 @@ fn parse() -> Opts {
             "--rounds" => o.rounds = val().parse().expect("--rounds N"),
             "--iterations" => o.iterations = val().parse().expect("--iterations N"),
             "--write" => o.write = Some(PathBuf::from(val())),
+            "--verdict-runs" => o.verdict_runs = val().parse().expect("--verdict-runs N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -177,14 +180,100 @@ fn main() {
     );
     let _ = writeln!(table, "| watched | {w:.0} | {:.3} | ≤ 1.15 |", w / b);
     print!("{table}");
+    let verdicts = verdict_latency(&bins, o.verdict_runs);
     if let Some(path) = o.write {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let (begin, end) = ("<!-- fdbench:begin -->", "<!-- fdbench:end -->");
-        let new = match (text.find(begin), text.find(end)) {
-            (Some(a), Some(z)) if a < z => format!("{}{begin}\n{table}{}", &text[..a], &text[z..]),
-            _ => format!("{text}\n{begin}\n{table}{end}\n"),
-        };
-        std::fs::write(&path, new).expect("write benchmarks file");
+        write_section(&path, "fdbench", &table);
+        write_section(&path, "verdictbench", &verdicts);
         eprintln!("wrote {}", path.display());
     }
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` (appends it).
+fn write_section(path: &std::path::Path, name: &str, body: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(a), Some(z)) if a < z => format!("{}{begin}\n{body}{}", &text[..a], &text[z..]),
+        _ => format!("{text}\n{begin}\n{body}{end}\n"),
+    };
+    std::fs::write(path, new).expect("write benchmarks file");
+}
+
+/// Claim-to-verdict latency: `runs` runs of a VM with 16 tap interfaces (the stand-in
+/// emulator, which is up at once), each verdict's `latency_ns` (from the kernel event that
+/// decided it to the verdict) collected from the journals.
+fn verdict_latency(bins: &Bins, runs: usize) -> String {
+    use std::io::{BufRead as _, BufReader};
+    let dir = std::env::temp_dir().join(format!("vmaudit-verdictbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let mut lat: Vec<u64> = Vec::new();
+    let mut verdicts = 0usize;
+    for run in 0..runs {
+        let spec = dir.join("vm.toml");
+        let mut text = format!(
+            "name = \"vmaudit-vbench\"\nuuid = \"0b0b0b0b-1c1c-4d2d-8e3e-4f4f4f4f4f4f\"\n[emulator]\npath = \"{}\"\nargs = [\"--mode\", \"hold\"]\n",
+            bins.fake_emulator.display()
+        );
+        for i in 0..16 {
+            text.push_str(&format!(
+                "[[interface]]\nmac = \"52:54:00:be:00:{i:02x}\"\nifname = \"vmab{i}\"\n"
+            ));
+        }
+        std::fs::write(&spec, text).expect("spec");
+        let journal = dir.join(format!("j{run}.jsonl"));
+        let mut child = std::process::Command::new(&bins.vmaudit)
+            .arg("run")
+            .arg(&spec)
+            .args(["--audit", "journal", "--journal"])
+            .arg(&journal)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vmaudit run");
+        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let guard = ChildGuard(child);
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("emulator pid") {
+                break;
+            }
+        }
+        stop(guard);
+        for l in std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(l).expect("journal line");
+            if v["type"] == "verdict" {
+                verdicts += 1;
+                if let Some(n) = v["latency_ns"].as_u64() {
+                    lat.push(n);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3
+    };
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Command: `cargo xtask bench` ({runs} runs of `vmaudit run` with 16 tap interfaces and the stand-in emulator; {verdicts} verdicts, {} of them decided by a kernel event).",
+        lat.len()
+    );
+    let _ = writeln!(t, "Machine: {}.\n", machine());
+    let _ = writeln!(t, "| kernel event to verdict | µs | goal |");
+    let _ = writeln!(t, "|---|---:|---:|");
+    let _ = writeln!(t, "| p50 | {:.0} | |", pct(0.5));
+    let _ = writeln!(t, "| p99 | {:.0} | ≤ 1000 |", pct(0.99));
+    let _ = writeln!(t, "| max | {:.0} | |", pct(1.0));
+    print!("{t}");
+    t
 }

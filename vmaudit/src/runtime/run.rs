@@ -163,8 +163,9 @@ impl Trail<'_> {
 
     /// Emits a record and hands its claim to the verifier.
     pub fn emit_claim(&mut self, b: RecordBuilder, kind: ClaimKind) -> Result<Record, RunError> {
-        let made_ns = monotonic_ns();
         let (rec, entry) = self.emit_entry(b)?;
+        // The claim exists once its record is written (and fsync'd).
+        let made_ns = monotonic_ns();
         if let Some(v) = &self.verifier {
             self.claims += 1;
             v.claim(Claim {

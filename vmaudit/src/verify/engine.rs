@@ -122,6 +122,9 @@ impl Engine {
                             r = w.readable() => {
                                 r?;
                                 drain(&mut w, &mut ledger, &mut out)?;
+                                // Evidence that just arrived decides pending claims now, not at
+                                // the next tick.
+                                ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
                             }
                             _ = tick.tick() => {
                                 drain(&mut w, &mut ledger, &mut out)?;

@@ -605,7 +605,7 @@ impl Ledger {
                         ),
                         vec![ev(me, Some(*fd), Some(c), &op_name(c.op))],
                     );
-                    v.latency_ns = now.checked_sub(c.ts);
+                    v.latency_ns = now.checked_sub(c.ts.max(claim.made_ns));
                     v
                 }
                 _ => Verdict::new(
@@ -662,11 +662,13 @@ impl Ledger {
         let cref = claim.claim_ref();
         let confirmed = |reason: String, evidence: Vec<Evidence>| {
             let mut v = Verdict::new(cref.clone(), Status::Confirmed, reason, evidence);
+            // From the moment both the claim and its deciding kernel event existed.
             v.latency_ns = v
                 .evidence
                 .iter()
                 .filter_map(|e| e.ts)
                 .max()
+                .map(|t| t.max(claim.made_ns))
                 .and_then(|t| now.checked_sub(t));
             v
         };
