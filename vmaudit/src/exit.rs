@@ -39,6 +39,13 @@ pub const EMULATOR_FAILED: u8 = 14;
 /// `vmaudit run`: the emulator crashed or exited with an error while running.
 pub const EMULATOR_CRASHED: u8 = 15;
 
+/// `attach-net`/`detach-net`: the request was refused (unknown VM or MAC, duplicate MAC, qemu
+/// refused a command or is gone); the failure is audited and nothing is left.
+pub const REQUEST_FAILED: u8 = 16;
+/// `detach-net`: the guest did not acknowledge the unplug in time; no detach is claimed and
+/// qemu still holds the interface's fds.
+pub const DETACH_UNACKNOWLEDGED: u8 = 17;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),

@@ -2,6 +2,7 @@
 
 mod demo;
 mod fds;
+mod hotplug;
 mod noop_hook;
 mod run;
 mod verify;
@@ -36,6 +37,10 @@ enum Command {
     /// Run a VM from a spec: open its devices, set its device cgroup, launch the emulator,
     /// audit every step (journal lines on stdout).
     Run(run::Args),
+    /// Hot-plug a network interface into a VM run by `vmaudit run`.
+    AttachNet(hotplug::AttachArgs),
+    /// Hot-unplug a network interface (only claimed once the guest acknowledged it).
+    DetachNet(hotplug::DetachArgs),
     /// The claims of a journal and their verdicts, with totals.
     Verify(verify::Args),
     /// Print a process's current fd table (from /proc).
@@ -54,6 +59,8 @@ pub fn main() -> ExitCode {
         Command::Fds(a) => fds::run(a),
         Command::Run(a) => run::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::AttachNet(a) => hotplug::attach(a),
+        Command::DetachNet(a) => hotplug::detach(a),
         Command::Demo(a) => demo::run(a),
         Command::NoopHook(a) => noop_hook::run(a),
     };

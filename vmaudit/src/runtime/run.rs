@@ -14,8 +14,11 @@ use std::{
 };
 
 use super::{
+    control,
     devices::{self, NetDevice, OpenAttempt, Role},
+    hotplug::{Live, Nic},
     launch,
+    qmp::Qmp,
     spec::{Spec, SpecError},
     vmcgroup::{self, VmCgroupHandle},
 };
@@ -400,9 +403,37 @@ pub async fn run(
         ClaimKind::VmStart { pid },
     )?;
     // The emulator holds the fds now; vmaudit's copies go.
-    for d in &mut devs {
+    let mut nics = Vec::new();
+    for (i, (mut d, iface)) in devs.drain(..).zip(&spec.interfaces).enumerate() {
+        let emulator_fds = d.fds.iter().map(|f| f.fd.as_raw_fd()).collect();
         d.fds.clear();
+        nics.push(Nic {
+            mac: iface.mac,
+            netdev_id: format!("net{i}"),
+            device_id: format!("nic{i}"),
+            emulator_fds,
+            dev: Some(d),
+        });
     }
+    let qmp_conn = if spec.emulator.args.is_none() {
+        match Qmp::connect(&qmp).await {
+            Ok(q) => Some(q),
+            Err(e) => {
+                log::warn!("no QMP, so no hot-plug: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut live = Live::new(qmp_conn, nics, pid);
+    let control = match control::bind(&control::socket_path(&spec.name)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("no control socket, so no hot-plug: {e}");
+            None
+        }
+    };
     on_running(pid);
 
     // Until a signal, the emulator's end, or (--strict) a violation. The device map is read
@@ -423,7 +454,7 @@ pub async fn run(
                 Ok(s) if s.success() => break Ending::Shutdown,
                 Ok(_) => break Ending::Crashed,
                 Err(e) => {
-                    finish(devs, cgroup).await;
+                    finish(live.take_devices(), cgroup).await;
                     return Err(RunError::Wait(e));
                 }
             },
@@ -437,6 +468,15 @@ pub async fn run(
                     break Ending::Violation;
                 }
                 violations = None;
+            }
+            conn = async { control.as_ref()?.accept().await.ok() }, if control.is_some() => {
+                if let Some((mut stream, _)) = conn {
+                    let answer = match control::read_request(&mut stream).await {
+                        Ok(req) => live.handle(&mut trail, req).await,
+                        Err(e) => control::Response::err(exit::REQUEST_FAILED, e),
+                    };
+                    control::write_response(&mut stream, &answer).await;
+                }
             }
             _ = recheck.tick() => {
                 if let (Some(v), Ok(rules)) = (trail.verifier(), cgroup.cgroup.kernel_rules()) {

@@ -68,7 +68,7 @@ impl fmt::Display for Mac {
 }
 
 /// How an interface reaches the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// A tap device through /dev/net/tun (TUNSETIFF).

@@ -74,6 +74,8 @@ pub struct Ledger {
     early_releases: Vec<(u32, u64, Verdict)>,
     /// SCM_RIGHTS sends seen before the claims that name their fds.
     early_sends: Vec<(FdRecord, i32)>,
+    /// fds the emulator received (getfd) before a claim named them, with a deadline.
+    early_recvs: Vec<(FdRecord, i32, u64)>,
 }
 
 fn ev(pid: u32, fd: Option<i32>, seen: Option<&Seen>, what: &str) -> Evidence {
@@ -135,6 +137,7 @@ impl Ledger {
             reported: HashSet::new(),
             early_releases: Vec::new(),
             early_sends: Vec::new(),
+            early_recvs: Vec::new(),
         }
     }
 
@@ -257,6 +260,26 @@ impl Ledger {
         self.early_releases.retain(|(p, _, _)| *p != pid);
     }
 
+    /// Received fds no claim has named by their deadline are judged as devices no claim gave.
+    fn settle_recvs(&mut self, now: u64, out: &mut Vec<Verdict>) {
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early_recvs)
+            .into_iter()
+            .partition(|(_, _, d)| *d <= now);
+        self.early_recvs = keep;
+        for (r, fd, _) in due {
+            let Some(file) = r.file.clone() else { continue };
+            let emu = r.pid;
+            if self
+                .passed
+                .iter()
+                .any(|p| p.emulator_pid == emu && p.emulator_fd == fd && !p.released)
+            {
+                continue;
+            }
+            self.check_device(emu, fd, &file, r.ts, "recv_fd", out);
+        }
+    }
+
     /// Early releases whose process did not exit within the grace period are violations.
     fn settle_releases(&mut self, now_kernel: u64, out: &mut Vec<Verdict>) {
         let exits = &self.exits;
@@ -348,6 +371,13 @@ impl Ledger {
             return;
         }
         if r.pid != emu || r.op == Op::Inherit || r.op == Op::Seed {
+            return;
+        }
+        if r.op == Op::RecvFd && self.early_recvs.len() < 1024 {
+            // Most likely a getfd of a hot-plug whose attach claim comes next: judge it then,
+            // or at the deadline.
+            self.early_recvs
+                .push((r.clone(), fd, r.ts + self.deadline_ns));
             return;
         }
         if r.op == Op::Dup
@@ -476,6 +506,13 @@ impl Ledger {
             } => {
                 self.emulator = Some(*emulator_pid);
                 for f in fds {
+                    // A number reused by a new attach: what happened to the old file is history.
+                    self.closes.remove(&(*emulator_pid, f.emulator_fd));
+                    self.reported
+                        .remove(&format!("release {emulator_pid} {}", f.emulator_fd));
+                    self.passed.retain(|p| {
+                        !(p.emulator_pid == *emulator_pid && p.emulator_fd == f.emulator_fd)
+                    });
                     self.passed_vm_fds.insert(f.fd);
                     self.passed.push(Passed {
                         claim: claim.claim_ref(),
@@ -493,6 +530,17 @@ impl Ledger {
                 emulator_pid,
                 ..
             } => {
+                // The closes came before the record (netdev_del first): they were this detach's.
+                self.early_releases.retain(|(pid, _, v)| {
+                    !(*pid == *emulator_pid
+                        && v.evidence
+                            .iter()
+                            .any(|e| e.fd.is_some_and(|fd| emulator_fds.contains(&fd))))
+                });
+                for fd in emulator_fds {
+                    self.reported
+                        .remove(&format!("release {emulator_pid} {fd}"));
+                }
                 for p in self.passed.iter_mut().filter(|p| {
                     p.emulator_pid == *emulator_pid && emulator_fds.contains(&p.emulator_fd)
                 }) {
@@ -542,6 +590,7 @@ impl Ledger {
         out: &mut Vec<Verdict>,
     ) {
         self.settle_releases(now, out);
+        self.settle_recvs(now, out);
         let pending = std::mem::take(&mut self.pending);
         for (claim, deadline) in pending {
             if let Some(v) = self.evaluate(&claim, tables, now) {
@@ -563,6 +612,7 @@ impl Ledger {
         out: &mut Vec<Verdict>,
     ) {
         self.settle_releases(u64::MAX, out);
+        self.settle_recvs(u64::MAX, out);
         let pending = std::mem::take(&mut self.pending);
         for (claim, _) in pending {
             out.push(

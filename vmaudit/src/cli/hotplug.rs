@@ -1,0 +1,92 @@
+//! `vmaudit attach-net VM ...` / `vmaudit detach-net VM ...`: ask a running `vmaudit run` over
+//! its control socket.
+
+use vmaudit::{
+    exit,
+    runtime::{
+        control::{Request, request},
+        spec::Backend,
+    },
+};
+
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// The VM's name (as in its spec).
+    vm: String,
+    /// The new interface's MAC.
+    #[arg(long)]
+    mac: String,
+    /// tap, or macvtap (with --parent).
+    #[arg(long, value_enum, default_value_t = Backend::Tap)]
+    backend: Backend,
+    /// macvtap: the parent link.
+    #[arg(long)]
+    parent: Option<String>,
+    /// The host interface name (default: kernel-numbered).
+    #[arg(long)]
+    ifname: Option<String>,
+    /// Queues (fds).
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The VM's name.
+    vm: String,
+    /// The interface's MAC.
+    #[arg(long)]
+    mac: String,
+    /// How long the guest has to acknowledge the unplug, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+fn send(vm: &str, req: Request) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return super::fail(&e, exit::INTERNAL),
+    };
+    match rt.block_on(request(vm, &req)) {
+        Ok(r) if r.ok => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            eprintln!("vmaudit: {}", r.message);
+            exit::OK
+        }
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            eprintln!("vmaudit: {}", r.message);
+            r.code
+        }
+        Err(e) => {
+            eprintln!("vmaudit: {e}");
+            exit::NO_SUCH_PROCESS
+        }
+    }
+}
+
+pub fn attach(a: AttachArgs) -> u8 {
+    send(
+        &a.vm,
+        Request::AttachNet {
+            mac: a.mac,
+            backend: a.backend,
+            parent: a.parent,
+            ifname: a.ifname,
+            queues: a.queues,
+        },
+    )
+}
+
+pub fn detach(a: DetachArgs) -> u8 {
+    send(
+        &a.vm,
+        Request::DetachNet {
+            mac: a.mac,
+            timeout_ms: a.timeout_ms,
+        },
+    )
+}

@@ -1,0 +1,338 @@
+//! Hot-plug and hot-unplug of network interfaces on the running VM, over QMP, audited fd by
+//! fd and verified.
+//!
+//! attach: open the devices (one `reason=open` record per fd), hand each fd to qemu with
+//! `getfd` (SCM_RIGHTS), `netdev_add`, `device_add`; `reason=attach`, whose claim names the
+//! emulator's fds (found by kcmp). Any failure rolls back (`netdev_del`, `closefd`) and is
+//! audited, which libvirt does not do.
+//! detach: `device_del`, wait (bounded) for the guest's DEVICE_DELETED, `netdev_del`;
+//! `reason=detach` naming the fds, whose release the verifier holds to the kernel. When the guest
+//! never acknowledges, vmaudit claims no detach: the answer says so, and which fds qemu still
+//! holds.
+
+use std::{os::fd::AsFd as _, time::Duration};
+
+use super::{
+    control::{Request, Response},
+    devices::{self, NetDevice, OpenAttempt, Role},
+    qmp::Qmp,
+    run::Trail,
+    spec::{Interface, Mac},
+};
+use crate::{
+    audit::record::{NetChange, Record},
+    exit,
+    verify::claims::{ClaimKind, PassedFd},
+};
+
+/// An interface the VM has now.
+pub struct Nic {
+    pub mac: Mac,
+    pub netdev_id: String,
+    pub device_id: String,
+    /// Its fds in the emulator.
+    pub emulator_fds: Vec<i32>,
+    /// What vmaudit made for it (a macvtap link); its fds are closed once passed.
+    pub dev: Option<NetDevice>,
+}
+
+/// The running VM's interfaces and QMP connection.
+pub struct Live {
+    pub qmp: Option<Qmp>,
+    pub nics: Vec<Nic>,
+    pub emulator_pid: u32,
+    next: u32,
+}
+
+impl Live {
+    pub fn new(qmp: Option<Qmp>, nics: Vec<Nic>, emulator_pid: u32) -> Self {
+        Self {
+            qmp,
+            nics,
+            emulator_pid,
+            next: 0,
+        }
+    }
+
+    /// Takes every device vmaudit made, for the teardown.
+    pub fn take_devices(&mut self) -> Vec<NetDevice> {
+        self.nics.iter_mut().filter_map(|n| n.dev.take()).collect()
+    }
+
+    pub async fn handle(&mut self, trail: &mut Trail<'_>, req: Request) -> Response {
+        match req {
+            Request::AttachNet {
+                mac,
+                backend,
+                parent,
+                ifname,
+                queues,
+            } => {
+                let Ok(mac) = mac.parse::<Mac>() else {
+                    return Response::err(
+                        exit::REQUEST_FAILED,
+                        format!("{mac:?} is not a MAC address"),
+                    );
+                };
+                let iface = Interface {
+                    mac,
+                    backend,
+                    ifname,
+                    parent,
+                    vhost: false,
+                    queues: queues.clamp(1, 16),
+                };
+                self.attach(trail, iface).await
+            }
+            Request::DetachNet { mac, timeout_ms } => {
+                self.detach(trail, &mac, Duration::from_millis(timeout_ms))
+                    .await
+            }
+        }
+    }
+
+    async fn attach(&mut self, trail: &mut Trail<'_>, iface: Interface) -> Response {
+        if self.qmp.is_none() {
+            return Response::err(
+                exit::REQUEST_FAILED,
+                "the emulator has no QMP socket (custom emulator arguments): nothing can be hot-plugged",
+            );
+        }
+        if self.nics.iter().any(|n| n.mac == iface.mac) {
+            return Response::err(
+                exit::REQUEST_FAILED,
+                format!("the VM already has an interface with MAC {}", iface.mac),
+            );
+        }
+        let mac = iface.mac.to_string();
+        self.next += 1;
+        let (netdev_id, device_id) = (
+            format!("vmhp{}", self.next),
+            format!("vmhpnic{}", self.next),
+        );
+        let default_name = match iface.backend {
+            super::spec::Backend::Tap => "vmtap%d".to_owned(),
+            super::spec::Backend::Macvtap => format!("vmvthp{}", self.next),
+        };
+        // Open, with one record (and claim) per fd.
+        let mut failed: Option<String> = None;
+        let opened = devices::open_interface(&iface, &default_name, &mut |a: OpenAttempt<'_>| {
+            if failed.is_some() {
+                return;
+            }
+            let mut b = Record::net_open(&trail.vm, &mac, a.path, a.rdev).success(a.result.is_ok());
+            if let Ok(fd) = a.result {
+                b = b.fd(fd);
+            }
+            b = b.extra(
+                "vmaudit-role",
+                if a.role == Role::Tap { "tap" } else { "vhost" },
+            );
+            let claim = ClaimKind::NetOpen {
+                mac: mac.clone(),
+                path: a.path.display().to_string(),
+                rdev: a.rdev,
+                fd: a.result.as_ref().ok().copied(),
+                success: a.result.is_ok(),
+            };
+            if let Err(e) = trail.emit_claim(b, claim) {
+                failed = Some(e.to_string());
+            }
+        })
+        .await;
+        let mut dev = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                return self
+                    .attach_failed(trail, &mac, "open", &e.to_string(), &[])
+                    .await;
+            }
+        };
+        if let Some(e) = failed {
+            dev.teardown().await;
+            return Response::err(exit::JOURNAL, e);
+        }
+        // Hand each fd over, then the netdev, then the NIC; undo on any refusal.
+        let qmp = self.qmp.as_mut().expect("checked above");
+        let mut given: Vec<String> = Vec::new();
+        let mut step_err = None;
+        for (i, f) in dev.taps().enumerate() {
+            let name = format!("{netdev_id}-{i}");
+            match qmp.getfd(&name, f.fd.as_fd()).await {
+                Ok(()) => given.push(name),
+                Err(e) => {
+                    step_err = Some(("getfd", e.to_string()));
+                    break;
+                }
+            }
+        }
+        if step_err.is_none()
+            && let Err(e) = qmp.netdev_add_tap(&netdev_id, &given, &[]).await
+        {
+            step_err = Some(("netdev_add", e.to_string()));
+        }
+        if step_err.is_none()
+            && let Err(e) = qmp.device_add_nic(&device_id, &netdev_id, &mac).await
+        {
+            let _ = qmp.netdev_del(&netdev_id).await;
+            given.clear(); // netdev_del closed them
+            step_err = Some(("device_add", e.to_string()));
+        }
+        if let Some((step, msg)) = step_err {
+            let qmp = self.qmp.as_mut().expect("checked above");
+            let mut undone = vec![];
+            for name in &given {
+                if qmp.closefd(name).await.is_ok() {
+                    undone.push(format!("closefd {name}"));
+                }
+            }
+            if step == "device_add" {
+                undone.push(format!("netdev_del {netdev_id}"));
+            }
+            dev.teardown().await;
+            return self.attach_failed(trail, &mac, step, &msg, &undone).await;
+        }
+        // Which fds qemu now holds for it: the same open files as ours, by kcmp.
+        let pid = self.emulator_pid;
+        let me = std::process::id();
+        let qemu_fds = crate::procfs::ProcFs::default()
+            .fd_numbers(pid)
+            .unwrap_or_default();
+        let passed: Vec<PassedFd> = dev
+            .taps()
+            .map(|f| {
+                use std::os::fd::AsRawFd as _;
+                let n = f.fd.as_raw_fd();
+                let emu = qemu_fds
+                    .iter()
+                    .copied()
+                    .find(|q| crate::kcmp::same_file(me, n, pid, *q).unwrap_or(false));
+                PassedFd {
+                    fd: n,
+                    emulator_fd: emu.unwrap_or(-1),
+                    kcmp_same: emu.map(|_| true),
+                    rdev: f.rdev,
+                    path: f.path.display().to_string(),
+                }
+            })
+            .collect();
+        let emulator_fds: Vec<i32> = passed.iter().map(|p| p.emulator_fd).collect();
+        let list = emulator_fds
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let b =
+            Record::net(&trail.vm, NetChange::Attach, &mac).extra("vmaudit-emulator-fds", &list);
+        let claim = ClaimKind::NetStart {
+            mac: mac.clone(),
+            emulator_pid: pid,
+            fds: passed,
+        };
+        if let Err(e) = trail.emit_claim(b, claim) {
+            return Response::err(exit::JOURNAL, e.to_string());
+        }
+        dev.fds.clear();
+        self.nics.push(Nic {
+            mac: iface.mac,
+            netdev_id,
+            device_id,
+            emulator_fds: emulator_fds.clone(),
+            dev: Some(dev),
+        });
+        Response::ok(
+            format!("attached {mac}: qemu holds fd {list}"),
+            emulator_fds,
+        )
+    }
+
+    async fn attach_failed(
+        &mut self,
+        trail: &mut Trail<'_>,
+        mac: &str,
+        step: &str,
+        msg: &str,
+        undone: &[String],
+    ) -> Response {
+        let mut b = Record::net(&trail.vm, NetChange::Attach, mac)
+            .success(false)
+            .extra("vmaudit-step", step);
+        if !undone.is_empty() {
+            b = b.extra("vmaudit-rollback", &undone.join(","));
+        }
+        let _ = trail.emit(b);
+        Response::err(
+            exit::REQUEST_FAILED,
+            format!("attach {mac} failed at {step}: {msg}"),
+        )
+    }
+
+    async fn detach(&mut self, trail: &mut Trail<'_>, mac: &str, timeout: Duration) -> Response {
+        let Some(i) = self
+            .nics
+            .iter()
+            .position(|n| n.mac.to_string().eq_ignore_ascii_case(mac))
+        else {
+            return Response::err(
+                exit::REQUEST_FAILED,
+                format!("the VM has no interface with MAC {mac}"),
+            );
+        };
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Response::err(
+                exit::REQUEST_FAILED,
+                "the emulator has no QMP socket: nothing can be hot-unplugged",
+            );
+        };
+        let nic = &self.nics[i];
+        let (device_id, netdev_id) = (nic.device_id.clone(), nic.netdev_id.clone());
+        let fds = nic.emulator_fds.clone();
+        let list = fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+        let fail = |trail: &mut Trail<'_>, why: &str| {
+            let b = Record::net(&trail.vm, NetChange::Detach, mac)
+                .success(false)
+                .extra("vmaudit-emulator-fds", &list)
+                .extra("vmaudit-why", why);
+            let _ = trail.emit(b);
+        };
+        if let Err(e) = qmp.device_del(&device_id).await {
+            fail(trail, "device_del refused");
+            return Response::err(exit::REQUEST_FAILED, format!("detach {mac}: {e}"));
+        }
+        if !qmp.wait_deleted(&device_id, timeout).await {
+            // No guest acknowledged the unplug: the NIC is still there and qemu holds its fds.
+            // vmaudit does not claim a detach it cannot prove.
+            fail(trail, "the guest did not acknowledge the unplug");
+            let mut r = Response::err(
+                exit::DETACH_UNACKNOWLEDGED,
+                format!(
+                    "detach {mac} not done: the guest did not acknowledge the unplug within {timeout:?}; qemu still holds fd {list}"
+                ),
+            );
+            r.emulator_fds = fds;
+            return r;
+        }
+        if let Err(e) = qmp.netdev_del(&netdev_id).await {
+            fail(trail, "netdev_del refused");
+            return Response::err(
+                exit::REQUEST_FAILED,
+                format!("detach {mac}: the device is gone but {e}"),
+            );
+        }
+        let b = Record::net(&trail.vm, NetChange::Detach, mac).extra("vmaudit-emulator-fds", &list);
+        let claim = ClaimKind::NetDetach {
+            mac: mac.to_owned(),
+            emulator_pid: self.emulator_pid,
+            emulator_fds: fds.clone(),
+        };
+        let recorded = trail.emit_claim(b, claim);
+        let nic = self.nics.remove(i);
+        if let Some(dev) = nic.dev {
+            dev.teardown().await;
+        }
+        match recorded {
+            Ok(_) => Response::ok(format!("detached {mac}: qemu released fd {list}"), fds),
+            Err(e) => Response::err(exit::JOURNAL, e.to_string()),
+        }
+    }
+}
