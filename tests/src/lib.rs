@@ -16,6 +16,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod guest;
 pub mod libvirt;
 
 /// How long any single expected record may take before the test fails. A bound on a hang,

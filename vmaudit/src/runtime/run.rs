@@ -332,11 +332,20 @@ pub async fn run(
 
     // Launch.
     let qmp = run_dir.0.join("qmp.sock");
-    let mut args = spec
+    // Custom arguments may name vmaudit's QMP socket as `{qmp}`: vmaudit then waits for it and
+    // drives hot-plug through it, as with its default command line.
+    let has_qmp = spec
         .emulator
         .args
-        .clone()
-        .unwrap_or_else(|| launch::default_args(&spec, &qmp));
+        .as_ref()
+        .is_none_or(|a| a.iter().any(|x| x.contains("{qmp}")));
+    let mut args: Vec<String> = match &spec.emulator.args {
+        Some(a) => a
+            .iter()
+            .map(|x| x.replace("{qmp}", &qmp.display().to_string()))
+            .collect(),
+        None => launch::default_args(&spec, &qmp),
+    };
     for (i, (dev, iface)) in devs.iter().zip(&spec.interfaces).enumerate() {
         args.extend(devices::qemu_args(dev, i, iface.queues));
     }
@@ -357,9 +366,7 @@ pub async fn run(
         }
     };
     let pid = child.id().unwrap_or(0);
-    if spec.emulator.args.is_none()
-        && let Err(e) = wait_until_up(&mut child, &qmp).await
-    {
+    if has_qmp && let Err(e) = wait_until_up(&mut child, &qmp).await {
         let _ = trail.emit(stop_record(&trail.vm, StopReason::Failed, pid).success(false));
         let _ = child.kill().await;
         finish(devs, cgroup).await;
@@ -415,7 +422,7 @@ pub async fn run(
             dev: Some(d),
         });
     }
-    let qmp_conn = if spec.emulator.args.is_none() {
+    let qmp_conn = if has_qmp {
         match Qmp::connect(&qmp).await {
             Ok(q) => Some(q),
             Err(e) => {
