@@ -7,10 +7,7 @@
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, IoSlice, Write as _},
-    os::{
-        fd::{AsFd as _, AsRawFd as _},
-        unix::net::UnixStream,
-    },
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
     path::Path,
     process::{Command, Stdio},
     time::Instant,
@@ -203,7 +200,7 @@ impl Qmp {
     fn execute_with_fd(&mut self, command: Value, fd: &File) -> Value {
         let mut line = command.to_string();
         line.push('\n');
-        let fds = [fd.as_fd().as_raw_fd()];
+        let fds = [fd.as_raw_fd()];
         let sent = sendmsg::<UnixAddr>(
             self.stream.as_raw_fd(),
             &[IoSlice::new(line.as_bytes())],

@@ -68,12 +68,27 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-fn spec_text(stand_in: bool) -> String {
-    let emulator = if stand_in {
+/// The tiny real guest `cargo xtask setup` builds (`.tools/guest` of the workspace the binary
+/// was built in), when it is there: it acknowledges hot-unplug.
+fn guest_image() -> Option<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .map(|a| a.join(".tools").join("guest"))
+        .find(|g| g.join("vmlinuz").is_file() && g.join("initrd.gz").is_file())
+        .map(|g| (g.join("vmlinuz"), g.join("initrd.gz")))
+}
+
+fn spec_text(stand_in: bool, guest: Option<&(PathBuf, PathBuf)>, serial: &Path) -> String {
+    let emulator = match (stand_in, guest) {
         // Holds the fds it is given and waits; runs no VM. Only for hosts without qemu.
-        "[emulator]\npath = \"/bin/sh\"\nargs = [\"-c\", \"exec sleep infinity\", \"vmaudit-stand-in\"]\n\n"
-    } else {
-        ""
+        (true, _) => "[emulator]\npath = \"/bin/sh\"\nargs = [\"-c\", \"exec sleep infinity\", \"vmaudit-stand-in\"]\n\n".to_owned(),
+        (false, Some((kernel, initrd))) => format!(
+            "[emulator]\nargs = [\"-accel\", \"tcg\", \"-M\", \"pc\", \"-m\", \"128\", \"-nodefaults\", \"-display\", \"none\", \"-kernel\", \"{}\", \"-initrd\", \"{}\", \"-append\", \"console=ttyS0\", \"-serial\", \"file:{}\", \"-qmp\", \"unix:{{qmp}},server=on,wait=off\"]\n\n",
+            kernel.display(),
+            initrd.display(),
+            serial.display()
+        ),
+        (false, None) => String::new(),
     };
     format!(
         "name = \"{NAME}\"\nuuid = \"{UUID}\"\n\n{emulator}\
@@ -119,7 +134,9 @@ pub fn run(_args: Args) -> u8 {
     let _cleanup = DirGuard(dir.clone());
     let spec = dir.join("vm.toml");
     let journal = dir.join("journal.jsonl");
-    if let Err(e) = std::fs::write(&spec, spec_text(stand_in)) {
+    let guest = guest_image();
+    let serial = dir.join("serial.log");
+    if let Err(e) = std::fs::write(&spec, spec_text(stand_in, guest.as_ref(), &serial)) {
         eprintln!("vmaudit: writing {}: {e}", spec.display());
         return exit::INTERNAL;
     }
@@ -137,8 +154,14 @@ pub fn run(_args: Args) -> u8 {
         say(
             "== qemu-system-x86_64 is not installed: the emulator is a STAND-IN (`sleep`), which holds the fds but runs no VM",
         );
+    } else if guest.is_some() {
+        say(
+            "== emulator: Debian's qemu-system-x86_64 booting a tiny real guest (Debian's cloud kernel), which acknowledges hot-unplug",
+        );
     } else {
-        say("== emulator: Debian's qemu-system-x86_64, a paused pc machine with no guest");
+        say(
+            "== emulator: Debian's qemu-system-x86_64, a paused pc machine with no guest (no hot-unplug can complete)",
+        );
     }
     say(&format!(
         "== spec {}; journal {}; records also go to the kernel audit subsystem when it is enabled",
@@ -155,7 +178,8 @@ pub fn run(_args: Args) -> u8 {
     opts.echo_verdicts = false;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop_tx = Some(stop_tx);
-    let mut watcher: Option<std::thread::JoinHandle<()>> = None;
+    let mut operator: Option<std::thread::JoinHandle<()>> = None;
+    let booting = guest.is_some() && !stand_in;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -170,17 +194,27 @@ pub fn run(_args: Args) -> u8 {
         },
         &mut |pid| {
             print_table(pid);
-            say("\n== stopping the VM while the kernel fd tracker watches the emulator:");
-            watcher = start_watcher(pid);
-            if let Some(tx) = stop_tx.take() {
-                let _ = tx.send(());
-            }
+            let stop = stop_tx.take();
+            let serial = serial.clone();
+            // The operator: hot-plug and unplug over the control socket while `run` serves it,
+            // then stop the VM with the fd tracker watching.
+            operator = Some(std::thread::spawn(move || {
+                operate(pid, booting.then_some(serial.as_path()));
+                say("\n== stopping the VM while the kernel fd tracker watches the emulator:");
+                let watcher = start_watcher(pid);
+                if let Some(tx) = stop {
+                    let _ = tx.send(());
+                }
+                if let Some(w) = watcher {
+                    let _ = w.join();
+                }
+            }));
         },
         async {
             let _ = stop_rx.await;
         },
     ));
-    if let Some(w) = watcher {
+    if let Some(w) = operator {
         let _ = w.join();
     }
     match result {
@@ -188,6 +222,7 @@ pub fn run(_args: Args) -> u8 {
             say(&format!(
                 "\n== the VM ended ({ending:?}); its tap, macvtap link and cgroup are gone."
             ));
+            print_verdicts(&journal);
             exit::OK
         }
         Err(e) => super::fail(&e, e.exit_code()),
@@ -238,5 +273,73 @@ struct DirGuard(PathBuf);
 impl Drop for DirGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Hot-plugs a NIC and unplugs it, printing vmaudit's answers and what qemu holds.
+fn operate(pid: u32, guest_serial: Option<&Path>) {
+    use vmaudit::runtime::control::{Request, request};
+    if let Some(serial) = guest_serial {
+        say("\n== waiting for the guest kernel to boot (its console says when):");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        // A boot gives no event but its console output, written to a plain file: poll it.
+        while !std::fs::read_to_string(serial).is_ok_and(|t| t.contains("vmaudit-guest: ready")) {
+            if std::time::Instant::now() > deadline {
+                say("   the guest did not boot in 90 s");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        say("   guest ready");
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let ask = |req: Request| match rt.block_on(request(NAME, &req)) {
+        Ok(r) => say(&format!("   vmaudit: {} (exit code {})", r.message, r.code)),
+        Err(e) => say(&format!("   vmaudit: {e}")),
+    };
+    say(
+        "\n== hot-plug: vmaudit attach-net vmaudit-demo --mac 52:54:00:de:00:03 (getfd over SCM_RIGHTS, netdev_add, device_add)",
+    );
+    ask(Request::AttachNet {
+        mac: "52:54:00:de:00:03".into(),
+        backend: vmaudit::runtime::spec::Backend::Tap,
+        parent: None,
+        ifname: Some("vmaudit-dhp".into()),
+        queues: 1,
+    });
+    print_table(pid);
+    say(
+        "\n== hot-unplug: vmaudit detach-net vmaudit-demo --mac 52:54:00:de:00:03 (device_del, DEVICE_DELETED, netdev_del)",
+    );
+    ask(Request::DetachNet {
+        mac: "52:54:00:de:00:03".into(),
+        timeout_ms: 3000,
+    });
+}
+
+/// The verdicts of the journal, one line each.
+fn print_verdicts(journal: &Path) {
+    say("\n== verdicts (vmaudit verify): each claim held to the kernel's evidence");
+    let Ok(text) = std::fs::read_to_string(journal) else {
+        return;
+    };
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["type"] != "verdict" {
+            continue;
+        }
+        say(&format!(
+            "   {:<11} {:<10} {}",
+            v["status"].as_str().unwrap_or("?"),
+            v["claim"]["kind"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("")
+        ));
     }
 }
