@@ -320,3 +320,99 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
         .unwrap();
     assert_eq!(d["evidence"][0]["what"], "close", "{d:#}");
 }
+
+/// qemu refusing a command (a microvm has no PCI bus for `device_add`): the netdev is rolled
+/// back, the failure and the rollback are audited, and qemu holds nothing new.
+#[test]
+fn a_command_qemu_refuses_is_rolled_back_and_audited() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("hp-microvm");
+    let spec = tmp.0.join("vm.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"vmaudit-hp4\"\nuuid = \"{UUID}\"\n[emulator]\nargs = [\"-M\", \"microvm\", \"-nodefaults\", \"-display\", \"none\", \"-S\", \"-qmp\", \"unix:{{qmp}},server=on,wait=off\"]\n"
+        ),
+    )
+    .unwrap();
+    let journal = tmp.0.join("j.jsonl");
+    let mut child = Command::new(&bins.vmaudit)
+        .arg("run")
+        .arg(&spec)
+        .args(["--audit", "journal", "--journal"])
+        .arg(&journal)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let guard = ChildGuard(child);
+    let emulator: u32 = loop {
+        let l = stderr.next().expect("vmaudit run ended").unwrap();
+        if let Some(p) = l.split("emulator pid ").nth(1) {
+            break p.trim().parse().unwrap();
+        }
+    };
+    let held = proc_fds(emulator);
+    let (code, _, err) = run_vmaudit(
+        &bins,
+        &[
+            "attach-net",
+            "vmaudit-hp4",
+            "--mac",
+            "52:54:00:00:60:05",
+            "--ifname",
+            "vmhp4-t",
+        ],
+    );
+    assert_eq!(code, 16, "{err}");
+    assert!(err.contains("failed at device_add"), "{err}");
+    assert_eq!(
+        proc_fds(emulator),
+        held,
+        "the rollback left qemu holding nothing new"
+    );
+    assert!(
+        !Path::new("/sys/class/net/vmhp4-t").exists(),
+        "the tap went with its fds"
+    );
+    // A qemu that stops answering: the request fails in bounded time, audited.
+    // SAFETY: SIGSTOP/SIGCONT to the qemu this test started through vmaudit.
+    unsafe { libc::kill(emulator as i32, libc::SIGSTOP) };
+    let (code, _, err) = run_vmaudit(
+        &bins,
+        &[
+            "attach-net",
+            "vmaudit-hp4",
+            "--mac",
+            "52:54:00:00:60:06",
+            "--ifname",
+            "vmhp4-u",
+        ],
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(emulator as i32, libc::SIGCONT) };
+    assert_eq!(code, 16, "{err}");
+    assert!(err.contains("did not answer"), "{err}");
+    // The fd was already in flight to qemu (SCM_RIGHTS holds it in the socket): what qemu does
+    // with it once resumed is for the verifier, which holds qemu to what it then holds.
+    drop(stderr);
+    let mut guard = guard;
+    // SAFETY: kill with our child's pid.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    let _ = guard.0.wait();
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("reason=attach") && l.contains("res=failed"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert!(
+        failed[0].contains(r#"vmaudit-step=\"device_add\""#)
+            && failed[0].contains("vmaudit-rollback"),
+        "{}",
+        failed[0]
+    );
+    assert!(failed[0].contains("netdev_del"), "{}", failed[0]);
+}

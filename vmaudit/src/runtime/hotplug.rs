@@ -161,7 +161,7 @@ impl Live {
             match qmp.getfd(&name, f.fd.as_fd()).await {
                 Ok(()) => given.push(name),
                 Err(e) => {
-                    step_err = Some(("getfd", e.to_string()));
+                    step_err = Some(("getfd", chain(&e)));
                     break;
                 }
             }
@@ -169,14 +169,14 @@ impl Live {
         if step_err.is_none()
             && let Err(e) = qmp.netdev_add_tap(&netdev_id, &given, &[]).await
         {
-            step_err = Some(("netdev_add", e.to_string()));
+            step_err = Some(("netdev_add", chain(&e)));
         }
         if step_err.is_none()
             && let Err(e) = qmp.device_add_nic(&device_id, &netdev_id, &mac).await
         {
             let _ = qmp.netdev_del(&netdev_id).await;
             given.clear(); // netdev_del closed them
-            step_err = Some(("device_add", e.to_string()));
+            step_err = Some(("device_add", chain(&e)));
         }
         if let Some((step, msg)) = step_err {
             let qmp = self.qmp.as_mut().expect("checked above");
@@ -297,7 +297,7 @@ impl Live {
         };
         if let Err(e) = qmp.device_del(&device_id).await {
             fail(trail, "device_del refused");
-            return Response::err(exit::REQUEST_FAILED, format!("detach {mac}: {e}"));
+            return Response::err(exit::REQUEST_FAILED, format!("detach {mac}: {}", chain(&e)));
         }
         if !qmp.wait_deleted(&device_id, timeout).await {
             // No guest acknowledged the unplug: the NIC is still there and qemu holds its fds.
@@ -335,4 +335,16 @@ impl Live {
             Err(e) => Response::err(exit::JOURNAL, e.to_string()),
         }
     }
+}
+
+/// An error and its causes, on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }

@@ -25,6 +25,9 @@ use tokio::{
     sync::mpsc,
 };
 
+/// How long qemu may take to answer one command.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A QMP command that failed, or the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -135,6 +138,7 @@ pub struct Qmp {
     pending_fd: Arc<Mutex<Option<RawFd>>>,
     deleted: mpsc::UnboundedReceiver<String>,
     events: tokio::task::JoinHandle<()>,
+    broken: bool,
 }
 
 fn io_err(command: &'static str) -> impl Fn(io::Error) -> QmpError {
@@ -184,6 +188,7 @@ impl Qmp {
             pending_fd,
             deleted,
             events,
+            broken: false,
         })
     }
 
@@ -192,7 +197,28 @@ impl Qmp {
         name: &'static str,
         c: C,
     ) -> Result<C::Ok, QmpError> {
-        match self.service.execute(c).await {
+        if self.broken {
+            return Err(QmpError::Io {
+                command: name,
+                source: io::Error::other(
+                    "the QMP connection is unusable after an unanswered command",
+                ),
+            });
+        }
+        // A stopped or wedged qemu must not hang vmaudit's control loop.
+        let answer = tokio::time::timeout(QMP_TIMEOUT, self.service.execute(c)).await;
+        let Ok(answer) = answer else {
+            // Its late answer would be taken for the next command's: use the connection no more.
+            self.broken = true;
+            return Err(QmpError::Io {
+                command: name,
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("qemu did not answer in {QMP_TIMEOUT:?}"),
+                ),
+            });
+        };
+        match answer {
             Ok(ok) => Ok(ok),
             Err(qapi::ExecuteError::Qapi(e)) => Err(QmpError::Refused {
                 command: name,
