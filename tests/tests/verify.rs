@@ -420,3 +420,49 @@ impl Vm {
         )
     }
 }
+
+/// Events lost for the emulator (a ring buffer of one page, flooded): the verdicts that depend
+/// on them are `unknown`, never `confirmed`, and `vmaudit verify` exits 8.
+#[test]
+fn lost_events_make_verdicts_unknown() {
+    require_root();
+    let bins = bins!();
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-lost",
+        &fake(&bins, &["flood", "200000"]),
+        "",
+        &["--ring-buffer-bytes", "4096"],
+    );
+    vm.emulator_pid();
+    vm.stderr_line("fake-emulator ready", |l| {
+        l.starts_with("fake-emulator: ready")
+    });
+    let (code, journal) = vm.stop();
+    assert_eq!(code, 0, "nothing violated");
+    let verdicts: Vec<Value> = std::fs::read_to_string(&*journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "verdict")
+        .collect();
+    let stop = verdicts
+        .iter()
+        .find(|v| v["claim"]["kind"] == "vm-stop")
+        .expect("a vm-stop verdict");
+    assert_eq!(stop["status"], "unknown", "{stop:#}");
+    assert!(
+        stop["reason"]
+            .as_str()
+            .unwrap()
+            .contains("kernel events were lost"),
+        "{stop:#}"
+    );
+    assert!(
+        verdicts.iter().all(|v| v["status"] != "violated"),
+        "{verdicts:#?}"
+    );
+    let (code, report) = verify_json(&bins, &journal);
+    assert_eq!(code, 8, "{report:#}");
+    assert!(report["totals"]["unknown"].as_u64().unwrap() >= 1);
+}

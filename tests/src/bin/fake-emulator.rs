@@ -67,6 +67,8 @@ enum Mode {
     SendStranger,
     OpenTun,
     DupPassed,
+    /// Open and close /dev/null this many times before saying ready (to overflow a small ring).
+    Flood(u64),
     IgnoreTerm,
     ExitNow(u8),
 }
@@ -126,6 +128,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     "open-tun" => Mode::OpenTun,
                     "dup-passed" => Mode::DupPassed,
                     "ignore-term" => Mode::IgnoreTerm,
+                    "flood" => {
+                        let n = args.get(i + 2).ok_or("--mode flood needs a count")?;
+                        i += 1;
+                        Mode::Flood(n.parse().map_err(|_| format!("flood: bad count {n:?}"))?)
+                    }
                     "exit-now" => {
                         let n = args.get(i + 2).ok_or("--mode exit-now needs a status")?;
                         i += 1;
@@ -316,6 +323,12 @@ fn main() {
     let mut child: Option<libc::pid_t> = None;
     match opts.mode {
         Mode::Hold | Mode::CloseLater | Mode::IgnoreTerm | Mode::ExitNow(_) => {}
+        Mode::Flood(n) => {
+            for _ in 0..n {
+                drop(std::fs::File::open("/dev/null"));
+            }
+            keys.push(format!("flood={n}"));
+        }
         Mode::ClosePassed => passed.iter().for_each(|f| close_raw(*f)),
         Mode::LeakChild => {
             let fd = first(&passed);

@@ -28,6 +28,9 @@ pub struct Args {
     /// How long a claim may wait for its kernel evidence, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     deadline_ms: u64,
+    /// Size of the verifier's kernel event ring buffer in bytes (a power of two, at least 4096).
+    #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = super::watch::parse_ring)]
+    ring_buffer_bytes: u32,
 }
 
 pub fn run(args: Args) -> u8 {
@@ -37,6 +40,7 @@ pub fn run(args: Args) -> u8 {
     opts.strict = args.strict;
     opts.verify = !args.no_verify;
     opts.deadline = std::time::Duration::from_millis(args.deadline_ms);
+    opts.tracker.ring_bytes = args.ring_buffer_bytes;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -21,7 +21,7 @@ pub struct Args {
     ring_buffer_bytes: u32,
 }
 
-fn parse_ring(s: &str) -> Result<u32, String> {
+pub fn parse_ring(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
     if n < 4096 || !n.is_power_of_two() {
         return Err("must be a power of two of at least 4096".into());

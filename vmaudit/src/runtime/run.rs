@@ -126,6 +126,8 @@ pub struct RunOptions {
     pub deadline: Duration,
     /// Print each verdict's journal line on stdout too.
     pub echo_verdicts: bool,
+    /// The verifier's tracker options (ring buffer size).
+    pub tracker: TrackerOptions,
 }
 
 impl RunOptions {
@@ -138,6 +140,7 @@ impl RunOptions {
             strict: false,
             deadline: Duration::from_secs(2),
             echo_verdicts: true,
+            tracker: TrackerOptions::default(),
         }
     }
 }
@@ -528,7 +531,7 @@ fn start_verifier(opts: &RunOptions, mut journal: Option<Journal>) -> Result<Eng
     let echo = opts.echo_verdicts;
     let cfg = EngineConfig {
         deadline: opts.deadline,
-        tracker: TrackerOptions::default(),
+        tracker: opts.tracker.clone(),
     };
     Engine::start(
         cfg,

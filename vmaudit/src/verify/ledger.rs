@@ -873,6 +873,9 @@ impl Ledger {
                 ))
             }
             ClaimKind::VmStop { pid } => {
+                if let Some(why) = self.lost_for(&[*pid]) {
+                    return Some(Verdict::new(cref, Status::Unknown, why, vec![]));
+                }
                 let (ts, n) = self
                     .exits
                     .get(pid)
