@@ -14,7 +14,7 @@ use std::{os::fd::AsFd as _, time::Duration};
 
 use super::{
     control::{Request, Response},
-    devices::{self, NetDevice, OpenAttempt, Role},
+    devices::{self, NetDevice, OpenAttempt},
     qmp::Qmp,
     run::Trail,
     spec::{Interface, Mac},
@@ -120,22 +120,7 @@ impl Live {
             if failed.is_some() {
                 return;
             }
-            let mut b = Record::net_open(&trail.vm, &mac, a.path, a.rdev).success(a.result.is_ok());
-            if let Ok(fd) = a.result {
-                b = b.fd(fd);
-            }
-            b = b.extra(
-                "vmaudit-role",
-                if a.role == Role::Tap { "tap" } else { "vhost" },
-            );
-            let claim = ClaimKind::NetOpen {
-                mac: mac.clone(),
-                path: a.path.display().to_string(),
-                rdev: a.rdev,
-                fd: a.result.as_ref().ok().copied(),
-                success: a.result.is_ok(),
-            };
-            if let Err(e) = trail.emit_claim(b, claim) {
+            if let Err(e) = trail.record_open(&mac, &a, false) {
                 failed = Some(e.to_string());
             }
         })

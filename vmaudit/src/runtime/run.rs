@@ -185,6 +185,38 @@ impl Trail<'_> {
         Ok(rec)
     }
 
+    /// The `reason=open` record of one device open (success or failure) and its claim.
+    /// `inherited`: the fd reaches the emulator at the same number (launch), so the record
+    /// names it; a hot-plugged fd gets its number from qemu's getfd, named by the attach.
+    pub fn record_open(
+        &mut self,
+        mac: &str,
+        a: &OpenAttempt<'_>,
+        inherited: bool,
+    ) -> Result<Record, RunError> {
+        let mut b = Record::net_open(&self.vm, mac, a.path, a.rdev).success(a.result.is_ok());
+        if let Ok(fd) = a.result {
+            b = b.fd(fd);
+            if inherited {
+                b = b.emulator_fd(fd);
+            }
+        }
+        b = b
+            .extra(
+                "vmaudit-role",
+                if a.role == Role::Tap { "tap" } else { "vhost" },
+            )
+            .extra("vmaudit-queue", &a.queue.to_string());
+        let claim = ClaimKind::NetOpen {
+            mac: mac.to_owned(),
+            path: a.path.display().to_string(),
+            rdev: a.rdev,
+            fd: a.result.as_ref().ok().copied(),
+            success: a.result.is_ok(),
+        };
+        self.emit_claim(b, claim)
+    }
+
     pub fn verifier(&self) -> Option<&Engine> {
         self.verifier.as_ref()
     }
@@ -287,24 +319,8 @@ pub async fn run(
             if pending.is_err() {
                 return;
             }
-            let mut b = Record::net_open(&trail.vm, &mac, a.path, a.rdev).success(a.result.is_ok());
-            if let Ok(fd) = a.result {
-                b = b.fd(fd).emulator_fd(fd);
-            }
-            b = b
-                .extra(
-                    "vmaudit-role",
-                    if a.role == Role::Tap { "tap" } else { "vhost" },
-                )
-                .extra("vmaudit-queue", &a.queue.to_string());
-            let claim = ClaimKind::NetOpen {
-                mac: mac.clone(),
-                path: a.path.display().to_string(),
-                rdev: a.rdev,
-                fd: a.result.as_ref().ok().copied(),
-                success: a.result.is_ok(),
-            };
-            pending = trail.emit_claim(b, claim).map(|_| ());
+            // Handed over at launch by inheritance: the same number in the emulator.
+            pending = trail.record_open(&mac, &a, true).map(|_| ());
         })
         .await;
         match (opened, pending) {
