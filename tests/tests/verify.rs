@@ -393,6 +393,17 @@ fn strict_stops_the_vm_at_the_first_violation() {
     );
     let text = std::fs::read_to_string(&*journal).unwrap();
     assert!(text.contains("op=stop reason=destroyed"), "{text}");
+    // The escaped child was in the VM's cgroup too: it is gone with the cgroup.
+    let cgroup = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find_map(|r| {
+            r["cgroup"]
+                .as_str()
+                .map(|c| c.trim_end_matches('/').to_owned())
+        })
+        .unwrap();
+    assert!(!Path::new(&cgroup).exists(), "{cgroup} left behind");
 }
 
 /// A finished run's journal and the directory holding it.

@@ -49,8 +49,27 @@ impl VmCgroupHandle {
     }
     /// Removes the cgroup (its processes must be gone); a failure is logged.
     pub fn remove(mut self) {
+        if self.cgroup.remove().is_ok() {
+            return;
+        }
+        // Something the emulator forked is still inside (an escapee, or a child dying of its
+        // parent-death signal): kill what is left (cgroup v2's cgroup.kill) and wait, bounded,
+        // for the cgroup to be empty before removing it.
+        let dir = self.cgroup.path().to_owned();
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let empty = || {
+            std::fs::read_to_string(dir.join("cgroup.events"))
+                .map(|t| t.lines().any(|l| l.trim() == "populated 0"))
+                .unwrap_or(true)
+        };
+        while !empty() && std::time::Instant::now() < deadline {
+            // The kernel reports emptiness in cgroup.events (pollable with inotify, which this
+            // one-off clean-up does not warrant): check again shortly.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         if let Err(e) = self.cgroup.remove() {
-            log::warn!("removing cgroup {}: {e}", self.cgroup.path().display());
+            log::warn!("removing cgroup {}: {e}", dir.display());
         }
     }
 }
