@@ -1110,4 +1110,164 @@ mod tests {
         l.on_gap(1, 5);
         assert!(l.lost_for(&[1, 2]).unwrap().contains("5 for pid 1"));
     }
+
+    /// A /proc stand-in: each pid's table as given.
+    struct FakeProc(HashMap<u32, std::collections::BTreeMap<i32, crate::procfs::FdIdentity>>);
+
+    impl crate::observe::table::Resolver for FakeProc {
+        fn identity(&self, pid: u32, fd: i32) -> std::io::Result<crate::procfs::FdIdentity> {
+            self.0
+                .get(&pid)
+                .and_then(|t| t.get(&fd))
+                .cloned()
+                .ok_or_else(|| std::io::ErrorKind::NotFound.into())
+        }
+        fn snapshot(
+            &self,
+            pid: u32,
+        ) -> std::io::Result<std::collections::BTreeMap<i32, crate::procfs::FdIdentity>> {
+            self.0
+                .get(&pid)
+                .cloned()
+                .ok_or_else(|| std::io::ErrorKind::NotFound.into())
+        }
+    }
+
+    fn tun() -> crate::procfs::FdIdentity {
+        crate::procfs::FdIdentity {
+            path: "/dev/net/tun".into(),
+            kind: FileKind::Char,
+            rdev: Some(TUN),
+            dev: None,
+            ino: Some(1),
+            flags: None,
+            iface: None,
+            source: crate::procfs::Source::Proc,
+        }
+    }
+
+    fn rec(pid: u32, op: Op, fd: i32, ts: u64) -> FdRecord {
+        FdRecord {
+            ty: "fd",
+            ts,
+            pid,
+            tid: pid,
+            op,
+            syscall: "test",
+            fd: Some(fd),
+            result: "ok".into(),
+            cloexec: Some(false),
+            from_fd: None,
+            file: Some(tun()),
+        }
+    }
+
+    fn claim(id: u64, kind: ClaimKind, made_ns: u64) -> Claim {
+        Claim {
+            id,
+            kind,
+            text: "t".into(),
+            record_ts_ns: id,
+            made_ns,
+        }
+    }
+
+    const ME: u32 = 10;
+    const EMU: u32 = 20;
+
+    fn start_claim(fd: i32) -> ClaimKind {
+        ClaimKind::NetStart {
+            mac: "52:54:00:00:00:01".into(),
+            emulator_pid: EMU,
+            fds: vec![super::super::claims::PassedFd {
+                fd,
+                emulator_fd: fd,
+                kcmp_same: Some(true),
+                rdev: Some(TUN),
+                path: "/dev/net/tun".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn open_start_release_and_detach() {
+        let tables_src = FakeProc(HashMap::from([(
+            EMU,
+            std::collections::BTreeMap::from([(7, tun())]),
+        )]));
+        let mut tables = crate::observe::table::Tables::new(tables_src);
+        tables.seed(EMU).unwrap();
+        let mut l = Ledger::new(ME, 1_000);
+        let mut out = Vec::new();
+        // vmaudit opened fd 7 at t=100: the open claim made at t=150 is confirmed by it.
+        l.on_record(&rec(ME, Op::Open, 7, 100), &mut out);
+        let open = ClaimKind::NetOpen {
+            mac: "m".into(),
+            path: "/dev/net/tun".into(),
+            rdev: Some(TUN),
+            fd: Some(7),
+            success: true,
+        };
+        l.on_claim(claim(1, open, 150), &tables, 160, &mut out);
+        assert_eq!(out.pop().unwrap().status, Status::Confirmed);
+        // The emulator holds it (kcmp same): the start is confirmed.
+        l.on_claim(claim(2, start_claim(7), 200), &tables, 210, &mut out);
+        let v = out.pop().unwrap();
+        assert_eq!(v.status, Status::Confirmed, "{}", v.reason);
+        // A close with no detach: a violation once the grace passes without an exit.
+        l.on_record(&rec(EMU, Op::Close, 7, 300), &mut out);
+        l.on_tick(&tables, 300 + RELEASE_GRACE_NS / 2, &mut out);
+        assert!(out.is_empty(), "within the grace period");
+        l.on_tick(&tables, 300 + RELEASE_GRACE_NS, &mut out);
+        let v = out.pop().unwrap();
+        assert_eq!(v.status, Status::Violated);
+        assert!(v.reason.contains("with no detach claimed"), "{}", v.reason);
+        // A detach claim after the close (netdev_del first) is confirmed by that close.
+        let detach = ClaimKind::NetDetach {
+            mac: "m".into(),
+            emulator_pid: EMU,
+            emulator_fds: vec![7],
+        };
+        l.on_claim(claim(3, detach, 400), &tables, 410, &mut out);
+        assert_eq!(out.pop().unwrap().status, Status::Confirmed);
+    }
+
+    #[test]
+    fn a_detach_cancels_the_release_it_explains_and_a_missing_close_is_unconfirmed() {
+        let mut tables = crate::observe::table::Tables::new(FakeProc(HashMap::from([(
+            EMU,
+            std::collections::BTreeMap::from([(7, tun()), (8, tun())]),
+        )])));
+        tables.seed(EMU).unwrap();
+        let mut l = Ledger::new(ME, 1_000);
+        let mut out = Vec::new();
+        l.on_claim(claim(1, start_claim(7), 10), &tables, 20, &mut out);
+        l.on_claim(claim(2, start_claim(8), 10), &tables, 20, &mut out);
+        out.clear();
+        l.on_record(&rec(EMU, Op::Close, 7, 30), &mut out);
+        let detach = ClaimKind::NetDetach {
+            mac: "m".into(),
+            emulator_pid: EMU,
+            emulator_fds: vec![7, 8],
+        };
+        l.on_claim(claim(3, detach, 40), &tables, 50, &mut out);
+        assert!(
+            out.is_empty(),
+            "fd 8 is not closed yet: pending, not violated"
+        );
+        l.on_tick(&tables, 50 + 1_000, &mut out);
+        let v = out.pop().unwrap();
+        assert_eq!(v.status, Status::Unconfirmed);
+        // (This stand-in table is not updated by the records, so it lists fd 7 too.)
+        assert!(
+            v.reason.contains("the emulator still holds fd") && v.reason.ends_with("8"),
+            "{}",
+            v.reason
+        );
+        l.on_tick(&tables, u64::MAX / 2, &mut out);
+        assert!(
+            out.is_empty(),
+            "the release of fd 7 was the detach's, not a violation"
+        );
+    }
 }
