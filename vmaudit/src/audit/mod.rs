@@ -32,8 +32,8 @@ pub use journal::{Journal, JournalEntry, JournalError};
 pub use kernel::{AuditStatus, KernelAudit, KernelError, SendStatus};
 pub use reader::{KernelRecord, Reader};
 pub use record::{
-    Acl, AclError, CgroupClass, CgroupReason, ControlOp, NetChange, Record, RecordBuilder,
-    RecordError, RecordFields, StartReason, StopReason, VmIdent,
+    Acl, CgroupClass, CgroupReason, ControlOp, NetChange, Record, RecordBuilder, RecordError,
+    RecordFields, StartReason, StopReason, VmIdent,
 };
 pub use sink::{AuditMode, AuditSink, EmitOutcome, KernelOutcome, KernelPort, SinkError};
 /// Record builders take the VM's UUID as this type (re-exported so users need no `uuid` dep).

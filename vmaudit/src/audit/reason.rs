@@ -1,8 +1,6 @@
 //! The vocabulary of libvirt's records: reasons, operations, cgroup classes and ACLs.
 
-use std::{fmt, path::PathBuf, str::FromStr};
-
-use thiserror::Error;
+use std::path::PathBuf;
 
 use crate::procfs::DevNum;
 
@@ -72,67 +70,9 @@ impl CgroupClass {
     }
 }
 
-/// Device access bits, written as a subset of `rwm` in that order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Acl {
-    pub read: bool,
-    pub write: bool,
-    pub mknod: bool,
-}
-
-impl Acl {
-    /// Read and write: what libvirt gives every default device.
-    pub const RW: Self = Self {
-        read: true,
-        write: true,
-        mknod: false,
-    };
-
-    pub const fn is_empty(self) -> bool {
-        !(self.read || self.write || self.mknod)
-    }
-}
-
-impl fmt::Display for Acl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (on, c) in [(self.read, "r"), (self.write, "w"), (self.mknod, "m")] {
-            if on {
-                f.write_str(c)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A string that is not a non-empty subset of `rwm`.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
-#[error("{acl:?} is not a device ACL (a non-empty subset of \"rwm\", each letter once)")]
-pub struct AclError {
-    pub acl: String,
-}
-
-impl FromStr for Acl {
-    type Err = AclError;
-
-    /// Accepts the letters in any order, each at most once; prints them as `rwm` orders them.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || AclError { acl: s.to_owned() };
-        let mut acl = Self::default();
-        for c in s.chars() {
-            let bit = match c {
-                'r' => &mut acl.read,
-                'w' => &mut acl.write,
-                'm' => &mut acl.mknod,
-                _ => return Err(err()),
-            };
-            if *bit {
-                return Err(err());
-            }
-            *bit = true;
-        }
-        if acl.is_empty() { Err(err()) } else { Ok(acl) }
-    }
-}
+/// A device ACL (a subset of `rwm`, printed in that order): the cgroup module's, so a rule and
+/// its record cannot disagree.
+pub use crate::cgroup::Acl;
 
 /// Why a VM started (`op=start reason=...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 pub use super::reason::{
-    Acl, AclError, CgroupClass, CgroupReason, ControlOp, NetChange, StartReason, StopReason,
+    Acl, CgroupClass, CgroupReason, ControlOp, NetChange, StartReason, StopReason,
 };
 use super::{
     AuditType,

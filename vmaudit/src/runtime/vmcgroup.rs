@@ -8,7 +8,7 @@ use super::{
     spec::{CgroupVersion, Spec},
 };
 use crate::{
-    audit::record::{Acl as AuditAcl, CgroupClass, CgroupReason, Record},
+    audit::record::{CgroupClass, CgroupReason, Record},
     cgroup::{Acl, CgroupError, DevKind, DeviceRule, Layout, Rule, VmCgroup},
     procfs::DevNum,
     verify::{claims::ClaimKind, engine::Msg},
@@ -74,10 +74,6 @@ impl VmCgroupHandle {
     }
 }
 
-fn audit_acl(acl: Acl) -> AuditAcl {
-    acl.to_string().parse().unwrap_or_default()
-}
-
 /// The audit record of one ACL change.
 fn record_of(trail: &Trail<'_>, cgroup: &Path, rule: &Rule) -> crate::audit::record::RecordBuilder {
     let (reason, class) = match rule {
@@ -96,7 +92,7 @@ fn record_of(trail: &Trail<'_>, cgroup: &Path, rule: &Rule) -> crate::audit::rec
                     major: *major,
                     minor: *minor,
                 }),
-                acl: audit_acl(*acl),
+                acl: *acl,
             },
         ),
         Rule::Major {
@@ -109,7 +105,7 @@ fn record_of(trail: &Trail<'_>, cgroup: &Path, rule: &Rule) -> crate::audit::rec
             CgroupClass::Major {
                 category: category.clone(),
                 maj: *major,
-                acl: audit_acl(*acl),
+                acl: *acl,
             },
         ),
     };
