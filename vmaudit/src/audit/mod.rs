@@ -20,6 +20,7 @@ mod entry;
 pub mod journal;
 pub mod kernel;
 pub mod logfmt;
+pub mod parse;
 pub mod reader;
 mod reason;
 pub mod record;
