@@ -1,83 +1,18 @@
 //! Hot-plug and hot-unplug over QMP with real qemu: fd by fd, audited and verified.
 
-use std::{
-    collections::BTreeSet,
-    io::{BufRead as _, BufReader},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, path::Path};
 
 use serde_json::Value;
-use vmaudit_tests::{
-    Bins, ChildGuard, PATIENCE, TempDir, bins, proc_fds, require_root, run_vmaudit,
-};
+use vmaudit_tests::{Bins, TempDir, bins, proc_fds, require_root, run_vmaudit, vmrun::VmRun};
 
 const UUID: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
 
-struct Vm {
-    child: ChildGuard,
-    emulator: u32,
-    journal: PathBuf,
-    _tmp: TempDir,
-}
-
-impl Vm {
-    fn start(bins: &Bins, name: &str, emulator: &str) -> Self {
-        let tmp = TempDir::new(name);
-        let spec = tmp.0.join("vm.toml");
-        std::fs::write(
-            &spec,
-            format!("name = \"{name}\"\nuuid = \"{UUID}\"\n{emulator}\n[[interface]]\nmac = \"52:54:00:00:60:01\"\nifname = \"vmhp-boot\"\n"),
-        )
-        .unwrap();
-        let journal = tmp.0.join("journal.jsonl");
-        let mut child = Command::new(&bins.vmaudit)
-            .arg("run")
-            .arg(&spec)
-            .args(["--audit", "journal", "--journal"])
-            .arg(&journal)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut emulator = 0;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in stderr.lines().map_while(Result::ok) {
-                eprintln!("[vmaudit run] {l}");
-                let _ = tx.send(l);
-            }
-        });
-        while emulator == 0 {
-            let l = rx.recv_timeout(PATIENCE).expect("no `running` line");
-            if let Some(p) = l.split("emulator pid ").nth(1) {
-                emulator = p.trim().parse().unwrap();
-            }
-        }
-        Self {
-            child: ChildGuard(child),
-            emulator,
-            journal,
-            _tmp: tmp,
-        }
-    }
-
-    fn lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.journal)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn stop(mut self) -> (i32, Vec<Value>) {
-        // SAFETY: kill with our child's pid.
-        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
-        let code = self.child.0.wait().unwrap().code().unwrap_or(-1);
-        let lines = self.lines();
-        (code, lines)
-    }
+/// `vmaudit run` of a VM named `name` with one boot tap; `emulator` is the spec's
+/// `[emulator]` table (empty: vmaudit's default qemu).
+fn start(bins: &Bins, name: &str, emulator: &str) -> VmRun {
+    let body =
+        format!("{emulator}\n[[interface]]\nmac = \"52:54:00:00:60:01\"\nifname = \"vmhp-boot\"\n");
+    VmRun::start(bins, name, UUID, &body, &[])
 }
 
 /// The emulator's /dev/net/tun fds, read by the test from /proc.
@@ -99,8 +34,9 @@ fn answer(out: &str) -> Value {
 fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
     require_root();
     let bins = bins!();
-    let vm = Vm::start(&bins, "vmaudit-hp1", "");
-    let before = tun_fds(vm.emulator);
+    let mut vm = start(&bins, "vmaudit-hp1", "");
+    let emu = vm.emulator_pid();
+    let before = tun_fds(emu);
     let (code, out, err) = run_vmaudit(
         &bins,
         &[
@@ -120,7 +56,7 @@ fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
         .iter()
         .map(|f| f.as_i64().unwrap() as i32)
         .collect();
-    let after = tun_fds(vm.emulator);
+    let after = tun_fds(emu);
     assert_eq!(
         after.difference(&before).copied().collect::<BTreeSet<_>>(),
         fds,
@@ -144,12 +80,8 @@ fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
         "{err}"
     );
     assert_eq!(answer(&out)["emulator_fds"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        tun_fds(vm.emulator),
-        after,
-        "the kernel says qemu still holds it"
-    );
-    let lines = vm.lines();
+    assert_eq!(tun_fds(emu), after, "the kernel says qemu still holds it");
+    let lines = vm.journal_lines();
     let texts: Vec<&str> = lines.iter().filter_map(|l| l["text"].as_str()).collect();
     assert!(
         texts
@@ -165,7 +97,8 @@ fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
         detach.contains("res=failed") && detach.contains("vmaudit-why="),
         "{detach}"
     );
-    let (code, lines) = vm.stop();
+    let (code, kept) = vm.stop();
+    let lines = kept.lines();
     assert_eq!(code, 0);
     let verdicts: Vec<&Value> = lines.iter().filter(|l| l["type"] == "verdict").collect();
     assert!(
@@ -210,8 +143,9 @@ fn bad_requests_are_refused_audited_and_leave_nothing() {
     );
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("no VM named \"vmaudit-no-such-vm\""), "{err}");
-    let vm = Vm::start(&bins, "vmaudit-hp2", "");
-    let held = proc_fds(vm.emulator);
+    let mut vm = start(&bins, "vmaudit-hp2", "");
+    let emu = vm.emulator_pid();
+    let held = proc_fds(emu);
     let cases: &[(&[&str], &str)] = &[
         (
             &["attach-net", "vmaudit-hp2", "--mac", "52:54:00:00:60:01"],
@@ -244,8 +178,9 @@ fn bad_requests_are_refused_audited_and_leave_nothing() {
         assert_eq!(code, 16, "{args:?}: {err}");
         assert!(err.contains(msg), "{args:?}: {err}");
     }
-    assert_eq!(proc_fds(vm.emulator), held, "qemu gained nothing");
-    let (code, lines) = vm.stop();
+    assert_eq!(proc_fds(emu), held, "qemu gained nothing");
+    let (code, kept) = vm.stop();
+    let lines = kept.lines();
     assert_eq!(code, 0);
     // The failed attach is audited (libvirt audits no failed attach).
     let failed = lines
@@ -269,14 +204,15 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
     let guest = vmaudit_tests::guest::GuestImage::find();
     let logs = TempDir::new("hp-guest");
     let serial = logs.0.join("serial.log");
-    let vm = Vm::start(
+    let mut vm = start(
         &bins,
         "vmaudit-hp3",
         &guest.emulator_toml(&serial, Path::new("{qmp}")),
     );
+    let emu = vm.emulator_pid();
     vmaudit_tests::guest::wait_ready(&serial);
-    let vmaudit_pid = vm.child.0.id();
-    let qemu_before = tun_fds(vm.emulator);
+    let vmaudit_pid = vm.pid();
+    let qemu_before = tun_fds(emu);
     let vmaudit_before = proc_fds(vmaudit_pid).len();
     for i in 0..200 {
         let mac = format!("52:54:00:01:{:02x}:{:02x}", i / 256, i % 256);
@@ -286,7 +222,7 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
         assert_eq!(code, 0, "cycle {i} detach: {err}");
     }
     assert_eq!(
-        tun_fds(vm.emulator),
+        tun_fds(emu),
         qemu_before,
         "qemu holds no fd of a detached interface"
     );
@@ -295,7 +231,8 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
         vmaudit_before,
         "vmaudit leaked no fd"
     );
-    let (code, lines) = vm.stop();
+    let (code, kept) = vm.stop();
+    let lines = kept.lines();
     assert_eq!(code, 0);
     let verdicts: Vec<&Value> = lines.iter().filter(|l| l["type"] == "verdict").collect();
     let bad: Vec<&&Value> = verdicts
@@ -327,33 +264,10 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
 fn a_command_qemu_refuses_is_rolled_back_and_audited() {
     require_root();
     let bins = bins!();
-    let tmp = TempDir::new("hp-microvm");
-    let spec = tmp.0.join("vm.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"vmaudit-hp4\"\nuuid = \"{UUID}\"\n[emulator]\nargs = [\"-M\", \"microvm\", \"-nodefaults\", \"-display\", \"none\", \"-S\", \"-qmp\", \"unix:{{qmp}},server=on,wait=off\"]\n"
-        ),
-    )
-    .unwrap();
-    let journal = tmp.0.join("j.jsonl");
-    let mut child = Command::new(&bins.vmaudit)
-        .arg("run")
-        .arg(&spec)
-        .args(["--audit", "journal", "--journal"])
-        .arg(&journal)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let guard = ChildGuard(child);
-    let emulator: u32 = loop {
-        let l = stderr.next().expect("vmaudit run ended").unwrap();
-        if let Some(p) = l.split("emulator pid ").nth(1) {
-            break p.trim().parse().unwrap();
-        }
-    };
+    // No boot interface: a microvm has no PCI bus for one.
+    let body = "[emulator]\nargs = [\"-M\", \"microvm\", \"-nodefaults\", \"-display\", \"none\", \"-S\", \"-qmp\", \"unix:{qmp},server=on,wait=off\"]\n";
+    let mut vm = VmRun::start(&bins, "vmaudit-hp4", UUID, body, &[]);
+    let emulator = vm.emulator_pid();
     let held = proc_fds(emulator);
     let (code, _, err) = run_vmaudit(
         &bins,
@@ -397,12 +311,8 @@ fn a_command_qemu_refuses_is_rolled_back_and_audited() {
     assert!(err.contains("did not answer"), "{err}");
     // The fd was already in flight to qemu (SCM_RIGHTS holds it in the socket): what qemu does
     // with it once resumed is for the verifier, which holds qemu to what it then holds.
-    drop(stderr);
-    let mut guard = guard;
-    // SAFETY: kill with our child's pid.
-    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
-    let _ = guard.0.wait();
-    let text = std::fs::read_to_string(&journal).unwrap();
+    let (_, kept) = vm.stop();
+    let text = std::fs::read_to_string(&*kept).unwrap();
     let failed: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("reason=attach") && l.contains("res=failed"))

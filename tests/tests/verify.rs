@@ -1,146 +1,37 @@
 //! The verifier against misbehaviour real qemu will not produce (a stand-in emulator that does
 //! it on purpose) and against a clean run of real qemu. Every wait is on a verdict line.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    os::unix::net::UnixListener,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc::{Receiver, channel},
-    thread,
-};
+use std::{os::unix::net::UnixListener, path::Path, thread};
 
 use serde_json::Value;
-use vmaudit_tests::{Bins, ChildGuard, Helper, PATIENCE, TempDir, bins, require_root, run_vmaudit};
+use vmaudit_tests::{Bins, Helper, TempDir, bins, require_root, run_vmaudit, vmrun::VmRun};
 
 const UUID: &str = "3f9e8d7c-6b5a-4a39-8281-706f5e4d3c2b";
 
-struct Vm {
-    child: ChildGuard,
-    lines: Receiver<Value>,
-    stderr: Receiver<String>,
-    seen: Vec<Value>,
-    err_seen: Vec<String>,
-    journal: PathBuf,
-    _tmp: TempDir,
-}
+/// `vmaudit run` of a one-tap VM named `name`; `emulator` is the spec's `[emulator]` table,
+/// `extra` more spec text.
+struct Vm;
 
 impl Vm {
-    /// `vmaudit run` of a one-tap VM named `name`; `emulator` is the spec's `[emulator]`
-    /// table body, `extra` more spec text.
-    fn start(bins: &Bins, name: &str, emulator: &str, extra: &str, flags: &[&str]) -> Self {
-        let tmp = TempDir::new(name);
-        let spec = tmp.0.join("vm.toml");
-        std::fs::write(
-            &spec,
-            format!("name = \"{name}\"\nuuid = \"{UUID}\"\n{emulator}\n[[interface]]\nmac = \"52:54:00:00:50:01\"\nifname = \"{}\"\n{extra}", &name[..name.len().min(12)]),
-        )
-        .unwrap();
-        let journal = tmp.0.join("journal.jsonl");
-        let mut child = Command::new(&bins.vmaudit)
-            .arg("run")
-            .arg(&spec)
-            .args(["--audit", "journal", "--journal"])
-            .arg(&journal)
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = channel();
-        let out = child.stdout.take().unwrap();
-        thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(serde_json::from_str::<Value>(&l).unwrap()).is_err() {
-                    return;
-                }
-            }
-        });
-        let (etx, stderr) = channel();
-        let err = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[vmaudit run] {l}");
-                if etx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child: ChildGuard(child),
-            lines,
-            stderr,
-            seen: Vec::new(),
-            err_seen: Vec::new(),
-            journal,
-            _tmp: tmp,
-        }
+    #[allow(clippy::new_ret_no_self)]
+    fn start(bins: &Bins, name: &str, emulator: &str, extra: &str, flags: &[&str]) -> VmRun {
+        let body = format!(
+            "{emulator}\n[[interface]]\nmac = \"52:54:00:00:50:01\"\nifname = \"{}\"\n{extra}",
+            &name[..name.len().min(12)]
+        );
+        VmRun::start(bins, name, UUID, &body, flags)
     }
+}
 
-    fn emulator_pid(&mut self) -> u32 {
-        let l = self.stderr_line("`running`", |l| l.contains("emulator pid "));
-        l.split("emulator pid ")
-            .nth(1)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
+/// Waits for a verdict matching `pred`.
+fn verdict(vm: &mut VmRun, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    vm.json(what, |v| v["type"] == "verdict" && pred(v))
+}
 
-    /// Waits for a stderr line (vmaudit's or the emulator's) matching `pred`.
-    fn stderr_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(l) = self.err_seen.iter().find(|l| pred(l)) {
-            return l.clone();
-        }
-        loop {
-            let l = self
-                .stderr
-                .recv_timeout(PATIENCE)
-                .unwrap_or_else(|e| panic!("no {what} line ({e:?})"));
-            self.err_seen.push(l.clone());
-            if pred(&l) {
-                return l;
-            }
-        }
-    }
-
-    /// Waits for a verdict matching `pred`.
-    fn verdict(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let is = |v: &Value| v["type"] == "verdict" && pred(v);
-        if let Some(v) = self.seen.iter().find(|v| is(v)) {
-            return v.clone();
-        }
-        loop {
-            match self.lines.recv_timeout(PATIENCE) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if is(&v) {
-                        return v;
-                    }
-                }
-                Err(e) => panic!(
-                    "no verdict {what} ({e:?}); seen: {:#?}",
-                    self.seen
-                        .iter()
-                        .filter(|v| v["type"] == "verdict")
-                        .collect::<Vec<_>>()
-                ),
-            }
-        }
-    }
-
-    fn violation(&mut self, what: &str, reason_contains: &str) -> Value {
-        self.verdict(what, |v| {
-            v["status"] == "violated" && v["reason"].as_str().unwrap().contains(reason_contains)
-        })
-    }
-
-    /// SIGTERM, then the exit code and the journal (kept until the returned value drops).
-    fn stop(self) -> (i32, Kept) {
-        // SAFETY: kill with our child's pid.
-        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
-        self.stop_on_its_own()
-    }
+fn violation(vm: &mut VmRun, what: &str, reason_contains: &str) -> Value {
+    verdict(vm, what, |v| {
+        v["status"] == "violated" && v["reason"].as_str().unwrap().contains(reason_contains)
+    })
 }
 
 fn fake(bins: &Bins, mode: &[&str]) -> String {
@@ -170,7 +61,7 @@ fn a_clean_run_of_real_qemu_is_confirmed_claim_by_claim() {
     let bins = bins!();
     let mut vm = Vm::start(&bins, "vmaudit-v-clean", "", "", &[]);
     vm.emulator_pid();
-    vm.verdict("net-start", |v| {
+    verdict(&mut vm, "net-start", |v| {
         v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
     });
     let (code, journal) = vm.stop();
@@ -227,7 +118,7 @@ fn an_emulator_that_closes_a_passed_fd_is_caught() {
         &[],
     );
     let emu = vm.emulator_pid();
-    vm.verdict("net-start", |v| {
+    verdict(&mut vm, "net-start", |v| {
         v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
     });
     // The stand-in handles SIGUSR1 once it says it is ready.
@@ -236,7 +127,7 @@ fn an_emulator_that_closes_a_passed_fd_is_caught() {
     });
     // SAFETY: SIGUSR1 to the stand-in: it closes the passed fds and keeps running.
     unsafe { libc::kill(emu as i32, libc::SIGUSR1) };
-    let v = vm.violation("released", "released fd");
+    let v = violation(&mut vm, "released", "released fd");
     assert_eq!(v["claim"]["kind"], "net-start");
     assert_eq!(v["evidence"][0]["what"], "close");
     let (code, journal) = vm.stop();
@@ -261,7 +152,7 @@ fn a_passed_fd_escaping_into_a_child_is_caught() {
         &[],
     );
     vm.emulator_pid();
-    let v = vm.violation("escape", "escaped from the emulator into pid");
+    let v = violation(&mut vm, "escape", "escaped from the emulator into pid");
     assert!(
         v["evidence"][0]["detail"]
             .as_str()
@@ -303,7 +194,7 @@ fn a_passed_fd_sent_to_a_stranger_is_caught() {
         &[],
     );
     vm.emulator_pid();
-    let v = vm.violation("send", "through SCM_RIGHTS");
+    let v = violation(&mut vm, "send", "through SCM_RIGHTS");
     assert_eq!(v["evidence"][0]["what"], "send_fd");
     assert_eq!(stranger.join().unwrap(), 1, "the stranger received the fd");
     vm.stop();
@@ -322,7 +213,7 @@ fn a_network_device_the_emulator_opens_itself_is_caught() {
         &[],
     );
     vm.emulator_pid();
-    let v = vm.violation("unclaimed tun", "only the manager opens");
+    let v = violation(&mut vm, "unclaimed tun", "only the manager opens");
     assert_eq!(v["claim"]["kind"], "unclaimed");
     assert_eq!(v["evidence"][0]["rdev"], "10:200");
     vm.stop();
@@ -334,7 +225,7 @@ fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     let bins = bins!();
     let mut vm = Vm::start(&bins, "vmaudit-v-map", &fake(&bins, &["hold"]), "", &[]);
     vm.emulator_pid();
-    vm.verdict("cgroup", |v| {
+    verdict(&mut vm, "cgroup", |v| {
         v["claim"]["kind"] == "cgroup" && v["status"] == "confirmed"
     });
     // Allow /dev/net/tun (c 10:200 rw) in the VM's device map, with libvirt's layout.
@@ -347,7 +238,7 @@ fn a_device_map_changed_behind_vmaudits_back_is_caught() {
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
     map.insert((10u64 << 32) | 200, ((2 | 4) << 16) | 2, 0)
         .unwrap();
-    let v = vm.violation("extra map rule", "which no claim made");
+    let v = violation(&mut vm, "extra map rule", "which no claim made");
     assert_eq!(v["claim"]["kind"], "unclaimed");
     // A process of the VM's cgroup now opens /dev/net/tun: the kernel allows it, the claims do not.
     let cgroup = std::fs::read_to_string(&vm.journal)
@@ -363,7 +254,8 @@ fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     let mut h = Helper::spawn(&bins);
     std::fs::write(Path::new(&cgroup).join("cgroup.procs"), h.pid().to_string()).unwrap();
     h.fd("open /dev/net/tun");
-    let v = vm.violation(
+    let v = violation(
+        &mut vm,
         "decision",
         "the kernel allowed a device access the claimed ACL does not",
     );
@@ -385,7 +277,7 @@ fn strict_stops_the_vm_at_the_first_violation() {
         &["--strict"],
     );
     let emu = vm.emulator_pid();
-    let (code, journal) = vm.stop_on_its_own();
+    let (code, journal) = vm.wait();
     assert_eq!(code, 7, "--strict exits 7");
     assert!(
         !Path::new(&format!("/proc/{emu}")).exists(),
@@ -406,34 +298,6 @@ fn strict_stops_the_vm_at_the_first_violation() {
     assert!(!Path::new(&cgroup).exists(), "{cgroup} left behind");
 }
 
-/// A finished run's journal and the directory holding it.
-struct Kept {
-    journal: PathBuf,
-    _tmp: TempDir,
-}
-
-impl std::ops::Deref for Kept {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.journal
-    }
-}
-
-impl Vm {
-    fn stop_on_its_own(mut self) -> (i32, Kept) {
-        let code = self.child.0.wait().unwrap().code().unwrap_or(-1);
-        (
-            code,
-            Kept {
-                journal: self.journal.clone(),
-                _tmp: self._tmp,
-            },
-        )
-    }
-}
-
-/// Events lost for the emulator (a ring buffer of one page, flooded): the verdicts that depend
-/// on them are `unknown`, never `confirmed`, and `vmaudit verify` exits 8.
 #[test]
 fn lost_events_make_verdicts_unknown() {
     require_root();
