@@ -8,17 +8,4 @@
 #![no_main]
 
 mod devcg;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // SAFETY: eBPF programs cannot panic at run time (the verifier rejects such paths), so this
-    // is never reached.
-    unsafe { core::hint::unreachable_unchecked() }
-}
-
-/// GPL-2.0, as the rest of vmaudit's kernel programs: the kernel refuses GPL-only helpers to
-/// programs under an incompatible licence.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+mod prelude;

@@ -193,53 +193,23 @@ pub async fn open_interface(
     match iface.backend {
         Backend::Tap => {
             let path = Path::new(TUN_PATH);
-            let rdev = rdev_of(path);
-            for queue in 0..iface.queues {
-                let opened = open_rw(path).and_then(|fd| {
-                    let name = tun_set_iff(&fd, &dev.ifname, multi)?;
-                    Ok((fd, name))
-                });
-                match opened {
-                    Ok((fd, name)) => {
-                        record(OpenAttempt {
-                            path,
-                            rdev,
-                            result: Ok(fd.as_raw_fd()),
-                            role: Role::Tap,
-                            queue,
-                        });
-                        dev.ifname = name;
-                        dev.fds.push(DeviceFd {
-                            fd,
-                            path: path.to_owned(),
-                            rdev,
-                            role: Role::Tap,
-                            queue,
-                        });
-                    }
-                    Err(source) => {
-                        record(OpenAttempt {
-                            path,
-                            rdev,
-                            result: Err(&source),
-                            role: Role::Tap,
-                            queue,
-                        });
-                        return Err(DeviceError::SetIff {
-                            path: path.to_owned(),
-                            ifname: dev.ifname.clone(),
-                            source,
-                        });
-                    }
-                }
-            }
+            let ifname = dev.ifname.clone();
+            let opened = open_queues(&mut dev, path, Role::Tap, iface.queues, record, |p| {
+                let fd = open_rw(p)?;
+                let name = tun_set_iff(&fd, &ifname, multi)?;
+                Ok((fd, Some(name)))
+            });
+            opened.map_err(|(path, source)| DeviceError::SetIff {
+                path,
+                ifname,
+                source,
+            })?;
         }
         Backend::Macvtap => {
             let parent = iface.parent.as_deref().unwrap_or_default();
             let link = MacvtapLink::create(&dev.ifname, parent, iface.mac.0).await?;
             let node = link.node();
             let link_dev = link.dev;
-            let rdev = Some(link_dev);
             dev.link = Some(link);
             if !node.exists() {
                 // No udev on such hosts: make the node from sysfs's numbers, and remove it later.
@@ -256,74 +226,18 @@ pub async fn open_interface(
                 })?;
                 dev.node_made = Some(node.clone());
             }
-            for queue in 0..iface.queues {
-                match open_rw(&node) {
-                    Ok(fd) => {
-                        record(OpenAttempt {
-                            path: &node,
-                            rdev,
-                            result: Ok(fd.as_raw_fd()),
-                            role: Role::Tap,
-                            queue,
-                        });
-                        dev.fds.push(DeviceFd {
-                            fd,
-                            path: node.clone(),
-                            rdev,
-                            role: Role::Tap,
-                            queue,
-                        });
-                    }
-                    Err(source) => {
-                        record(OpenAttempt {
-                            path: &node,
-                            rdev,
-                            result: Err(&source),
-                            role: Role::Tap,
-                            queue,
-                        });
-                        return Err(DeviceError::Open { path: node, source });
-                    }
-                }
-            }
+            open_queues(&mut dev, &node, Role::Tap, iface.queues, record, |p| {
+                Ok((open_rw(p)?, None))
+            })
+            .map_err(|(path, source)| DeviceError::Open { path, source })?;
         }
     }
     if iface.vhost {
         let path = Path::new(VHOST_NET_PATH);
-        let rdev = rdev_of(path);
-        for queue in 0..iface.queues {
-            match open_rw(path) {
-                Ok(fd) => {
-                    record(OpenAttempt {
-                        path,
-                        rdev,
-                        result: Ok(fd.as_raw_fd()),
-                        role: Role::Vhost,
-                        queue,
-                    });
-                    dev.fds.push(DeviceFd {
-                        fd,
-                        path: path.to_owned(),
-                        rdev,
-                        role: Role::Vhost,
-                        queue,
-                    });
-                }
-                Err(source) => {
-                    record(OpenAttempt {
-                        path,
-                        rdev,
-                        result: Err(&source),
-                        role: Role::Vhost,
-                        queue,
-                    });
-                    return Err(DeviceError::Open {
-                        path: path.to_owned(),
-                        source,
-                    });
-                }
-            }
-        }
+        open_queues(&mut dev, path, Role::Vhost, iface.queues, record, |p| {
+            Ok((open_rw(p)?, None))
+        })
+        .map_err(|(path, source)| DeviceError::Open { path, source })?;
     }
     if iface.backend == Backend::Tap
         && let Err(e) = super::netlink::set_up(&dev.ifname).await
@@ -331,6 +245,54 @@ pub async fn open_interface(
         log::warn!("setting {} up: {e}", dev.ifname);
     }
     Ok(dev)
+}
+
+/// Opens `path` once per queue with `open` (which may also name the interface), recording each
+/// attempt and keeping each fd in `dev`; the first failure is returned with its path, after its
+/// record.
+fn open_queues(
+    dev: &mut NetDevice,
+    path: &Path,
+    role: Role,
+    queues: u32,
+    record: &mut dyn FnMut(OpenAttempt<'_>),
+    mut open: impl FnMut(&Path) -> io::Result<(OwnedFd, Option<String>)>,
+) -> Result<(), (PathBuf, io::Error)> {
+    let rdev = rdev_of(path);
+    for queue in 0..queues {
+        match open(path) {
+            Ok((fd, name)) => {
+                record(OpenAttempt {
+                    path,
+                    rdev,
+                    result: Ok(fd.as_raw_fd()),
+                    role,
+                    queue,
+                });
+                if let Some(name) = name {
+                    dev.ifname = name;
+                }
+                dev.fds.push(DeviceFd {
+                    fd,
+                    path: path.to_owned(),
+                    rdev,
+                    role,
+                    queue,
+                });
+            }
+            Err(source) => {
+                record(OpenAttempt {
+                    path,
+                    rdev,
+                    result: Err(&source),
+                    role,
+                    queue,
+                });
+                return Err((path.to_owned(), source));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// qemu's arguments for one interface: `-netdev tap,id=..,fd=N[,vhost=on,vhostfd=M]` (or
