@@ -202,13 +202,12 @@ fn every_fd_transition_is_reported() {
     let parent_before = proc_fds(pid);
     let child: u32 = h.fd(&format!("fork {null}")) as u32;
     let child_holds = proc_fds(child);
-    let inherited: BTreeSet<i32> = w
-        .wait_for("last inherit", |v| {
-            v["pid"] == child && v["op"] == "inherit" && v["fd"].as_i64() == Some(251)
-        })
-        .as_object()
-        .map(|_| fds_of(&w.seen, child, "inherit"))
-        .unwrap();
+    // Fd numbers depend on what the test runner left open, so wait for a count, not a number.
+    let want = parent_before.len() + 4;
+    while fds_of(&w.seen, child, "inherit").len() < want {
+        w.wait_for("inherit", |v| v["pid"] == child && v["op"] == "inherit");
+    }
+    let inherited = fds_of(&w.seen, child, "inherit");
     assert!(
         inherited.is_superset(&parent_before),
         "{inherited:?} ⊉ {parent_before:?}"
