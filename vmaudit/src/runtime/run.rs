@@ -128,6 +128,8 @@ pub struct RunOptions {
     pub echo_verdicts: bool,
     /// The verifier's tracker options (ring buffer size).
     pub tracker: TrackerOptions,
+    /// Told everything the verifier sees (the dashboard and metrics of `--serve`).
+    pub observers: crate::verify::observer::Observers,
 }
 
 impl RunOptions {
@@ -141,6 +143,7 @@ impl RunOptions {
             deadline: Duration::from_secs(2),
             echo_verdicts: true,
             tracker: TrackerOptions::default(),
+            observers: Default::default(),
         }
     }
 }
@@ -548,6 +551,7 @@ fn start_verifier(opts: &RunOptions, mut journal: Option<Journal>) -> Result<Eng
     let cfg = EngineConfig {
         deadline: opts.deadline,
         tracker: opts.tracker.clone(),
+        observers: opts.observers.clone(),
     };
     Engine::start(
         cfg,

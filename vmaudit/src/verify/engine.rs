@@ -10,7 +10,12 @@ use std::{thread::JoinHandle, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Status, Verdict, claims::Claim, ledger::Ledger};
+use super::{
+    Status, Verdict,
+    claims::{Claim, ClaimKind},
+    ledger::Ledger,
+    observer::{Observer, Observers, VmInfo},
+};
 use crate::{
     cgroup::{DecisionStream, DeviceRule},
     observe::{ObserveError, Output, WatchOptions, Watcher, loader::TrackerOptions, monotonic_ns},
@@ -63,6 +68,8 @@ pub struct EngineConfig {
     /// How long a claim may wait for its evidence.
     pub deadline: Duration,
     pub tracker: TrackerOptions,
+    /// Told everything the verifier sees.
+    pub observers: Observers,
 }
 
 impl Engine {
@@ -103,49 +110,53 @@ impl Engine {
                     let mut decisions: Option<DecisionStream> = None;
                     let mut totals = Totals::default();
                     let mut out: Vec<Verdict> = Vec::new();
+                    let obs = cfg.observers.clone();
                     let mut tick = tokio::time::interval(Duration::from_millis(10));
                     loop {
                         tokio::select! {
                             m = rx.recv() => match m {
                                 Some(Msg::Claim(c)) => {
-                                    drain(&mut w, &mut ledger, &mut out)?;
+                                    drain(&mut w, &mut ledger, &mut out, &obs)?;
+                                    tell_claim(&obs, &c);
                                     ledger.on_claim(*c, w.tables(), monotonic_ns(), &mut out);
                                 }
                                 Some(Msg::Decisions(d)) => decisions = Some(d),
                                 Some(Msg::KernelRules(k)) => ledger.on_kernel_rules(&k, &mut out),
                                 Some(Msg::Stopping(pid)) => {
-                                    drain(&mut w, &mut ledger, &mut out)?;
+                                    drain(&mut w, &mut ledger, &mut out, &obs)?;
                                     ledger.on_stopping(pid);
                                 }
                                 Some(Msg::Finish) | None => break,
                             },
                             r = w.readable() => {
                                 r?;
-                                drain(&mut w, &mut ledger, &mut out)?;
+                                drain(&mut w, &mut ledger, &mut out, &obs)?;
                                 // Evidence that just arrived decides pending claims now, not at
                                 // the next tick.
                                 ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
                             }
                             _ = tick.tick() => {
-                                drain(&mut w, &mut ledger, &mut out)?;
+                                drain(&mut w, &mut ledger, &mut out, &obs)?;
                                 if let Some(d) = decisions.as_mut() {
                                     for dec in d.drain() {
+                                        obs.decision(&dec);
                                         ledger.on_decision(&dec, &mut out);
                                     }
                                 }
                                 ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
                             }
                         }
-                        publish(&mut out, &mut on_verdict, &mut totals, &vtx);
+                        publish(&mut out, &mut on_verdict, &mut totals, &vtx, &obs);
                     }
-                    drain(&mut w, &mut ledger, &mut out)?;
+                    drain(&mut w, &mut ledger, &mut out, &obs)?;
                     if let Some(d) = decisions.as_mut() {
                         for dec in d.drain() {
+                            obs.decision(&dec);
                             ledger.on_decision(&dec, &mut out);
                         }
                     }
                     ledger.finish(w.tables(), monotonic_ns(), &mut out);
-                    publish(&mut out, &mut on_verdict, &mut totals, &vtx);
+                    publish(&mut out, &mut on_verdict, &mut totals, &vtx, &obs);
                     Ok(totals)
                 })
             })
@@ -198,14 +209,25 @@ impl Drop for Engine {
     }
 }
 
-fn drain(w: &mut Watcher, ledger: &mut Ledger, out: &mut Vec<Verdict>) -> Result<(), ObserveError> {
+fn drain(
+    w: &mut Watcher,
+    ledger: &mut Ledger,
+    out: &mut Vec<Verdict>,
+    obs: &Observers,
+) -> Result<(), ObserveError> {
     let mut outputs: Vec<Output> = Vec::new();
     w.drain(&mut |o: Output| outputs.push(o));
     w.check_losses(&mut |o: Output| outputs.push(o))?;
     for o in outputs {
         match o {
-            Output::Fd(r) => ledger.on_record(&r, out),
-            Output::Gap(g) => ledger.on_gap(g.pid, g.lost),
+            Output::Fd(r) => {
+                obs.fd(&r);
+                ledger.on_record(&r, out)
+            }
+            Output::Gap(g) => {
+                obs.gap(&g);
+                ledger.on_gap(g.pid, g.lost)
+            }
         }
     }
     Ok(())
@@ -216,6 +238,7 @@ fn publish(
     on_verdict: &mut Box<dyn FnMut(&Verdict) + Send>,
     totals: &mut Totals,
     vtx: &watch::Sender<u64>,
+    obs: &Observers,
 ) {
     for v in out.drain(..) {
         totals.add(v.status);
@@ -226,6 +249,33 @@ fn publish(
             );
             vtx.send_replace(totals.violated);
         }
+        obs.verdict(&v);
         on_verdict(&v);
     }
+}
+
+/// Tells the observers of a claim, and of the VM a start or stop claim names.
+fn tell_claim(obs: &Observers, c: &Claim) {
+    if obs.is_empty() {
+        return;
+    }
+    obs.claim(c);
+    let (pid, state) = match c.kind {
+        ClaimKind::VmStart { pid } => (pid, "running"),
+        ClaimKind::VmStop { pid } => (pid, "stopped"),
+        _ => return,
+    };
+    let field = |name: &str| {
+        crate::audit::parse::parse_text(&c.text)
+            .ok()
+            .and_then(|kv| kv.into_iter().find(|(k, _)| k == name))
+            .and_then(|(_, v)| v.text().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    obs.vm(&VmInfo {
+        name: field("vm"),
+        uuid: field("uuid"),
+        pid,
+        state,
+    });
 }

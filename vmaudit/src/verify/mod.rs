@@ -7,11 +7,13 @@
 //! - [`ledger`]: holding claims to the kernel's evidence (pure logic over fd tables).
 //! - [`engine`]: the verifier thread inside `vmaudit run`: the tracker, the claims, the
 //!   decisions, the deadlines.
+//! - [`observer`]: hooks for whoever shows what the verifier sees (dashboard, metrics).
 //! - [`report`]: `vmaudit verify JOURNAL`.
 
 pub mod claims;
 pub mod engine;
 pub mod ledger;
+pub mod observer;
 pub mod report;
 
 use serde::{Deserialize, Serialize};
