@@ -194,8 +194,14 @@ pub struct Watch {
 impl Watch {
     /// Starts `vmaudit watch ARGS` and returns once it says it is watching.
     pub fn start(bins: &Bins, args: &[&str]) -> Self {
+        Self::start_sub(bins, "watch", args, "watching pid")
+    }
+
+    /// Starts `vmaudit SUBCOMMAND ARGS` (any subcommand printing JSON lines on stdout) and
+    /// returns once a stderr line contains `ready`.
+    pub fn start_sub(bins: &Bins, subcommand: &str, args: &[&str], ready: &str) -> Self {
         let mut child = Command::new(&bins.vmaudit)
-            .arg("watch")
+            .arg(subcommand)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -229,7 +235,7 @@ impl Watch {
             seen: Vec::new(),
             cursor: 0,
         };
-        w.wait_stderr(|l| l.contains("watching pid"));
+        w.wait_stderr(|l| l.contains(ready));
         w
     }
 

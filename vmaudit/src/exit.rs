@@ -46,6 +46,10 @@ pub const REQUEST_FAILED: u8 = 16;
 /// qemu still holds the interface's fds.
 pub const DETACH_UNACKNOWLEDGED: u8 = 17;
 
+/// `monitor`: the audit records cannot be read (the audit.log is missing or unreadable, or the
+/// kernel's audit multicast group cannot be joined), or the source failed while read.
+pub const AUDIT_SOURCE: u8 = 20;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
@@ -60,6 +64,11 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         TARGET_EXITED,
         "the watched process(es) exited while watched",
+    ),
+    (VIOLATED, "a claim was violated (verify, run, monitor)"),
+    (
+        UNCONFIRMED,
+        "verify: a claim is unconfirmed, unknown or unverified (nothing violated)",
     ),
     (
         SPEC,
@@ -76,4 +85,13 @@ pub const TABLE: &[(u8, &str)] = &[
         EMULATOR_CRASHED,
         "run: the emulator crashed or failed while running",
     ),
+    (
+        REQUEST_FAILED,
+        "attach-net/detach-net: the request was refused",
+    ),
+    (
+        DETACH_UNACKNOWLEDGED,
+        "detach-net: the guest did not acknowledge the unplug",
+    ),
+    (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
 ];

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod cgroup;
 pub mod exit;
 pub mod kcmp;
+pub mod monitor;
 pub mod observe;
 pub mod paths;
 pub mod procfs;

@@ -15,6 +15,7 @@
 //! records that claim it ([`DeviceRule::effective`] says what a list of rules should leave).
 
 pub mod acl;
+pub mod attached;
 pub mod layout;
 pub mod v1;
 mod v2;

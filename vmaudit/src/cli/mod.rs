@@ -3,6 +3,7 @@
 mod demo;
 mod fds;
 mod hotplug;
+mod monitor;
 mod noop_hook;
 mod run;
 mod verify;
@@ -41,6 +42,9 @@ enum Command {
     AttachNet(hotplug::AttachArgs),
     /// Hot-unplug a network interface (only claimed once the guest acknowledged it).
     DetachNet(hotplug::DetachArgs),
+    /// Hold a running libvirt's VIRT_* audit records to the kernel's evidence (verdicts on
+    /// stdout and in the journal) until SIGINT/SIGTERM.
+    Monitor(monitor::Args),
     /// The claims of a journal and their verdicts, with totals.
     Verify(verify::Args),
     /// Print a process's current fd table (from /proc).
@@ -59,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Fds(a) => fds::run(a),
         Command::Run(a) => run::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Monitor(a) => monitor::run(a),
         Command::AttachNet(a) => hotplug::attach(a),
         Command::DetachNet(a) => hotplug::detach(a),
         Command::Demo(a) => demo::run(a),

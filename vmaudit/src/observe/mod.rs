@@ -265,6 +265,39 @@ impl Watcher {
         Ok(w)
     }
 
+    /// Starts watching one more process (and, with `follow_children`, what it forks), seeding
+    /// its table from /proc; the seed records go to `sink`. A process already watched is left
+    /// as it is.
+    pub fn add(
+        &mut self,
+        pid: u32,
+        follow_children: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<(), ObserveError> {
+        if self.tables.get(pid).is_some_and(|t| !t.exited) {
+            return Ok(());
+        }
+        match preflight::tgid_of(&self.tables.resolver().roots.proc, pid) {
+            None => return Err(ObserveError::NoSuchProcess { pid }),
+            Some(tgid) if tgid != pid => return Err(ObserveError::NotAProcess { pid, tgid }),
+            Some(_) => {}
+        }
+        self.tracker.watch(pid, follow_children)?;
+        let t0 = monotonic_ns();
+        let seed = self
+            .tables
+            .seed(pid)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => ObserveError::NoSuchProcess { pid },
+                _ => ObserveError::Proc { pid, source },
+            })?;
+        self.read_at.insert(pid, t0);
+        for r in seed {
+            self.emit(sink, Output::Fd(r));
+        }
+        Ok(())
+    }
+
     /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]).
     pub fn ignore_tid(&mut self, tid: u32) -> Result<(), ObserveError> {
         self.tracker.ignore_tid(tid)

@@ -1,0 +1,394 @@
+//! `vmaudit monitor` against the real libvirt 9.0 (Debian) and the real kernel audit
+//! subsystem: every claim libvirt's records make gets a verdict with kernel evidence, and
+//! misbehaviour libvirt will not produce on its own (staged here) is caught.
+//!
+//! Runs as root, one test at a time:
+//! `cargo test -p vmaudit-tests --test monitor -- --test-threads=1`.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use serde_json::Value;
+use vmaudit::cgroup::{DevTypes, DeviceRule, attached::RuleMap};
+use vmaudit_tests::{
+    Helper, TempDir, Watch, bins,
+    libvirt::{AuditCapture, Domain, Libvirt, Nic},
+    require_root, run_vmaudit, vmaudit_programs_gone,
+};
+
+/// A `vmaudit monitor` of `lv`'s libvirtd, with `extra` arguments; verdicts on stdout.
+fn monitor(lv_pid: u32, journal: &Path, extra: &[&str]) -> Watch {
+    let bins = bins!();
+    let pid = lv_pid.to_string();
+    let mut args = vec!["--manager", &pid, "--journal", journal.to_str().unwrap()];
+    if !extra.contains(&"--deadline-ms") {
+        args.extend_from_slice(&["--deadline-ms", "3000"]);
+    }
+    args.extend_from_slice(extra);
+    Watch::start_sub(&bins, "monitor", &args, "monitoring manager pid")
+}
+
+/// Waits for the verdict of a `kind` claim satisfying `pred`.
+fn verdict(m: &mut Watch, what: &str, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    m.wait_for(what, |v| {
+        v["type"] == "verdict" && v["claim"]["kind"] == kind && pred(v)
+    })
+}
+
+fn verdicts(seen: &[Value]) -> Vec<&Value> {
+    seen.iter().filter(|v| v["type"] == "verdict").collect()
+}
+
+/// qemu's /dev/net/tun fds, read by the test from /proc.
+fn tun_fds(pid: u32) -> BTreeSet<i64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/net/tun")))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn journal_verdicts(path: &Path) -> usize {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"type\":\"verdict\""))
+        .count()
+}
+
+/// The same checks for both sources: the whole life of a VM with two NICs at start and a
+/// third hot-plugged, each claim confirmed with the kernel's evidence.
+fn check_life(
+    seen: &[Value],
+    libvirtd: u32,
+    qemu: u32,
+    start_fds: &BTreeSet<i64>,
+    all_fds: &BTreeSet<i64>,
+    macs: &[&str],
+) {
+    let vs = verdicts(seen);
+    let of = |kind: &str| -> Vec<&Value> {
+        vs.iter()
+            .copied()
+            .filter(|v| v["claim"]["kind"] == kind)
+            .collect()
+    };
+    for v in &vs {
+        assert_eq!(v["status"], "confirmed", "every claim is confirmed: {v:#}");
+    }
+    assert_eq!(of("net-open").len(), 3, "{vs:#?}");
+    assert_eq!(of("net-start").len(), 2);
+    assert_eq!(of("net-attach").len(), 1);
+    assert_eq!(of("cgroup").len(), 9, "deny all, 7 paths, the pty major");
+    assert_eq!(of("vm-start").len(), 1);
+    assert_eq!(of("vm-stop").len(), 1);
+    // The opens were libvirtd's, each a distinct fd of /dev/net/tun.
+    for v in of("net-open") {
+        let e = &v["evidence"][0];
+        assert_eq!(e["pid"], libvirtd, "{v:#}");
+        assert_eq!(e["path"], "/dev/net/tun");
+        assert_eq!(e["what"], "open");
+    }
+    // Each NIC's fd in qemu is one /proc showed, one per NIC.
+    let mut got = BTreeSet::new();
+    for (kind, fds) in [("net-start", start_fds), ("net-attach", all_fds)] {
+        for v in of(kind) {
+            let e = &v["evidence"][0];
+            assert_eq!(e["pid"], qemu, "{v:#}");
+            let fd = e["fd"].as_i64().unwrap();
+            assert!(fds.contains(&fd), "{fd} not in {fds:?}: {v:#}");
+            assert!(got.insert(fd), "fd {fd} claimed twice");
+            assert!(macs.contains(&v["claim"]["mac"].as_str().unwrap()), "{v:#}");
+        }
+    }
+    assert_eq!(&got, all_fds);
+    let start = &of("vm-start")[0]["evidence"][0];
+    assert_eq!(start["pid"], qemu);
+    let stop = &of("vm-stop")[0]["evidence"][0];
+    assert_eq!(
+        (stop["pid"].as_u64(), stop["what"].as_str()),
+        (Some(qemu as u64), Some("exit"))
+    );
+}
+
+#[test]
+fn monitor_confirms_a_real_libvirts_claims_from_the_kernel_and_from_its_log() {
+    require_root();
+    const NAME: &str = "vmmon0";
+    const UUID: &str = "7e57c0de-0000-4000-8000-00000000b001";
+    let tmp = TempDir::new("monitor-life");
+    let mut audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let libvirtd = lv.libvirtd_pid();
+    let j_kernel = tmp.0.join("kernel.jsonl");
+    let j_log = tmp.0.join("log.jsonl");
+    // Both sources at once: the kernel's multicast group, and auditd's log followed.
+    let mut mk = monitor(libvirtd, &j_kernel, &[]);
+    let mut ml = monitor(
+        libvirtd,
+        &j_log,
+        &["--audit-log", audit.log().to_str().unwrap()],
+    );
+    let nics = [
+        Nic::new("52:54:00:1c:00:01", "vmmon0n0"),
+        Nic::new("52:54:00:1c:00:02", "vmmon0n1"),
+    ];
+    let hot = Nic::new("52:54:00:1c:00:03", "vmmon0n2");
+    let macs = [nics[0].mac.as_str(), nics[1].mac.as_str(), hot.mac.as_str()];
+
+    let mut dom = Domain::start(&lv, NAME, UUID, &nics);
+    let qemu = dom.pid();
+    let start_fds = tun_fds(qemu);
+    assert_eq!(start_fds.len(), 2);
+    dom.attach(&hot);
+    audit.wait_record("VIRT_RESOURCE", UUID, &[("reason", "attach")]);
+    let all_fds = tun_fds(qemu);
+    assert_eq!(all_fds.len(), 3);
+    for m in [&mut mk, &mut ml] {
+        verdict(m, "attach verdict", "net-attach", |_| true);
+    }
+    dom.destroy();
+    for m in [&mut mk, &mut ml] {
+        verdict(m, "stop verdict", "vm-stop", |_| true);
+    }
+    let (code_k, seen_k) = mk.stop();
+    let (code_l, seen_l) = ml.stop();
+    check_life(&seen_k, libvirtd, qemu, &start_fds, &all_fds, &macs);
+    check_life(&seen_l, libvirtd, qemu, &start_fds, &all_fds, &macs);
+    assert_eq!((code_k, code_l), (0, 0));
+    assert_eq!(journal_verdicts(&j_kernel), verdicts(&seen_k).len());
+    assert_eq!(journal_verdicts(&j_log), verdicts(&seen_l).len());
+    vmaudit_programs_gone().unwrap();
+}
+
+#[test]
+fn a_tap_fd_copied_out_of_qemu_and_a_rule_removed_behind_libvirt_are_caught() {
+    require_root();
+    const NAME: &str = "vmmon1";
+    const UUID: &str = "7e57c0de-0000-4000-8000-00000000b002";
+    let tmp = TempDir::new("monitor-staged");
+    let mut audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let mut m = monitor(lv.libvirtd_pid(), &tmp.0.join("j.jsonl"), &[]);
+    let nic = Nic::new("52:54:00:1c:01:01", "vmmon1n0");
+    let mut dom = Domain::start(&lv, NAME, UUID, std::slice::from_ref(&nic));
+    let qemu = dom.pid();
+    let v = verdict(&mut m, "net-start", "net-start", |_| true);
+    assert_eq!(v["status"], "confirmed", "{v:#}");
+    let tap_fd = v["evidence"][0]["fd"].as_i64().unwrap() as i32;
+
+    // Another process (this test) takes a copy of qemu's tap fd.
+    // SAFETY: plain syscalls; the returned fds are owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, qemu as i32, 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: pidfd_open just returned this fd, owned by nothing else.
+    let _pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: as above.
+    let stolen = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, tap_fd, 0) } as i32;
+    assert!(
+        stolen >= 0,
+        "pidfd_getfd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: pidfd_getfd just returned this fd, owned by nothing else.
+    let stolen = unsafe { OwnedFd::from_raw_fd(stolen) };
+    let me = std::process::id();
+    let v = m.wait_for("the copy", |v| {
+        v["type"] == "verdict" && v["status"] == "violated" && v["evidence"][0]["pid"] == me
+    });
+    assert_eq!(v["claim"]["mac"], nic.mac.as_str(), "{v:#}");
+    assert_eq!(v["evidence"][0]["what"], "kcmp");
+    assert_eq!(
+        v["evidence"][0]["fd"].as_i64(),
+        Some(std::os::fd::AsRawFd::as_raw_fd(&stolen) as i64)
+    );
+    drop(stolen);
+
+    // A rule removed from libvirt's own device map, behind its back.
+    let deny = audit.wait_record(
+        "VIRT_RESOURCE",
+        UUID,
+        &[("resrc", "cgroup"), ("class", "all")],
+    );
+    let cgroup = deny.get("cgroup").expect("the cgroup field").to_owned();
+    let mut map = RuleMap::of_cgroup(Path::new(&cgroup)).expect("libvirt's device map");
+    let full = DeviceRule {
+        types: DevTypes::Char,
+        major: Some(1),
+        minor: Some(7),
+        acl: "rw".parse().unwrap(),
+    };
+    assert!(
+        map.rules()
+            .unwrap()
+            .iter()
+            .any(|r| r.major == Some(1) && r.minor == Some(7))
+    );
+    map.remove(&full).expect("remove /dev/full's entry");
+    let v = m.wait_for("the removed rule", |v| {
+        v["type"] == "verdict" && v["status"] == "violated" && v["claim"]["kind"] == "cgroup"
+    });
+    assert!(
+        v["claim"]["text"].as_str().unwrap().contains("/dev/full"),
+        "{v:#}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("no longer"), "{v:#}");
+
+    dom.destroy();
+    verdict(&mut m, "stop verdict", "vm-stop", |_| true);
+    let (code, seen) = m.stop();
+    assert_eq!(code, 7, "violations found: exit 7");
+    assert_eq!(
+        verdicts(&seen)
+            .iter()
+            .filter(|v| v["status"] == "violated")
+            .count(),
+        2,
+        "exactly the two staged violations: {seen:#?}"
+    );
+}
+
+#[test]
+fn a_monitor_started_after_the_vm_judges_the_past_from_what_runs_now() {
+    require_root();
+    const NAME: &str = "vmmon2";
+    const UUID: &str = "7e57c0de-0000-4000-8000-00000000b003";
+    let tmp = TempDir::new("monitor-late");
+    let mut audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let nic = Nic::new("52:54:00:1c:02:01", "vmmon2n0");
+    let mut dom = Domain::start(&lv, NAME, UUID, std::slice::from_ref(&nic));
+    let qemu = dom.pid();
+    audit.wait_record("VIRT_CONTROL", UUID, &[("op", "start")]);
+    let mut m = monitor(
+        lv.libvirtd_pid(),
+        &tmp.0.join("j.jsonl"),
+        &["--audit-log", audit.log().to_str().unwrap(), "--from-start"],
+    );
+    let v = verdict(&mut m, "net-start", "net-start", |_| true);
+    assert_eq!(v["status"], "confirmed", "{v:#}");
+    assert_eq!(v["evidence"][0]["pid"], qemu);
+    assert!(tun_fds(qemu).contains(&v["evidence"][0]["fd"].as_i64().unwrap()));
+    dom.destroy();
+    verdict(&mut m, "stop verdict", "vm-stop", |_| true);
+    let (code, seen) = m.stop();
+    assert_eq!(code, 0);
+    let vs = verdicts(&seen);
+    let open = vs
+        .iter()
+        .find(|v| v["claim"]["kind"] == "net-open")
+        .unwrap();
+    assert_eq!(
+        open["status"], "unknown",
+        "the open was before vmaudit watched: {open:#}"
+    );
+    for kind in ["vm-start", "vm-stop", "cgroup"] {
+        let v = vs.iter().find(|v| v["claim"]["kind"] == kind).unwrap();
+        assert_eq!(v["status"], "confirmed", "{v:#}");
+    }
+}
+
+#[test]
+fn bad_records_are_counted_never_a_crash() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("monitor-bad");
+    let manager = Helper::spawn(&bins);
+    let me = manager.pid();
+    let log = tmp.0.join("audit.log");
+    let u = "7e57c0de-0000-4000-8000-00000000b0ff";
+    let lines = [
+        // Not audit lines at all, and cut short.
+        "garbage".to_owned(),
+        "type=VIRT_RESOURCE msg=audit(1700000000.1".to_owned(),
+        format!(
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:1): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=open vm=\"x\" uuid={u} net=52:54"
+        ),
+        // Unknown types, and resources that are not device claims.
+        "type=SYSCALL msg=audit(1700000000.100:2): arch=c000003e syscall=59 success=yes".to_owned(),
+        format!(
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:3): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=mem reason=start vm=\"x\" uuid={u} old-mem=0 new-mem=1 exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+        ),
+        // A VIRT record missing its fields.
+        format!(
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:4): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=start vm=\"x\" uuid={u} res=success'"
+        ),
+        // A NIC of a VM never seen to start.
+        format!(
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:5): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=attach vm=\"x\" uuid={u} old-net=\"?\" new-net=\"52:54:00:1c:ff:01\" exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+        ),
+        // A start whose pid now belongs to a process started long after the record.
+        format!(
+            "type=VIRT_CONTROL msg=audit(1000000000.100:6): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm op=start reason=booted vm=\"y\" uuid=7e57c0de-0000-4000-8000-00000000b0fe vm-pid={me} exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+        ),
+    ];
+    fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let mut m = monitor(
+        me,
+        &tmp.0.join("j.jsonl"),
+        &[
+            "--audit-log",
+            log.to_str().unwrap(),
+            "--from-start",
+            "--deadline-ms",
+            "300",
+        ],
+    );
+    let reuse = verdict(&mut m, "pid reuse", "vm-start", |_| true);
+    assert_eq!(reuse["status"], "unknown");
+    assert!(
+        reuse["reason"].as_str().unwrap().contains("pid reuse"),
+        "{reuse:#}"
+    );
+    let orphan = verdict(&mut m, "unknown VM", "net-attach", |_| true);
+    assert_eq!(orphan["status"], "unknown", "{orphan:#}");
+    let (code, _) = m.stop();
+    assert_eq!(code, 0);
+    // The summary line counts each kind of bad input.
+    let journal = fs::read_to_string(tmp.0.join("j.jsonl")).unwrap();
+    let summary: Value = journal
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["type"] == "monitor-summary")
+        .expect("a summary line");
+    let s = &summary["stats"];
+    assert_eq!(s["records"], 8, "{s:#}");
+    assert_eq!(s["malformed"], 4, "{s:#}");
+    assert_eq!(s["other_types"], 1, "{s:#}");
+    assert_eq!(s["other_resources"], 1, "{s:#}");
+    assert_eq!(s["unknown_vm"], 1, "{s:#}");
+    assert_eq!(s["pid_reuse"], 1, "{s:#}");
+    manager.exit();
+}
+
+#[test]
+fn bad_sources_and_managers_exit_with_their_own_code_and_nothing_attached() {
+    require_root();
+    let bins = bins!();
+    let (code, _, err) = run_vmaudit(
+        &bins,
+        &[
+            "monitor",
+            "--manager",
+            "1",
+            "--audit-log",
+            "/nonexistent/audit.log",
+        ],
+    );
+    assert_eq!(code, 20, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("/nonexistent/audit.log"), "{err}");
+    let (code, _, err) = run_vmaudit(&bins, &["monitor", "--manager", "999999999"]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    vmaudit_programs_gone().unwrap();
+}
