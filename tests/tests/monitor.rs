@@ -392,3 +392,17 @@ fn bad_sources_and_managers_exit_with_their_own_code_and_nothing_attached() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     vmaudit_programs_gone().unwrap();
 }
+
+#[test]
+fn the_demo_runs_in_monitor_mode_against_libvirt() {
+    require_root();
+    let bins = bins!();
+    let lv = Libvirt::start();
+    let (code, out, err) = run_vmaudit(&bins, &["demo", "--monitor"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for line in ["confirmed   vm-start", "confirmed   net-start", "confirmed   vm-stop"] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}\n{err}");
+    }
+    assert!(out.contains("0 violated"), "{out}");
+    drop(lv);
+}

@@ -24,7 +24,12 @@ use vmaudit::{
 };
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Monitor mode instead: a transient domain of the libvirt running here, its records held
+    /// to the kernel's evidence by `vmaudit monitor`.
+    #[arg(long)]
+    monitor: bool,
+}
 
 const NAME: &str = "vmaudit-demo";
 const UUID: &str = "6d2c1f0e-8b7a-4c3d-9e5f-a1b2c3d4e5f6";
@@ -124,7 +129,10 @@ fn print_table(pid: u32) {
     }
 }
 
-pub fn run(_args: Args) -> u8 {
+pub fn run(args: Args) -> u8 {
+    if args.monitor {
+        return super::demo_monitor::run();
+    }
     let stand_in = find_program(Path::new("qemu-system-x86_64")).is_none();
     let dir = std::env::temp_dir().join(format!("vmaudit-demo-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {

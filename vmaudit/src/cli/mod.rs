@@ -1,6 +1,7 @@
 //! Subcommands, one module each.
 
 mod demo;
+mod demo_monitor;
 mod fds;
 mod hotplug;
 mod monitor;
