@@ -583,6 +583,8 @@ pub struct AuditStatus {
     pub enabled: u32,
     /// The registered audit daemon, 0 for none.
     pub pid: u32,
+    /// How many records the kernel queues for the daemon before it makes senders wait.
+    pub backlog_limit: u32,
 }
 
 pub fn audit_status() -> AuditStatus {
@@ -596,6 +598,7 @@ pub fn audit_status() -> AuditStatus {
     AuditStatus {
         enabled: field("enabled"),
         pid: field("pid"),
+        backlog_limit: field("backlog_limit"),
     }
 }
 
@@ -638,6 +641,9 @@ impl AuditCapture {
         if previous.enabled == 0 {
             sh("auditctl", &["-e", "1"]);
         }
+        // The default backlog (64) fills up with the BPF/SYSCALL records of every program
+        // load on a busy host, and records then wait or are lost: room for bursts.
+        sh("auditctl", &["-b", "8192"]);
         let dir = TempDir::new("auditd");
         let log = dir.0.join("audit.log");
         let plugins = dir.0.join("plugins.d");
@@ -778,6 +784,9 @@ impl AuditCapture {
 impl Drop for AuditCapture {
     fn drop(&mut self) {
         self.auditd.stop();
+        let _ = Command::new("auditctl")
+            .args(["-b", &self.previous.backlog_limit.to_string()])
+            .output();
         if self.previous.enabled == 0 {
             let _ = Command::new("auditctl").args(["-e", "0"]).output();
         }

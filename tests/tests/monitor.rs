@@ -400,7 +400,11 @@ fn the_demo_runs_in_monitor_mode_against_libvirt() {
     let lv = Libvirt::start();
     let (code, out, err) = run_vmaudit(&bins, &["demo", "--monitor"]);
     assert_eq!(code, 0, "{out}\n{err}");
-    for line in ["confirmed   vm-start", "confirmed   net-start", "confirmed   vm-stop"] {
+    for line in [
+        "confirmed   vm-start",
+        "confirmed   net-start",
+        "confirmed   vm-stop",
+    ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}\n{err}");
     }
     assert!(out.contains("0 violated"), "{out}");

@@ -780,7 +780,15 @@ impl MonitorLedger {
                     .ok()
                     .filter(|s| *s)
             });
-            let host = e.id.iface.as_deref().and_then(iface_mac);
+            // The identity was resolved when the fd arrived; a tap fd opened by the manager
+            // names its interface only after TUNSETIFF, so read it again now.
+            let iface = e.id.iface.clone().or_else(|| {
+                crate::procfs::ProcFs::default()
+                    .identity(pid, *fd)
+                    .ok()
+                    .and_then(|i| i.iface)
+            });
+            let host = iface.as_deref().and_then(iface_mac);
             let by_mac = host.as_deref().is_some_and(|h| host_mac_matches(h, mac));
             if by_kcmp.is_none() && !by_mac {
                 continue;
@@ -789,7 +797,7 @@ impl MonitorLedger {
             ev.path = Some(e.id.path.clone());
             ev.rdev = e.id.rdev.map(|r| r.to_string());
             let mut how = Vec::new();
-            if let Some(i) = &e.id.iface {
+            if let Some(i) = &iface {
                 how.push(format!("interface {i}"));
             }
             if by_mac {
