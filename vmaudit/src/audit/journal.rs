@@ -129,6 +129,28 @@ impl Journal {
         })
     }
 
+    /// Appends several JSON lines in one write and one fsync (a batch of verdicts).
+    pub fn append_all<T: serde::Serialize>(&mut self, values: &[T]) -> Result<(), JournalError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::new();
+        for v in values {
+            buf.push_str(&serde_json::to_string(v).expect("journal lines always serialise"));
+            buf.push('\n');
+        }
+        self.file
+            .write_all(buf.as_bytes())
+            .map_err(|source| JournalError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.file.sync_all().map_err(|source| JournalError::Sync {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Every entry of the journal at `path`, in order. A last line without its newline is a
     /// write cut short (its `append` never returned success) and is skipped.
     pub fn read(path: impl AsRef<Path>) -> Result<Vec<JournalEntry>, JournalError> {

@@ -154,7 +154,15 @@ pub async fn monitor(
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut slow = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
+    // Each batch of verdicts: the journal first (one write, one fsync), then stdout.
     let mut emit = |out: &mut Vec<Verdict>, totals: &mut Totals| -> Result<(), MonitorError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        if let Some(j) = journal.as_mut() {
+            j.append_all(out)?;
+        }
+        let mut o = std::io::stdout().lock();
         for v in out.drain(..) {
             add(totals, v.status);
             if v.status == Status::Violated {
@@ -164,16 +172,12 @@ pub async fn monitor(
                 );
             }
             obs.verdict(&v);
-            if let Some(j) = journal.as_mut() {
-                j.append_json(&v)?;
-            }
             if opts.echo {
-                let mut o = std::io::stdout().lock();
                 let _ = serde_json::to_writer(&mut o, &v);
                 let _ = std::io::Write::write_all(&mut o, b"\n");
-                let _ = std::io::Write::flush(&mut o);
             }
         }
+        let _ = std::io::Write::flush(&mut o);
         Ok(())
     };
     loop {

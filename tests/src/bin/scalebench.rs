@@ -1,0 +1,324 @@
+//! Scale of monitor mode: N stand-in emulators with 4 tap fds each, one `vmaudit monitor`.
+//!
+//! This process plays the manager: for each VM it opens 4 `/dev/net/tun` fds, starts a
+//! stand-in emulator (`sleep`) that inherits them, and writes libvirt's records for it (4
+//! `reason=open`, 4 `reason=start`, the VIRT_CONTROL start) to an audit.log that `vmaudit
+//! monitor --audit-log` follows, watching this process and its children. Measured per N: the
+//! time from the records being written to the last of the N x 9 verdicts, every verdict's
+//! status, the monitor's peak RSS and the kernel memory of its BPF maps.
+//!
+//! Usage: `scalebench [--vms 10,100,1000] [--write BENCHMARKS.md]` (root).
+
+use std::{
+    fmt::Write as _,
+    fs::{File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use vmaudit_tests::{Bins, ChildGuard, require_root};
+
+const IFACES: usize = 4;
+const CLAIMS_PER_VM: usize = 2 * IFACES + 1;
+
+struct Outcome {
+    vms: usize,
+    elapsed: Duration,
+    verdicts: usize,
+    confirmed: usize,
+    hwm_kib: u64,
+    map_kib: u64,
+}
+
+fn field_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sum of `memlock:` over the BPF maps process `pid` holds (the kernel's own accounting).
+fn map_memory_kib(pid: u32) -> u64 {
+    let mut total = 0u64;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    for f in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(f.path()) else {
+            continue;
+        };
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total / 1024
+}
+
+fn record(kind: &str, serial: &mut u64, text: &str) -> String {
+    *serial += 1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!(
+        "type={kind} msg=audit({}.{:03}:{serial}): pid={} uid=0 auid=4294967295 ses=4294967295 msg='virt=kvm {text} exe=\"/usr/sbin/libvirtd\" hostname=? addr=? terminal=? res=success'\n",
+        now.as_secs(),
+        now.subsec_millis(),
+        std::process::id()
+    )
+}
+
+fn run(bins: &Bins, vms: usize) -> Outcome {
+    let dir = std::env::temp_dir().join(format!("vmaudit-scalebench-{}-{vms}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let log = dir.join("audit.log");
+    File::create(&log).expect("audit.log");
+    let me = std::process::id().to_string();
+    let mut child = Command::new(&bins.vmaudit)
+        .args(["monitor", "--manager", &me, "--audit-log"])
+        .arg(&log)
+        .arg("--journal")
+        .arg(dir.join("journal.jsonl"))
+        .args(["--deadline-ms", "30000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmaudit monitor");
+    let mon_pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let monitor = ChildGuard(child);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if l.contains("monitoring manager pid") {
+                let _ = ready_tx.send(());
+            } else if !l.starts_with("vmaudit: ") {
+                eprintln!("[monitor] {l}");
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the monitor never said it was watching");
+    let (vtx, vrx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            if v["status"] != "confirmed" {
+                eprintln!("scalebench: not confirmed: {} {}: {}", v["claim"]["kind"], v["status"], v["reason"]);
+            }
+            if vtx.send(v["status"].as_str().unwrap_or("?").to_owned()).is_err() {
+                return;
+            }
+        }
+    });
+
+    // The VMs: 4 tun fds each, inherited by a stand-in emulator.
+    let mut fds: Vec<File> = Vec::new();
+    let mut emulators: Vec<ChildGuard> = Vec::new();
+    let mut text = String::new();
+    let mut serial = 0u64;
+    for i in 0..vms {
+        let first = fds.len();
+        for _ in 0..IFACES {
+            fds.push(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/net/tun")
+                    .expect("open /dev/net/tun"),
+            );
+        }
+        let passed: Vec<i32> = fds[first..].iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("3600").stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: only fcntl (async-signal-safe) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &passed {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let em = cmd.spawn().expect("spawn the stand-in emulator");
+        let pid = em.id();
+        emulators.push(ChildGuard(em));
+        let name = format!("vsb{i}");
+        let uuid = format!("5ca1ab1e-0000-4000-8000-{i:012x}");
+        let macs: Vec<String> = (0..IFACES)
+            .map(|k| format!("52:54:00:{:02x}:{:02x}:{k:02x}", i >> 8, i & 0xff))
+            .collect();
+        for mac in &macs {
+            text.push_str(&record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!("resrc=net reason=open vm=\"{name}\" uuid={uuid} net={mac} path=\"/dev/net/tun\" rdev=0A:C8"),
+            ));
+        }
+        for mac in &macs {
+            text.push_str(&record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!("resrc=net reason=start vm=\"{name}\" uuid={uuid} old-net=\"?\" new-net=\"{mac}\""),
+            ));
+        }
+        text.push_str(&record(
+            "VIRT_CONTROL",
+            &mut serial,
+            &format!("op=start reason=booted vm=\"{name}\" uuid={uuid} vm-pid={pid}"),
+        ));
+    }
+    let want = vms * CLAIMS_PER_VM;
+    let t0 = Instant::now();
+    let mut f = OpenOptions::new().append(true).open(&log).expect("append");
+    f.write_all(text.as_bytes()).expect("write records");
+    f.flush().expect("flush");
+    let mut confirmed = 0;
+    let mut verdicts = 0;
+    while verdicts < want {
+        match vrx.recv_timeout(Duration::from_secs(60)) {
+            Ok(s) => {
+                verdicts += 1;
+                confirmed += usize::from(s == "confirmed");
+            }
+            Err(_) => break,
+        }
+    }
+    let elapsed = t0.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{mon_pid}/status")).unwrap_or_default();
+    let hwm_kib = field_kib(&status, "VmHWM:");
+    let map_kib = map_memory_kib(mon_pid);
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(mon_pid as i32, libc::SIGTERM) };
+    drop(monitor);
+    drop(emulators);
+    drop(fds);
+    let _ = std::fs::remove_dir_all(&dir);
+    Outcome {
+        vms,
+        elapsed,
+        verdicts,
+        confirmed,
+        hwm_kib,
+        map_kib,
+    }
+}
+
+fn write_section(path: &Path, name: &str, body: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(a), Some(z)) if a < z => format!("{}{begin}\n{body}{}", &text[..a], &text[z..]),
+        _ => format!("{text}\n{begin}\n{body}{end}\n"),
+    };
+    std::fs::write(path, new).expect("write benchmarks file");
+}
+
+fn main() {
+    require_root();
+    let mut sizes = vec![10usize, 100, 1000];
+    let mut write: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--vms" => {
+                sizes = val()
+                    .split(',')
+                    .map(|s| s.parse().expect("--vms N,N,..."))
+                    .collect()
+            }
+            "--write" => write = Some(PathBuf::from(val())),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    // 4 fds per VM stay open here for the whole run.
+    let lim = libc::rlimit {
+        rlim_cur: 65536,
+        rlim_max: 65536,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let bins = Bins::new(
+        std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("fdhelper")
+            .to_str()
+            .expect("utf-8 path"),
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for n in sizes {
+        let o = run(&bins, n);
+        eprintln!(
+            "scalebench: {} VMs: {} of {} verdicts ({} confirmed) in {:?}, VmHWM {} KiB, maps {} KiB",
+            o.vms,
+            o.verdicts,
+            o.vms * CLAIMS_PER_VM,
+            o.confirmed,
+            o.elapsed,
+            o.hwm_kib,
+            o.map_kib
+        );
+        rows.push(o);
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_owned()))
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "Command: `cargo xtask bench` (scalebench: one `vmaudit monitor --audit-log` watching this process as the manager; per VM 4 `/dev/net/tun` fds inherited by a stand-in emulator (`sleep`), and 9 libvirt records: 4 open, 4 start, the VIRT_CONTROL start).\nMachine: {cpus} CPUs ({model}), kernel {}. Run took {}s.\n",
+        kernel.trim(),
+        started.elapsed().as_secs()
+    );
+    let _ = writeln!(
+        body,
+        "| VMs × interfaces | claims | judged | confirmed | time to judge all | monitor peak RSS | kernel map memory | goal |\n|---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for o in &rows {
+        let goal = if o.vms == 1000 {
+            "≤ 2 s, RSS ≤ 64 MiB"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            body,
+            "| {} × {IFACES} | {} | {} | {} | {:.3} s | {:.1} MiB | {:.1} MiB | {goal} |",
+            o.vms,
+            o.vms * CLAIMS_PER_VM,
+            o.verdicts,
+            o.confirmed,
+            o.elapsed.as_secs_f64(),
+            o.hwm_kib as f64 / 1024.0,
+            o.map_kib as f64 / 1024.0
+        );
+    }
+    print!("{body}");
+    if let Some(p) = write {
+        write_section(&p, "scalebench", &body);
+    }
+}
