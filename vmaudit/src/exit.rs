@@ -46,6 +46,10 @@ pub const REQUEST_FAILED: u8 = 16;
 /// qemu still holds the interface's fds.
 pub const DETACH_UNACKNOWLEDGED: u8 = 17;
 
+/// `--serve`: the address does not parse, or cannot be listened on (in use, not local, no
+/// permission); nothing was started.
+pub const SERVE: u8 = 18;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
@@ -76,4 +80,5 @@ pub const TABLE: &[(u8, &str)] = &[
         EMULATOR_CRASHED,
         "run: the emulator crashed or failed while running",
     ),
+    (SERVE, "--serve: bad address, or it cannot be listened on"),
 ];
