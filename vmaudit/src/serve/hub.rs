@@ -512,3 +512,181 @@ impl Observer for Hub {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::{
+        procfs::{FdIdentity, Source},
+        verify::{ClaimRef, Evidence, Status, claims::PassedFd},
+    };
+
+    const EMU: u32 = 4242;
+
+    fn record(op: Op, fd: i32, path: &str) -> FdRecord {
+        FdRecord {
+            ty: "fd",
+            ts: 7,
+            pid: EMU,
+            tid: EMU,
+            op,
+            syscall: "close",
+            fd: Some(fd),
+            result: "ok".into(),
+            cloexec: Some(false),
+            from_fd: None,
+            file: Some(FdIdentity {
+                path: path.into(),
+                kind: FileKind::Char,
+                rdev: Some(DevNum {
+                    major: 10,
+                    minor: 200,
+                }),
+                dev: None,
+                ino: None,
+                flags: None,
+                iface: Some("vmtap0".into()),
+                source: Source::Proc,
+            }),
+        }
+    }
+
+    fn metric(text: &str, line_start: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .map(|v| v.trim().parse().unwrap())
+    }
+
+    #[test]
+    fn tables_claims_verdicts_and_metrics_follow_the_verifier() {
+        let hub = Hub::new();
+        let mut live = hub.subscribe();
+        hub.fd(&record(Op::Inherit, 38, "/dev/net/tun"));
+        hub.fd(&record(Op::Inherit, 39, "/dev/vhost-net"));
+        hub.vm(&VmInfo {
+            name: "vm1".into(),
+            uuid: "u1".into(),
+            pid: EMU,
+            state: "running",
+        });
+        hub.claim(&Claim {
+            id: 3,
+            kind: ClaimKind::NetStart {
+                mac: "52:54:00:00:00:01".into(),
+                emulator_pid: EMU,
+                fds: vec![PassedFd {
+                    fd: 38,
+                    emulator_fd: 38,
+                    kcmp_same: Some(true),
+                    rdev: None,
+                    path: "/dev/net/tun".into(),
+                }],
+            },
+            text: String::new(),
+            record_ts_ns: 1,
+            made_ns: 1,
+        });
+        let st: Value = serde_json::from_str(&hub.state_json()).unwrap();
+        let proc = &st["processes"][0];
+        assert_eq!(
+            (proc["pid"].as_u64(), proc["vm"].as_str()),
+            (Some(4242), Some("vm1"))
+        );
+        assert_eq!(proc["fds"][0]["claim"]["kind"], "net-start");
+        assert_eq!(proc["fds"][0]["claim"]["mac"], "52:54:00:00:00:01");
+        assert_eq!(
+            proc["fds"][1]["claim"],
+            Value::Null,
+            "fd 39 was not claimed"
+        );
+        let text = hub.metrics_text();
+        assert_eq!(
+            metric(&text, "vmaudit_vm_fds{vm=\"vm1\",pid=\"4242\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            metric(&text, "vmaudit_claims_total{kind=\"net-start\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(&text, "vmaudit_fd_events_total{op=\"inherit\"}"),
+            Some(2.0)
+        );
+
+        // The close, then its violation.
+        hub.fd(&record(Op::Close, 38, "/dev/net/tun"));
+        let claim = ClaimRef {
+            id: 3,
+            kind: "net-start".into(),
+            ..ClaimRef::default()
+        };
+        let ev = Evidence {
+            pid: EMU,
+            fd: Some(38),
+            what: "close".into(),
+            ..Evidence::default()
+        };
+        hub.verdict(&Verdict::new(claim, Status::Violated, "released", vec![ev]));
+        let st: Value = serde_json::from_str(&hub.state_json()).unwrap();
+        assert_eq!(st["processes"][0]["fds"].as_array().unwrap().len(), 1);
+        assert_eq!(st["totals"]["violated"], 1);
+        assert_eq!(st["verdicts"][0]["status"], "violated");
+        let text = hub.metrics_text();
+        assert_eq!(
+            metric(&text, "vmaudit_vm_fds{vm=\"vm1\",pid=\"4242\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "vmaudit_verdicts_total{status=\"violated\",kind=\"net-start\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "vmaudit_verdicts_total{status=\"confirmed\",kind=\"net-start\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(&text, "vmaudit_cgroup_decisions_total{result=\"denied\"}"),
+            Some(0.0)
+        );
+
+        // The events came in order, numbered, the snapshot's seq being the last one's.
+        let mut types = Vec::new();
+        let mut last = 0;
+        while let Ok(json) = live.try_recv() {
+            let ev: Value = serde_json::from_str(&json).unwrap();
+            let seq = ev["seq"].as_u64().unwrap();
+            assert_eq!(seq, last + 1, "{ev}");
+            last = seq;
+            types.push(ev["type"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            types,
+            ["fd", "fd", "vm", "claim", "fd", "fd", "verdict"],
+            "the fourth fd event is the claim tagging fd 38"
+        );
+        assert_eq!(st["seq"], last);
+
+        // The VM stops: its gauge goes.
+        hub.vm(&VmInfo {
+            name: "vm1".into(),
+            uuid: "u1".into(),
+            pid: EMU,
+            state: "stopped",
+        });
+        assert_eq!(
+            metric(
+                &hub.metrics_text(),
+                "vmaudit_vm_fds{vm=\"vm1\",pid=\"4242\"}"
+            ),
+            None
+        );
+    }
+}
