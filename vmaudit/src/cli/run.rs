@@ -40,7 +40,7 @@ pub struct Args {
     serve: Option<String>,
 }
 
-/// `--serve` without an address.
+/// `--serve` without an address: [`serve::DEFAULT_ADDR`], spelled for clap.
 const DEFAULT_SERVE: &str = "127.0.0.1:9464";
 
 pub fn run(args: Args) -> u8 {
