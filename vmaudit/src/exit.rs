@@ -46,6 +46,9 @@ pub const REQUEST_FAILED: u8 = 16;
 /// qemu still holds the interface's fds.
 pub const DETACH_UNACKNOWLEDGED: u8 = 17;
 
+/// `--serve`: the address does not parse, or cannot be listened on (in use, not local, no
+/// permission); nothing was started.
+pub const SERVE: u8 = 18;
 /// `monitor`: the audit records cannot be read (the audit.log is missing or unreadable, or the
 /// kernel's audit multicast group cannot be joined), or the source failed while read.
 pub const AUDIT_SOURCE: u8 = 20;
@@ -93,5 +96,6 @@ pub const TABLE: &[(u8, &str)] = &[
         DETACH_UNACKNOWLEDGED,
         "detach-net: the guest did not acknowledge the unplug",
     ),
+    (SERVE, "--serve: bad address, or it cannot be listened on"),
     (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
 ];

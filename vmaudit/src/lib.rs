@@ -19,4 +19,5 @@ pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod runtime;
+pub mod serve;
 pub mod verify;

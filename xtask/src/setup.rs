@@ -43,6 +43,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libvirt-daemon-driver-qemu",
     // `virsh`: defines, starts, hot-plugs into and destroys the libvirt test domains.
     "libvirt-clients",
+    // Headless Chromium: the dashboard of `vmaudit run --serve`, driven and screenshotted by
+    // tests/tests/serve.rs over the DevTools protocol.
+    "chromium",
 ];
 
 /// Groups libvirt's QEMU driver needs (Debian builds it to run qemu as `libvirt-qemu`, and

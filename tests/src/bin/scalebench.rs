@@ -116,9 +116,15 @@ fn run(bins: &Bins, vms: usize) -> Outcome {
         for l in BufReader::new(stdout).lines().map_while(Result::ok) {
             let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
             if v["status"] != "confirmed" {
-                eprintln!("scalebench: not confirmed: {} {}: {}", v["claim"]["kind"], v["status"], v["reason"]);
+                eprintln!(
+                    "scalebench: not confirmed: {} {}: {}",
+                    v["claim"]["kind"], v["status"], v["reason"]
+                );
             }
-            if vtx.send(v["status"].as_str().unwrap_or("?").to_owned()).is_err() {
+            if vtx
+                .send(v["status"].as_str().unwrap_or("?").to_owned())
+                .is_err()
+            {
                 return;
             }
         }
@@ -283,8 +289,11 @@ fn main() {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_owned()))
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|x| x.1.trim().to_owned())
+            })
         })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

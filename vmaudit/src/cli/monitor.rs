@@ -35,6 +35,11 @@ pub struct Args {
     /// Size of the kernel event ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = super::watch::parse_ring)]
     ring_buffer_bytes: u32,
+    /// Serve the live dashboard, /metrics (Prometheus), /api/state and /events (SSE) over HTTP
+    /// on ADDR (IP:PORT, or a PORT on 127.0.0.1; port 0 picks a free one; default
+    /// 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = super::run::DEFAULT_SERVE)]
+    serve: Option<String>,
 }
 
 pub fn run(args: Args) -> u8 {
@@ -45,7 +50,7 @@ pub fn run(args: Args) -> u8 {
         },
         None => Source::Kernel,
     };
-    let opts = MonitorOptions {
+    let mut opts = MonitorOptions {
         source,
         managers: args.manager,
         journal: args.journal,
@@ -64,12 +69,21 @@ pub fn run(args: Args) -> u8 {
         Err(e) => return super::fail(&e, exit::INTERNAL),
     };
     let result = rt.block_on(async {
+        // Bound before anything starts: a bad address leaves nothing behind.
+        let _server = match &args.serve {
+            Some(addr) => match vmaudit::serve::serve_observers(addr, &mut opts.observers) {
+                Ok(s) => Some(s),
+                Err(e) => return Err(Failed::Serve(e)),
+            },
+            None => None,
+        };
         let shutdown = shutdown_signal();
         monitor(opts, shutdown, |managers| {
             let pids: Vec<String> = managers.iter().map(u32::to_string).collect();
             eprintln!("vmaudit: monitoring manager pid {}", pids.join(", "));
         })
         .await
+        .map_err(Failed::Monitor)
     });
     match result {
         Ok(o) => {
@@ -96,7 +110,8 @@ pub fn run(args: Args) -> u8 {
                 exit::OK
             }
         }
-        Err(e) => {
+        Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),
+        Err(Failed::Monitor(e)) => {
             let code = match &e {
                 MonitorError::NoManager => exit::NO_SUCH_PROCESS,
                 MonitorError::Source(_) | MonitorError::SourceFailed(_) => exit::AUDIT_SOURCE,
@@ -106,4 +121,9 @@ pub fn run(args: Args) -> u8 {
             super::fail(&e, code)
         }
     }
+}
+
+enum Failed {
+    Serve(vmaudit::serve::ServeError),
+    Monitor(MonitorError),
 }

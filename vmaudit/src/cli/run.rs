@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use vmaudit::{
     audit::AuditMode,
     runtime::run::{RunOptions, run as run_vm},
+    serve,
 };
 
 use super::watch::{print_json, shutdown_signal};
@@ -31,7 +32,16 @@ pub struct Args {
     /// Size of the verifier's kernel event ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = super::watch::parse_ring)]
     ring_buffer_bytes: u32,
+    /// Serve the live dashboard, /metrics (Prometheus), /api/state and /events (SSE) over HTTP
+    /// on ADDR (IP:PORT, or a PORT on 127.0.0.1; port 0 picks a free one). Give the spec
+    /// first, or write `--serve=ADDR`.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = DEFAULT_SERVE, conflicts_with = "no_verify")]
+    serve: Option<String>,
 }
+
+/// `--serve` without an address: [`serve::DEFAULT_ADDR`], spelled for clap.
+pub(super) const DEFAULT_SERVE: &str = "127.0.0.1:9464";
 
 pub fn run(args: Args) -> u8 {
     let mut opts = RunOptions::new(args.spec);
@@ -49,6 +59,14 @@ pub fn run(args: Args) -> u8 {
         Err(e) => return super::fail(&e, vmaudit::exit::INTERNAL),
     };
     let result = rt.block_on(async {
+        // Bound before anything starts: a bad address leaves nothing behind.
+        let _server = match &args.serve {
+            Some(addr) => match serve::serve_observers(addr, &mut opts.observers) {
+                Ok(s) => Some(s),
+                Err(e) => return Err(Failed::Serve(e)),
+            },
+            None => None,
+        };
         let shutdown = shutdown_signal();
         run_vm(
             &opts,
@@ -57,12 +75,19 @@ pub fn run(args: Args) -> u8 {
             shutdown,
         )
         .await
+        .map_err(Failed::Run)
     });
     match result {
         Ok(ending) => {
             log::info!("VM ended: {ending:?}");
             ending.exit_code()
         }
-        Err(e) => super::fail(&e, e.exit_code()),
+        Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),
+        Err(Failed::Run(e)) => super::fail(&e, e.exit_code()),
     }
+}
+
+enum Failed {
+    Serve(serve::ServeError),
+    Run(vmaudit::runtime::run::RunError),
 }
