@@ -27,7 +27,8 @@ pub const UNCONFIRMED: u8 = 8;
 /// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
 /// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
 pub const SPEC: u8 = 10;
-/// `vmaudit run`: the journal cannot be opened or written.
+/// `vmaudit run`: the journal cannot be opened or written; `vmaudit search`: an input (journal
+/// or audit.log) cannot be read, or is not one.
 pub const JOURNAL: u8 = 11;
 /// `vmaudit run`: a device could not be opened (its failure record was written; everything
 /// opened before it was closed).
@@ -45,6 +46,9 @@ pub const REQUEST_FAILED: u8 = 16;
 /// `detach-net`: the guest did not acknowledge the unplug in time; no detach is claimed and
 /// qemu still holds the interface's fds.
 pub const DETACH_UNACKNOWLEDGED: u8 = 17;
+
+/// `search`: nothing matched (grep's convention: found is 0, nothing found is its own code).
+pub const NO_MATCH: u8 = 19;
 
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
@@ -67,7 +71,7 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (
         JOURNAL,
-        "run: the audit records cannot be written (journal; kernel with --audit kernel)",
+        "run: the audit records cannot be written (journal; kernel with --audit kernel); search: an input cannot be read",
     ),
     (DEVICE, "run: a device could not be opened"),
     (CGROUP, "run: the VM's cgroup could not be set up"),
@@ -76,4 +80,5 @@ pub const TABLE: &[(u8, &str)] = &[
         EMULATOR_CRASHED,
         "run: the emulator crashed or failed while running",
     ),
+    (NO_MATCH, "search: nothing matched"),
 ];

@@ -18,4 +18,5 @@ pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod runtime;
+pub mod search;
 pub mod verify;

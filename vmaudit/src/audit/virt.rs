@@ -15,36 +15,55 @@ use crate::procfs::DevNum;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct VirtRecord {
     /// `kvm`, `qemu`, `lxc`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub virt: Option<String>,
     /// `resrc=` (VIRT_RESOURCE): `net`, `cgroup`, `disk`, `mem`, `dev`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resrc: Option<String>,
     /// `op=` (VIRT_CONTROL): `start`, `stop`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<String>,
     /// `open`, `start`, `attach`, `detach`, `allow`, `deny`, `booted`, `destroyed`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// The interface's MAC: `net=` of an open record, else `new-net=` (start, attach) or
     /// `old-net=` (detach). Lower-cased.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     /// `old-<resrc>=` and `new-<resrc>=` (`old-net`, `new-disk`, `new-mem`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub old: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub new: Option<String>,
     /// `path=` (a device opened, or a cgroup ACL's device).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// `rdev=` decoded from libvirt's `%02X:%02X`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rdev: Option<DevNum>,
     /// `vm-pid=` (VIRT_CONTROL); libvirt writes 0 or -1 when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_pid: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
     /// `class=`: `all`, `major`, `path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
     /// `maj=` decoded from libvirt's hex (`88` is 136).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub maj: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acl: Option<String>,
     /// `res=success` (true), `res=failed` (false).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub success: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
 }
 
