@@ -383,3 +383,123 @@ pub fn status_word(s: Status) -> &'static str {
         Status::Unknown => "unknown",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        audit::virt::VirtRecord,
+        verify::{ClaimRef, Evidence},
+    };
+
+    const MAC: &str = "52:54:00:00:00:09";
+
+    fn detach(verdicts: Vec<Verdict>, from_journal: bool) -> Event {
+        Event {
+            source: "j:9".into(),
+            ts: "t".into(),
+            ts_ns: 10,
+            kind: "VIRT_RESOURCE".into(),
+            rec: VirtRecord {
+                resrc: Some("net".into()),
+                reason: Some("detach".into()),
+                mac: Some(MAC.into()),
+                uuid: Some("u".into()),
+                success: Some(true),
+                ..VirtRecord::default()
+            },
+            emulator_pid: Some(50),
+            emulator_fds: if from_journal { vec![7, 8] } else { vec![] },
+            text: String::new(),
+            extra: Default::default(),
+            verdicts,
+            from_journal,
+        }
+    }
+
+    fn verdict(status: Status, reason: &str, closed: &[i32]) -> Verdict {
+        let claim = ClaimRef {
+            kind: "net-detach".into(),
+            mac: Some(MAC.into()),
+            ..ClaimRef::default()
+        };
+        let ev = closed
+            .iter()
+            .map(|fd| Evidence {
+                pid: 50,
+                fd: Some(*fd),
+                what: "close".into(),
+                ..Evidence::default()
+            })
+            .collect();
+        let mut v = Verdict::new(claim, status, reason, ev);
+        v.ts_ns = 20;
+        v
+    }
+
+    fn ask(e: Event) -> ReleasedAnswer {
+        let f = Filter {
+            mac: Some(MAC.into()),
+            ..Filter::default()
+        };
+        released(&[e], &f).expect("a detach")
+    }
+
+    #[test]
+    fn a_claimed_detach_without_a_close_is_said_plainly() {
+        let a = ask(detach(
+            vec![verdict(
+                Status::Unconfirmed,
+                "the deadline passed without kernel evidence; the emulator still holds fd 8",
+                &[],
+            )],
+            true,
+        ));
+        assert_eq!(a.not_closed, [7, 8]);
+        assert!(a.closed.is_empty());
+        assert_eq!(
+            a.summary,
+            "the detach was claimed, but the kernel shows no close of fd 7, 8: the deadline passed without kernel evidence; the emulator still holds fd 8"
+        );
+        let a = ask(detach(
+            vec![verdict(Status::Confirmed, "ok", &[7, 8])],
+            true,
+        ));
+        assert_eq!(
+            a.summary,
+            "the kernel saw the emulator (pid 50) close fd 7, 8 for this detach"
+        );
+        assert!(a.not_closed.is_empty());
+        let a = ask(detach(vec![], true));
+        assert!(
+            a.summary.contains("no verdict in the journal"),
+            "{}",
+            a.summary
+        );
+        let a = ask(detach(vec![], false));
+        assert!(
+            a.summary.starts_with("libvirt claims the detach"),
+            "{}",
+            a.summary
+        );
+        // Asked before the verdict was given: not yet known.
+        let f = Filter {
+            mac: Some(MAC.into()),
+            until: Some(15),
+            ..Filter::default()
+        };
+        let e = detach(vec![verdict(Status::Confirmed, "ok", &[7, 8])], true);
+        let a = released(&[e], &f).unwrap();
+        assert_eq!(a.status, None);
+        assert!(
+            released(
+                &[detach(vec![], true)],
+                &Filter {
+                    until: Some(5),
+                    ..f
+                }
+            )
+            .is_none()
+        );
+    }
+}
