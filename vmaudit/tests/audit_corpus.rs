@@ -127,11 +127,9 @@ fn the_corpus_covers_every_shape_and_encoding() {
             let Ok(p) = parse_line(line) else { continue };
             let v = p.virt();
             let mut shape = format!("{}", p.type_id().unwrap_or(0));
-            for part in [&v.resrc, &v.op, &v.reason, &v.class] {
-                if let Some(s) = part {
-                    shape.push(' ');
-                    shape.push_str(s);
-                }
+            for part in [&v.resrc, &v.op, &v.reason, &v.class].into_iter().flatten() {
+                shape.push(' ');
+                shape.push_str(part);
             }
             if let Some(bus) = p.get("bus") {
                 shape.push_str(&format!(" bus={bus}"));
