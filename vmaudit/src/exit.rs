@@ -27,7 +27,8 @@ pub const UNCONFIRMED: u8 = 8;
 /// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
 /// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
 pub const SPEC: u8 = 10;
-/// `vmaudit run`: the journal cannot be opened or written.
+/// `vmaudit run`: the journal cannot be opened or written; `vmaudit search`: an input (journal
+/// or audit.log) cannot be read, or is not one.
 pub const JOURNAL: u8 = 11;
 /// `vmaudit run`: a device could not be opened (its failure record was written; everything
 /// opened before it was closed).
@@ -49,6 +50,8 @@ pub const DETACH_UNACKNOWLEDGED: u8 = 17;
 /// `--serve`: the address does not parse, or cannot be listened on (in use, not local, no
 /// permission); nothing was started.
 pub const SERVE: u8 = 18;
+/// `search`: nothing matched (grep's convention: found is 0, nothing found is its own code).
+pub const NO_MATCH: u8 = 19;
 /// `monitor`: the audit records cannot be read (the audit.log is missing or unreadable, or the
 /// kernel's audit multicast group cannot be joined), or the source failed while read.
 pub const AUDIT_SOURCE: u8 = 20;
@@ -79,7 +82,7 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (
         JOURNAL,
-        "run: the audit records cannot be written (journal; kernel with --audit kernel)",
+        "run: the audit records cannot be written (journal; kernel with --audit kernel); search: an input cannot be read",
     ),
     (DEVICE, "run: a device could not be opened"),
     (CGROUP, "run: the VM's cgroup could not be set up"),
@@ -97,5 +100,6 @@ pub const TABLE: &[(u8, &str)] = &[
         "detach-net: the guest did not acknowledge the unplug",
     ),
     (SERVE, "--serve: bad address, or it cannot be listened on"),
+    (NO_MATCH, "search: nothing matched"),
     (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
 ];

@@ -19,5 +19,6 @@ pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod runtime;
+pub mod search;
 pub mod serve;
 pub mod verify;

@@ -21,6 +21,11 @@ const EBPF_PACKAGE: &str = "vmaudit-ebpf";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Clippy arguments: any warning fails the step.
 const DENY_WARNINGS: [&str; 3] = ["--", "-D", "warnings"];
+/// The fuzz targets (`fuzz/fuzz_targets/*.rs`), each with a seed corpus in `fuzz/corpus/`.
+const FUZZ_TARGETS: &[&str] = &["parse_line", "parse_text"];
+/// Inputs per target that `cargo xtask test` runs: a count, not a time, so every run does the
+/// same work.
+const TEST_FUZZ_RUNS: u64 = 20_000;
 /// The integration tests: real kernel, real devices, root only.
 const PRIVILEGED_TESTS: &str = "vmaudit-tests";
 
@@ -40,6 +45,13 @@ enum Cmd {
     Build,
     /// Set up, then fmt, clippy, build, unit tests and the privileged integration tests (root).
     Test,
+    /// Set up, then run every fuzz target (cargo fuzz, nightly) for a number of inputs, from
+    /// its seed corpus in fuzz/corpus; a crash fails it and leaves the input in fuzz/artifacts.
+    Fuzz {
+        /// Inputs per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+    },
     /// Set up, build, then run `vmaudit demo`.
     Demo,
     /// Set up, build in release mode, then run `fdbench` (with the arguments after `--`) and
@@ -59,6 +71,7 @@ fn main() -> Result<ExitCode> {
         Cmd::Setup => {}
         Cmd::Build => sh::run(&mut build(&ws, Profile::Debug))?,
         Cmd::Test => test(&ws)?,
+        Cmd::Fuzz { runs } => fuzz(&ws, runs)?,
         Cmd::Demo => {
             sh::run(&mut build(&ws, Profile::Debug))?;
             let mut demo = ws.command(ws.bin("debug", "vmaudit"));
@@ -117,6 +130,7 @@ fn test(ws: &Workspace) -> Result<()> {
             .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
             .args(["--exclude", PRIVILEGED_TESTS]),
     )?;
+    fuzz(ws, TEST_FUZZ_RUNS)?;
     let mut privileged = ws.cargo();
     privileged.args([
         "test",
@@ -133,6 +147,24 @@ fn test(ws: &Workspace) -> Result<()> {
         );
     }
     sh::run(&mut privileged)
+}
+
+/// Each fuzz target for `runs` inputs. New inputs go to `target/fuzz-corpus/<target>` (the
+/// checked-in seeds in `fuzz/corpus/<target>` are only read).
+fn fuzz(ws: &Workspace, runs: u64) -> Result<()> {
+    for target in FUZZ_TARGETS {
+        let scratch = ws.root().join("target").join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        step(
+            ws.nightly_cargo()
+                .args(["fuzz", "run", "--fuzz-dir", "fuzz", target])
+                .arg(&scratch)
+                .arg(ws.root().join("fuzz").join("corpus").join(target))
+                .arg("--")
+                .arg(format!("-runs={runs}")),
+        )?;
+    }
+    Ok(())
 }
 
 fn step(cmd: &mut Command) -> Result<()> {

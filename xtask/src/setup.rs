@@ -15,6 +15,9 @@ use crate::sh::{self, Workspace};
 /// The bpf-linker release built into `.tools/bin`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-fuzz release installed into `.tools/bin` (`cargo xtask fuzz`, and `test`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Toolchain components the commands use: (toolchain, or None for the one `cargo xtask` runs
 /// under; component).
 const COMPONENTS: &[(Option<&str>, &str)] = &[
@@ -70,6 +73,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
         rustup_component(ws, toolchain, component)?;
     }
     bpf_linker(ws)?;
+    cargo_fuzz(ws)?;
     debian_packages()?;
     guest(ws)?;
     libvirt_accounts()?;
@@ -168,6 +172,42 @@ fn bpf_linker(ws: &Workspace) -> Result<()> {
     }
     println!("installing: bpf-linker {BPF_LINKER_VERSION} against {rustc} (about a minute)");
     sh::run(&mut install_bpf_linker(ws, &libdir, &llvm))?;
+    write_stamp(&stamp_path, &stamp)
+}
+
+/// cargo-fuzz, built with the nightly toolchain (libFuzzer's sanitizers need nightly) into
+/// `.tools/bin`. `.tools/cargo-fuzz.stamp` records the version, so a new one reinstalls it.
+fn cargo_fuzz(ws: &Workspace) -> Result<()> {
+    let stamp = format!("cargo-fuzz {CARGO_FUZZ_VERSION}\n");
+    let stamp_path = ws.tools().join("cargo-fuzz.stamp");
+    let bin = ws.tools().join("bin").join("cargo-fuzz");
+    let current = fs::read_to_string(&stamp_path).ok();
+    if bin.is_file() && current.as_deref() == Some(stamp.as_str()) {
+        println!("ok: cargo-fuzz {CARGO_FUZZ_VERSION}");
+        return Ok(());
+    }
+    // One installed by hand with the same version is kept; the stamp then records it.
+    let version = sh::output(Command::new(&bin).arg("--version"));
+    if bin.is_file() && version.is_ok_and(|v| v == format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
+        write_stamp(&stamp_path, &stamp)?;
+        println!("ok: cargo-fuzz {CARGO_FUZZ_VERSION} (existing build checked, stamp written)");
+        return Ok(());
+    }
+    println!("installing: cargo-fuzz {CARGO_FUZZ_VERSION} (about two minutes)");
+    let mut cmd = ws.nightly_cargo();
+    cmd.args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ])
+    .arg("--root")
+    .arg(ws.tools())
+    .arg("--target-dir")
+    .arg(ws.tools().join("build"));
+    sh::run(&mut cmd)?;
     write_stamp(&stamp_path, &stamp)
 }
 

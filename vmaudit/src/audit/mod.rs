@@ -11,6 +11,8 @@
 //!   [`Record::cgroup`], [`Record::control`]).
 //! - [`kernel`]: the kernel audit subsystem over NETLINK_AUDIT: status, enable, send.
 //! - [`reader`]: a multicast [`Reader`] of what the kernel logged.
+//! - [`parse`]: reading records back (audit.log lines, kernel records, any encoding);
+//!   [`virt`]: their typed view.
 //! - [`logfmt`]: a kernel record as auditd writes it in `audit.log`.
 //! - [`journal`]: vmaudit's own append-only JSON-lines journal, fsync'd per record.
 //! - [`sink`]: where records go ([`AuditMode`]): journal, kernel, or both.
@@ -26,6 +28,7 @@ mod reason;
 pub mod record;
 mod shapes;
 pub mod sink;
+pub mod virt;
 
 use std::fmt;
 

@@ -1,5 +1,12 @@
 //! Reading libvirt's VIRT_* records back: an audit.log line (`type=... msg=audit(...): ...
-//! msg='...'`) or a record's text, in every encoding libvirt and libaudit have used.
+//! msg='...'`), a record the kernel multicasts ([`parse_kernel`]), or a record's text, in
+//! every encoding libvirt and libaudit have used.
+//!
+//! Lines: `[node=HOST ]type=NAME msg=audit(SECS.MSEC:SERIAL): SENDER msg='TEXT'`, where NAME
+//! is `VIRT_RESOURCE` or the numeric form auditd writes for a type it has no name for
+//! (`UNKNOWN[2501]`), or the kernel's printk form `type=2501 audit(...): ...` (dmesg, with
+//! any `audit: ` prefix removed). `node=` (auditd's `name_format`) is kept as the first
+//! sender field.
 //!
 //! A value is `name="text"`, `name='text'` (the single-quoted form of old libaudit), upper-case
 //! hex for the fields libaudit encodes (`vm`, `path`, `cgroup`, `old-*`/`new-*`, `device`,
@@ -10,7 +17,7 @@
 use thiserror::Error;
 
 /// Why a line or text is not a record.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum ParseError {
     #[error("not an audit.log record line (no `type=`)")]
     NoType,
@@ -20,6 +27,19 @@ pub enum ParseError {
     Unterminated { field: String },
     #[error("a field without a name at byte {at}")]
     NoName { at: usize },
+}
+
+impl ParseError {
+    /// A short name for counting errors by kind: `no-type`, `no-stamp`, `unterminated`,
+    /// `no-name`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoType => "no-type",
+            Self::NoStamp => "no-stamp",
+            Self::Unterminated { .. } => "unterminated",
+            Self::NoName { .. } => "no-name",
+        }
+    }
 }
 
 /// The kernel's stamp of a record.
@@ -71,6 +91,25 @@ impl Parsed {
             .and_then(|(_, v)| v.text())
     }
 
+    /// A field of the text as written (quoted, hex, raw or missing), decoded.
+    pub fn field_value(&self, name: &str) -> Option<&Value> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// The message type's number: from the name (`VIRT_RESOURCE`), the numeric name auditd
+    /// writes for types it does not know (`UNKNOWN[2501]`), or the printk form (`2501`).
+    pub fn type_id(&self) -> Option<u16> {
+        type_id(&self.kind)
+    }
+
+    /// The node (`node=HOST`) that logged the record, when auditd names it.
+    pub fn node(&self) -> Option<&str> {
+        self.sender
+            .first()
+            .filter(|(k, _)| k == "node")
+            .and_then(|(_, v)| v.text())
+    }
+
     pub fn sender_pid(&self) -> Option<u32> {
         self.sender
             .iter()
@@ -79,13 +118,38 @@ impl Parsed {
     }
 }
 
-/// Fields libaudit hex-encodes when their text needs it.
+/// The number of a type name: `VIRT_*`, `UNKNOWN[N]`, or `N`.
+fn type_id(kind: &str) -> Option<u16> {
+    if let Some(t) = super::AuditType::from_name(kind) {
+        return Some(t.id());
+    }
+    kind.strip_prefix("UNKNOWN[")
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(kind)
+        .parse()
+        .ok()
+}
+
+/// The name auditd gives type number `id`: `VIRT_RESOURCE`, else `UNKNOWN[id]`.
+pub fn type_name(id: u16) -> String {
+    super::AuditType::from_id(id).map_or_else(|| format!("UNKNOWN[{id}]"), |t| t.name().to_owned())
+}
+
+/// Fields libaudit hex-encodes when their text needs it. libvirt writes the numeric
+/// `old-mem`/`new-mem`, `old-vcpu`/`new-vcpu` and `old-iothread`/`new-iothread` raw
+/// (`%lld`, `%u`): `new-mem=131072` is a number, not the hex of three bytes.
 fn is_encoded(name: &str) -> bool {
-    matches!(
-        name,
-        "vm" | "path" | "cgroup" | "device" | "exe" | "vm-ctx" | "img-ctx" | "model"
-    ) || name.starts_with("old-")
-        || name.starts_with("new-")
+    let numeric = |resrc: &str| matches!(resrc, "mem" | "vcpu" | "iothread");
+    match name
+        .strip_prefix("old-")
+        .or_else(|| name.strip_prefix("new-"))
+    {
+        Some(resrc) => !numeric(resrc),
+        None => matches!(
+            name,
+            "vm" | "path" | "cgroup" | "device" | "exe" | "vm-ctx" | "img-ctx" | "model"
+        ),
+    }
 }
 
 fn decode_hex(v: &str) -> Option<String> {
@@ -157,12 +221,41 @@ pub fn parse_text(text: &str) -> Result<Vec<(String, Value)>, ParseError> {
     Ok(out)
 }
 
-/// Parses an audit.log line, RAW or ENRICHED (the enriched part after `\x1d` is ignored).
+/// Parses an audit.log line, RAW or ENRICHED (the enriched part after `\x1d` is ignored), with
+/// or without auditd's `node=HOST ` prefix, with a type name (`VIRT_RESOURCE`), auditd's
+/// numeric form (`UNKNOWN[2501]`) or the printk form (`type=2501 audit(...): ...`).
 pub fn parse_line(line: &str) -> Result<Parsed, ParseError> {
     let line = line.split('\u{1d}').next().unwrap_or_default().trim_end();
+    let line = line.strip_prefix("audit: ").unwrap_or(line);
+    let (node, line) = match line.strip_prefix("node=") {
+        Some(rest) => {
+            let (node, rest) = rest.split_once(' ').ok_or(ParseError::NoType)?;
+            (Some(node), rest.trim_start())
+        }
+        None => (None, line),
+    };
     let rest = line.strip_prefix("type=").ok_or(ParseError::NoType)?;
     let (kind, rest) = rest.split_once(' ').ok_or(ParseError::NoStamp)?;
-    let rest = rest.strip_prefix("msg=audit(").ok_or(ParseError::NoStamp)?;
+    let rest = rest.strip_prefix("msg=").unwrap_or(rest);
+    let mut parsed = parse_stamped(kind, rest)?;
+    if let Some(node) = node {
+        parsed
+            .sender
+            .insert(0, ("node".to_owned(), Value::Raw(node.to_owned())));
+    }
+    Ok(parsed)
+}
+
+/// Parses a record as the kernel multicasts it to audit listeners ([`super::Reader`]): the
+/// message type's number and `audit(SECS.MSEC:SERIAL): pid=.. uid=.. msg='...'`. The kind is
+/// named as auditd would name it (`VIRT_RESOURCE`, or `UNKNOWN[N]`).
+pub fn parse_kernel(kind: u16, text: &str) -> Result<Parsed, ParseError> {
+    parse_stamped(&type_name(kind), text.trim_end_matches(['\0', '\n']))
+}
+
+/// `audit(SECS.MSEC:SERIAL): SENDER msg='TEXT'` (or a kernel record with no `msg=`).
+fn parse_stamped(kind: &str, rest: &str) -> Result<Parsed, ParseError> {
+    let rest = rest.strip_prefix("audit(").ok_or(ParseError::NoStamp)?;
     let (stamp, rest) = rest.split_once("):").ok_or(ParseError::NoStamp)?;
     let (time, serial) = stamp.split_once(':').ok_or(ParseError::NoStamp)?;
     let (secs, msec) = time.split_once('.').ok_or(ParseError::NoStamp)?;
@@ -187,6 +280,70 @@ pub fn parse_line(line: &str) -> Result<Parsed, ParseError> {
         sender: parse_text(sender)?,
         fields: parse_text(text)?,
     })
+}
+
+/// What a whole audit.log held: the records, the lines that are not records (with why), and
+/// how many records were of types other than libvirt's (`VIRT_*`, 2500-2502), by type.
+#[derive(Clone, Debug, Default)]
+pub struct LogScan {
+    /// (line number from 1, record), VIRT_* records only, in order.
+    pub records: Vec<(usize, Parsed)>,
+    /// (line number from 1, why), for lines that are not records.
+    pub errors: Vec<(usize, ParseError)>,
+    /// Records of other types, counted by type name.
+    pub other_types: std::collections::BTreeMap<String, usize>,
+}
+
+impl LogScan {
+    /// Reads every line; never fails, never panics: what is not a record is counted.
+    pub fn scan(text: &str) -> Self {
+        let mut out = Self::default();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_line(line) {
+                Ok(p) if p.type_id().and_then(super::AuditType::from_id).is_some() => {
+                    out.records.push((i + 1, p));
+                }
+                Ok(p) => *out.other_types.entry(p.kind).or_default() += 1,
+                Err(e) => out.errors.push((i + 1, e)),
+            }
+        }
+        out
+    }
+
+    /// One line for a person: `20 VIRT_* records; skipped 3 of other types (SYSCALL: 3); 1
+    /// line not a record (unterminated: 1, first at line 7)`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} VIRT_* records", self.records.len());
+        let others: usize = self.other_types.values().sum();
+        if others > 0 {
+            let list: Vec<String> = self
+                .other_types
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            s.push_str(&format!(
+                "; skipped {others} of other types ({})",
+                list.join(", ")
+            ));
+        }
+        if let Some((first, _)) = self.errors.first() {
+            let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+            for (_, e) in &self.errors {
+                *kinds.entry(e.kind()).or_default() += 1;
+            }
+            let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            s.push_str(&format!(
+                "; {} line{} not a record ({}, first at line {first})",
+                self.errors.len(),
+                if self.errors.len() == 1 { "" } else { "s" },
+                list.join(", ")
+            ));
+        }
+        s
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +410,81 @@ mod tests {
         assert_eq!(get("rdev"), Some(Value::Missing));
         assert_eq!(get("old-net"), Some(Value::Missing));
         assert_eq!(get("net"), Some(Value::Raw("52:54:00:00:00:01".into())));
+    }
+
+    #[test]
+    fn node_prefix_numeric_types_printk_and_multicast_forms() {
+        let text = "pid=7 uid=0 auid=4294967295 ses=4294967295 msg='virt=kvm op=start reason=booted vm=\"a\" uuid=u vm-pid=9 exe=\"/usr/sbin/libvirtd\" hostname=? addr=? terminal=? res=success'";
+        let forms = [
+            format!("node=host1 type=VIRT_CONTROL msg=audit(10.250:3): {text}"),
+            format!("type=UNKNOWN[2500] msg=audit(10.250:3): {text}"),
+            format!("audit: type=2500 audit(10.250:3): {text}"),
+        ];
+        for line in &forms {
+            let p = parse_line(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(p.type_id(), Some(2500), "{line}");
+            assert_eq!(p.sender_pid(), Some(7), "{line}");
+            assert_eq!(p.get("vm-pid"), Some("9"));
+            assert_eq!(
+                p.stamp,
+                Stamp {
+                    secs: 10,
+                    msec: 250,
+                    serial: 3
+                }
+            );
+        }
+        assert_eq!(parse_line(&forms[0]).unwrap().node(), Some("host1"));
+        assert_eq!(parse_line(&forms[1]).unwrap().node(), None);
+        let k = parse_kernel(2500, &format!("audit(10.250:3): {text}\0")).unwrap();
+        assert_eq!(
+            (k.kind.as_str(), k.get("op")),
+            ("VIRT_CONTROL", Some("start"))
+        );
+        assert_eq!(k, parse_line(&forms[0][11..]).unwrap());
+        assert_eq!(
+            parse_kernel(1300, "audit(1.2:3): arch=c000003e")
+                .unwrap()
+                .kind,
+            "UNKNOWN[1300]"
+        );
+        assert_eq!(parse_kernel(2501, "garbage"), Err(ParseError::NoStamp));
+        assert_eq!(
+            parse_line("node=host1"),
+            Err(ParseError::NoType),
+            "a node and nothing else"
+        );
+    }
+
+    #[test]
+    fn a_log_is_scanned_and_what_is_not_a_record_is_counted() {
+        let log = format!(
+            "{}\ntype=SYSCALL msg=audit(1.2:3): arch=c000003e syscall=59\n\ntype=VIRT_RESOURCE msg=audit(1.2:4): pid=1 msg='vm=\"x\n{}\ngarbage\n",
+            FIXTURE.lines().next().unwrap(),
+            FIXTURE.lines().nth(1).unwrap()
+        );
+        let scan = LogScan::scan(&log);
+        assert_eq!(
+            scan.records.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [1, 5]
+        );
+        assert_eq!(scan.other_types.get("SYSCALL"), Some(&1));
+        assert_eq!(
+            scan.errors,
+            [
+                (
+                    4,
+                    ParseError::Unterminated {
+                        field: "msg".into()
+                    }
+                ),
+                (6, ParseError::NoType)
+            ]
+        );
+        assert_eq!(
+            scan.summary(),
+            "2 VIRT_* records; skipped 1 of other types (SYSCALL: 1); 2 lines not a record (no-type: 1, unterminated: 1, first at line 4)"
+        );
     }
 
     /// Truncated and mangled input is refused or parsed, never a panic (every prefix and

@@ -7,6 +7,7 @@ mod hotplug;
 mod monitor;
 mod noop_hook;
 mod run;
+mod search;
 mod verify;
 mod watch;
 
@@ -48,6 +49,10 @@ enum Command {
     Monitor(monitor::Args),
     /// The claims of a journal and their verdicts, with totals.
     Verify(verify::Args),
+    /// Search journals and audit.log files: records and verdicts by MAC, VM, uuid, pid, device,
+    /// time, status; `search fds` and `search released` answer which fds the emulator holds or
+    /// released for a MAC.
+    Search(Box<search::Args>),
     /// Print a process's current fd table (from /proc).
     Fds(fds::Args),
     /// Run the demo: watch a small workload and print its fd events.
@@ -65,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Monitor(a) => monitor::run(a),
+        Command::Search(a) => search::run(*a),
         Command::AttachNet(a) => hotplug::attach(a),
         Command::DetachNet(a) => hotplug::detach(a),
         Command::Demo(a) => demo::run(a),
