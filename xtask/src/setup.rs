@@ -27,7 +27,7 @@ const COMPONENTS: &[(Option<&str>, &str)] = &[
     (None, "rustfmt"),
 ];
 
-/// Debian packages the integration tests run.
+/// Debian packages the integration tests and the benchmarks run.
 const DEBIAN_PACKAGES: &[&str] = &[
     // `ip link add ... type veth` / `type macvtap`: the tap and macvtap devices under test.
     "iproute2",
@@ -43,6 +43,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libvirt-daemon-driver-qemu",
     // `virsh`: defines, starts, hot-plugs into and destroys the libvirt test domains.
     "libvirt-clients",
+    // `bpftrace`: `cargo xtask bench`'s reference tracer, on the same tracepoint as vmaudit, so
+    // vmaudit is measured beside the tool an admin would otherwise reach for.
+    "bpftrace",
 ];
 
 /// Groups libvirt's QEMU driver needs (Debian builds it to run qemu as `libvirt-qemu`, and
