@@ -10,8 +10,8 @@ use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Read},
     process::{Command, Stdio},
-    sync::mpsc::{Receiver, RecvTimeoutError, channel},
-    thread::{self, JoinHandle},
+    sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -38,7 +38,7 @@ pub struct Captured {
 fn drain_lines(
     mut from: impl Read,
     keep: fn(&str) -> bool,
-    marker: Option<(String, std::sync::mpsc::Sender<()>)>,
+    markers: Vec<(String, Sender<()>)>,
 ) -> Captured {
     let mut out = Captured::default();
     let mut buf = vec![0u8; 1 << 16];
@@ -60,11 +60,11 @@ fn drain_lines(
             if keep(&line) {
                 out.kept.push(line.to_string());
             }
-            if let Some((text, tx)) = &marker
-                && line.contains(text.as_str())
-            {
-                out.markers += 1;
-                let _ = tx.send(());
+            for (text, tx) in &markers {
+                if line.contains(text.as_str()) {
+                    out.markers += 1;
+                    let _ = tx.send(());
+                }
             }
             out.last.clear();
             out.last.push_str(&line);
@@ -75,52 +75,111 @@ fn drain_lines(
     out
 }
 
-/// Sends `signal` to the guarded child and reaps it.
-fn signal_and_wait(guard: &mut ChildGuard, signal: libc::c_int) {
+/// How long a tracer may take to attach, or to exit once told to: bounds on a hang, not
+/// synchronisation (each wait returns as soon as its line or its end comes). bpftrace compiles
+/// its program with LLVM first, which takes seconds on a loaded machine.
+const START_PATIENCE: Duration = Duration::from_secs(120);
+
+/// `Command` for a tracer: stdout and stderr piped, and killed by the kernel if this process
+/// dies (even by SIGKILL, when no guard runs), so a benchmark never leaves one behind.
+fn tracer_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(program);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A child's stdout read to its end by a thread, whose result arrives on a channel.
+struct Reader(Receiver<Captured>);
+
+impl Reader {
+    fn spawn(
+        from: impl Read + Send + 'static,
+        keep: fn(&str) -> bool,
+        markers: Vec<(String, Sender<()>)>,
+    ) -> Self {
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            let _ = tx.send(drain_lines(from, keep, markers));
+        });
+        Self(rx)
+    }
+}
+
+/// Sends `signal` to the guarded child and waits (bounded) until its stdout closes, then
+/// reaps it. A child that does not exit is killed and the benchmark fails, naming it.
+fn stop_child(
+    guard: &mut ChildGuard,
+    reader: &Reader,
+    signal: libc::c_int,
+    what: &str,
+) -> Captured {
     let pid = guard.0.id() as i32;
     // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
     unsafe { libc::kill(pid, signal) };
+    let out = reader.0.recv_timeout(START_PATIENCE);
+    let _ = guard.0.kill();
     let _ = guard.0.wait();
+    out.unwrap_or_else(|e| {
+        panic!("{what} did not exit within {START_PATIENCE:?} of signal {signal} ({e})")
+    })
 }
 
 /// A running `vmaudit` subcommand, its stdout read by a thread.
 pub struct Vmaudit {
     guard: ChildGuard,
-    reader: Option<JoinHandle<Captured>>,
+    reader: Reader,
+    what: String,
 }
 
 impl Vmaudit {
     /// Starts `vmaudit ARGS` and returns once its stderr says `ready`. Fails loudly (with what
-    /// vmaudit said) if it exits first.
+    /// vmaudit said) if it exits first or does not get ready in time.
     pub fn start(bins: &Bins, args: &[&str], ready: &str) -> Self {
-        let mut child = Command::new(&bins.vmaudit)
+        let what = format!("vmaudit {}", args.join(" "));
+        let mut child = tracer_command(&bins.vmaudit)
             .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmaudit");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let guard = ChildGuard(child);
-        let mut lines = BufReader::new(stderr).lines();
+        // stdout is drained from the start: vmaudit writes its first records before it says
+        // it is ready, and must never block on a full pipe.
+        let reader = Reader::spawn(stdout, |_| false, Vec::new());
+        let (tx, rx) = channel();
+        // stderr too, for as long as vmaudit runs.
+        thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let deadline = Instant::now() + START_PATIENCE;
         let mut said = Vec::new();
         loop {
-            match lines.next() {
-                Some(Ok(l)) if l.contains(ready) => break,
-                Some(Ok(l)) => said.push(l),
-                _ => panic!(
-                    "vmaudit {} did not start (no {ready:?} on stderr); it said:\n{}",
-                    args.join(" "),
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(ready) => break,
+                Ok(l) => said.push(l),
+                Err(e) => panic!(
+                    "{what} did not start (no {ready:?} on stderr: {e}); it said:\n{}",
                     said.join("\n")
                 ),
             }
         }
-        // Keep draining stderr so vmaudit never blocks on it.
-        thread::spawn(move || for _ in lines {});
-        let reader = thread::spawn(move || drain_lines(stdout, |_| false, None));
         Self {
             guard,
-            reader: Some(reader),
+            reader,
+            what,
         }
     }
 
@@ -130,12 +189,7 @@ impl Vmaudit {
 
     /// SIGTERM (vmaudit drains what is left and prints its summary), then what it wrote.
     pub fn stop(mut self) -> Captured {
-        signal_and_wait(&mut self.guard, libc::SIGTERM);
-        self.reader
-            .take()
-            .expect("reader")
-            .join()
-            .expect("reader thread")
+        stop_child(&mut self.guard, &self.reader, libc::SIGTERM, &self.what)
     }
 }
 
@@ -186,8 +240,8 @@ impl WatchSummary {
 /// A running `bpftrace -e PROGRAM`, attached.
 pub struct Bpftrace {
     guard: ChildGuard,
-    reader: Option<JoinHandle<Captured>>,
-    stderr: Option<JoinHandle<Vec<String>>>,
+    reader: Reader,
+    stderr: Receiver<Vec<String>>,
     marker: Receiver<()>,
     /// The ids of the programs it loaded.
     pub programs: BTreeSet<u32>,
@@ -203,6 +257,9 @@ pub struct BpftraceOutput {
     /// The sum of its "Lost N events" reports (stdout and stderr).
     pub lost: u64,
 }
+
+/// What bpftrace prints once its program is compiled, before it attaches it.
+const ATTACHING: &str = "Attaching ";
 
 /// Lines bpftrace writes that are not events: map entries and loss reports.
 fn bpftrace_meta(line: &str) -> bool {
@@ -235,10 +292,8 @@ impl Bpftrace {
     /// does. Fails loudly if bpftrace is missing, exits, or never shows the marker.
     pub fn start(program: &str, marker: &str, mut poke: impl FnMut()) -> Self {
         let before = bpf_program_ids();
-        let mut child = Command::new("bpftrace")
+        let mut child = tracer_command("bpftrace")
             .args(["-B", "none", "-e", program])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start bpftrace ({e}): `cargo xtask setup` installs Debian's")
@@ -246,37 +301,35 @@ impl Bpftrace {
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let guard = ChildGuard(child);
-        let stderr = thread::spawn(move || {
-            BufReader::new(stderr)
+        let (err_tx, err_rx) = channel();
+        thread::spawn(move || {
+            let lines = BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
-                .collect::<Vec<_>>()
+                .collect();
+            let _ = err_tx.send(lines);
         });
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match stdout.read_line(&mut line) {
-                Ok(n) if n > 0 && line.starts_with("Attaching ") => break,
-                Ok(n) if n > 0 => {}
-                _ => {
-                    drop(guard);
-                    let said = stderr.join().unwrap_or_default().join("\n");
-                    panic!("bpftrace did not attach `{program}`; it said:\n{said}");
-                }
-            }
-        }
+        let (attaching_tx, attaching) = channel();
         let (marker_tx, marker_rx) = channel();
-        let text = marker.to_owned();
-        let reader =
-            thread::spawn(move || drain_lines(stdout, bpftrace_meta, Some((text, marker_tx))));
+        let reader = Reader::spawn(
+            stdout,
+            bpftrace_meta,
+            vec![
+                (ATTACHING.to_owned(), attaching_tx),
+                (marker.to_owned(), marker_tx),
+            ],
+        );
         let mut bt = Self {
             guard,
-            reader: Some(reader),
-            stderr: Some(stderr),
+            reader,
+            stderr: err_rx,
             marker: marker_rx,
             programs: BTreeSet::new(),
         };
+        if let Err(e) = attaching.recv_timeout(START_PATIENCE) {
+            let out = bt.stop();
+            panic!("bpftrace did not start `{program}` ({e}): {out:?}");
+        }
         let deadline = Instant::now() + PATIENCE;
         loop {
             poke();
@@ -312,19 +365,8 @@ impl Bpftrace {
 
     /// SIGINT (bpftrace prints its maps and exits), then what it printed.
     pub fn stop(mut self) -> BpftraceOutput {
-        signal_and_wait(&mut self.guard, libc::SIGINT);
-        let out = self
-            .reader
-            .take()
-            .expect("reader")
-            .join()
-            .expect("reader thread");
-        let err = self
-            .stderr
-            .take()
-            .expect("stderr")
-            .join()
-            .expect("stderr thread");
+        let out = stop_child(&mut self.guard, &self.reader, libc::SIGINT, "bpftrace");
+        let err = self.stderr.recv().unwrap_or_default();
         let meta = out.kept.len() as u64 + out.markers;
         BpftraceOutput {
             lines: out.lines.saturating_sub(meta),
@@ -404,7 +446,7 @@ mod tests {
     fn counts_lines_and_keeps_the_last() {
         let text = b"a\n\n@[1]: 2\nLost 3 events\nlast\n".as_slice();
         let (tx, rx) = channel();
-        let c = drain_lines(text, bpftrace_meta, Some(("Lost".into(), tx)));
+        let c = drain_lines(text, bpftrace_meta, vec![("Lost".into(), tx)]);
         assert_eq!((c.lines, c.markers), (4, 1));
         assert_eq!(c.kept, ["@[1]: 2", "Lost 3 events"]);
         assert_eq!(c.last, "last");

@@ -32,7 +32,10 @@ impl Drop for ScratchDir {
 /// tmpfs, where an fsync returns at once; the difference is what the fsyncs cost.
 const JOURNAL_DIRS: [(&str, &str); 2] = [
     ("journal on disk (ext4 or what the temp dir is)", ""),
-    ("journal on tmpfs (/dev/shm: fsync costs nothing)", "/dev/shm"),
+    (
+        "journal on tmpfs (/dev/shm: fsync costs nothing)",
+        "/dev/shm",
+    ),
 ];
 
 /// The latencies of one configuration.
@@ -61,7 +64,10 @@ impl Latencies {
                 self.all.push(n);
                 let kind = v["claim"]["kind"].as_str().unwrap_or("?").to_owned();
                 self.by_kind.entry(kind).or_default().push(n);
-                self.by_last.entry(last_came(&v, offset)).or_default().push(n);
+                self.by_last
+                    .entry(last_came(&v, offset))
+                    .or_default()
+                    .push(n);
             }
         }
     }
