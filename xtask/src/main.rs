@@ -54,10 +54,11 @@ enum Cmd {
     },
     /// Set up, build, then run `vmaudit demo`.
     Demo,
-    /// Set up, build in release mode, then run `fdbench` (with the arguments after `--`) and
-    /// rewrite its table in BENCHMARKS.md.
+    /// Set up, build in release mode, then run the benchmark suite `vmbench` (with the
+    /// arguments after `--`, e.g. `--quick` or `--only throughput`) and rewrite its tables in
+    /// BENCHMARKS.md.
     Bench {
-        /// Passed on to fdbench.
+        /// Passed on to vmbench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -79,8 +80,8 @@ fn main() -> Result<ExitCode> {
         }
         Cmd::Bench { args } => {
             sh::run(&mut build(&ws, Profile::Release))?;
-            // The figures land in BENCHMARKS.md, between fdbench's markers.
-            let mut bench = ws.command(ws.bin("release", "fdbench"));
+            // The figures land in BENCHMARKS.md, between each section's markers.
+            let mut bench = ws.command(ws.bin("release", "vmbench"));
             bench.arg("--write").arg(ws.root().join("BENCHMARKS.md"));
             return sh::status(bench.args(args)).map(sh::exit_code);
         }

@@ -30,7 +30,7 @@ const COMPONENTS: &[(Option<&str>, &str)] = &[
     (None, "rustfmt"),
 ];
 
-/// Debian packages the integration tests run.
+/// Debian packages the integration tests and the benchmarks run.
 const DEBIAN_PACKAGES: &[&str] = &[
     // `ip link add ... type veth` / `type macvtap`: the tap and macvtap devices under test.
     "iproute2",
@@ -49,6 +49,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Headless Chromium: the dashboard of `vmaudit run --serve`, driven and screenshotted by
     // tests/tests/serve.rs over the DevTools protocol.
     "chromium",
+    // `bpftrace`: `cargo xtask bench`'s reference tracer, on the same tracepoint as vmaudit, so
+    // vmaudit is measured beside the tool an admin would otherwise reach for.
+    "bpftrace",
 ];
 
 /// Groups libvirt's QEMU driver needs (Debian builds it to run qemu as `libvirt-qemu`, and

@@ -281,6 +281,18 @@ fn run(
             }
             n
         }
+        "flood_dup" => {
+            // Many dup/close pairs of stdin as fast as one thread can go: the cheapest way to
+            // gain and lose an fd (no path lookup).
+            let n = int(words, 1)?;
+            for _ in 0..n {
+                // SAFETY: see above.
+                let fd = unsafe { libc::syscall(libc::SYS_dup, 0) };
+                // SAFETY: see above.
+                unsafe { libc::syscall(libc::SYS_close, fd) };
+            }
+            n
+        }
         "hold" => {
             // Open `n` fds on /dev/zero and keep them: state the resync must find.
             let n = int(words, 1)?;

@@ -4,7 +4,8 @@
 //! forks) with the kernel fd tracker, from a thread of its own whose syscalls the kernel side
 //! ignores (its reads of /proc would otherwise report themselves). Claims arrive on a channel;
 //! each is judged after the kernel events before it have been applied. Verdicts go to the
-//! journal (fsync'd), to `on_verdict`, and violations to stderr as they happen.
+//! journal (fsync'd), to `on_verdict`, and violations to stderr as they happen; `on_verdict`
+//! runs on a thread of its own ([`Publisher`]), so that an fsync never delays a judgement.
 
 use std::{thread::JoinHandle, time::Duration};
 
@@ -76,12 +77,13 @@ impl Engine {
     /// Starts the verifier thread and returns once the tracker watches this process.
     pub fn start(
         cfg: EngineConfig,
-        mut on_verdict: Box<dyn FnMut(&Verdict) + Send>,
+        on_verdict: Box<dyn FnMut(&Verdict) + Send>,
     ) -> Result<Self, ObserveError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let (vtx, violations) = watch::channel(0u64);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ObserveError>>();
         let me = std::process::id();
+        let publisher = Publisher::start(on_verdict)?;
         let thread = std::thread::Builder::new()
             .name("vmaudit-verify".into())
             .spawn(move || -> Result<Totals, ObserveError> {
@@ -146,7 +148,7 @@ impl Engine {
                                 ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
                             }
                         }
-                        publish(&mut out, &mut on_verdict, &mut totals, &vtx, &obs);
+                        publish(&mut out, &publisher, &mut totals, &vtx, &obs);
                     }
                     drain(&mut w, &mut ledger, &mut out, &obs)?;
                     if let Some(d) = decisions.as_mut() {
@@ -156,7 +158,9 @@ impl Engine {
                         }
                     }
                     ledger.finish(w.tables(), monotonic_ns(), &mut out);
-                    publish(&mut out, &mut on_verdict, &mut totals, &vtx, &obs);
+                    publish(&mut out, &publisher, &mut totals, &vtx, &obs);
+                    // Every verdict is written before the totals are.
+                    publisher.finish();
                     Ok(totals)
                 })
             })
@@ -235,7 +239,7 @@ fn drain(
 
 fn publish(
     out: &mut Vec<Verdict>,
-    on_verdict: &mut Box<dyn FnMut(&Verdict) + Send>,
+    publisher: &Publisher,
     totals: &mut Totals,
     vtx: &watch::Sender<u64>,
     obs: &Observers,
@@ -250,7 +254,57 @@ fn publish(
             vtx.send_replace(totals.violated);
         }
         obs.verdict(&v);
-        on_verdict(&v);
+        publisher.send(v);
+    }
+}
+
+/// Runs `on_verdict` (the journal: a write and an fsync per verdict, milliseconds on a busy
+/// disk) on a thread of its own, in order. On the verifier thread, each fsync held up the
+/// claims queued behind it: that was most of the claim-to-verdict tail (BENCHMARKS.md,
+/// `verdict`). Dropping it (or [`Publisher::finish`]) waits until every verdict is written.
+struct Publisher {
+    tx: Option<std::sync::mpsc::Sender<Verdict>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    fn start(mut on_verdict: Box<dyn FnMut(&Verdict) + Send>) -> Result<Self, ObserveError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Verdict>();
+        let thread = std::thread::Builder::new()
+            .name("vmaudit-verdicts".into())
+            .spawn(move || {
+                for v in rx {
+                    on_verdict(&v);
+                }
+            })
+            .map_err(|source| ObserveError::Poll { source })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, v: Verdict) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(v);
+        }
+    }
+
+    fn finish(mut self) {
+        self.close();
+    }
+
+    fn close(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

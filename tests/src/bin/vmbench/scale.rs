@@ -1,4 +1,4 @@
-//! Scale of monitor mode: N stand-in emulators with 4 tap fds each, one `vmaudit monitor`.
+//! (d) Scale of monitor mode: N stand-in emulators with 4 tap fds each, one `vmaudit monitor`.
 //!
 //! This process plays the manager: for each VM it opens 4 `/dev/net/tun` fds, starts a
 //! stand-in emulator (`sleep`) that inherits them, and writes libvirt's records for it (4
@@ -7,20 +7,21 @@
 //! time from the records being written to the last of the N x 9 verdicts, every verdict's
 //! status, the monitor's peak RSS and the kernel memory of its BPF maps.
 //!
-//! Usage: `scalebench [--vms 10,100,1000] [--write BENCHMARKS.md]` (root).
+//! Sizes: 10, 100 and 1000 VMs (`--quick`: 10 and 100; `--vms N,N,...` to choose).
 
 use std::{
     fmt::Write as _,
     fs::{File, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use vmaudit_tests::{Bins, ChildGuard, require_root};
+use vmaudit_tests::{Bins, ChildGuard};
+
+use crate::report;
 
 const IFACES: usize = 4;
 const CLAIMS_PER_VM: usize = 2 * IFACES + 1;
@@ -77,7 +78,7 @@ fn record(kind: &str, serial: &mut u64, text: &str) -> String {
     )
 }
 
-fn run(bins: &Bins, vms: usize) -> Outcome {
+fn run_one(bins: &Bins, vms: usize) -> Outcome {
     let dir = std::env::temp_dir().join(format!("vmaudit-scalebench-{}-{vms}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench dir");
@@ -224,37 +225,11 @@ fn run(bins: &Bins, vms: usize) -> Outcome {
     }
 }
 
-fn write_section(path: &Path, name: &str, body: &str) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let new = match (text.find(&begin), text.find(&end)) {
-        (Some(a), Some(z)) if a < z => format!("{}{begin}\n{body}{}", &text[..a], &text[z..]),
-        _ => format!("{text}\n{begin}\n{body}{end}\n"),
-    };
-    std::fs::write(path, new).expect("write benchmarks file");
+pub struct Opts {
+    pub vms: Vec<usize>,
 }
 
-fn main() {
-    require_root();
-    let mut sizes = vec![10usize, 100, 1000];
-    let mut write: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        match a.as_str() {
-            "--vms" => {
-                sizes = val()
-                    .split(',')
-                    .map(|s| s.parse().expect("--vms N,N,..."))
-                    .collect()
-            }
-            "--write" => write = Some(PathBuf::from(val())),
-            other => panic!("unknown argument {other}"),
-        }
-    }
+pub fn run(bins: &Bins, opts: &Opts, quick: bool) -> String {
     // 4 fds per VM stay open here for the whole run.
     let lim = libc::rlimit {
         rlim_cur: 65536,
@@ -262,19 +237,12 @@ fn main() {
     };
     // SAFETY: setrlimit with a valid struct.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    let bins = Bins::new(
-        std::env::current_exe()
-            .expect("current exe")
-            .with_file_name("fdhelper")
-            .to_str()
-            .expect("utf-8 path"),
-    );
     let started = Instant::now();
     let mut rows = Vec::new();
-    for n in sizes {
-        let o = run(&bins, n);
+    for &n in &opts.vms {
+        let o = run_one(bins, n);
         eprintln!(
-            "scalebench: {} VMs: {} of {} verdicts ({} confirmed) in {:?}, VmHWM {} KiB, maps {} KiB",
+            "scale: {} VMs: {} of {} verdicts ({} confirmed) in {:?}, VmHWM {} KiB, maps {} KiB",
             o.vms,
             o.verdicts,
             o.vms * CLAIMS_PER_VM,
@@ -285,24 +253,11 @@ fn main() {
         );
         rows.push(o);
     }
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|x| x.1.trim().to_owned())
-            })
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut body = String::new();
-    let _ = writeln!(
-        body,
-        "Command: `cargo xtask bench` (scalebench: one `vmaudit monitor --audit-log` watching this process as the manager; per VM 4 `/dev/net/tun` fds inherited by a stand-in emulator (`sleep`), and 9 libvirt records: 4 open, 4 start, the VIRT_CONTROL start).\nMachine: {cpus} CPUs ({model}), kernel {}. Run took {}s.\n",
-        kernel.trim(),
-        started.elapsed().as_secs()
+    let mut body = report::header(
+        "one `vmaudit monitor --audit-log` watching the driver as the manager; per VM 4 `/dev/net/tun` fds inherited by a stand-in emulator (`sleep`), and 9 libvirt records: 4 open, 4 start, the VIRT_CONTROL start, written at once",
+        &report::machine(),
+        started.elapsed(),
+        quick,
     );
     let _ = writeln!(
         body,
@@ -326,8 +281,5 @@ fn main() {
             o.map_kib as f64 / 1024.0
         );
     }
-    print!("{body}");
-    if let Some(p) = write {
-        write_section(&p, "scalebench", &body);
-    }
+    body
 }

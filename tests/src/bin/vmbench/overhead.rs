@@ -1,0 +1,231 @@
+//! (a) Syscall overhead: an openat+close loop in an `fdhelper` process, timed by the helper's
+//! own round trip, in five configurations interleaved round by round, so that drift on the
+//! machine hits all of them alike:
+//! - `bare`: nothing attached;
+//! - `no-op hook`: a program that returns at once on `raw_syscalls/sys_exit`;
+//! - `unwatched`: `vmaudit watch` running, watching another process;
+//! - `watched`: the looping process is the one watched;
+//! - `bpftrace`: Debian's bpftrace on the same tracepoint, counting the looping process's
+//!   syscalls per pid.
+//!
+//! Then a profile pass (not timed in the table): with the kernel's BPF run-time statistics on,
+//! the programs' own time per run and vmaudit's CPU time per event.
+
+use std::{fmt::Write as _, time::Instant};
+
+use vmaudit_tests::{Bins, Helper};
+
+use crate::{
+    report::{header, machine, median},
+    tracers::{self, Bpftrace, ProgStats, prog_stats},
+};
+
+pub struct Opts {
+    pub rounds: usize,
+    pub iterations: u64,
+}
+
+/// The text bpftrace's programs print for the benchmark's poke (`close(-1)` by the loop).
+pub const MARK: &str = "vmbench-mark";
+
+/// ns per openat+close pair, timed around one `flood` command.
+fn time_loop(h: &mut Helper, n: u64) -> f64 {
+    let t = Instant::now();
+    h.fd(&format!("flood {n}"));
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// `close(-1)` in the helper: a syscall the loops never make, which bpftrace's programs answer
+/// with [`MARK`].
+pub fn poke(h: &mut Helper) {
+    // It fails (EBADF) by design.
+    let _ = h.try_cmd("close -1");
+}
+
+/// bpftrace counting one process's syscalls per pid, on the tracepoint vmaudit uses.
+fn bpftrace_count(h: &mut Helper) -> Bpftrace {
+    let pid = h.pid();
+    let program = format!(
+        "tracepoint:raw_syscalls:sys_exit /pid == {pid}/ {{ @[pid] = count(); \
+         if (args->id == {close} && args->ret == -9) {{ printf(\"{MARK}\\n\"); }} }}",
+        close = libc::SYS_close,
+    );
+    Bpftrace::start(&program, MARK, || poke(h))
+}
+
+/// Stops bpftrace and checks that it counted at least the loop's syscalls: a bpftrace that
+/// saw nothing would make it look free.
+fn stop_bpftrace(bt: Bpftrace, pid: u32, at_least: u64) {
+    let out = bt.stop();
+    let counted = out
+        .map
+        .iter()
+        .find(|(k, _)| *k == pid.to_string())
+        .map(|(_, n)| *n);
+    match counted {
+        Some(n) if n >= at_least => {}
+        _ => panic!(
+            "bpftrace counted {counted:?} syscalls of pid {pid}, expected ≥ {at_least}: {out:?}"
+        ),
+    }
+}
+
+pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
+    let machine = machine();
+    let started = Instant::now();
+    let mut watched = Helper::spawn(bins);
+    let mut looper = Helper::spawn(bins);
+    // Warm up caches and the dentry of /dev/null.
+    time_loop(&mut looper, o.iterations / 10);
+    let mut t: [Vec<f64>; 5] = Default::default();
+    let [bare, noop, unw, wat, bpf] = &mut t;
+    for round in 0..o.rounds {
+        bare.push(time_loop(&mut looper, o.iterations));
+        let g = tracers::noop_hook(bins);
+        noop.push(time_loop(&mut looper, o.iterations));
+        g.stop();
+        let g = tracers::watch(bins, watched.pid(), None);
+        // Alternate which goes first, so neither always follows vmaudit's start-up.
+        if round % 2 == 0 {
+            unw.push(time_loop(&mut looper, o.iterations));
+            wat.push(time_loop(&mut watched, o.iterations));
+        } else {
+            wat.push(time_loop(&mut watched, o.iterations));
+            unw.push(time_loop(&mut looper, o.iterations));
+        }
+        g.stop();
+        let bt = bpftrace_count(&mut looper);
+        bpf.push(time_loop(&mut looper, o.iterations));
+        stop_bpftrace(bt, looper.pid(), 2 * o.iterations);
+        eprintln!(
+            "overhead round {}: bare {:.0} ns, no-op hook {:.0} ns, unwatched {:.0} ns, \
+             watched {:.0} ns, bpftrace {:.0} ns",
+            round + 1,
+            bare[round],
+            noop[round],
+            unw[round],
+            wat[round],
+            bpf[round]
+        );
+    }
+    let [b, n, u, w, bt] = t.map(|v| median(&v));
+    let profile = profile(bins, &mut looper, &mut watched, o.iterations);
+    let mut s = header(
+        &format!(
+            "{} rounds × {} openat+close pairs per configuration, interleaved; medians",
+            o.rounds, o.iterations
+        ),
+        &machine,
+        started.elapsed(),
+        quick,
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | ns per openat+close | ratio to bare | goal |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let mut row = |what: &str, ns: f64, goal: &str| {
+        let _ = writeln!(s, "| {what} | {ns:.0} | {:.3} | {goal} |", ns / b);
+    };
+    row("bare (nothing attached)", b, "");
+    row(
+        "no-op program on raw_syscalls/sys_exit (the floor of any syscall hook)",
+        n,
+        "",
+    );
+    row(
+        "unwatched (vmaudit attached, another pid watched)",
+        u,
+        "≤ 1.02",
+    );
+    row("watched", w, "≤ 1.15, < bpftrace");
+    row(
+        "bpftrace on tracepoint:raw_syscalls:sys_exit, `@[pid] = count()` for this pid",
+        bt,
+        "",
+    );
+    let _ = writeln!(
+        s,
+        "\nWatched is {:.2}× bpftrace's cost ({}).\n",
+        w / bt,
+        if w < bt {
+            "vmaudit cheaper"
+        } else {
+            "bpftrace cheaper"
+        }
+    );
+    s.push_str(&profile);
+    print!("{s}");
+    s
+}
+
+/// The programs' own cost with the kernel's run-time statistics on (they add two clock reads
+/// per run, so this pass is not part of the table), and vmaudit's CPU time per event.
+fn profile(bins: &Bins, looper: &mut Helper, watched: &mut Helper, n: u64) -> String {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .expect("BPF_ENABLE_STATS (kernel.bpf_stats_enabled) for the profile pass");
+    let vmaudit_progs =
+        |_: u32, name: Option<&str>| name.is_some_and(|n| n.starts_with("vmaudit_"));
+    let per_run = |d: ProgStats| d.run_ns as f64 / d.runs.max(1) as f64;
+
+    let g = tracers::watch(bins, watched.pid(), None);
+    let s0 = prog_stats(vmaudit_progs);
+    time_loop(looper, n);
+    let s1 = prog_stats(vmaudit_progs);
+    let c1 = tracers::cpu_ns(g.pid());
+    let ns_watched = time_loop(watched, n);
+    let s2 = prog_stats(vmaudit_progs);
+    let c2 = tracers::cpu_ns(g.pid());
+    g.stop();
+    let unwatched = s1 - s0;
+    let watched_d = s2 - s1;
+    // Runs during the watched loop that were not the loop's two syscalls per pair: other
+    // processes' syscalls, at the unwatched cost.
+    let others = watched_d.runs.saturating_sub(2 * n) as f64;
+    let watched_prog_per_pair =
+        (watched_d.run_ns as f64 - others * per_run(unwatched)).max(0.0) / n as f64;
+    let consumer_per_pair = (c2 - c1) as f64 / n as f64;
+
+    let bt = bpftrace_count(looper);
+    let ids = bt.programs.clone();
+    let b0 = prog_stats(|id, _| ids.contains(&id));
+    let ns_bpftrace = time_loop(looper, n);
+    let b1 = prog_stats(|id, _| ids.contains(&id));
+    stop_bpftrace(bt, looper.pid(), 2 * n);
+    let bpf_d = b1 - b0;
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Profile pass (kernel.bpf_stats_enabled on, {n} pairs each; not part of the table):\n"
+    );
+    let _ = writeln!(s, "| what | ns |");
+    let _ = writeln!(s, "|---|---:|");
+    let _ = writeln!(
+        s,
+        "| vmaudit's programs, mean per run while the process is unwatched (every syscall on the host) | {:.0} |",
+        per_run(unwatched)
+    );
+    let _ = writeln!(
+        s,
+        "| vmaudit's programs per watched openat+close pair (2 runs; estimate: others' runs at the unwatched cost removed) | {watched_prog_per_pair:.0} |"
+    );
+    let _ = writeln!(
+        s,
+        "| vmaudit's process (consumer: ring buffer, /proc, JSON), CPU time per watched pair | {consumer_per_pair:.0} |"
+    );
+    let _ = writeln!(
+        s,
+        "| watched loop in this pass, per pair (stats on) | {ns_watched:.0} |"
+    );
+    let _ = writeln!(
+        s,
+        "| bpftrace's program, mean per run (this pid's and every other syscall) | {:.0} |",
+        per_run(bpf_d)
+    );
+    let _ = writeln!(
+        s,
+        "| bpftrace loop in this pass, per pair (stats on) | {ns_bpftrace:.0} |"
+    );
+    s
+}
