@@ -106,6 +106,8 @@ pub struct MonitorLedger {
     lost: HashMap<u32, u64>,
     early_releases: Vec<(u32, u64, Verdict)>,
     reported: HashSet<String>,
+    /// Something happened since pending claims were last judged (a record, a claim, a gap).
+    dirty: bool,
     pub stats: Stats,
 }
 
@@ -169,12 +171,20 @@ impl MonitorLedger {
             lost: HashMap::new(),
             early_releases: Vec::new(),
             reported: HashSet::new(),
+            dirty: false,
             stats: Stats::default(),
         }
     }
 
+    /// Judge every pending claim at the next tick, whatever arrived (evidence outside the
+    /// tracker, such as a device map, can change without an fd event).
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
     /// Events the kernel could not deliver for `pid`.
     pub fn on_gap(&mut self, pid: u32, lost: u64) {
+        self.dirty = true;
         *self.lost.entry(pid).or_default() += lost.max(1);
     }
 
@@ -202,6 +212,7 @@ impl MonitorLedger {
 
     /// One fd record of a watched process, in kernel order.
     pub fn on_record(&mut self, r: &FdRecord, now: u64) {
+        self.dirty = true;
         let path = r.file.as_ref().map(|f| f.path.clone()).unwrap_or_default();
         let rdev = r.file.as_ref().and_then(|f| f.rdev);
         let Some(fd) = r.fd else {
@@ -274,6 +285,7 @@ impl MonitorLedger {
         now: u64,
         out: &mut Vec<Verdict>,
     ) {
+        self.dirty = true;
         self.stats.claims += 1;
         let vm = self.vms.entry(c.uuid.clone()).or_default();
         if vm.name.is_empty() {
@@ -359,9 +371,17 @@ impl MonitorLedger {
 
     /// Judges pending claims with the evidence now in; past their deadline, for good.
     pub fn on_tick<R: Resolver>(&mut self, tables: &Tables<R>, now: u64, out: &mut Vec<Verdict>) {
+        // Pending claims wait for evidence: judge them again only when something arrived, or
+        // for good when their deadline passed.
+        let dirty = std::mem::take(&mut self.dirty);
         let pending = std::mem::take(&mut self.pending);
         for (c, deadline) in pending {
-            match self.judge(&c, tables, now >= deadline) {
+            let last = now >= deadline;
+            if !dirty && !last {
+                self.pending.push((c, deadline));
+                continue;
+            }
+            match self.judge(&c, tables, last) {
                 Some(v) => out.push(v),
                 None => self.pending.push((c, deadline)),
             }
@@ -775,11 +795,6 @@ impl MonitorLedger {
             if !is_net_device(&e.id.path, e.id.rdev) || e.id.kind != FileKind::Char {
                 continue;
             }
-            let by_kcmp = open.and_then(|(mp, mfd, _)| {
-                crate::kcmp::same_file(mp, mfd, pid, *fd)
-                    .ok()
-                    .filter(|s| *s)
-            });
             // The identity was resolved when the fd arrived; a tap fd opened by the manager
             // names its interface only after TUNSETIFF, so read it again now.
             let iface = e.id.iface.clone().or_else(|| {
@@ -790,6 +805,16 @@ impl MonitorLedger {
             });
             let host = iface.as_deref().and_then(iface_mac);
             let by_mac = host.as_deref().is_some_and(|h| host_mac_matches(h, mac));
+            // kcmp only when the address does not say.
+            let by_kcmp = if by_mac {
+                None
+            } else {
+                open.and_then(|(mp, mfd, _)| {
+                    crate::kcmp::same_file(mp, mfd, pid, *fd)
+                        .ok()
+                        .filter(|s| *s)
+                })
+            };
             if by_kcmp.is_none() && !by_mac {
                 continue;
             }

@@ -182,34 +182,47 @@ pub async fn monitor(
     };
     loop {
         tokio::select! {
-            l = rx.recv() => match l {
-                Some(Line::Record(text)) => {
-                    drain(&mut w, &mut ledger, &obs)?;
-                    ledger.stats.records += 1;
-                    if let Some(c) = to_claim(&text, &mut ledger.stats, &mut next_id, caught_up, start_wall) {
-                        if let MKind::VmStart { pid } = c.kind
-                            && std::path::Path::new(&format!("/proc/{pid}")).exists()
-                        {
-                            // Started before vmaudit watched, or by a manager it does not
-                            // follow: watch it from now on, its table read from /proc.
-                            let _ = w.add(pid, true, &mut |o: Output| {
-                                if let Output::Fd(r) = &o {
-                                    obs.fd(r);
-                                }
-                            });
-                        }
-                        tell_vm(&obs, &c);
-                        ledger.on_claim(c, w.tables(), monotonic_ns(), &mut out);
+            l = rx.recv() => {
+                let Some(first) = l else { break };
+                // Every line available now, after one drain: the kernel events before any of
+                // them are then applied.
+                let mut batch = vec![first];
+                while batch.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(l) => batch.push(l),
+                        Err(_) => break,
                     }
                 }
-                Some(Line::CaughtUp) => {
-                    caught_up = true;
-                    drain(&mut w, &mut ledger, &obs)?;
-                    ledger.caught_up(w.tables(), monotonic_ns(), &mut out);
+                drain(&mut w, &mut ledger, &obs)?;
+                for l in batch {
+                    match l {
+                        Line::Record(text) => {
+                            ledger.stats.records += 1;
+                            let Some(c) = to_claim(&text, &mut ledger.stats, &mut next_id, caught_up, start_wall) else {
+                                continue;
+                            };
+                            if let MKind::VmStart { pid } = c.kind
+                                && std::path::Path::new(&format!("/proc/{pid}")).exists()
+                            {
+                                // Started before vmaudit watched, or by a manager it does not
+                                // follow: watch it from now on, its table read from /proc.
+                                let _ = w.add(pid, true, &mut |o: Output| {
+                                    if let Output::Fd(r) = &o {
+                                        obs.fd(r);
+                                    }
+                                });
+                            }
+                            tell_vm(&obs, &c);
+                            ledger.on_claim(c, w.tables(), monotonic_ns(), &mut out);
+                        }
+                        Line::CaughtUp => {
+                            caught_up = true;
+                            ledger.caught_up(w.tables(), monotonic_ns(), &mut out);
+                        }
+                        Line::Failed(e) => return Err(MonitorError::SourceFailed(e)),
+                    }
                 }
-                Some(Line::Failed(e)) => return Err(MonitorError::SourceFailed(e)),
-                None => break,
-            },
+            }
             r = w.readable() => {
                 r?;
                 drain(&mut w, &mut ledger, &obs)?;
@@ -220,6 +233,7 @@ pub async fn monitor(
                 ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
             }
             _ = slow.tick() => {
+                ledger.touch();
                 ledger.recheck_rules(&mut out);
                 ledger.scan_copies(&mut out);
             }

@@ -1,7 +1,8 @@
 //! (d) Scale of monitor mode: N stand-in emulators with 4 tap fds each, one `vmaudit monitor`.
 //!
-//! This process plays the manager: for each VM it opens 4 `/dev/net/tun` fds, starts a
-//! stand-in emulator (`sleep`) that inherits them, and writes libvirt's records for it (4
+//! This process plays the manager: for each VM it opens 4 taps (named, with libvirt's host-side
+//! address), starts a stand-in emulator (`sleep`) that inherits them, closes its own copies, and
+//! writes libvirt's records for it (4
 //! `reason=open`, 4 `reason=start`, the VIRT_CONTROL start) to an audit.log that `vmaudit
 //! monitor --audit-log` follows, watching this process and its children. Measured per N: the
 //! time from the records being written to the last of the N x 9 verdicts, every verdict's
@@ -63,6 +64,48 @@ fn map_memory_kib(pid: u32) -> u64 {
             .unwrap_or(0);
     }
     total / 1024
+}
+
+/// A tap (TUNSETIFF; named `vsbN` by the kernel, the first free N: names of a previous run's
+/// taps may still be in teardown) with host-side address `mac` with first byte 0xfe.
+fn tap(sock: &std::net::UdpSocket, mac: &[u8; 6]) -> File {
+    let name = "vsb%d";
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq we own.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req) };
+    assert!(
+        rc == 0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut host = *mac;
+    host[0] = 0xfe;
+    // SAFETY: writing the hwaddr member of the union we own.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(host) {
+            *d = s as libc::c_char;
+        }
+    }
+    // SAFETY: SIOCSIFHWADDR reads the ifreq we own.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) };
+    assert!(
+        rc == 0,
+        "SIOCSIFHWADDR {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    f
 }
 
 fn record(kind: &str, serial: &mut u64, text: &str) -> String {
@@ -132,22 +175,19 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
     });
 
     // The VMs: 4 tun fds each, inherited by a stand-in emulator.
-    let mut fds: Vec<File> = Vec::new();
+    // As libvirt does: the manager opens each tap (named, with the host-side address libvirt
+    // gives it: the guest MAC with first byte 0xfe), passes it to the emulator and closes its
+    // own copy. The monitor finds each NIC's fd in the emulator by that address.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket for SIOCSIFHWADDR");
     let mut emulators: Vec<ChildGuard> = Vec::new();
     let mut text = String::new();
     let mut serial = 0u64;
     for i in 0..vms {
-        let first = fds.len();
-        for _ in 0..IFACES {
-            fds.push(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/net/tun")
-                    .expect("open /dev/net/tun"),
-            );
-        }
-        let passed: Vec<i32> = fds[first..].iter().map(|f| f.as_raw_fd()).collect();
+        let macs: Vec<[u8; 6]> = (0..IFACES)
+            .map(|k| [0x52, 0x54, 0x00, (i >> 8) as u8, (i & 0xff) as u8, k as u8])
+            .collect();
+        let fds: Vec<File> = macs.iter().map(|mac| tap(&sock, mac)).collect();
+        let passed: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut cmd = Command::new("sleep");
         cmd.arg("3600").stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: only fcntl (async-signal-safe) between fork and exec.
@@ -162,13 +202,20 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
             });
         }
         let em = cmd.spawn().expect("spawn the stand-in emulator");
+        drop(fds);
         let pid = em.id();
         emulators.push(ChildGuard(em));
+        let macs: Vec<String> = macs
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            })
+            .collect();
         let name = format!("vsb{i}");
         let uuid = format!("5ca1ab1e-0000-4000-8000-{i:012x}");
-        let macs: Vec<String> = (0..IFACES)
-            .map(|k| format!("52:54:00:{:02x}:{:02x}:{k:02x}", i >> 8, i & 0xff))
-            .collect();
         for mac in &macs {
             text.push_str(&record(
                 "VIRT_RESOURCE",
@@ -213,7 +260,6 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
     unsafe { libc::kill(mon_pid as i32, libc::SIGTERM) };
     drop(monitor);
     drop(emulators);
-    drop(fds);
     let _ = std::fs::remove_dir_all(&dir);
     Outcome {
         vms,
@@ -254,7 +300,7 @@ pub fn run(bins: &Bins, opts: &Opts, quick: bool) -> String {
         rows.push(o);
     }
     let mut body = report::header(
-        "one `vmaudit monitor --audit-log` watching the driver as the manager; per VM 4 `/dev/net/tun` fds inherited by a stand-in emulator (`sleep`), and 9 libvirt records: 4 open, 4 start, the VIRT_CONTROL start, written at once",
+        "one `vmaudit monitor --audit-log` watching the driver as the manager; per VM 4 taps (TUNSETIFF, libvirt's host-side address) inherited by a stand-in emulator (`sleep`), the manager's copies closed, and 9 libvirt records: 4 open, 4 start, the VIRT_CONTROL start, written at once",
         &report::machine(),
         started.elapsed(),
         quick,
