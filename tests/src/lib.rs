@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod guest;
 pub mod libvirt;
+pub mod manager;
 pub mod vmrun;
 
 /// How long any single expected record may take before the test fails. A bound on a hang,

@@ -410,3 +410,174 @@ fn the_demo_runs_in_monitor_mode_against_libvirt() {
     assert!(out.contains("0 violated"), "{out}");
     drop(lv);
 }
+
+/// A stand-in emulator holding `fds` (inherited), in `mode`; returns it once it says ready.
+fn stand_in(mode: &str, fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+        process::{Command, Stdio},
+    };
+    let bins = bins!();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(&bins.fake_emulator);
+    cmd.args(["--mode", mode, "--"]);
+    for fd in &raw {
+        cmd.args(["-netdev", &format!("tap,id=n{fd},fd={fd}")]);
+    }
+    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: only fcntl (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &raw {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn fake-emulator");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("read fake-emulator");
+    assert!(line.contains("fake-emulator: ready"), "{line}");
+    // Its later lines are not needed; keep the pipe drained so it never blocks.
+    std::thread::spawn(move || for _ in err.lines() {});
+    vmaudit_tests::ChildGuard(child)
+}
+
+#[test]
+fn detach_records_are_held_to_the_emulators_closes() {
+    use std::io::Write as _;
+    use vmaudit_tests::manager::{record, tap};
+    require_root();
+    let tmp = TempDir::new("monitor-detach");
+    let log = tmp.0.join("audit.log");
+    fs::write(&log, "").unwrap();
+    let me = std::process::id();
+    let mut m = monitor(
+        me,
+        &tmp.0.join("j.jsonl"),
+        &[
+            "--audit-log",
+            log.to_str().unwrap(),
+            "--deadline-ms",
+            "1500",
+        ],
+    );
+    // This test is the manager: VM "vmd1" gets two taps, VM "vmd2" one, as libvirt makes them.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let macs: [[u8; 6]; 3] = [
+        [0x52, 0x54, 0x00, 0x1d, 0x00, 0x01],
+        [0x52, 0x54, 0x00, 0x1d, 0x00, 0x02],
+        [0x52, 0x54, 0x00, 0x1d, 0x00, 0x03],
+    ];
+    let mac = |m: &[u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    let taps: Vec<std::fs::File> = macs.iter().map(|m| tap(&sock, "vmd%d", m)).collect();
+    // vmd1's emulator closes its fds on SIGUSR1; vmd2's keeps its one.
+    let em1 = stand_in("close-later", &[&taps[0], &taps[1]]);
+    let em2 = stand_in("hold", &[&taps[2]]);
+    drop(taps);
+    let (p1, p2) = (em1.0.id(), em2.0.id());
+    let mut serial = 0;
+    let mut text = String::new();
+    let vms = [
+        (
+            "vmd1",
+            "7e57c0de-0000-4000-8000-00000000d001",
+            p1,
+            &macs[..2],
+        ),
+        (
+            "vmd2",
+            "7e57c0de-0000-4000-8000-00000000d002",
+            p2,
+            &macs[2..],
+        ),
+    ];
+    for (name, uuid, pid, ms) in vms {
+        for m in ms {
+            text += &record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!(
+                    "resrc=net reason=open vm=\"{name}\" uuid={uuid} net={} path=\"/dev/net/tun\" rdev=0A:C8",
+                    mac(m)
+                ),
+            );
+        }
+        for m in ms {
+            text += &record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!(
+                    "resrc=net reason=start vm=\"{name}\" uuid={uuid} old-net=\"?\" new-net=\"{}\"",
+                    mac(m)
+                ),
+            );
+        }
+        text += &record(
+            "VIRT_CONTROL",
+            &mut serial,
+            &format!("op=start reason=booted vm=\"{name}\" uuid={uuid} vm-pid={pid}"),
+        );
+    }
+    let append = |t: &str| {
+        let mut f = fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(t.as_bytes()).unwrap();
+    };
+    append(&text);
+    let mut held = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let v = verdict(&mut m, "net-start", "net-start", |_| true);
+        assert_eq!(v["status"], "confirmed", "{v:#}");
+        held.insert(
+            v["claim"]["mac"].as_str().unwrap().to_owned(),
+            v["evidence"][0]["fd"].as_i64().unwrap(),
+        );
+    }
+
+    // vmd1: libvirt claims NIC 1 detached, and qemu does close (both its fds: NIC 2 goes with
+    // no detach record).
+    let detach = |name: &str, uuid: &str, m: &[u8; 6], serial: &mut u64| {
+        record(
+            "VIRT_RESOURCE",
+            serial,
+            &format!(
+                "resrc=net reason=detach vm=\"{name}\" uuid={uuid} old-net=\"{}\" new-net=\"?\"",
+                mac(m)
+            ),
+        )
+    };
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(p1 as i32, libc::SIGUSR1) };
+    append(&detach(vms[0].0, vms[0].1, &macs[0], &mut serial));
+    let v = verdict(&mut m, "detach of NIC 1", "net-detach", |_| true);
+    assert_eq!(v["status"], "confirmed", "{v:#}");
+    let fd1 = held[&mac(&macs[0])];
+    assert_eq!(
+        (
+            v["evidence"][0]["what"].as_str(),
+            v["evidence"][0]["fd"].as_i64()
+        ),
+        (Some("close"), Some(fd1)),
+        "the detach released qemu's fd {fd1}: {v:#}"
+    );
+    let v = m.wait_for("NIC 2 released without a detach", |v| {
+        v["type"] == "verdict" && v["status"] == "violated" && v["claim"]["mac"] == mac(&macs[1])
+    });
+    assert!(
+        v["reason"].as_str().unwrap().contains("no detach record"),
+        "{v:#}"
+    );
+
+    // vmd2: a detach is claimed, but qemu keeps the fd.
+    append(&detach(vms[1].0, vms[1].1, &macs[2], &mut serial));
+    let v = verdict(&mut m, "detach of NIC 3", "net-detach", |_| true);
+    assert_eq!(v["status"], "violated", "{v:#}");
+    assert_eq!(v["evidence"][0]["fd"].as_i64(), Some(held[&mac(&macs[2])]));
+    let (code, _) = m.stop();
+    assert_eq!(code, 7);
+    drop((em1, em2));
+}

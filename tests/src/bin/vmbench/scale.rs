@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vmaudit_tests::{Bins, ChildGuard};
+use vmaudit_tests::{Bins, ChildGuard, manager};
 
 use crate::report;
 
@@ -64,61 +64,6 @@ fn map_memory_kib(pid: u32) -> u64 {
             .unwrap_or(0);
     }
     total / 1024
-}
-
-/// A tap (TUNSETIFF; named `vsbN` by the kernel, the first free N: names of a previous run's
-/// taps may still be in teardown) with host-side address `mac` with first byte 0xfe.
-fn tap(sock: &std::net::UdpSocket, mac: &[u8; 6]) -> File {
-    let name = "vsb%d";
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .expect("open /dev/net/tun");
-    // SAFETY: an all-zero ifreq is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes the ifreq we own.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req) };
-    assert!(
-        rc == 0,
-        "TUNSETIFF {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    let mut host = *mac;
-    host[0] = 0xfe;
-    // SAFETY: writing the hwaddr member of the union we own.
-    unsafe {
-        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
-        for (d, s) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(host) {
-            *d = s as libc::c_char;
-        }
-    }
-    // SAFETY: SIOCSIFHWADDR reads the ifreq we own.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) };
-    assert!(
-        rc == 0,
-        "SIOCSIFHWADDR {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    f
-}
-
-fn record(kind: &str, serial: &mut u64, text: &str) -> String {
-    *serial += 1;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    format!(
-        "type={kind} msg=audit({}.{:03}:{serial}): pid={} uid=0 auid=4294967295 ses=4294967295 msg='virt=kvm {text} exe=\"/usr/sbin/libvirtd\" hostname=? addr=? terminal=? res=success'\n",
-        now.as_secs(),
-        now.subsec_millis(),
-        std::process::id()
-    )
 }
 
 fn run_one(bins: &Bins, vms: usize) -> Outcome {
@@ -186,7 +131,10 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
         let macs: Vec<[u8; 6]> = (0..IFACES)
             .map(|k| [0x52, 0x54, 0x00, (i >> 8) as u8, (i & 0xff) as u8, k as u8])
             .collect();
-        let fds: Vec<File> = macs.iter().map(|mac| tap(&sock, mac)).collect();
+        let fds: Vec<File> = macs
+            .iter()
+            .map(|mac| manager::tap(&sock, "vsb%d", mac))
+            .collect();
         let passed: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut cmd = Command::new("sleep");
         cmd.arg("3600").stdin(Stdio::null()).stdout(Stdio::null());
@@ -217,20 +165,20 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
         let name = format!("vsb{i}");
         let uuid = format!("5ca1ab1e-0000-4000-8000-{i:012x}");
         for mac in &macs {
-            text.push_str(&record(
+            text.push_str(&manager::record(
                 "VIRT_RESOURCE",
                 &mut serial,
                 &format!("resrc=net reason=open vm=\"{name}\" uuid={uuid} net={mac} path=\"/dev/net/tun\" rdev=0A:C8"),
             ));
         }
         for mac in &macs {
-            text.push_str(&record(
+            text.push_str(&manager::record(
                 "VIRT_RESOURCE",
                 &mut serial,
                 &format!("resrc=net reason=start vm=\"{name}\" uuid={uuid} old-net=\"?\" new-net=\"{mac}\""),
             ));
         }
-        text.push_str(&record(
+        text.push_str(&manager::record(
             "VIRT_CONTROL",
             &mut serial,
             &format!("op=start reason=booted vm=\"{name}\" uuid={uuid} vm-pid={pid}"),
