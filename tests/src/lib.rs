@@ -188,6 +188,8 @@ pub struct Watch {
     stderr: Receiver<String>,
     /// Every record received so far, in order.
     pub seen: Vec<Value>,
+    /// The stderr lines before (and including) the one that said it was ready.
+    pub stderr_before_ready: Vec<String>,
     /// Waits look at records from here on: each wait consumes up to its match.
     cursor: usize,
 }
@@ -229,14 +231,28 @@ impl Watch {
                 }
             }
         });
-        let w = Self {
+        let mut w = Self {
             child: ChildGuard(child),
             lines,
             stderr: err_rx,
             seen: Vec::new(),
+            stderr_before_ready: Vec::new(),
             cursor: 0,
         };
-        w.wait_stderr(|l| l.contains(ready));
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match w.stderr.recv_timeout(left) {
+                Ok(l) => {
+                    let done = l.contains(ready);
+                    w.stderr_before_ready.push(l);
+                    if done {
+                        break;
+                    }
+                }
+                Err(e) => panic!("vmaudit {subcommand}: never said {ready:?} ({e:?})"),
+            }
+        }
         w
     }
 

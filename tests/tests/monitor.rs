@@ -464,8 +464,17 @@ fn detach_records_are_held_to_the_emulators_closes() {
             log.to_str().unwrap(),
             "--deadline-ms",
             "1500",
+            "--serve",
+            "127.0.0.1:0",
         ],
     );
+    let addr = m
+        .stderr_before_ready
+        .iter()
+        .find_map(|l| l.strip_prefix("vmaudit: serving http://"))
+        .and_then(|rest| rest.split('/').next())
+        .expect("monitor --serve says where it listens")
+        .to_owned();
     // This test is the manager: VM "vmd1" gets two taps, VM "vmd2" one, as libvirt makes them.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let macs: [[u8; 6]; 3] = [
@@ -537,6 +546,34 @@ fn detach_records_are_held_to_the_emulators_closes() {
             v["evidence"][0]["fd"].as_i64().unwrap(),
         );
     }
+
+    // What --serve shows of it: the two VMs, and the three confirmed starts in /metrics.
+    let get = |path: &str| {
+        ureq::get(format!("http://{addr}{path}"))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_body()
+            .read_to_string()
+            .unwrap()
+    };
+    let state: Value = serde_json::from_str(&get("/api/state")).unwrap();
+    let names: BTreeSet<&str> = state["vms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no vms in {state:#}"))
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["vmd1", "vmd2"]), "{state:#}");
+    let metrics = get("/metrics");
+    let starts = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vmaudit_verdicts_total{")
+                && l.contains("kind=\"net-start\"")
+                && l.contains("status=\"confirmed\"")
+        })
+        .unwrap_or_else(|| panic!("no confirmed net-start count in:\n{metrics}"));
+    assert!(starts.ends_with(" 3"), "{starts}");
 
     // vmd1: libvirt claims NIC 1 detached, and qemu does close (both its fds: NIC 2 goes with
     // no detach record).
