@@ -115,18 +115,7 @@ impl Journal {
 
     /// Appends any JSON line (a verdict) in one write and fsyncs it.
     pub fn append_json<T: serde::Serialize>(&mut self, value: &T) -> Result<(), JournalError> {
-        let mut line = serde_json::to_string(value).expect("journal lines always serialise");
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(|source| JournalError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.file.sync_all().map_err(|source| JournalError::Sync {
-            path: self.path.clone(),
-            source,
-        })
+        self.append_all(std::slice::from_ref(value))
     }
 
     /// Appends several JSON lines in one write and one fsync (a batch of verdicts).

@@ -189,16 +189,7 @@ impl MonitorLedger {
     }
 
     fn lost_for(&self, pids: &[u32]) -> Option<String> {
-        let n: Vec<String> = pids
-            .iter()
-            .filter_map(|p| self.lost.get(p).map(|l| format!("{l} for pid {p}")))
-            .collect();
-        (!n.is_empty()).then(|| {
-            format!(
-                "kernel events were lost ({}): nothing can be said",
-                n.join(", ")
-            )
-        })
+        crate::verify::lost_reason(&self.lost, pids)
     }
 
     /// The emulator pids of running VMs.
@@ -508,12 +499,7 @@ impl MonitorLedger {
                         return None;
                     }
                     self.stats.unknown_vm += 1;
-                    return verdict(
-                        Status::Unknown,
-                        "no VIRT_CONTROL start record for this VM was seen: its emulator is not known"
-                            .into(),
-                        vec![],
-                    );
+                    return Some(unknown_vm(c));
                 };
                 let open = self
                     .vms
@@ -567,12 +553,7 @@ impl MonitorLedger {
             MKind::NetDetach { mac } => {
                 let Some(pid) = self.vms.get(&c.uuid).and_then(|v| v.pid) else {
                     self.stats.unknown_vm += 1;
-                    return verdict(
-                        Status::Unknown,
-                        "no VIRT_CONTROL start record for this VM was seen: its emulator is not known"
-                            .into(),
-                        vec![],
-                    );
+                    return Some(unknown_vm(c));
                 };
                 let held = self
                     .vms
@@ -742,12 +723,7 @@ impl MonitorLedger {
             MKind::VmStop { .. } => {
                 let Some(pid) = self.vms.get(&c.uuid).and_then(|v| v.pid) else {
                     self.stats.unknown_vm += 1;
-                    return verdict(
-                        Status::Unknown,
-                        "no VIRT_CONTROL start record for this VM was seen: its emulator is not known"
-                            .into(),
-                        vec![],
-                    );
+                    return Some(unknown_vm(c));
                 };
                 let gone = !Path::new(&format!("/proc/{pid}")).exists()
                     || tables.get(pid).is_some_and(|t| t.exited)
@@ -990,6 +966,16 @@ impl MonitorLedger {
             }
         }
     }
+}
+
+/// The verdict on a claim about a VM whose start was never seen.
+fn unknown_vm(c: &MClaim) -> Verdict {
+    Verdict::new(
+        c.claim_ref(),
+        Status::Unknown,
+        "no VIRT_CONTROL start record for this VM was seen: its emulator is not known",
+        vec![],
+    )
 }
 
 /// The same device and type (the ACL is compared apart).

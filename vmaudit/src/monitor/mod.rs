@@ -164,7 +164,7 @@ pub async fn monitor(
         }
         let mut o = std::io::stdout().lock();
         for v in out.drain(..) {
-            add(totals, v.status);
+            totals.add(v.status);
             if v.status == Status::Violated {
                 eprintln!(
                     "vmaudit: VIOLATION: {} [{} claim {}]",
@@ -274,15 +274,6 @@ fn wall_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-fn add(t: &mut Totals, s: Status) {
-    match s {
-        Status::Confirmed => t.confirmed += 1,
-        Status::Violated => t.violated += 1,
-        Status::Unconfirmed => t.unconfirmed += 1,
-        Status::Unknown => t.unknown += 1,
-    }
 }
 
 /// The claim of one audit.log line, counting what is not one.

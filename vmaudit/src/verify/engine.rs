@@ -45,7 +45,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, s: Status) {
+    pub fn add(&mut self, s: Status) {
         match s {
             Status::Confirmed => self.confirmed += 1,
             Status::Violated => self.violated += 1,

@@ -147,16 +147,7 @@ impl Ledger {
     }
 
     fn lost_for(&self, pids: &[u32]) -> Option<String> {
-        let n: Vec<String> = pids
-            .iter()
-            .filter_map(|p| self.lost.get(p).map(|l| format!("{l} for pid {p}")))
-            .collect();
-        (!n.is_empty()).then(|| {
-            format!(
-                "kernel events were lost ({}): nothing can be said",
-                n.join(", ")
-            )
-        })
+        crate::verify::lost_reason(&self.lost, pids)
     }
 
     /// One fd record of a watched process, in kernel order.

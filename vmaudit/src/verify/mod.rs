@@ -31,6 +31,21 @@ pub enum Status {
     Unknown,
 }
 
+/// The reason of an `unknown` verdict when events were lost for any of `pids` (`lost`: events
+/// lost per pid), or None.
+pub fn lost_reason(lost: &std::collections::HashMap<u32, u64>, pids: &[u32]) -> Option<String> {
+    let n: Vec<String> = pids
+        .iter()
+        .filter_map(|p| lost.get(p).map(|l| format!("{l} for pid {p}")))
+        .collect();
+    (!n.is_empty()).then(|| {
+        format!(
+            "kernel events were lost ({}): nothing can be said",
+            n.join(", ")
+        )
+    })
+}
+
 /// One kernel fact behind a verdict.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
