@@ -239,32 +239,30 @@ impl Watch {
             stderr_before_ready: Vec::new(),
             cursor: 0,
         };
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match w.stderr.recv_timeout(left) {
-                Ok(l) => {
-                    let done = l.contains(ready);
-                    w.stderr_before_ready.push(l);
-                    if done {
-                        break;
-                    }
-                }
-                Err(e) => panic!("vmaudit {subcommand}: never said {ready:?} ({e:?})"),
-            }
-        }
+        w.stderr_before_ready = w.stderr_until(|l| l.contains(ready));
         w
     }
 
     /// Waits for a stderr line matching `pred`, returning it.
     pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool) -> String {
+        self.stderr_until(pred).pop().expect("the matching line")
+    }
+
+    /// Every stderr line up to and including the first matching `pred`.
+    fn stderr_until(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
         let deadline = Instant::now() + PATIENCE;
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
-                Ok(l) if pred(&l) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("vmaudit stderr: no expected line ({e:?})"),
+                Ok(l) => {
+                    let done = pred(&l);
+                    lines.push(l);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(e) => panic!("vmaudit stderr: no expected line ({e:?}) after {lines:?}"),
             }
         }
     }

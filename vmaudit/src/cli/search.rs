@@ -208,58 +208,43 @@ fn print_json<T: serde::Serialize>(v: &T) {
 pub fn run(args: Args) -> u8 {
     match args.question {
         None => list(&args.filters, &args.inputs),
-        Some(Question::Fds(q)) => {
-            let f = match q.parse() {
-                Ok(f) => f,
-                Err(e) => return usage(&e),
-            };
-            let events = match load(&q.inputs) {
-                Ok(e) => e,
-                Err(code) => return code,
-            };
-            let Some(a) = answer::fds(&events, &f) else {
-                eprintln!(
-                    "vmaudit: no start or attach of {} {}",
-                    q.mac,
-                    scope(&f, q.at.as_deref())
-                );
-                return exit::NO_MATCH;
-            };
-            if q.inputs.json || !std::io::stdout().is_terminal() {
-                print_json(&a);
-            } else {
-                print!("{}", render::fds(&a));
-            }
-            exit::OK
-        }
-        Some(Question::Released(q)) => {
-            let f = match q.parse() {
-                Ok(f) => f,
-                Err(e) => return usage(&e),
-            };
-            let events = match load(&q.inputs) {
-                Ok(e) => e,
-                Err(code) => return code,
-            };
-            let Some(a) = answer::released(&events, &f) else {
-                eprintln!(
-                    "vmaudit: no detach of {} {}",
-                    q.mac,
-                    scope(&f, q.at.as_deref())
-                );
-                return exit::NO_MATCH;
-            };
-            if q.inputs.json || !std::io::stdout().is_terminal() {
-                print_json(&a);
-            } else {
-                print!("{}", render::released(&a));
-            }
-            exit::OK
-        }
+        Some(Question::Fds(q)) => ask(&q, "start or attach", answer::fds, render::fds),
+        Some(Question::Released(q)) => ask(&q, "detach", answer::released, render::released),
     }
 }
 
-/// `in VM x up to T` for the no-match line.
+/// One of the two questions: the filter, the inputs, the answer (or exit 19 naming what was
+/// not found), printed for a person or as JSON.
+fn ask<A: serde::Serialize>(
+    q: &QuestionArgs,
+    what: &str,
+    answer: fn(&[Event], &Filter) -> Option<A>,
+    render: fn(&A) -> String,
+) -> u8 {
+    let f = match q.parse() {
+        Ok(f) => f,
+        Err(e) => return usage(&e),
+    };
+    let events = match load(&q.inputs) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let Some(a) = answer(&events, &f) else {
+        eprintln!(
+            "vmaudit: no {what} of {} {}",
+            q.mac,
+            scope(&f, q.at.as_deref())
+        );
+        return exit::NO_MATCH;
+    };
+    if q.inputs.json || !std::io::stdout().is_terminal() {
+        print_json(&a);
+    } else {
+        print!("{}", render(&a));
+    }
+    exit::OK
+}
+
 fn scope(f: &Filter, at: Option<&str>) -> String {
     let mut s = String::new();
     if let Some(vm) = &f.vm {

@@ -196,6 +196,15 @@ pub fn start_tracker(opts: &TrackerOptions) -> Result<Tracker, ObserveError> {
     Tracker::load(opts)
 }
 
+/// `pid` must be a process (a thread group leader), not a thread or nothing.
+fn check_process(procfs: &ProcFs, pid: u32) -> Result<(), ObserveError> {
+    match preflight::tgid_of(&procfs.roots.proc, pid) {
+        None => Err(ObserveError::NoSuchProcess { pid }),
+        Some(tgid) if tgid != pid => Err(ObserveError::NotAProcess { pid, tgid }),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Watches processes and keeps their fd tables exact.
 pub struct Watcher {
     tracker: Tracker,
@@ -219,11 +228,7 @@ impl Watcher {
         sink: &mut dyn Sink,
     ) -> Result<Self, ObserveError> {
         for &pid in &opts.pids {
-            match preflight::tgid_of(&procfs.roots.proc, pid) {
-                None => return Err(ObserveError::NoSuchProcess { pid }),
-                Some(tgid) if tgid != pid => return Err(ObserveError::NotAProcess { pid, tgid }),
-                Some(_) => {}
-            }
+            check_process(&procfs, pid)?;
         }
         let mut tracker = start_tracker(&opts.tracker)?;
         let ring = tracker
@@ -251,16 +256,7 @@ impl Watcher {
             w.tracker.ignore_tid(tid)?;
         }
         for &pid in &opts.pids {
-            w.tracker.watch(pid, opts.follow_children)?;
-            let t0 = monotonic_ns();
-            let seed = w.tables.seed(pid).map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => ObserveError::NoSuchProcess { pid },
-                _ => ObserveError::Proc { pid, source },
-            })?;
-            w.read_at.insert(pid, t0);
-            for r in seed {
-                w.emit(sink, Output::Fd(r));
-            }
+            w.watch_and_seed(pid, opts.follow_children, sink)?;
         }
         Ok(w)
     }
@@ -277,11 +273,18 @@ impl Watcher {
         if self.tables.get(pid).is_some_and(|t| !t.exited) {
             return Ok(());
         }
-        match preflight::tgid_of(&self.tables.resolver().roots.proc, pid) {
-            None => return Err(ObserveError::NoSuchProcess { pid }),
-            Some(tgid) if tgid != pid => return Err(ObserveError::NotAProcess { pid, tgid }),
-            Some(_) => {}
-        }
+        check_process(self.tables.resolver(), pid)?;
+        self.watch_and_seed(pid, follow_children, sink)
+    }
+
+    /// Puts `pid` in the kernel's watch set, then reads its table from /proc (events after the
+    /// read are applied on top); the seed records go to `sink`.
+    fn watch_and_seed(
+        &mut self,
+        pid: u32,
+        follow_children: bool,
+        sink: &mut dyn Sink,
+    ) -> Result<(), ObserveError> {
         self.tracker.watch(pid, follow_children)?;
         let t0 = monotonic_ns();
         let seed = self
