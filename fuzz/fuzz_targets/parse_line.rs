@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmaudit::audit::parse::{LogScan, parse_kernel, parse_line};
+use vmaudit_core::audit::parse::{LogScan, parse_kernel, parse_line};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmaudit::audit::parse::{Value, parse_text};
+use vmaudit_core::audit::parse::{Value, parse_text};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

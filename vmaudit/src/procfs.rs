@@ -4,158 +4,37 @@
 //! Used to seed a table when watching starts, to resync it after lost events, to resolve a new
 //! fd's identity, and by `vmaudit fds`.
 
-use std::{
-    collections::BTreeMap,
-    fmt, fs, io,
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
-    path::Path,
-};
-
-use serde::{Serialize, Serializer};
+use std::{collections::BTreeMap, fs, io, os::unix::fs::MetadataExt as _, path::Path};
 
 use crate::paths::Roots;
 
-/// A device number, printed `MAJ:MIN` in decimal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DevNum {
-    pub major: u32,
-    pub minor: u32,
-}
+pub use vmaudit_core::fd::{DevNum, FdIdentity, FileKind, O_CLOEXEC, Source};
 
-impl DevNum {
-    pub fn from_raw(dev: u64) -> Self {
-        Self {
-            major: libc::major(dev),
-            minor: libc::minor(dev),
-        }
-    }
-}
-
-impl fmt::Display for DevNum {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.major, self.minor)
-    }
-}
-
-impl Serialize for DevNum {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// What kind of file an fd refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FileKind {
-    Char,
-    Block,
-    Regular,
-    Dir,
-    Fifo,
-    Socket,
-    Symlink,
-    /// An anonymous inode (eventfd, epoll, pidfd, bpf objects, kvm-vm, ...).
-    Anon,
-    Unknown,
-}
-
-/// How an identity was established.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// Read from /proc/PID/fd while the fd was open.
-    Proc,
-    /// Copied from the fd it was duplicated from, or the parent's table at fork.
-    Table,
-    /// Only the name the syscall used: the fd was already closed or replaced when vmaudit
-    /// looked, so /proc could not be trusted for it.
-    Syscall,
-}
-
-/// The identity of one fd.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct FdIdentity {
-    /// What /proc/PID/fd/N points at (`/dev/net/tun`, `socket:[123]`, `anon_inode:[eventfd]`),
-    /// or the syscall's name for the file when [`Source::Syscall`].
-    pub path: String,
-    pub kind: FileKind,
-    /// Device number of a character or block device.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rdev: Option<DevNum>,
-    /// Device of the filesystem holding the inode.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dev: Option<DevNum>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ino: Option<u64>,
-    /// `flags:` from fdinfo (open flags, octal in /proc), when read.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flags: Option<u32>,
-    /// The network interface of a tun/tap fd (`iff:` in fdinfo) or of a macvtap device node.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub iface: Option<String>,
-    pub source: Source,
-}
-
-impl FdIdentity {
-    /// An identity known only by the name a syscall used. An absolute name is stat'ed now,
-    /// which gives a device node's numbers (what matters for devices) though not the open
-    /// file's own state.
-    pub fn from_syscall(path: Option<String>) -> Self {
-        let meta = path
-            .as_deref()
-            .filter(|p| p.starts_with('/'))
-            .and_then(|p| fs::metadata(p).ok());
-        let kind = meta
+/// An identity known only by the name a syscall used. An absolute name is stat'ed now, which
+/// gives a device node's numbers (what matters for devices) though not the open file's own
+/// state.
+pub fn identity_from_syscall(path: Option<String>) -> FdIdentity {
+    let meta = path
+        .as_deref()
+        .filter(|p| p.starts_with('/'))
+        .and_then(|p| fs::metadata(p).ok());
+    let kind = meta
+        .as_ref()
+        .map_or(FileKind::Unknown, |m| FileKind::of(m.file_type(), ""));
+    FdIdentity {
+        path: path.unwrap_or_else(|| "?".to_owned()),
+        kind,
+        rdev: meta
             .as_ref()
-            .map_or(FileKind::Unknown, |m| kind_of(m.file_type(), ""));
-        Self {
-            path: path.unwrap_or_else(|| "?".to_owned()),
-            kind,
-            rdev: meta
-                .as_ref()
-                .filter(|_| matches!(kind, FileKind::Char | FileKind::Block))
-                .map(|m| DevNum::from_raw(m.rdev())),
-            dev: meta.as_ref().map(|m| DevNum::from_raw(m.dev())),
-            ino: meta.as_ref().map(|m| m.ino()),
-            flags: None,
-            iface: None,
-            source: Source::Syscall,
-        }
-    }
-
-    /// Whether the file is the same inode as `other` (identity across resyncs).
-    pub fn same_inode(&self, other: &FdIdentity) -> bool {
-        match (self.ino, other.ino) {
-            (Some(a), Some(b)) => a == b && self.dev == other.dev,
-            _ => self.path == other.path,
-        }
+            .filter(|_| matches!(kind, FileKind::Char | FileKind::Block))
+            .map(|m| DevNum::from_raw(m.rdev())),
+        dev: meta.as_ref().map(|m| DevNum::from_raw(m.dev())),
+        ino: meta.as_ref().map(|m| m.ino()),
+        flags: None,
+        iface: None,
+        source: Source::Syscall,
     }
 }
-
-fn kind_of(ft: fs::FileType, link: &str) -> FileKind {
-    if link.starts_with("anon_inode:") {
-        FileKind::Anon
-    } else if ft.is_char_device() {
-        FileKind::Char
-    } else if ft.is_block_device() {
-        FileKind::Block
-    } else if ft.is_file() {
-        FileKind::Regular
-    } else if ft.is_dir() {
-        FileKind::Dir
-    } else if ft.is_fifo() {
-        FileKind::Fifo
-    } else if ft.is_socket() {
-        FileKind::Socket
-    } else if ft.is_symlink() {
-        FileKind::Symlink
-    } else {
-        FileKind::Unknown
-    }
-}
-
-/// `O_CLOEXEC` as fdinfo shows it in `flags:`.
-pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
 
 /// The parts of `/proc/PID/fdinfo/N` vmaudit uses.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -217,7 +96,7 @@ impl ProcFs {
         let path = target.to_string_lossy().into_owned();
         // stat() through the magic link reaches the open file itself, whatever its name.
         let meta = fs::metadata(&link)?;
-        let kind = kind_of(meta.file_type(), &path);
+        let kind = FileKind::of(meta.file_type(), &path);
         let rdev =
             matches!(kind, FileKind::Char | FileKind::Block).then(|| DevNum::from_raw(meta.rdev()));
         // fdinfo can vanish between the two reads if the fd is closed; the identity stands.

@@ -19,8 +19,8 @@ use std::{
 
 use thiserror::Error;
 
-pub use super::entry::{JournalEntry, rfc3339_ms};
-use super::{record::Record, sink::KernelOutcome};
+pub use vmaudit_core::audit::JournalEntry;
+use vmaudit_core::audit::{KernelOutcome, Record};
 
 /// What went wrong with the journal; every variant names the file.
 #[derive(Debug, Error)]

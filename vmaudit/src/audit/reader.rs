@@ -11,16 +11,10 @@ use netlink_packet_audit::AUDIT_NLGRP_READLOG;
 use netlink_packet_core::NetlinkBuffer;
 use netlink_sys::{Socket, protocols::NETLINK_AUDIT};
 
-use super::kernel::{KernelError, RECV_BUF, split, wait_readable};
-
-/// One record the kernel logged, as a multicast listener receives it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelRecord {
-    /// The message type (2501 for VIRT_RESOURCE).
-    pub kind: u16,
-    /// `audit(SECS.MSEC:SERIAL): pid=.. uid=.. auid=.. ses=.. msg='...'`.
-    pub text: String,
-}
+use super::{
+    KernelRecord,
+    kernel::{KernelError, RECV_BUF, split, wait_readable},
+};
 
 /// A listener on the kernel's audit log (multicast group AUDIT_NLGRP_READLOG; needs
 /// CAP_AUDIT_READ). It sees every record the kernel logs from the moment it is open.

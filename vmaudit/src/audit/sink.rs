@@ -8,7 +8,7 @@
 //! drops records (auditing disabled) or refuses them, one warning says so, the first time, and
 //! the journal goes on.
 
-use std::{fmt, time::SystemTime};
+use std::time::SystemTime;
 
 use nix::errno::Errno;
 use thiserror::Error;
@@ -19,6 +19,7 @@ use super::{
     kernel::{KernelAudit, KernelError, SendStatus},
     record::Record,
 };
+pub use vmaudit_core::audit::KernelOutcome;
 
 /// Where records go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,30 +35,6 @@ pub enum AuditMode {
 impl AuditMode {
     fn kernel(self) -> bool {
         matches!(self, Self::Kernel | Self::Both)
-    }
-}
-
-/// What the kernel audit subsystem did with a record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelOutcome {
-    /// Acknowledged: the kernel logged it.
-    Sent,
-    /// Auditing is disabled: the kernel would have dropped it, so it was not sent.
-    Disabled,
-    /// Refused (or the socket could not be used), with the errno.
-    Refused(Errno),
-    /// The mode does not send to the kernel.
-    NotRequested,
-}
-
-impl fmt::Display for KernelOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Sent => f.write_str("sent"),
-            Self::Disabled => f.write_str("disabled"),
-            Self::Refused(e) => write!(f, "refused: {e:?}"),
-            Self::NotRequested => f.write_str("not-requested"),
-        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
 
 use aya::maps::{HashMap, Map, MapData};
 
-use super::acl::DeviceRule;
+use super::DeviceRule;
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_CGROUP_DEVICE: u32 = 6;

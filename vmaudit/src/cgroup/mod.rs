@@ -14,7 +14,6 @@
 //! [`VmCgroup::kernel_rules`] reads back what the kernel holds, so the ACL can be held to the
 //! records that claim it ([`DeviceRule::effective`] says what a list of rules should leave).
 
-pub mod acl;
 pub mod attached;
 pub mod layout;
 pub mod v1;
@@ -35,9 +34,13 @@ use thiserror::Error;
 
 use self::v2::DeviceProgram;
 pub use self::{
-    acl::{Acl, DEFAULT_PATHS, DevKind, DevTypes, DeviceRule, PTY_CATEGORY, PTY_MAJOR, Rule},
     layout::{Layout, MountinfoError, VM_PARENT},
-    v2::{Decision, DecisionDev, DecisionStream, MatchedEntry},
+    v2::DecisionStream,
+};
+// The ACL's types are the core's: what the runtime applies and what the verifier judges.
+pub use vmaudit_core::acl::{
+    Acl, AclError, DEFAULT_PATHS, Decision, DecisionDev, DevKind, DevTypes, DeviceRule,
+    MatchedEntry, PTY_CATEGORY, PTY_MAJOR, Rule,
 };
 
 /// Name of the device program as the kernel lists it (`bpftool prog`, `loaded_programs`).
@@ -112,18 +115,8 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is not a character or block device")]
-    NotADevice { path: PathBuf },
-    #[error("device path {path} is not absolute")]
-    RelativePath { path: PathBuf },
-    #[error("invalid access {text:?}: a non-empty subset of rwm")]
-    BadAcl { text: String },
-    #[error("invalid device category {category:?}: letters, digits, - and _ only")]
-    BadCategory { category: String },
-    #[error("device number {major}:{minor} is reserved (0xffffffff means any)")]
-    BadNumber { major: u32, minor: u32 },
-    #[error("malformed devices.list line {line:?}")]
-    DevicesList { line: String },
+    #[error(transparent)]
+    Acl(#[from] AclError),
     #[error("loading the device cgroup program")]
     Load {
         #[source]

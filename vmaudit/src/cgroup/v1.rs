@@ -3,10 +3,7 @@
 
 use std::{fs::OpenOptions, io::Write as _, path::Path};
 
-use super::{
-    CgroupError,
-    acl::{DeviceRule, Rule},
-};
+use super::{CgroupError, DeviceRule, Rule};
 
 /// Written `a` to deny every device.
 pub const DEVICES_DENY: &str = "devices.deny";
@@ -60,7 +57,7 @@ pub fn parse_list(text: &str) -> Result<Vec<DeviceRule>, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::acl::{Acl, DevKind};
+    use crate::cgroup::{Acl, DevKind};
 
     #[test]
     fn devices_list_round_trips_the_default_acl() {
@@ -68,7 +65,7 @@ mod tests {
             let minor = match p.to_str().unwrap() {
                 "/dev/null" => 3,
                 "/dev/zero" => 5,
-                _ => return Err(CgroupError::NotADevice { path: p.to_owned() }),
+                _ => return Err(vmaudit_core::acl::AclError::NotADevice { path: p.to_owned() }),
             };
             Rule::path_rdev(p, DevKind::Char, 1, minor, Acl::RW)
         });

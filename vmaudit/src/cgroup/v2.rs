@@ -5,7 +5,6 @@ use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     path::Path,
-    ptr,
 };
 
 use aya::{
@@ -13,12 +12,9 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupDevice},
 };
-use vmaudit_common::devcg::{self, DEV_BLOCK, DEV_CHAR, DecisionLoss, Matched, maps, programs};
+use vmaudit_common::devcg::{self, DecisionLoss, maps, programs};
 
-use super::{
-    CgroupError,
-    acl::{Acl, DevKind, DeviceRule, Rule},
-};
+use super::{CgroupError, Decision, DeviceRule, Rule};
 
 /// The device program's object, built by build.rs.
 static DEVCG_OBJECT: &[u8] =
@@ -150,92 +146,6 @@ impl DeviceProgram {
     }
 }
 
-/// Device type of a [`Decision`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecisionDev {
-    Char,
-    Block,
-    /// Type bits the program does not know (never seen: the kernel passes char or block).
-    Other(u32),
-}
-
-impl DecisionDev {
-    /// The device kind, if char or block.
-    pub const fn kind(self) -> Option<DevKind> {
-        match self {
-            Self::Char => Some(DevKind::Char),
-            Self::Block => Some(DevKind::Block),
-            Self::Other(_) => None,
-        }
-    }
-}
-
-/// Which map entry allowed an access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MatchedEntry {
-    /// `major:minor`.
-    Exact,
-    /// `major:*`.
-    Major,
-    /// `*:minor`.
-    Minor,
-    /// `*:*`.
-    All,
-}
-
-/// One device access decision of the program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    /// Kernel CLOCK_MONOTONIC nanoseconds.
-    pub ts_ns: u64,
-    /// cgroup v2 id of the process that asked ([`super::VmCgroup::cgroup_id`] for the VM's).
-    pub cgroup_id: u64,
-    pub tgid: u32,
-    pub dev: DecisionDev,
-    pub major: u32,
-    pub minor: u32,
-    /// Requested rights (`BPF_DEVCG_ACC_*`), e.g. rw for an O_RDWR open.
-    pub access: Acl,
-    pub allowed: bool,
-    /// The entry that allowed it (None when denied).
-    pub matched: Option<MatchedEntry>,
-}
-
-impl Decision {
-    /// Decodes ring-buffer bytes (which need not be aligned); None if too short or malformed.
-    pub fn decode(bytes: &[u8]) -> Option<Decision> {
-        if bytes.len() < devcg::RawDecision::SIZE {
-            return None;
-        }
-        // SAFETY: the length is checked above; the struct is plain old data (every bit pattern
-        // is valid) and read_unaligned makes no alignment assumption.
-        let raw = unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<devcg::RawDecision>()) };
-        let matched = match raw.matched {
-            Matched::NONE => None,
-            Matched::EXACT => Some(MatchedEntry::Exact),
-            Matched::MAJOR => Some(MatchedEntry::Major),
-            Matched::MINOR => Some(MatchedEntry::Minor),
-            Matched::ALL => Some(MatchedEntry::All),
-            _ => return None,
-        };
-        Some(Decision {
-            ts_ns: raw.ts_ns,
-            cgroup_id: raw.cgroup_id,
-            tgid: raw.tgid,
-            dev: match raw.dev_type {
-                DEV_CHAR => DecisionDev::Char,
-                DEV_BLOCK => DecisionDev::Block,
-                other => DecisionDev::Other(other),
-            },
-            major: raw.major,
-            minor: raw.minor,
-            access: Acl::from_bits(raw.access)?,
-            allowed: raw.allowed != 0,
-            matched,
-        })
-    }
-}
-
 /// The program's decisions, in the order it made them. Poll its fd for readability (e.g.
 /// tokio's `AsyncFd`), then [`DecisionStream::drain`].
 pub struct DecisionStream {
@@ -274,64 +184,5 @@ impl AsFd for DecisionStream {
 impl AsRawFd for DecisionStream {
     fn as_raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bytes(d: &devcg::RawDecision) -> Vec<u8> {
-        let mut v = vec![0u8; 1];
-        // SAFETY: reading the bytes of a plain-old-data struct with no padding.
-        v.extend_from_slice(unsafe {
-            std::slice::from_raw_parts(ptr::from_ref(d).cast::<u8>(), devcg::RawDecision::SIZE)
-        });
-        v
-    }
-
-    #[test]
-    fn decisions_decode_from_unaligned_bytes() {
-        let raw = devcg::RawDecision {
-            ts_ns: 7,
-            cgroup_id: 42,
-            tgid: 1234,
-            major: 10,
-            minor: 200,
-            access: devcg::ACC_READ | devcg::ACC_WRITE,
-            dev_type: DEV_CHAR,
-            allowed: 0,
-            matched: Matched::NONE,
-            _pad: 0,
-        };
-        let b = bytes(&raw);
-        let d = Decision::decode(&b[1..]).unwrap();
-        assert_eq!(
-            d,
-            Decision {
-                ts_ns: 7,
-                cgroup_id: 42,
-                tgid: 1234,
-                dev: DecisionDev::Char,
-                major: 10,
-                minor: 200,
-                access: Acl::RW,
-                allowed: false,
-                matched: None,
-            }
-        );
-        assert_eq!(Decision::decode(&b[1..b.len() - 1]), None);
-        let mut bad = raw;
-        bad.matched = 9;
-        assert_eq!(Decision::decode(&bytes(&bad)[1..]), None);
-        let mut ok = raw;
-        ok.allowed = 1;
-        ok.matched = Matched::MAJOR;
-        ok.dev_type = DEV_BLOCK;
-        let d = Decision::decode(&bytes(&ok)[1..]).unwrap();
-        assert_eq!(
-            (d.allowed, d.matched, d.dev),
-            (true, Some(MatchedEntry::Major), DecisionDev::Block)
-        );
     }
 }

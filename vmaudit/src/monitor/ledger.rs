@@ -207,7 +207,7 @@ impl MonitorLedger {
         let path = r.file.as_ref().map(|f| f.path.clone()).unwrap_or_default();
         let rdev = r.file.as_ref().and_then(|f| f.rdev);
         let Some(fd) = r.fd else {
-            if self.managers.contains(&r.pid) && r.result != "ok" && r.op == Op::Open {
+            if self.managers.contains(&r.pid) && !r.result.is_ok() && r.op == Op::Open {
                 self.failed_opens.push((r.pid, path, r.ts));
             }
             return;

@@ -10,10 +10,10 @@ use std::{
     io,
 };
 
-use serde::Serialize;
-
 use super::event::{Change, Event, Gain};
-use crate::procfs::{FdIdentity, O_CLOEXEC, ProcFs, Source};
+pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome};
+
+use crate::procfs::{FdIdentity, O_CLOEXEC, ProcFs, Source, identity_from_syscall};
 
 /// Where identities of fds come from: /proc in production, a fake in unit tests.
 pub trait Resolver {
@@ -30,73 +30,6 @@ impl Resolver for ProcFs {
     }
 }
 
-/// What happened to an fd.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    /// Present when watching started.
-    Seed,
-    Open,
-    Dup,
-    RecvFd,
-    PidfdGetfd,
-    /// Another fd-creating syscall (socket, pipe, eventfd, memfd, kvm ioctls, ...).
-    New,
-    /// Inherited by a followed child at fork.
-    Inherit,
-    Close,
-    /// Closed because dup2/dup3 put another file at its number.
-    Replaced,
-    CloseRange,
-    /// Closed by exec because it was close-on-exec.
-    ExecCloexec,
-    /// Released because the process exited.
-    Exit,
-    CloexecOn,
-    CloexecOff,
-    /// Sent to another process through SCM_RIGHTS (still held here too).
-    SendFd,
-    /// Found in /proc but not in the table after lost events.
-    ResyncAdd,
-    /// In the table but not in /proc after lost events.
-    ResyncRemove,
-}
-
-/// One line of `vmaudit watch` output: one fd gained, lost or changed, or a failed attempt.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct FdRecord {
-    #[serde(rename = "type")]
-    pub ty: &'static str,
-    /// Kernel CLOCK_MONOTONIC nanoseconds of the event (0 for the seed).
-    pub ts: u64,
-    pub pid: u32,
-    pub tid: u32,
-    pub op: Op,
-    pub syscall: &'static str,
-    pub fd: Option<i32>,
-    /// `ok`, or the errno name of a failed attempt.
-    pub result: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cloexec: Option<bool>,
-    /// The fd this one duplicates.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_fd: Option<i32>,
-    #[serde(flatten)]
-    pub file: Option<FdIdentity>,
-}
-
-/// An fd in a table.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct FdEntry {
-    pub fd: i32,
-    #[serde(flatten)]
-    pub id: FdIdentity,
-    pub cloexec: bool,
-    /// Kernel timestamp it arrived (0: present when watching started).
-    pub since_ns: u64,
-    pub via: Op,
-}
-
 /// The fd table of one process.
 #[derive(Clone, Debug, Default)]
 pub struct ProcTable {
@@ -111,10 +44,6 @@ pub struct Tables<R> {
     /// Identities by the name a syscall used, for this batch: a loop opening the same device
     /// costs one stat per batch, not one per open.
     path_cache: HashMap<String, FdIdentity>,
-}
-
-fn errno_name(errno: i32) -> String {
-    format!("{:?}", nix::errno::Errno::from_raw(errno))
 }
 
 fn cloexec_of(id: &FdIdentity) -> bool {
@@ -137,11 +66,11 @@ impl<R: Resolver> Tables<R> {
 
     fn syscall_identity(&mut self, path: &Option<String>) -> FdIdentity {
         let Some(p) = path else {
-            return FdIdentity::from_syscall(None);
+            return identity_from_syscall(None);
         };
         self.path_cache
             .entry(p.clone())
-            .or_insert_with(|| FdIdentity::from_syscall(Some(p.clone())))
+            .or_insert_with(|| identity_from_syscall(Some(p.clone())))
             .clone()
     }
 
@@ -383,8 +312,8 @@ impl<R: Resolver> Tables<R> {
             Change::Failed { errno, fd, path } => {
                 let op = failed_op(sys);
                 let mut r = record(ts, pid, tid, op, sys, *fd, None);
-                r.result = errno_name(*errno);
-                r.file = path.clone().map(|p| FdIdentity::from_syscall(Some(p)));
+                r.result = Outcome::from_errno(*errno);
+                r.file = path.clone().map(|p| identity_from_syscall(Some(p)));
                 out.push(r);
             }
             Change::SendFd { fd } => {
@@ -465,7 +394,7 @@ fn record(
         op,
         syscall,
         fd,
-        result: "ok".to_owned(),
+        result: Outcome::Ok,
         cloexec: entry.map(|e| e.cloexec),
         from_fd: None,
         file: entry.map(|e| e.id.clone()),
@@ -741,7 +670,10 @@ mod tests {
             ),
             NEVER,
         );
-        assert_eq!((r[0].op, r[0].result.as_str()), (Op::Open, "ENOENT"));
+        assert_eq!(
+            (r[0].op, r[0].result.to_string().as_str()),
+            (Op::Open, "ENOENT")
+        );
         assert_eq!(r[0].file.as_ref().unwrap().path, "/nope");
         assert_eq!(fds(&t, 1), vec![0]);
     }

@@ -23,7 +23,7 @@ pub enum SetupError {
     SpecRule {
         index: usize,
         #[source]
-        source: Box<CgroupError>,
+        source: Box<vmaudit_core::acl::AclError>,
     },
     #[error("creating the VM's cgroup")]
     Create(#[source] Box<CgroupError>),
@@ -124,7 +124,7 @@ fn spec_rules(spec: &Spec) -> Result<Vec<Rule>, SetupError> {
                 index,
                 source: Box::new(source),
             };
-            let acl: Acl = a.acl.parse().map_err(|e: CgroupError| err(e))?;
+            let acl: Acl = a.acl.parse().map_err(err)?;
             match (&a.path, a.major) {
                 (Some(p), _) => Rule::path(p, acl).map_err(err),
                 (None, Some(major)) => {

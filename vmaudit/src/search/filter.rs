@@ -124,8 +124,8 @@ impl Filter {
     pub fn check(&self) -> Result<(), FilterError> {
         match (self.since, self.until) {
             (Some(s), Some(u)) if s > u => Err(FilterError::Range {
-                since: crate::audit::journal::rfc3339_ms(s),
-                until: crate::audit::journal::rfc3339_ms(u),
+                since: vmaudit_core::time::rfc3339_ms(s),
+                until: vmaudit_core::time::rfc3339_ms(u),
             }),
             _ => Ok(()),
         }

@@ -13,7 +13,6 @@ use super::{Event, libvirt_part};
 use crate::{
     audit::{
         JournalEntry,
-        journal::rfc3339_ms,
         parse::{LogScan, Parsed, Stamp, parse_text},
         virt::VirtRecord,
     },
@@ -78,7 +77,7 @@ fn event_of(p: &Parsed, source: String, ts_ns: u64, text: &str, journal: bool) -
     let rec = VirtRecord::of(p);
     Event {
         source,
-        ts: rfc3339_ms(ts_ns),
+        ts: vmaudit_core::time::rfc3339_ms(ts_ns),
         ts_ns,
         kind: p.kind.clone(),
         emulator_pid: rec
@@ -125,7 +124,7 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
             kind: entry.kind.clone(),
             stamp: Stamp {
                 secs: entry.ts_ns / 1_000_000_000,
-                msec: (entry.ts_ns / 1_000_000 % 1000) as u32,
+                msec: (entry.ts_ns / 1_000_000 % 1000) as u16,
                 serial: 0,
             },
             sender: Vec::new(),

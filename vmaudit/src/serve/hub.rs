@@ -398,7 +398,7 @@ impl Observer for Hub {
             .fd_events
             .get_or_create(&OpLabel { op: op.clone() })
             .inc();
-        let Some(fd) = r.fd.filter(|_| r.result == "ok") else {
+        let Some(fd) = r.fd.filter(|_| r.result.is_ok()) else {
             return;
         };
         let mut st = self.lock();
@@ -534,7 +534,7 @@ mod tests {
             op,
             syscall: "close",
             fd: Some(fd),
-            result: "ok".into(),
+            result: vmaudit_core::fd::Outcome::Ok,
             cloexec: Some(false),
             from_fd: None,
             file: Some(FdIdentity {

@@ -161,10 +161,10 @@ impl Ledger {
         };
         match (r.op, r.fd) {
             (_, None) => {
-                if r.result != "ok" && r.op == Op::Open {
+                if !r.result.is_ok() && r.op == Op::Open {
                     let path = file.map(|f| f.path.clone()).unwrap_or_default();
                     self.failed_opens
-                        .push((r.pid, path, r.result.clone(), r.ts));
+                        .push((r.pid, path, r.result.to_string(), r.ts));
                 }
                 return;
             }
@@ -408,7 +408,7 @@ impl Ledger {
                     op: e.via,
                     syscall: "table",
                     fd: Some(e.fd),
-                    result: "ok".into(),
+                    result: vmaudit_core::fd::Outcome::Ok,
                     cloexec: Some(e.cloexec),
                     from_fd: None,
                     file: Some(e.id.clone()),
@@ -1146,7 +1146,7 @@ mod tests {
             op,
             syscall: "test",
             fd: Some(fd),
-            result: "ok".into(),
+            result: vmaudit_core::fd::Outcome::Ok,
             cloexec: Some(false),
             from_fd: None,
             file: Some(tun()),

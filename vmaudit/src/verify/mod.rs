@@ -112,7 +112,7 @@ impl Verdict {
             .unwrap_or(0);
         Self {
             ty: "verdict".to_owned(),
-            ts: crate::audit::journal::rfc3339_ms(now),
+            ts: vmaudit_core::time::rfc3339_ms(now),
             ts_ns: now,
             claim,
             status,

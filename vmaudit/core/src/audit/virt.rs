@@ -4,11 +4,8 @@
 
 use serde::Serialize;
 
-use super::{
-    AuditType,
-    parse::{Parsed, Stamp},
-};
-use crate::procfs::DevNum;
+use super::{AuditType, parse::Parsed};
+use crate::fd::DevNum;
 
 /// The facts of one VIRT_* record. Every field is `None` when the record does not carry it
 /// (or carries `?`).
@@ -67,20 +64,6 @@ pub struct VirtRecord {
     pub exe: Option<String>,
 }
 
-/// `rdev=` as libvirt writes it: `%02X:%02X` (upper-case hex, at least two digits).
-pub fn parse_rdev_hex(s: &str) -> Option<DevNum> {
-    let (maj, min) = s.split_once(':')?;
-    let hex = |v: &str| {
-        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| u32::from_str_radix(v, 16).ok())
-            .flatten()
-    };
-    Some(DevNum {
-        major: hex(maj)?,
-        minor: hex(min)?,
-    })
-}
-
 impl VirtRecord {
     pub fn of(p: &Parsed) -> Self {
         let get = |k: &str| p.get(k).map(str::to_owned);
@@ -106,7 +89,7 @@ impl VirtRecord {
             old,
             new,
             path: get("path"),
-            rdev: p.get("rdev").and_then(parse_rdev_hex),
+            rdev: p.get("rdev").and_then(DevNum::parse_libvirt_hex),
             vm_pid: p.get("vm-pid").and_then(|v| v.parse().ok()),
             cgroup: get("cgroup"),
             class: get("class"),
@@ -137,15 +120,8 @@ impl Parsed {
 
     /// Unix time of the kernel's stamp, in ns.
     pub fn unix_ns(&self) -> u64 {
-        stamp_ns(&self.stamp)
+        self.stamp.unix_ns()
     }
-}
-
-/// Unix ns of a stamp.
-pub fn stamp_ns(s: &Stamp) -> u64 {
-    s.secs
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::from(s.msec).saturating_mul(1_000_000))
 }
 
 #[cfg(test)]
@@ -186,20 +162,5 @@ mod tests {
         assert_eq!(start.virt().vm_pid, Some(4242));
         assert_eq!(start.audit_type(), Some(AuditType::VirtControl));
         assert_eq!(start.unix_ns(), 1_005_000_000);
-    }
-
-    #[test]
-    fn rdev_hex() {
-        assert_eq!(parse_rdev_hex("01:03"), Some(DevNum { major: 1, minor: 3 }));
-        assert_eq!(
-            parse_rdev_hex("E6:100"),
-            Some(DevNum {
-                major: 230,
-                minor: 256
-            })
-        );
-        for bad in ["", "?", "0A", "0A:", ":C8", "0G:01", "+1:2", "0A:C8:1"] {
-            assert_eq!(parse_rdev_hex(bad), None, "{bad}");
-        }
     }
 }

@@ -6,45 +6,23 @@
 //! ` exe=... hostname=? addr=? terminal=? res=success|failed`, then vmaudit's own
 //! `vmaudit-*` fields.
 
-use std::{
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-    sync::OnceLock,
-};
+use std::{os::unix::ffi::OsStrExt as _, path::Path, sync::OnceLock};
 
 use thiserror::Error;
-use uuid::Uuid;
 
-pub use super::reason::{
-    Acl, CgroupClass, CgroupReason, ControlOp, NetChange, StartReason, StopReason,
-};
 use super::{
     AuditType,
-    encode::{self, EncodeError, encode_nv, encode_nv_bytes, raw},
+    encode::{self, EncodeError, encode_nv, encode_nv_bytes},
+    shapes::{Shape, ShapeError},
 };
-use crate::procfs::DevNum;
+pub use super::{
+    shapes::{RecordFields, VmIdent},
+    vocab::{Acl, CgroupClass, CgroupReason, ControlOp, NetChange, StartReason, StopReason},
+};
+use crate::fd::DevNum;
 
 /// Where libaudit reads the name of the executable it writes as `exe=`.
 const SELF_EXE: &str = "/proc/self/exe";
-
-/// The VM a record is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmIdent {
-    /// `kvm`, or `qemu` for TCG (libvirt's domain type).
-    pub virt: String,
-    pub name: String,
-    pub uuid: Uuid,
-}
-
-impl VmIdent {
-    pub fn new(virt: impl Into<String>, name: impl Into<String>, uuid: Uuid) -> Self {
-        Self {
-            virt: virt.into(),
-            name: name.into(),
-            uuid,
-        }
-    }
-}
 
 /// Why a record cannot be built.
 #[derive(Debug, Error)]
@@ -127,57 +105,6 @@ impl Record {
     pub fn control(vm: &VmIdent, op: ControlOp, vm_pid: i64) -> RecordBuilder {
         RecordBuilder::new(vm, Shape::Control { op, vm_pid })
     }
-}
-
-/// The facts of a record, for the journal and for checks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordFields {
-    pub virt: String,
-    pub vm: String,
-    pub uuid: Uuid,
-    /// `net`, `cgroup` (VIRT_RESOURCE records).
-    pub resrc: Option<String>,
-    /// `start`, `stop` (VIRT_CONTROL records).
-    pub op: Option<String>,
-    pub reason: String,
-    pub mac: Option<String>,
-    pub path: Option<String>,
-    pub rdev: Option<DevNum>,
-    pub cgroup: Option<String>,
-    pub class: Option<String>,
-    pub category: Option<String>,
-    pub maj: Option<u32>,
-    pub acl: Option<String>,
-    pub vm_pid: Option<i64>,
-    /// The fd number in vmaudit (extra field `vmaudit-fd`).
-    pub fd: Option<i32>,
-    /// The fd number in the emulator (extra field `vmaudit-emulator-fd`).
-    pub emulator_fd: Option<i32>,
-    /// Other extra fields, in order, as given.
-    pub extra: Vec<(String, String)>,
-}
-
-/// What a record is about, before it is written.
-#[derive(Clone, Debug)]
-pub(super) enum Shape {
-    NetOpen {
-        mac: String,
-        path: PathBuf,
-        rdev: Option<DevNum>,
-    },
-    Net {
-        change: NetChange,
-        mac: String,
-    },
-    Cgroup {
-        reason: CgroupReason,
-        cgroup: PathBuf,
-        class: CgroupClass,
-    },
-    Control {
-        op: ControlOp,
-        vm_pid: i64,
-    },
 }
 
 /// A record being built: the shape's facts, then the result and extra fields.
@@ -292,18 +219,6 @@ impl RecordBuilder {
     }
 }
 
-/// Why libvirt's part cannot be written.
-pub(super) enum ShapeError {
-    Mac(String),
-    Encode(EncodeError),
-}
-
-impl From<EncodeError> for ShapeError {
-    fn from(e: EncodeError) -> Self {
-        Self::Encode(e)
-    }
-}
-
 /// This process's executable, read once, as libaudit does; `None` when unreadable
 /// (`exe="?"`).
 fn self_exe() -> Option<&'static [u8]> {
@@ -314,33 +229,4 @@ fn self_exe() -> Option<&'static [u8]> {
             .map(|p| p.into_os_string().as_bytes().to_vec())
     })
     .as_deref()
-}
-
-/// The structured fields every shape starts from.
-pub(super) fn base_fields(vm: &VmIdent, reason: &str) -> RecordFields {
-    RecordFields {
-        virt: vm.virt.clone(),
-        vm: vm.name.clone(),
-        uuid: vm.uuid,
-        resrc: None,
-        op: None,
-        reason: reason.to_owned(),
-        mac: None,
-        path: None,
-        rdev: None,
-        cgroup: None,
-        class: None,
-        category: None,
-        maj: None,
-        acl: None,
-        vm_pid: None,
-        fd: None,
-        emulator_fd: None,
-        extra: Vec::new(),
-    }
-}
-
-/// `virt=... ` checked as a raw field (it is written unencoded).
-pub(super) fn virt_field(vm: &VmIdent) -> Result<String, EncodeError> {
-    raw("virt", &vm.virt)
 }

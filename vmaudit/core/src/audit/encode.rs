@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use thiserror::Error;
 
-use crate::procfs::DevNum;
+use crate::fd::DevNum;
 
 /// The most text the kernel logs of one user message (`AUDIT_MESSAGE_TEXT_MAX`): anything
 /// longer would be cut silently, so longer records are refused.
@@ -95,10 +95,7 @@ pub fn check_name(name: &str) -> Result<(), EncodeError> {
 /// libvirt's `rdev` value: `%02X:%02X` of major:minor (upper-case hex, at least two digits),
 /// or `?` when the file is not a device.
 pub fn rdev(dev: Option<DevNum>) -> String {
-    match dev {
-        Some(d) => format!("{:02X}:{:02X}", d.major, d.minor),
-        None => "?".to_owned(),
-    }
+    dev.map_or_else(|| "?".to_owned(), DevNum::libvirt_hex)
 }
 
 /// The device number of `path` if it is a character or block device (libvirt stats the path,

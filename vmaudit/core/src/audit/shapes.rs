@@ -2,11 +2,126 @@
 
 use std::os::unix::ffi::OsStrExt as _;
 
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
 use super::{
-    encode::{self, encode_nv, encode_nv_bytes, raw},
-    reason::CgroupClass,
-    record::{RecordFields, Shape, ShapeError, VmIdent, base_fields, virt_field},
+    encode::{self, EncodeError, encode_nv, encode_nv_bytes, raw},
+    vocab::{CgroupClass, CgroupReason, ControlOp, NetChange},
 };
+use crate::fd::DevNum;
+
+/// The VM a record is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmIdent {
+    /// `kvm`, or `qemu` for TCG (libvirt's domain type).
+    pub virt: String,
+    pub name: String,
+    pub uuid: Uuid,
+}
+
+impl VmIdent {
+    pub fn new(virt: impl Into<String>, name: impl Into<String>, uuid: Uuid) -> Self {
+        Self {
+            virt: virt.into(),
+            name: name.into(),
+            uuid,
+        }
+    }
+}
+
+/// The facts of a record, for the journal and for checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordFields {
+    pub virt: String,
+    pub vm: String,
+    pub uuid: Uuid,
+    /// `net`, `cgroup` (VIRT_RESOURCE records).
+    pub resrc: Option<String>,
+    /// `start`, `stop` (VIRT_CONTROL records).
+    pub op: Option<String>,
+    pub reason: String,
+    pub mac: Option<String>,
+    pub path: Option<String>,
+    pub rdev: Option<DevNum>,
+    pub cgroup: Option<String>,
+    pub class: Option<String>,
+    pub category: Option<String>,
+    pub maj: Option<u32>,
+    pub acl: Option<String>,
+    pub vm_pid: Option<i64>,
+    /// The fd number in vmaudit (extra field `vmaudit-fd`).
+    pub fd: Option<i32>,
+    /// The fd number in the emulator (extra field `vmaudit-emulator-fd`).
+    pub emulator_fd: Option<i32>,
+    /// Other extra fields, in order, as given.
+    pub extra: Vec<(String, String)>,
+}
+
+/// What a record is about, before it is written.
+#[derive(Clone, Debug)]
+pub(super) enum Shape {
+    NetOpen {
+        mac: String,
+        path: PathBuf,
+        rdev: Option<DevNum>,
+    },
+    Net {
+        change: NetChange,
+        mac: String,
+    },
+    Cgroup {
+        reason: CgroupReason,
+        cgroup: PathBuf,
+        class: CgroupClass,
+    },
+    Control {
+        op: ControlOp,
+        vm_pid: i64,
+    },
+}
+
+/// Why libvirt's part cannot be written.
+pub(super) enum ShapeError {
+    Mac(String),
+    Encode(EncodeError),
+}
+
+impl From<EncodeError> for ShapeError {
+    fn from(e: EncodeError) -> Self {
+        Self::Encode(e)
+    }
+}
+
+/// The structured fields every shape starts from.
+pub(super) fn base_fields(vm: &VmIdent, reason: &str) -> RecordFields {
+    RecordFields {
+        virt: vm.virt.clone(),
+        vm: vm.name.clone(),
+        uuid: vm.uuid,
+        resrc: None,
+        op: None,
+        reason: reason.to_owned(),
+        mac: None,
+        path: None,
+        rdev: None,
+        cgroup: None,
+        class: None,
+        category: None,
+        maj: None,
+        acl: None,
+        vm_pid: None,
+        fd: None,
+        emulator_fd: None,
+        extra: Vec::new(),
+    }
+}
+
+/// `virt=... ` checked as a raw field (it is written unencoded).
+pub(super) fn virt_field(vm: &VmIdent) -> Result<String, EncodeError> {
+    raw("virt", &vm.virt)
+}
 
 /// libvirt's text for `shape` and the same facts as structured fields.
 pub(super) fn libvirt_text(
@@ -38,7 +153,7 @@ pub(super) fn libvirt_text(
             f.resrc = Some("net".into());
             f.mac = Some(mac.clone());
             let (old, new) = match change {
-                super::NetChange::Detach => (Some(mac.as_str()), None),
+                NetChange::Detach => (Some(mac.as_str()), None),
                 _ => (None, Some(mac.as_str())),
             };
             let old = encode_nv("old-net", old);
@@ -119,7 +234,7 @@ mod tests {
         Acl, AuditType, CgroupClass, CgroupReason, ControlOp, NetChange, Record, RecordError,
         StartReason, StopReason, VmIdent, encode::EncodeError,
     };
-    use crate::procfs::DevNum;
+    use crate::fd::DevNum;
 
     const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
     const SUFFIX: &str = " exe=\"/usr/sbin/libvirtd\" hostname=? addr=? terminal=? res=success";

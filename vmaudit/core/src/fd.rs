@@ -1,0 +1,387 @@
+//! What the kernel says about fds: device numbers, the identity of an open file, and one
+//! change to a process's fd table.
+
+use std::{fmt, os::unix::fs::FileTypeExt as _};
+
+use serde::{Serialize, Serializer};
+
+/// A device number, printed `MAJ:MIN` in decimal (as /proc and the journal write it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevNum {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// `/dev/net/tun`: opened by the manager and passed, never by the emulator itself.
+pub const TUN: DevNum = DevNum {
+    major: 10,
+    minor: 200,
+};
+/// `/dev/vhost-net`: as [`TUN`].
+pub const VHOST_NET: DevNum = DevNum {
+    major: 10,
+    minor: 238,
+};
+
+impl DevNum {
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+
+    /// From a `dev_t` as stat() gives it.
+    pub fn from_raw(dev: u64) -> Self {
+        Self {
+            major: libc::major(dev),
+            minor: libc::minor(dev),
+        }
+    }
+
+    /// libvirt's `rdev` value: `%02X:%02X` (upper-case hex, at least two digits).
+    pub fn libvirt_hex(self) -> String {
+        format!("{:02X}:{:02X}", self.major, self.minor)
+    }
+
+    /// Parses libvirt's `%02X:%02X` (`0A:C8` is 10:200).
+    pub fn parse_libvirt_hex(s: &str) -> Option<Self> {
+        Self::parse_with(s, |p| {
+            (!p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+    }
+
+    /// Parses `MAJ:MIN` as a person writes it: decimal (`10:200`, as /proc writes it) unless a
+    /// part has a hex letter or `0x` (`0A:C8`, as libvirt writes it).
+    pub fn parse_either(s: &str) -> Option<Self> {
+        let hex = s.split(':').any(|p| {
+            p.starts_with("0x") || p.starts_with("0X") || p.bytes().any(|b| b.is_ascii_alphabetic())
+        });
+        Self::parse_with(s, |p| {
+            let p = p.trim_start_matches("0x").trim_start_matches("0X");
+            u32::from_str_radix(p, if hex { 16 } else { 10 }).ok()
+        })
+    }
+
+    fn parse_with(s: &str, num: impl Fn(&str) -> Option<u32>) -> Option<Self> {
+        let (maj, min) = s.split_once(':')?;
+        Some(Self {
+            major: num(maj)?,
+            minor: num(min)?,
+        })
+    }
+}
+
+impl fmt::Display for DevNum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+impl Serialize for DevNum {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What kind of file an fd refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    Char,
+    Block,
+    Regular,
+    Dir,
+    Fifo,
+    Socket,
+    Symlink,
+    /// An anonymous inode (eventfd, epoll, pidfd, bpf objects, kvm-vm, ...).
+    Anon,
+    Unknown,
+}
+
+impl FileKind {
+    /// The kind of a file of type `ft` that /proc names `link` (`anon_inode:[...]`).
+    pub fn of(ft: std::fs::FileType, link: &str) -> Self {
+        if link.starts_with("anon_inode:") {
+            Self::Anon
+        } else if ft.is_char_device() {
+            Self::Char
+        } else if ft.is_block_device() {
+            Self::Block
+        } else if ft.is_file() {
+            Self::Regular
+        } else if ft.is_dir() {
+            Self::Dir
+        } else if ft.is_fifo() {
+            Self::Fifo
+        } else if ft.is_socket() {
+            Self::Socket
+        } else if ft.is_symlink() {
+            Self::Symlink
+        } else {
+            Self::Unknown
+        }
+    }
+}
+
+/// How an identity was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Read from /proc/PID/fd while the fd was open.
+    Proc,
+    /// Copied from the fd it was duplicated from, or the parent's table at fork.
+    Table,
+    /// Only the name the syscall used: the fd was already closed or replaced when vmaudit
+    /// looked, so /proc could not be trusted for it.
+    Syscall,
+}
+
+/// The identity of one fd.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdIdentity {
+    /// What /proc/PID/fd/N points at (`/dev/net/tun`, `socket:[123]`, `anon_inode:[eventfd]`),
+    /// or the syscall's name for the file when [`Source::Syscall`].
+    pub path: String,
+    pub kind: FileKind,
+    /// Device number of a character or block device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<DevNum>,
+    /// Device of the filesystem holding the inode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<DevNum>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ino: Option<u64>,
+    /// `flags:` from fdinfo (open flags, octal in /proc), when read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u32>,
+    /// The network interface of a tun/tap fd (`iff:` in fdinfo) or of a macvtap device node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+    pub source: Source,
+}
+
+impl FdIdentity {
+    /// Whether the file is the same inode as `other` (identity across resyncs).
+    pub fn same_inode(&self, other: &FdIdentity) -> bool {
+        match (self.ino, other.ino) {
+            (Some(a), Some(b)) => a == b && self.dev == other.dev,
+            _ => self.path == other.path,
+        }
+    }
+
+    /// A network device only a manager opens and passes: tun/tap, vhost-net, macvtap.
+    pub fn is_net_device(&self) -> bool {
+        is_net_device(&self.path, self.rdev)
+    }
+}
+
+/// Whether a file named `path` with device number `rdev` is a network device a manager opens
+/// and passes (tun/tap, vhost-net, a macvtap `/dev/tapN`).
+pub fn is_net_device(path: &str, rdev: Option<DevNum>) -> bool {
+    rdev == Some(TUN) || rdev == Some(VHOST_NET) || path.starts_with("/dev/tap")
+}
+
+/// `O_CLOEXEC` as fdinfo shows it in `flags:`.
+pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+
+/// What happened to an fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Present when watching started.
+    Seed,
+    Open,
+    Dup,
+    RecvFd,
+    PidfdGetfd,
+    /// Another fd-creating syscall (socket, pipe, eventfd, memfd, kvm ioctls, ...).
+    New,
+    /// Inherited by a followed child at fork.
+    Inherit,
+    Close,
+    /// Closed because dup2/dup3 put another file at its number.
+    Replaced,
+    CloseRange,
+    /// Closed by exec because it was close-on-exec.
+    ExecCloexec,
+    /// Released because the process exited.
+    Exit,
+    CloexecOn,
+    CloexecOff,
+    /// Sent to another process through SCM_RIGHTS (still held here too).
+    SendFd,
+    /// Found in /proc but not in the table after lost events.
+    ResyncAdd,
+    /// In the table but not in /proc after lost events.
+    ResyncRemove,
+}
+
+impl Op {
+    /// The name `vmaudit watch` and the journal's evidence use (`recv_fd`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::Open => "open",
+            Self::Dup => "dup",
+            Self::RecvFd => "recv_fd",
+            Self::PidfdGetfd => "pidfd_getfd",
+            Self::New => "new",
+            Self::Inherit => "inherit",
+            Self::Close => "close",
+            Self::Replaced => "replaced",
+            Self::CloseRange => "close_range",
+            Self::ExecCloexec => "exec_cloexec",
+            Self::Exit => "exit",
+            Self::CloexecOn => "cloexec_on",
+            Self::CloexecOff => "cloexec_off",
+            Self::SendFd => "send_fd",
+            Self::ResyncAdd => "resync_add",
+            Self::ResyncRemove => "resync_remove",
+        }
+    }
+
+    /// The fd left the table.
+    pub const fn is_release(self) -> bool {
+        matches!(
+            self,
+            Self::Close
+                | Self::CloseRange
+                | Self::Replaced
+                | Self::ExecCloexec
+                | Self::Exit
+                | Self::ResyncRemove
+        )
+    }
+
+    /// The fd entered the table.
+    pub const fn is_gain(self) -> bool {
+        matches!(
+            self,
+            Self::Seed
+                | Self::Open
+                | Self::Dup
+                | Self::RecvFd
+                | Self::PidfdGetfd
+                | Self::New
+                | Self::Inherit
+                | Self::ResyncAdd
+        )
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The outcome of an fd syscall: done, or refused with an errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Failed(nix::errno::Errno),
+}
+
+impl Outcome {
+    /// From a syscall's errno (0: success).
+    pub fn from_errno(errno: i32) -> Self {
+        if errno == 0 {
+            Self::Ok
+        } else {
+            Self::Failed(nix::errno::Errno::from_raw(errno))
+        }
+    }
+
+    pub const fn is_ok(self) -> bool {
+        matches!(self, Self::Ok)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ok => f.write_str("ok"),
+            Self::Failed(e) => write!(f, "{e:?}"),
+        }
+    }
+}
+
+impl Serialize for Outcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One line of `vmaudit watch` output: one fd gained, lost or changed, or a failed attempt.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdRecord {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    /// Kernel CLOCK_MONOTONIC nanoseconds of the event (0 for the seed).
+    pub ts: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub op: Op,
+    pub syscall: &'static str,
+    pub fd: Option<i32>,
+    /// `ok`, or the errno name of a failed attempt.
+    pub result: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloexec: Option<bool>,
+    /// The fd this one duplicates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_fd: Option<i32>,
+    #[serde(flatten)]
+    pub file: Option<FdIdentity>,
+}
+
+/// An fd in a table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdEntry {
+    pub fd: i32,
+    #[serde(flatten)]
+    pub id: FdIdentity,
+    pub cloexec: bool,
+    /// Kernel timestamp it arrived (0: present when watching started).
+    pub since_ns: u64,
+    pub via: Op,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rdev_forms() {
+        let tun = DevNum::new(10, 200);
+        assert_eq!(tun.libvirt_hex(), "0A:C8");
+        assert_eq!(DevNum::new(1, 3).libvirt_hex(), "01:03");
+        assert_eq!(DevNum::new(246, 257).libvirt_hex(), "F6:101");
+        assert_eq!(DevNum::parse_libvirt_hex("0A:C8"), Some(tun));
+        assert_eq!(DevNum::parse_libvirt_hex("zz:1"), None);
+        assert_eq!(DevNum::parse_libvirt_hex("0A:"), None);
+        assert_eq!(DevNum::parse_either("10:200"), Some(tun));
+        assert_eq!(DevNum::parse_either("0A:C8"), Some(tun));
+        assert_eq!(DevNum::parse_either("0xa:0xc8"), Some(tun));
+        assert_eq!(DevNum::parse_either("10"), None);
+        assert_eq!(tun.to_string(), "10:200");
+    }
+
+    #[test]
+    fn op_names_match_serde() {
+        for op in [Op::RecvFd, Op::PidfdGetfd, Op::CloseRange, Op::ResyncRemove] {
+            assert_eq!(
+                serde_json::to_value(op).unwrap().as_str(),
+                Some(op.name()),
+                "{op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_print_errno_names() {
+        assert_eq!(Outcome::from_errno(0).to_string(), "ok");
+        assert_eq!(Outcome::from_errno(libc::EBADF).to_string(), "EBADF");
+    }
+}
