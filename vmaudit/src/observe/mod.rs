@@ -104,11 +104,18 @@ impl ObserveError {
 }
 
 /// A gap: events lost for a process, after which its table was read again from /proc.
+///
+/// What the process did in `[since_ns, ts]` (kernel CLOCK_MONOTONIC) is not known event by
+/// event: verdicts that depend on that window are `unknown`.
 #[derive(Clone, Debug, Serialize)]
 pub struct GapRecord {
     #[serde(rename = "type")]
     pub ty: &'static str,
+    /// When the table was read again: the end of the window.
     pub ts: u64,
+    /// The kernel time of the last check that found nothing lost for this process (or of its
+    /// seed): the start of the window.
+    pub since_ns: u64,
     pub pid: u32,
     /// Events the kernel side could not deliver for this process since the last check
     /// (a lower bound: see `causes` for the exact totals).
@@ -212,6 +219,9 @@ pub struct Watcher {
     tables: Tables<ProcFs>,
     /// Per process: the kernel time its table was last read from /proc; older events are in it.
     read_at: BTreeMap<u32, u64>,
+    /// Per process: the kernel time of the last loss check that found nothing lost for it (or
+    /// of its seed): where the window of its next gap starts.
+    clean_at: BTreeMap<u32, u64>,
     last_losses: [u64; LossCause::COUNT as usize],
     events: u64,
     records: u64,
@@ -246,6 +256,7 @@ impl Watcher {
             ring,
             tables: Tables::new(procfs),
             read_at: BTreeMap::new(),
+            clean_at: BTreeMap::new(),
             last_losses,
             events: 0,
             records: 0,
@@ -295,6 +306,7 @@ impl Watcher {
                 _ => ObserveError::Proc { pid, source },
             })?;
         self.read_at.insert(pid, t0);
+        self.clean_at.insert(pid, t0);
         for r in seed {
             self.emit(sink, Output::Fd(r));
         }
@@ -375,8 +387,14 @@ impl Watcher {
     /// Compares the kernel's loss counters with the last look; on new losses resyncs the
     /// affected tables from /proc and reports each as a gap.
     pub fn check_losses(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
+        // Read the clock before the counters: a loss counted after this reading belongs to the
+        // next window.
+        let checked_at = monotonic_ns();
         let now = self.tracker.losses()?;
         if now == self.last_losses {
+            for t in self.clean_at.values_mut() {
+                *t = checked_at;
+            }
             return Ok(());
         }
         let mut causes = BTreeMap::new();
@@ -396,15 +414,25 @@ impl Watcher {
         } else {
             per_pid
         };
+        let affected: Vec<u32> = targets.iter().map(|(p, _)| *p).collect();
+        for (pid, t) in self.clean_at.iter_mut() {
+            if !affected.contains(pid) {
+                *t = checked_at;
+            }
+        }
         for (pid, lost) in targets {
             if self.tables.get(pid).is_none_or(|t| t.exited) {
                 continue;
             }
+            let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
             let (added, removed, records) = self.resync_one(pid, lost, sink);
+            let ts = *self.read_at.get(&pid).unwrap_or(&0);
+            self.clean_at.insert(pid, ts);
             self.gaps += 1;
             sink.record(Output::Gap(GapRecord {
                 ty: "gap",
-                ts: *self.read_at.get(&pid).unwrap_or(&0),
+                ts,
+                since_ns,
                 pid,
                 lost,
                 causes: causes.clone(),
@@ -426,6 +454,7 @@ impl Watcher {
     ) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
         let t0 = monotonic_ns();
         self.read_at.insert(pid, t0);
+        self.clean_at.entry(pid).or_insert(t0);
         let records = if self.tables.get(pid).is_none() {
             let seeded = self.tables.seed(pid).unwrap_or_default();
             for r in seeded {
