@@ -299,7 +299,10 @@ fn flood_overflows_the_ring_and_resyncs_the_table() {
     assert_eq!(gap["pid"], pid);
     assert!(gap["causes"]["ring_full"].as_u64().unwrap() > 0, "{gap}");
     // The window the loss may lie in: from the last clean check (or the seed) to the resync.
-    let (since, ts) = (gap["since_ns"].as_u64().unwrap(), gap["ts"].as_u64().unwrap());
+    let (since, ts) = (
+        gap["since_ns"].as_u64().unwrap(),
+        gap["ts"].as_u64().unwrap(),
+    );
     assert!(0 < since && since <= ts, "{gap}");
     // Markers: open /dev/full until one open is reported as an event (the ring has room
     // again), then one more. vmaudit checks for losses after every batch it reads, so once the

@@ -62,13 +62,126 @@ pub mod ioctl {
     pub const KVM_CREATE_VCPU: u64 = 0xAE41;
     /// Returns a new stats fd.
     pub const KVM_GET_STATS_FD: u64 = 0xAECE;
+    /// Writes a new device fd into `struct kvm_create_device.fd` (offset 4) and returns 0.
+    pub const KVM_CREATE_DEVICE: u64 = 0xC00C_AEE0;
+    /// Returns an fd of the tun device's network namespace.
+    pub const TUNGETDEVNETNS: u64 = 0x54E3;
+    /// Returns an fd of a socket's network namespace.
+    pub const SIOCGSKNS: u64 = 0x894C;
+    /// Return an fd of a namespace's owning user namespace / parent namespace.
+    pub const NS_GET_USERNS: u64 = 0xB701;
+    pub const NS_GET_PARENT: u64 = 0xB702;
+    /// Return an fd of the next / previous mount namespace.
+    pub const NS_MNT_GET_NEXT: u64 = 0x8010_B70C;
+    pub const NS_MNT_GET_PREV: u64 = 0x8010_B70D;
+    /// Returns an fd of the pty's peer.
+    pub const TIOCGPTPEER: u64 = 0x5441;
+    /// Returns a VFIO device fd.
+    pub const VFIO_GROUP_GET_DEVICE_FD: u64 = 0x3B6A;
+    /// Installs an fd in *another* process (a seccomp notifier's target) and returns its number
+    /// there.
+    pub const SECCOMP_IOCTL_NOTIF_ADDFD: u64 = 0x4018_2103;
+    /// `PIDFD_GET_*_NAMESPACE` (`_IO(0xFF, 1..=10)`): return a namespace fd.
+    pub const PIDFD_GET_NS_FIRST: u64 = 0xFF01;
+    pub const PIDFD_GET_NS_LAST: u64 = 0xFF0A;
 
-    pub const fn is_tracked(req: u64) -> bool {
-        // The request is an `unsigned int`; glibc passes it zero-extended.
-        let req = req & 0xffff_ffff;
+    /// The request number as the kernel sees it (an `unsigned int`; glibc passes it
+    /// zero-extended).
+    #[inline(always)]
+    pub const fn req(arg: u64) -> u64 {
+        arg & 0xffff_ffff
+    }
+
+    /// Whether a successful ioctl with this request returns a new fd of the caller.
+    #[inline(always)]
+    pub const fn returns_fd(req: u64) -> bool {
         matches!(
             req,
-            FIOCLEX | FIONCLEX | KVM_CREATE_VM | KVM_CREATE_VCPU | KVM_GET_STATS_FD
+            KVM_CREATE_VM
+                | KVM_CREATE_VCPU
+                | KVM_GET_STATS_FD
+                | TUNGETDEVNETNS
+                | SIOCGSKNS
+                | NS_GET_USERNS
+                | NS_GET_PARENT
+                | NS_MNT_GET_NEXT
+                | NS_MNT_GET_PREV
+                | TIOCGPTPEER
+                | VFIO_GROUP_GET_DEVICE_FD
+        ) || (req >= PIDFD_GET_NS_FIRST && req <= PIDFD_GET_NS_LAST)
+    }
+
+    #[inline(always)]
+    pub const fn is_tracked(arg: u64) -> bool {
+        let r = req(arg);
+        returns_fd(r)
+            || matches!(
+                r,
+                FIOCLEX | FIONCLEX | KVM_CREATE_DEVICE | SECCOMP_IOCTL_NOTIF_ADDFD
+            )
+    }
+}
+
+/// 32-bit compat (`int 0x80`) syscalls: their numbers are i386's, their arguments in ebx, ecx,
+/// edx, esi, edi.
+pub mod i386 {
+    /// The x86_64 number of an i386 syscall the tracker decodes the same way (its arguments
+    /// are integers, or pointers it reads the same way).
+    #[inline(always)]
+    pub const fn to_x86_64(nr: u64) -> Option<u32> {
+        Some(match nr {
+            5 => super::OPEN,
+            6 => super::CLOSE,
+            8 => super::CREAT,
+            41 => super::DUP,
+            42 => super::PIPE,
+            54 => super::IOCTL,
+            55 | 221 => super::FCNTL,
+            63 => super::DUP2,
+            295 => super::OPENAT,
+            323 => super::EVENTFD,
+            328 => super::EVENTFD2,
+            330 => super::DUP3,
+            331 => super::PIPE2,
+            356 => super::MEMFD_CREATE,
+            359 => super::SOCKET,
+            // From 403 on, both tables share their numbers.
+            425 => super::IO_URING_SETUP,
+            434 => super::PIDFD_OPEN,
+            436 => super::CLOSE_RANGE,
+            437 => super::OPENAT2,
+            438 => super::PIDFD_GETFD,
+            447 => super::MEMFD_SECRET,
+            _ => return None,
+        })
+    }
+
+    /// i386 syscalls that change an fd table and are not decoded: socketcall, socketpair,
+    /// accept4, the msg family, epoll_create(1), inotify_init(1), signalfd(4), timerfd_create,
+    /// fanotify_init, perf_event_open, open_by_handle_at, bpf, userfaultfd, recvmmsg_time64.
+    #[inline(always)]
+    pub const fn changes_fds_undecoded(nr: u64) -> bool {
+        matches!(
+            nr,
+            102 | 254
+                | 291
+                | 321
+                | 322
+                | 327
+                | 329
+                | 332
+                | 336
+                | 337
+                | 338
+                | 342
+                | 345
+                | 357
+                | 360
+                | 364
+                | 370
+                | 372
+                | 374
+                | 417
         )
     }
 }

@@ -6,12 +6,20 @@
 //! is applied in order. When the kernel reports lost events for a process, its table is read
 //! again from /proc (same clock rule) and the gap is reported as a gap.
 
+pub mod btf;
 pub mod event;
+pub mod key;
 pub mod loader;
 pub mod preflight;
+mod ringpos;
 pub mod table;
 
-use std::{collections::BTreeMap, io, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
@@ -20,11 +28,14 @@ use tokio::io::unix::AsyncFd;
 use vmaudit_common::LossCause;
 
 use self::{
-    event::{Event, decode, parse_raw},
+    event::{Change, Event, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
-    table::{FdRecord, Lookahead, Tables},
+    table::{FdRecord, Op, Tables},
 };
-use crate::{exit, procfs::ProcFs};
+use crate::{
+    exit,
+    procfs::{FdIdentity, ProcFs},
+};
 
 /// Why observing could not start or go on.
 #[derive(Debug, Error)]
@@ -46,6 +57,22 @@ pub enum ObserveError {
     Load {
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error("the kernel's type information")]
+    Btf {
+        #[source]
+        source: btf::BtfError,
+    },
+    #[error("the open-file-description key {}", crate::paths::OFD_KEY)]
+    Key {
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the fd table of pid {pid} with the task_file iterator")]
+    Iter {
+        pid: u32,
+        #[source]
+        source: io::Error,
     },
     #[error("eBPF object lacks {name}")]
     MissingObject { name: &'static str },
@@ -93,11 +120,13 @@ impl ObserveError {
                 }
                 _ => exit::INTERNAL,
             },
-            Self::Program { .. } | Self::Attach { .. } => exit::KERNEL_FEATURE,
+            Self::Program { .. } | Self::Attach { .. } | Self::Btf { .. } => exit::KERNEL_FEATURE,
             Self::NoSuchProcess { .. } | Self::NotAProcess { .. } => exit::NO_SUCH_PROCESS,
             Self::MissingObject { .. }
             | Self::Map { .. }
             | Self::Proc { .. }
+            | Self::Key { .. }
+            | Self::Iter { .. }
             | Self::Poll { .. } => exit::INTERNAL,
         }
     }
@@ -200,7 +229,7 @@ pub fn start_tracker(opts: &TrackerOptions) -> Result<Tracker, ObserveError> {
     preflight::check_caps()?;
     let tracefs = preflight::ensure_tracefs()?;
     preflight::check_tracepoints(&tracefs)?;
-    Tracker::load(opts)
+    Tracker::load(opts, &tracefs)
 }
 
 /// `pid` must be a process (a thread group leader), not a thread or nothing.
@@ -212,21 +241,51 @@ fn check_process(procfs: &ProcFs, pid: u32) -> Result<(), ObserveError> {
     }
 }
 
+/// How often each watched table is checked against the kernel's (task_file iterator).
+pub const CHECK_PERIOD: Duration = Duration::from_millis(500);
+
 /// Watches processes and keeps their fd tables exact.
 pub struct Watcher {
     tracker: Tracker,
     ring: AsyncFd<RingBuf<MapData>>,
+    positions: ringpos::RingPositions,
     tables: Tables<ProcFs>,
-    /// Per process: the kernel time its table was last read from /proc; older events are in it.
+    /// Per process: the kernel time its table was last read whole; older events are in it.
     read_at: BTreeMap<u32, u64>,
     /// Per process: the kernel time of the last loss check that found nothing lost for it (or
     /// of its seed): where the window of its next gap starts.
     clean_at: BTreeMap<u32, u64>,
+    /// Per process: the kernel time of the last event applied.
+    last_event: HashMap<u32, u64>,
+    /// Processes whose table may have changed in a way no event describes (io_uring, compat
+    /// syscalls, seccomp ADDFD): checked against the kernel's at the next loss check.
+    unseen: BTreeMap<u32, BTreeMap<&'static str, u64>>,
     last_losses: [u64; LossCause::COUNT as usize],
+    /// Records of the current batch, reused: no allocation per event.
+    batch: Vec<FdRecord>,
+    /// Whether the last drain found events (the consumer then lingers before it waits).
+    busy: bool,
     events: u64,
     records: u64,
     gaps: u64,
     malformed: u64,
+}
+
+/// How long a consumer that just drained events lets more gather before it waits for a wake-up
+/// (the producer then wakes nobody: see `vmaudit_common::WAKEUP_BYTES`).
+const LINGER: Duration = Duration::from_micros(200);
+
+/// A kernel snapshot as the tables take it: fd -> (identity, close-on-exec).
+fn snapshot_map(recs: Vec<vmaudit_common::IterRecord>) -> BTreeMap<i32, (FdIdentity, bool)> {
+    recs.into_iter()
+        .filter(|r| r.fd >= 0)
+        .map(|r| {
+            (
+                r.fd,
+                (table::kernel_identity(&r.file, None), r.cloexec != 0),
+            )
+        })
+        .collect()
 }
 
 impl Watcher {
@@ -244,6 +303,8 @@ impl Watcher {
         let ring = tracker
             .take_ring()
             .ok_or(ObserveError::MissingObject { name: "EVENTS" })?;
+        let positions = ringpos::RingPositions::new(std::os::fd::AsFd::as_fd(&ring))
+            .map_err(|source| ObserveError::Poll { source })?;
         // SAFETY: the RingBuf owns its map fd, which stays open and the same for as long as
         // the RingBuf lives, and the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -254,10 +315,15 @@ impl Watcher {
         let mut w = Self {
             tracker,
             ring,
+            positions,
             tables: Tables::new(procfs),
             read_at: BTreeMap::new(),
             clean_at: BTreeMap::new(),
+            last_event: HashMap::new(),
+            unseen: BTreeMap::new(),
             last_losses,
+            batch: Vec::with_capacity(4096),
+            busy: false,
             events: 0,
             records: 0,
             gaps: 0,
@@ -273,8 +339,8 @@ impl Watcher {
     }
 
     /// Starts watching one more process (and, with `follow_children`, what it forks), seeding
-    /// its table from /proc; the seed records go to `sink`. A process already watched is left
-    /// as it is.
+    /// its table from the kernel; the seed records go to `sink`. A process already watched is
+    /// left as it is.
     pub fn add(
         &mut self,
         pid: u32,
@@ -288,8 +354,8 @@ impl Watcher {
         self.watch_and_seed(pid, follow_children, sink)
     }
 
-    /// Puts `pid` in the kernel's watch set, then reads its table from /proc (events after the
-    /// read are applied on top); the seed records go to `sink`.
+    /// Puts `pid` in the kernel's watch set, then reads its table with the task_file iterator
+    /// (events after the read are applied on top); the seed records go to `sink`.
     fn watch_and_seed(
         &mut self,
         pid: u32,
@@ -298,13 +364,11 @@ impl Watcher {
     ) -> Result<(), ObserveError> {
         self.tracker.watch(pid, follow_children)?;
         let t0 = monotonic_ns();
-        let seed = self
-            .tables
-            .seed(pid)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => ObserveError::NoSuchProcess { pid },
-                _ => ObserveError::Proc { pid, source },
-            })?;
+        let snap = self.tracker.snapshot(pid)?;
+        if snap.is_empty() && !self.tables.resolver().exists(pid) {
+            return Err(ObserveError::NoSuchProcess { pid });
+        }
+        let seed = self.tables.seed_from(pid, snapshot_map(snap));
         self.read_at.insert(pid, t0);
         self.clean_at.insert(pid, t0);
         for r in seed {
@@ -318,8 +382,21 @@ impl Watcher {
         self.tracker.ignore_tid(tid)
     }
 
-    /// Waits until the ring buffer has events (then [`Watcher::drain`] them).
+    /// Waits until the ring buffer has events (then [`Watcher::drain`] them). After a drain
+    /// that found events it first lets more gather for a moment; before it sleeps it asks the
+    /// kernel side for a wake-up, which the next event sends (the others send none).
     pub async fn readable(&mut self) -> Result<(), ObserveError> {
+        if self.busy {
+            tokio::time::sleep(LINGER).await;
+            if self.has_events() {
+                return Ok(());
+            }
+        }
+        self.tracker.consumer_waits()?;
+        // An event submitted between the last drain and the request woke nobody: look again.
+        if self.has_events() {
+            return Ok(());
+        }
         let mut guard = self
             .ring
             .readable_mut()
@@ -327,6 +404,11 @@ impl Watcher {
             .map_err(|source| ObserveError::Poll { source })?;
         guard.clear_ready();
         Ok(())
+    }
+
+    /// Whether the ring buffer holds an event now (no syscall: its pages are mapped).
+    fn has_events(&mut self) -> bool {
+        self.positions.pending()
     }
 
     pub fn tables(&self) -> &Tables<ProcFs> {
@@ -342,56 +424,71 @@ impl Watcher {
 
     /// Reads every event available now and applies it. Returns whether any arrived.
     pub fn drain(&mut self, sink: &mut dyn Sink) -> bool {
-        let mut raws = Vec::new();
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match parse_raw(&item) {
-                Ok(raw) => raws.push(raw),
+        let mut n = 0u64;
+        let mut batch = std::mem::take(&mut self.batch);
+        loop {
+            let decoded = {
+                let Some(item) = self.ring.get_mut().next() else {
+                    break;
+                };
+                n += 1;
+                parse_raw(&item).and_then(|raw| decode(&raw))
+            };
+            match decoded {
+                Ok(ev) => self.apply(&ev, &mut batch, sink),
                 Err(e) => {
                     log::warn!("malformed ring-buffer record: {e}");
                     self.malformed += 1;
                 }
             }
-        }
-        let mut events: Vec<Event> = Vec::with_capacity(raws.len());
-        for raw in &raws {
-            match decode(raw) {
-                Ok(e) => events.push(e),
-                Err(e) => {
-                    log::warn!("undecodable event: {e}");
-                    self.malformed += 1;
+            // Hand records over in bounded batches: memory stays flat however long the drain.
+            if batch.len() >= 4096 {
+                for r in batch.drain(..) {
+                    self.emit(sink, Output::Fd(r));
                 }
             }
         }
-        self.events += raws.len() as u64;
-        let lookahead = Lookahead::new(&events);
-        self.tables.begin_batch();
-        for (i, ev) in events.iter().enumerate() {
-            if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
-                continue;
-            }
-            if self.tables.get(ev.tgid).is_none() {
-                // A process whose fork event was lost: start its table from /proc.
-                self.resync_one(ev.tgid, 0, sink);
-            }
-            let records = self
-                .tables
-                .apply(ev, &|fd| lookahead.touched_after(i, ev.tgid, fd));
-            for r in records {
-                self.emit(sink, Output::Fd(r));
-            }
+        for r in batch.drain(..) {
+            self.emit(sink, Output::Fd(r));
         }
-        !raws.is_empty()
+        self.batch = batch;
+        self.events += n;
+        self.busy = n > 0;
+        n > 0
     }
 
-    /// Compares the kernel's loss counters with the last look; on new losses resyncs the
-    /// affected tables from /proc and reports each as a gap.
+    fn apply(&mut self, ev: &Event, batch: &mut Vec<FdRecord>, sink: &mut dyn Sink) {
+        if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
+            return;
+        }
+        if self.tables.get(ev.tgid).is_none() {
+            // A process whose fork event was lost: start its table from the kernel.
+            for r in batch.drain(..) {
+                self.emit(sink, Output::Fd(r));
+            }
+            self.resync_one(ev.tgid, sink);
+        }
+        if let Change::Unseen { reason, .. } = ev.change {
+            *self
+                .unseen
+                .entry(ev.tgid)
+                .or_default()
+                .entry(reason)
+                .or_default() += 1;
+        }
+        self.last_event.insert(ev.tgid, ev.ts_ns);
+        self.tables.apply(ev, batch);
+    }
+
+    /// Compares the kernel's loss counters with the last look; on new losses (or events that
+    /// say a table changed unseen) resyncs the affected tables from the kernel's task_file
+    /// iterator and reports each as a gap.
     pub fn check_losses(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
         // Read the clock before the counters: a loss counted after this reading belongs to the
         // next window.
         let checked_at = monotonic_ns();
         let now = self.tracker.losses()?;
-        if now == self.last_losses {
+        if now == self.last_losses && self.unseen.is_empty() {
             for t in self.clean_at.values_mut() {
                 *t = checked_at;
             }
@@ -404,66 +501,58 @@ impl Watcher {
                 causes.insert(cause.name(), d);
             }
         }
+        let lost_any = now != self.last_losses;
         self.last_losses = now;
         // Drain first: events delivered before the loss must be applied before the resync.
         self.drain(sink);
-        let per_pid = self.tracker.take_lost_tgids()?;
-        let targets: Vec<(u32, u64)> = if per_pid.is_empty() {
-            // The per-process map could not say who lost events: resync everyone.
-            self.tables.pids().map(|p| (p, 0)).collect()
+        let per_pid = if lost_any {
+            self.tracker.take_lost_tgids()?
         } else {
-            per_pid
+            Vec::new()
         };
-        let affected: Vec<u32> = targets.iter().map(|(p, _)| *p).collect();
+        let mut targets: BTreeMap<u32, (u64, BTreeMap<&'static str, u64>)> =
+            if lost_any && per_pid.is_empty() {
+                // The per-process map could not say who lost events: resync everyone.
+                self.tables
+                    .pids()
+                    .map(|p| (p, (0, causes.clone())))
+                    .collect()
+            } else {
+                per_pid
+                    .into_iter()
+                    .map(|(p, n)| (p, (n, causes.clone())))
+                    .collect()
+            };
+        for (pid, reasons) in std::mem::take(&mut self.unseen) {
+            targets.entry(pid).or_default().1.extend(reasons);
+        }
         for (pid, t) in self.clean_at.iter_mut() {
-            if !affected.contains(pid) {
+            if !targets.contains_key(pid) {
                 *t = checked_at;
             }
         }
-        for (pid, lost) in targets {
+        for (pid, (lost, causes)) in targets {
             if self.tables.get(pid).is_none_or(|t| t.exited) {
                 continue;
             }
-            let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
-            let (added, removed, records) = self.resync_one(pid, lost, sink);
-            let ts = *self.read_at.get(&pid).unwrap_or(&0);
-            self.clean_at.insert(pid, ts);
-            self.gaps += 1;
-            sink.record(Output::Gap(GapRecord {
-                ty: "gap",
-                ts,
-                since_ns,
-                pid,
-                lost,
-                causes: causes.clone(),
-                added,
-                removed,
-            }));
-            for r in records {
-                self.emit(sink, Output::Fd(r));
-            }
+            self.gap(pid, lost, causes, sink)?;
         }
         Ok(())
     }
 
-    fn resync_one(
+    /// Resyncs `pid` from the kernel and reports the gap: `[since_ns, ts]` is what is unknown.
+    fn gap(
         &mut self,
         pid: u32,
-        _lost: u64,
+        lost: u64,
+        causes: BTreeMap<&'static str, u64>,
         sink: &mut dyn Sink,
-    ) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
-        let t0 = monotonic_ns();
-        self.read_at.insert(pid, t0);
-        self.clean_at.entry(pid).or_insert(t0);
-        let records = if self.tables.get(pid).is_none() {
-            let seeded = self.tables.seed(pid).unwrap_or_default();
-            for r in seeded {
-                self.emit(sink, Output::Fd(r));
-            }
-            Vec::new()
-        } else {
-            self.tables.resync(pid, t0)
-        };
+    ) -> Result<(), ObserveError> {
+        let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
+        let records = self.resync_one(pid, sink);
+        let ts = *self.read_at.get(&pid).unwrap_or(&0);
+        self.clean_at.insert(pid, ts);
+        self.gaps += 1;
         let pick = |op| {
             records
                 .iter()
@@ -471,11 +560,80 @@ impl Watcher {
                 .filter_map(|r| r.fd)
                 .collect::<Vec<_>>()
         };
-        (
-            pick(table::Op::ResyncAdd),
-            pick(table::Op::ResyncRemove),
-            records,
-        )
+        sink.record(Output::Gap(GapRecord {
+            ty: "gap",
+            ts,
+            since_ns,
+            pid,
+            lost,
+            causes,
+            added: pick(Op::ResyncAdd),
+            removed: pick(Op::ResyncRemove),
+        }));
+        for r in records {
+            self.emit(sink, Output::Fd(r));
+        }
+        Ok(())
+    }
+
+    /// Checks every live table against the kernel's (the task_file iterator): whatever path
+    /// the probes missed shows as a difference, reported as a gap (cause `missed`) and
+    /// repaired. A table that changed while it was read is checked at the next period.
+    pub fn check_tables(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
+        self.drain(sink);
+        let pids: Vec<u32> = self
+            .tables
+            .pids()
+            .filter(|p| self.tables.get(*p).is_some_and(|t| !t.exited))
+            .collect();
+        for pid in pids {
+            let t0 = monotonic_ns();
+            let Ok(recs) = self.tracker.snapshot(pid) else {
+                continue;
+            };
+            self.drain(sink);
+            // Events of this process from t0 on may or may not be in the snapshot.
+            if self.last_event.get(&pid).is_some_and(|t| *t >= t0) {
+                continue;
+            }
+            let snap = snapshot_map(recs);
+            let Some(table) = self.tables.get(pid) else {
+                continue;
+            };
+            if table.exited {
+                continue;
+            }
+            let differs = table.fds.len() != snap.len()
+                || table
+                    .fds
+                    .iter()
+                    .any(|(fd, e)| snap.get(fd).is_none_or(|(id, _)| !id.same_inode(&e.id)));
+            if differs {
+                self.gap(pid, 0, BTreeMap::from([("missed", 1)]), sink)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `pid`'s table again from the kernel (events before the read are skipped);
+    /// returns the differences as records (a table not seen before is seeded).
+    fn resync_one(&mut self, pid: u32, sink: &mut dyn Sink) -> Vec<FdRecord> {
+        let t0 = monotonic_ns();
+        self.read_at.insert(pid, t0);
+        self.clean_at.entry(pid).or_insert(t0);
+        let snap = self
+            .tracker
+            .snapshot(pid)
+            .ok()
+            .filter(|s| !s.is_empty() || self.tables.resolver().exists(pid))
+            .map(snapshot_map);
+        if self.tables.get(pid).is_none() {
+            for r in self.tables.seed_from(pid, snap.unwrap_or_default()) {
+                self.emit(sink, Output::Fd(r));
+            }
+            return Vec::new();
+        }
+        self.tables.resync_from(pid, t0, snap)
     }
 
     /// Waits for kernel events and applies them until `shutdown` resolves or every watched
@@ -488,23 +646,27 @@ impl Watcher {
         tokio::pin!(shutdown);
         // Losses that wake nobody (no event reached the ring) are found on this tick.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        let mut check = tokio::time::interval(CHECK_PERIOD);
         let ended = loop {
             if self.tables.all_exited() {
                 break "exited";
             }
             tokio::select! {
                 _ = &mut shutdown => break "signal",
-                ready = self.ring.readable_mut() => {
-                    let mut guard = ready.map_err(|source| ObserveError::Poll { source })?;
-                    // Clear before draining: a wake-up that lands after the drain then stays.
-                    guard.clear_ready();
+                ready = self.readable() => {
+                    ready?;
                     self.drain(sink);
                     self.check_losses(sink)?;
                     sink.flush();
                 }
                 _ = tick.tick() => {
+                    self.tracker.flush_logs();
                     self.drain(sink);
                     self.check_losses(sink)?;
+                    sink.flush();
+                }
+                _ = check.tick() => {
+                    self.check_tables(sink)?;
                     sink.flush();
                 }
             }

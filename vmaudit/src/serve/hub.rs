@@ -547,6 +547,8 @@ mod tests {
                 dev: None,
                 ino: None,
                 flags: None,
+                mode: None,
+                ofd: None,
                 iface: Some("vmtap0".into()),
                 source: Source::Proc,
             }),

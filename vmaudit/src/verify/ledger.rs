@@ -1132,6 +1132,8 @@ mod tests {
             dev: None,
             ino: Some(1),
             flags: None,
+            mode: None,
+            ofd: None,
             iface: None,
             source: crate::procfs::Source::Proc,
         }
