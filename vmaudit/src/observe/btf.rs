@@ -65,6 +65,7 @@ struct Member {
 }
 
 /// The parts of a BTF blob needed to find field offsets.
+#[derive(Debug)]
 pub struct Btf {
     strings: Vec<u8>,
     /// Index 0 is `void`; type ids index directly.
@@ -394,9 +395,8 @@ mod tests {
     #[test]
     fn the_running_kernel_has_every_field() {
         // Every Linux with BTF has these structs; a missing one here is a real finding.
-        let Ok(btf) = Btf::from_sys_fs() else {
-            panic!("/sys/kernel/btf/vmlinux unreadable: the tracker needs CONFIG_DEBUG_INFO_BTF");
-        };
+        let btf = Btf::from_sys_fs()
+            .expect("/sys/kernel/btf/vmlinux unreadable: the tracker needs CONFIG_DEBUG_INFO_BTF");
         let o = btf.kernel_offsets().unwrap();
         assert_eq!(o.ready, 1);
         assert!(o.file_inode > 0 && o.inode_rdev > 0);
