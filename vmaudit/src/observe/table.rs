@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::event::{Change, Event, Gain};
-pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome};
+pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome, ProcTable};
 
 use crate::procfs::{FdIdentity, O_CLOEXEC, ProcFs, Source, identity_from_syscall};
 
@@ -28,13 +28,6 @@ impl Resolver for ProcFs {
     fn snapshot(&self, pid: u32) -> io::Result<BTreeMap<i32, FdIdentity>> {
         ProcFs::snapshot(self, pid)
     }
-}
-
-/// The fd table of one process.
-#[derive(Clone, Debug, Default)]
-pub struct ProcTable {
-    pub fds: BTreeMap<i32, FdEntry>,
-    pub exited: bool,
 }
 
 /// The tables of every watched process.
