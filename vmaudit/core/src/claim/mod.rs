@@ -6,7 +6,11 @@
 //! are `None` (or empty), and the ledger's inference step fills them from the kernel, saying in
 //! the evidence what was inferred and from what.
 
+mod record;
+
 use std::path::PathBuf;
+
+pub use record::{NotAClaim, RecordClaim, claim_of};
 
 use crate::{acl::DeviceRule, fd::DevNum, verdict::ClaimRef};
 
