@@ -68,6 +68,8 @@ pub struct NetFd {
 pub trait KernelView {
     /// A watched process's fd table, exact as the tracker keeps it; None when not watched.
     fn table(&self, pid: u32) -> Option<&ProcTable>;
+    /// Every watched process.
+    fn watched(&self) -> Vec<u32>;
     /// Whether two fds are the same open file description (kcmp); None when either is gone.
     fn same_file(&self, a: FdRef, b: FdRef) -> Option<bool>;
     /// The network interface of a tun/tap or macvtap fd, read now (a tap names its interface
@@ -128,6 +130,10 @@ impl FakeKernel {
 impl KernelView for FakeKernel {
     fn table(&self, pid: u32) -> Option<&ProcTable> {
         self.tables.get(&pid)
+    }
+
+    fn watched(&self) -> Vec<u32> {
+        self.tables.keys().copied().collect()
     }
 
     fn same_file(&self, a: FdRef, b: FdRef) -> Option<bool> {

@@ -112,6 +112,10 @@ impl KernelView for HostView<'_> {
         self.tables.get(pid)
     }
 
+    fn watched(&self) -> Vec<u32> {
+        self.tables.pids().collect()
+    }
+
     fn same_file(&self, a: FdRef, b: FdRef) -> Option<bool> {
         crate::kcmp::same_file(a.pid, a.fd, b.pid, b.fd).ok()
     }

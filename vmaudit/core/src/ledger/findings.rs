@@ -99,7 +99,7 @@ pub(super) fn on_change(
                 due,
             });
         }
-        Change::Sent(at) if l.vm_of_pid(at.pid).is_some() => {
+        Change::Sent(at) if !l.managers.contains(&at.pid) => {
             if live_nic_fd(l, at).is_some() {
                 send(l, at, r.ts, r.ts, out);
             } else {
@@ -108,21 +108,23 @@ pub(super) fn on_change(
             }
         }
         Change::DeviceGained(at, op, file) => {
-            if l.vm_of_pid(at.pid).is_some() {
-                let from_nic = op == Op::Dup
-                    && r.from_fd
-                        .is_some_and(|f| live_nic_fd(l, FdRef::new(at.pid, f)).is_some());
-                if !matches!(op, Op::Inherit | Op::Seed) && !from_nic {
-                    l.watches.push(Watch::Device {
-                        at,
-                        ts: r.ts,
-                        op,
-                        file,
-                        due,
-                    });
-                }
-            } else if file.is_net_device() {
+            // A child of the emulator, or a process not known as an emulator yet.
+            if file.is_net_device() && l.vm_of_pid(at.pid).is_none() {
                 check_copy(l, at, op.name(), view, r.ts, out);
+            }
+            let from_nic = op == Op::Dup
+                && r.from_fd
+                    .is_some_and(|f| live_nic_fd(l, FdRef::new(at.pid, f)).is_some());
+            // Judged at `due`, when the claims that could give it are in, if the process is
+            // then an emulator.
+            if !matches!(op, Op::Inherit | Op::Seed) && !from_nic {
+                l.watches.push(Watch::Device {
+                    at,
+                    ts: r.ts,
+                    op,
+                    file,
+                    due,
+                });
             }
         }
         _ => {}
@@ -205,7 +207,7 @@ fn release(
     let name = l.vms.get(&uuid).map(|v| v.name.clone()).unwrap_or_default();
     let found = Found::violated(
         format!(
-            "the emulator (pid {}) of VM {name} released fd {} of NIC {mac} ({op}) with no detach claimed",
+            "the emulator (pid {}) of VM {name} released fd {} of NIC {mac} ({op}) with no detach record",
             at.pid, at.fd
         ),
         vec![
@@ -311,7 +313,6 @@ fn check_copy(
     let live: Vec<(String, String, FdRef, ClaimRef)> = l
         .vms
         .values()
-        .filter(|vm| vm.running)
         .flat_map(|vm| {
             vm.live_fds()
                 .map(|(mac, h)| (vm.name.clone(), mac.to_owned(), h.at, h.claim.clone()))
@@ -329,7 +330,7 @@ fn check_copy(
             ),
             vec![
                 Evidence::new(holder.pid, "kcmp").fd(holder.fd).at(now).detail(format!(
-                    "{comm} (pid {}) fd {} is the same open file description as the emulator's (pid {}) fd {}",
+                    "kcmp: {comm} (pid {}) fd {} is the same open file description as the emulator's (pid {}) fd {}",
                     holder.pid, holder.fd, of.pid, of.fd
                 )),
                 Evidence::new(of.pid, "holds").fd(of.fd),
@@ -337,6 +338,35 @@ fn check_copy(
         )
         .on([of.pid]);
         l.report(Finding::Copy { holder, of }, claim, found, now, now, out);
+    }
+}
+
+/// The network fds of every watched process that is not an emulator (its children) compared
+/// with the emulators' NIC fds: what they got before the claim that named the NIC.
+pub(super) fn scan_watched(
+    l: &mut Ledger,
+    view: &dyn KernelView,
+    now: u64,
+    out: &mut Vec<Verdict>,
+) {
+    for pid in view.watched() {
+        if l.managers.contains(&pid) || l.vm_of_pid(pid).is_some() {
+            continue;
+        }
+        let held: Vec<(FdRef, Op)> = view
+            .table(pid)
+            .filter(|t| !t.exited)
+            .map(|t| {
+                t.fds
+                    .values()
+                    .filter(|e| e.id.is_net_device())
+                    .map(|e| (FdRef::new(pid, e.fd), e.via))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (at, via) in held {
+            check_copy(l, at, via.name(), view, now, out);
+        }
     }
 }
 

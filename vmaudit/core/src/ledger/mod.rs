@@ -292,8 +292,13 @@ impl Ledger {
         now: u64,
         out: &mut Vec<Verdict>,
     ) {
+        let confirmed = v.status == Status::Confirmed;
         out.push(v);
         match c.kind {
+            ClaimKind::NetUp { .. } if confirmed => {
+                // Copies made before the claim named the NIC (a child forked at launch).
+                findings::scan_watched(self, view, now, out);
+            }
             ClaimKind::VmStart { pid } => {
                 // The VM's NIC claims waited for its emulator: judge them now.
                 self.judge_pending_of(&c.uuid, view, now, out);

@@ -457,7 +457,7 @@ fn a_release_with_no_detach_is_violated_with_the_close_at_the_deadline() {
     t.at(200).tick();
     let v = t.one();
     assert_eq!(v.status, Status::Violated);
-    assert!(has(&v, "with no detach"), "{}", v.reason);
+    assert!(has(&v, "with no detach record"), "{}", v.reason);
     assert_eq!(v.claim.kind, "net-start");
     let e = &v.evidence[0];
     assert_eq!((e.pid, e.fd, e.ts), (EMU, Some(7), Some(close_ts)));
@@ -1047,4 +1047,56 @@ fn past_claims_superseded_by_a_later_record_are_unknown() {
         "the start is superseded by the stop"
     );
     assert_eq!(t.l.stats.historic, 2);
+}
+
+#[test]
+fn a_copy_made_before_the_claim_named_the_nic_is_found_when_it_does() {
+    let mut t = T::new();
+    let child = 21;
+    // The emulator forks a child that inherits the tap fd before any claim arrives.
+    t.fd(rec(EMU, Op::Inherit, 7, t.now, tun(None)));
+    t.fd(rec(child, Op::Inherit, 7, t.now, tun(None)));
+    t.k.same.push((FdRef::new(child, 7), FdRef::new(EMU, 7)));
+    t.none();
+    t.claim(up(Some(EMU), vec![handed(7, Some(true))]));
+    let got: Vec<(Status, String)> = t.out.drain(..).map(|v| (v.status, v.reason)).collect();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0].0, Status::Confirmed);
+    assert_eq!(got[1].0, Status::Violated);
+    assert!(
+        got[1].1.contains("(pid 21) as fd 7 (inherit)"),
+        "{}",
+        got[1].1
+    );
+}
+
+#[test]
+fn a_nic_fd_sent_before_the_claim_named_it_is_violated_at_the_deadline() {
+    let mut t = T::new();
+    t.fd(rec(EMU, Op::Inherit, 7, t.now, tun(None)));
+    t.fd(rec(EMU, Op::SendFd, 7, t.now, tun(None)));
+    t.claim(up(Some(EMU), vec![handed(7, Some(true))]));
+    assert_eq!(t.one().status, Status::Confirmed);
+    t.at(200).tick();
+    let v = t.one();
+    assert_eq!(v.status, Status::Violated);
+    assert_eq!(v.evidence[0].what, "send_fd");
+}
+
+#[test]
+fn a_device_opened_before_the_vms_start_is_judged_when_the_start_is_known() {
+    let mut t = T::new();
+    acl_vm(&mut t);
+    t.fd(rec(EMU, Op::Open, 13, t.now, device("/dev/sda", 8, 0)));
+    t.fd(rec(EMU, Op::Close, 13, t.now + 1, device("/dev/sda", 8, 0)));
+    t.claim(ClaimKind::VmStart { pid: EMU });
+    t.out.clear();
+    t.at(200).tick();
+    let v = t.one();
+    assert_eq!(
+        v.status,
+        Status::Violated,
+        "opened and closed: it still got access"
+    );
+    assert_eq!(v.evidence[0].fd, Some(13));
 }
