@@ -53,7 +53,7 @@ pub enum Finding {
 pub enum Watch {
     /// A NIC fd released: a violation at `due` unless a detach, the exit or the stop explains it.
     Release {
-        at: FdRef,
+        fd: LiveFd,
         ts: u64,
         op: Op,
         due: u64,
@@ -89,18 +89,18 @@ pub(super) fn on_change(
 ) {
     let due = r.ts + l.deadline_ns;
     match change {
-        Change::Released(at, op)
-            if op != Op::Exit && !l.stopping.contains(&at.pid) && live_nic_fd(l, at).is_some() =>
-        {
-            l.watches.push(Watch::Release {
-                at,
-                ts: r.ts,
-                op,
-                due,
-            });
+        Change::Released(at, op) if op != Op::Exit && !l.stopping.contains(&at.pid) => {
+            if let Some(fd) = live_nic_fd(l, at, r.ts) {
+                l.watches.push(Watch::Release {
+                    fd,
+                    ts: r.ts,
+                    op,
+                    due,
+                });
+            }
         }
         Change::Sent(at) if !l.managers.contains(&at.pid) => {
-            if live_nic_fd(l, at).is_some() {
+            if live_nic_fd(l, at, r.ts).is_some() {
                 send(l, at, r.ts, r.ts, out);
             } else {
                 // Perhaps an fd whose claim has not arrived yet: look again at the deadline.
@@ -114,7 +114,7 @@ pub(super) fn on_change(
             }
             let from_nic = op == Op::Dup
                 && r.from_fd
-                    .is_some_and(|f| live_nic_fd(l, FdRef::new(at.pid, f)).is_some());
+                    .is_some_and(|f| live_nic_fd(l, FdRef::new(at.pid, f), r.ts).is_some());
             // Judged at `due`, when the claims that could give it are in, if the process is
             // then an emulator.
             if !matches!(op, Op::Inherit | Op::Seed) && !from_nic {
@@ -131,13 +131,39 @@ pub(super) fn on_change(
     }
 }
 
-/// The VM and claim of a NIC fd the emulator holds and no detach released.
-fn live_nic_fd(l: &Ledger, at: FdRef) -> Option<(String, String, ClaimRef)> {
+/// A NIC fd the emulator holds and no detach released: which VM, NIC and claim.
+#[derive(Clone, Debug)]
+pub struct LiveFd {
+    at: FdRef,
+    uuid: String,
+    mac: String,
+    claim: ClaimRef,
+}
+
+/// The NIC fd at `at` that the emulator held at kernel time `ts`, if no detach released it.
+fn live_nic_fd(l: &Ledger, at: FdRef, ts: u64) -> Option<LiveFd> {
     l.vms.iter().find_map(|(uuid, vm)| {
         vm.live_fds()
-            .find(|(_, h)| h.at == at)
-            .map(|(mac, h)| (uuid.clone(), mac.to_owned(), h.claim.clone()))
+            .find(|(_, h)| h.at == at && h.since <= ts)
+            .map(|(mac, h)| LiveFd {
+                at,
+                uuid: uuid.clone(),
+                mac: mac.to_owned(),
+                claim: h.claim.clone(),
+            })
     })
+}
+
+/// Whether the NIC fd `fd` is still held by the claim that put it there, unreleased.
+fn still_live(l: &Ledger, fd: &LiveFd) -> bool {
+    l.vms
+        .get(&fd.uuid)
+        .and_then(|vm| vm.nics.get(&fd.mac))
+        .is_some_and(|n| {
+            n.held
+                .iter()
+                .any(|h| h.at == fd.at && h.claim.id == fd.claim.id && !h.released)
+        })
 }
 
 /// Every NIC fd of emulator `pid` is released (the manager stops it, or the VM stopped).
@@ -150,7 +176,7 @@ pub(super) fn release_all(l: &mut Ledger, pid: u32) {
         }
     }
     l.watches
-        .retain(|w| !matches!(w, Watch::Release { at, .. } if at.pid == pid));
+        .retain(|w| !matches!(w, Watch::Release { fd, .. } if fd.at.pid == pid));
 }
 
 /// The devices the emulator holds when its VM's start is judged (inherited at launch).
@@ -179,7 +205,7 @@ pub(super) fn settle(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut 
     l.watches = keep;
     for w in due {
         match w {
-            Watch::Release { at, ts, op, .. } => release(l, at, ts, op, view, now, out),
+            Watch::Release { fd, ts, op, .. } => release(l, fd, ts, op, view, now, out),
             Watch::Device {
                 at, ts, op, file, ..
             } => device(l, at, ts, op, &file, now, out),
@@ -190,16 +216,22 @@ pub(super) fn settle(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut 
 
 fn release(
     l: &mut Ledger,
-    at: FdRef,
+    fd: LiveFd,
     ts: u64,
     op: Op,
     view: &dyn KernelView,
     now: u64,
     out: &mut Vec<Verdict>,
 ) {
-    let Some((uuid, mac, claim)) = live_nic_fd(l, at) else {
+    if !still_live(l, &fd) {
         return; // a detach, or the stop, released it
-    };
+    }
+    let LiveFd {
+        at,
+        uuid,
+        mac,
+        claim,
+    } = fd;
     let running = l.vms.get(&uuid).is_some_and(|v| v.running);
     if !running || l.stopping.contains(&at.pid) || l.log.exited(at.pid, view) {
         return;
@@ -222,7 +254,7 @@ fn release(
 }
 
 fn send(l: &mut Ledger, at: FdRef, ts: u64, now: u64, out: &mut Vec<Verdict>) {
-    let Some((_, mac, claim)) = live_nic_fd(l, at) else {
+    let Some(LiveFd { mac, claim, .. }) = live_nic_fd(l, at, ts) else {
         return;
     };
     let found = Found::violated(
@@ -253,7 +285,7 @@ fn device(
     let Some(rdev) = file.rdev else {
         return;
     };
-    if l.vms.values().any(|vm| vm.nic_of(at).is_some()) {
+    if l.vms.values().any(|vm| vm.gave(at, ts)) {
         return; // a claim gave it
     }
     let Some((_, vm)) = l.vm_of_pid(at.pid) else {

@@ -128,6 +128,8 @@ fn judge_failed_open(
 /// One of the emulator's fds for a NIC, as found.
 struct NicFd {
     at: FdRef,
+    /// When it arrived in the emulator.
+    since: u64,
     /// Held now (evidence `holds`), or released (evidence: the release).
     held: bool,
     evidence: Evidence,
@@ -268,6 +270,7 @@ fn handed_fds(
             match (held, l.log.releases.get(&at)) {
                 (Some(e), _) if h.same_at_handoff == Some(true) => Some(NicFd {
                     at,
+                    since: e.since_ns,
                     held: true,
                     evidence: Evidence::new(emu, e.via.name())
                         .fd(h.emulator_fd)
@@ -281,6 +284,7 @@ fn handed_fds(
                 }),
                 (None, Some(&(ts, op))) => Some(NicFd {
                     at,
+                    since: l.log.gains.get(&at).map_or(0, |g| g.0),
                     held: false,
                     evidence: Evidence::new(emu, op.name())
                         .fd(h.emulator_fd)
@@ -375,6 +379,7 @@ fn nic_fd(life: &NetFdLife, mac: &str, opens: &[FdRef], view: &dyn KernelView) -
     evidence.detail = Some(format!("inferred: {}", how.join("; ")));
     Some(NicFd {
         at: life.at,
+        since: life.since,
         held,
         evidence,
     })
@@ -422,6 +427,7 @@ fn register_held(l: &mut Ledger, c: &Claim, mac: &str, found: &[NicFd], handed: 
         nic.held.retain(|h| h.at != f.at);
         nic.held.push(HeldFd {
             at: f.at,
+            since: f.since,
             claim: claim.clone(),
             released: false,
         });

@@ -1100,3 +1100,41 @@ fn a_device_opened_before_the_vms_start_is_judged_when_the_start_is_known() {
     );
     assert_eq!(v.evidence[0].fd, Some(13));
 }
+
+#[test]
+fn a_detached_nics_fd_number_reused_by_the_next_attach_is_no_violation() {
+    let mut t = T::new();
+    t.k.processes.insert(EMU, ProcessInfo::default());
+    t.claim(ClaimKind::VmStart { pid: EMU });
+    t.out.clear();
+    let attach = |t: &mut T, mac: &str, since: u64| {
+        t.fd(rec(EMU, Op::RecvFd, 12, since, tun(None)));
+        t.claim(ClaimKind::NetUp {
+            mac: mac.into(),
+            attach: true,
+            emulator_pid: Some(EMU),
+            handed: vec![handed(12, Some(true))],
+        });
+        assert_eq!(t.one().status, Status::Confirmed);
+    };
+    let detach = |t: &mut T, mac: &str, ts: u64| {
+        t.fd(rec(EMU, Op::Close, 12, ts, tun(None)));
+        t.claim(ClaimKind::NetDetach {
+            mac: mac.into(),
+            emulator_pid: Some(EMU),
+            fds: Some(vec![12]),
+        });
+        assert_eq!(t.one().status, Status::Confirmed);
+    };
+    let now = t.now;
+    attach(&mut t, "52:54:00:00:00:0a", now);
+    detach(&mut t, "52:54:00:00:00:0a", now + 1);
+    let now = t.at(1).now;
+    attach(&mut t, "52:54:00:00:00:0b", now);
+    t.at(500).tick();
+    t.none();
+    let now = t.now;
+    detach(&mut t, "52:54:00:00:00:0b", now);
+    t.at(1000).tick();
+    t.none();
+}

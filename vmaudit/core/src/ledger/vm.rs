@@ -15,6 +15,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct HeldFd {
     pub at: FdRef,
+    /// When it arrived in the emulator (kernel time): which file at that number.
+    pub since: u64,
     pub claim: ClaimRef,
     /// A detach claim (or the VM's stop) released it: its release is no violation.
     pub released: bool,
@@ -90,15 +92,11 @@ impl Vm {
         })
     }
 
-    /// The NIC (by MAC) a held fd belongs to.
-    pub fn nic_of(&self, at: FdRef) -> Option<(&str, &HeldFd)> {
-        self.nics.iter().find_map(|(mac, n)| {
-            n.held
-                .iter()
-                .rev()
-                .find(|h| h.at == at)
-                .map(|h| (mac.as_str(), h))
-        })
+    /// Whether a claim gave the emulator the file that arrived at `at` at `since`.
+    pub fn gave(&self, at: FdRef, since: u64) -> bool {
+        self.nics
+            .values()
+            .any(|n| n.held.iter().any(|h| h.at == at && h.since == since))
     }
 }
 
