@@ -80,10 +80,28 @@ pub fn run(args: Args) -> u8 {
 
 fn completions(shell: clap_complete::Shell, dir: &Path) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
-    let mut cmd = super::Cli::command();
+    let mut cmd = visible(super::Cli::command());
     let path = clap_complete::generate_to(shell, &mut cmd, "vmaudit", dir)?;
     eprintln!("vmaudit: wrote {}", path.display());
     Ok(())
+}
+
+/// `cmd` without its hidden subcommands, which clap_complete would otherwise offer.
+fn visible(cmd: clap::Command) -> clap::Command {
+    let subcommands: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut shown = clap::Command::new("vmaudit")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(subcommands)
+        .subcommand_required(cmd.is_subcommand_required_set());
+    if let Some(about) = cmd.get_about() {
+        shown = shown.about(about.clone());
+    }
+    shown
 }
 
 /// The top page (with the exit status and the units' contract), then one per visible
@@ -213,6 +231,22 @@ mod tests {
                 assert!(exit::TABLE.iter().any(|(c, _)| c == code), "{code}");
             }
         }
+    }
+
+    #[test]
+    fn completions_offer_no_hidden_subcommand() {
+        let dir = std::env::temp_dir().join(format!("vmaudit-completions-{}", std::process::id()));
+        completions(clap_complete::Shell::Bash, &dir).unwrap();
+        let script = fs::read_to_string(dir.join("vmaudit.bash")).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        let top = script
+            .lines()
+            .find(|l| l.contains("opts=\"") && l.contains(" run "))
+            .expect("the top-level words");
+        assert!(
+            top.contains(" monitor ") && !top.contains("generate"),
+            "{top}"
+        );
     }
 
     #[test]
