@@ -203,9 +203,15 @@ impl Watch {
     /// Starts `vmaudit SUBCOMMAND ARGS` (any subcommand printing JSON lines on stdout) and
     /// returns once a stderr line contains `ready`.
     pub fn start_sub(bins: &Bins, subcommand: &str, args: &[&str], ready: &str) -> Self {
-        let mut child = Command::new(&bins.vmaudit)
-            .arg(subcommand)
-            .args(args)
+        let mut cmd = Command::new(&bins.vmaudit);
+        cmd.arg(subcommand).args(args);
+        Self::start_command(cmd, ready)
+    }
+
+    /// Starts `cmd` (a vmaudit command line, possibly behind a wrapper such as `setpriv`) and
+    /// returns once a stderr line contains `ready`.
+    pub fn start_command(mut cmd: Command, ready: &str) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -241,6 +247,11 @@ impl Watch {
         };
         w.stderr_before_ready = w.stderr_until(|l| l.contains(ready));
         w
+    }
+
+    /// The pid of the process started (vmaudit, or the wrapper that execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
     }
 
     /// Waits for a stderr line matching `pred`, returning it.

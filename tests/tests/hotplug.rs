@@ -112,7 +112,7 @@ fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
     let attach = verdicts
         .iter()
         .find(|v| {
-            v["claim"]["kind"] == "net-start"
+            v["claim"]["kind"] == "net-attach"
                 && v["claim"]["text"]
                     .as_str()
                     .unwrap()
@@ -248,7 +248,7 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
             })
             .count()
     };
-    assert_eq!(count("net-start", "reason=attach"), 200);
+    assert_eq!(count("net-attach", "reason=attach"), 200);
     assert_eq!(count("net-detach", "reason=detach"), 200);
     // Each detach names the fd it released, and the kernel's close is its evidence.
     let d = verdicts

@@ -12,7 +12,7 @@ compile_error!("vmaudit's syscall tables are x86_64 only for now");
 
 pub mod audit;
 pub mod cgroup;
-pub mod exit;
+pub use vmaudit_core::exit;
 pub mod kcmp;
 pub mod monitor;
 pub mod observe;

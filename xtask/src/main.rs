@@ -1,6 +1,7 @@
-//! `cargo xtask <cmd>`: vmaudit's developer commands. Each one runs `setup` first, which checks
-//! before it acts and so costs nothing once done.
+//! `cargo xtask <cmd>`: vmaudit's developer commands. Each one first sets up what it uses
+//! (`setup`, which checks before it acts and so costs nothing once done).
 
+mod dist;
 mod setup;
 mod sh;
 
@@ -12,7 +13,10 @@ use std::{
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::sh::Workspace;
+use crate::{
+    setup::Scope,
+    sh::{Workspace, step},
+};
 
 /// Built for `bpfel-unknown-none` by `vmaudit/build.rs` (aya-build): its binary cannot be built
 /// for the host, so host cargo commands leave it out and `test` lints it for its own target.
@@ -38,12 +42,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (nightly rust-src, bpf-linker in .tools, Debian
-    /// packages) and mount tracefs; does nothing when all is in place.
+    /// Install what building and testing need (nightly rust-src, bpf-linker, cargo-fuzz and
+    /// cargo-deb in .tools, Debian packages, the test guest) and mount tracefs; does nothing
+    /// when all is in place.
     Setup,
-    /// Set up, then build the workspace's host binaries.
+    /// Set up the toolchain, then build the workspace's host binaries.
     Build,
-    /// Set up, then fmt, clippy, build, unit tests and the privileged integration tests (root).
+    /// Set up the toolchain and cargo-deb, then build the Debian package (release binary, man
+    /// pages, completions, systemd units, logrotate file, alert rules, Grafana dashboard) into
+    /// target/debian.
+    Dist,
+    /// Set up, then fmt, clippy, build, unit tests, the package (dist) and the privileged
+    /// integration tests (root).
     Test,
     /// Set up, then run every fuzz target (cargo fuzz, nightly) for a number of inputs, from
     /// its seed corpus in fuzz/corpus; a crash fails it and leaves the input in fuzz/artifacts.
@@ -67,10 +77,13 @@ enum Cmd {
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     let ws = Workspace::locate()?;
-    setup::run(&ws)?;
+    setup::run(&ws, cli.cmd.scope())?;
     match cli.cmd {
         Cmd::Setup => {}
         Cmd::Build => sh::run(&mut build(&ws, Profile::Debug))?,
+        Cmd::Dist => {
+            dist::dist(&ws)?;
+        }
         Cmd::Test => test(&ws)?,
         Cmd::Fuzz { runs } => fuzz(&ws, runs)?,
         Cmd::Demo => {
@@ -87,6 +100,18 @@ fn main() -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl Cmd {
+    /// What the command uses, so what it sets up.
+    fn scope(&self) -> Scope {
+        match self {
+            Cmd::Build => Scope::Build,
+            Cmd::Dist => Scope::Dist,
+            Cmd::Fuzz { .. } => Scope::Fuzz,
+            Cmd::Setup | Cmd::Test | Cmd::Demo | Cmd::Bench { .. } => Scope::Everything,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -132,6 +157,8 @@ fn test(ws: &Workspace) -> Result<()> {
             .args(["--exclude", PRIVILEGED_TESTS]),
     )?;
     fuzz(ws, TEST_FUZZ_RUNS)?;
+    // tests/tests/package.rs installs this package.
+    dist::dist(ws)?;
     let mut privileged = ws.cargo();
     privileged.args([
         "test",
@@ -140,7 +167,7 @@ fn test(ws: &Workspace) -> Result<()> {
         "--",
         "--test-threads=1",
     ]);
-    header(&privileged);
+    sh::header(&privileged);
     if !sh::is_root()? {
         bail!(
             "the privileged integration tests ({PRIVILEGED_TESTS}) load eBPF programs and create \
@@ -168,15 +195,6 @@ fn fuzz(ws: &Workspace, runs: u64) -> Result<()> {
     Ok(())
 }
 
-fn step(cmd: &mut Command) -> Result<()> {
-    header(cmd);
-    sh::run(cmd)
-}
-
-fn header(cmd: &Command) {
-    println!("==> {}", sh::describe(cmd));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +213,17 @@ mod tests {
             ["--fds", "1000", "-v"]
         );
         assert!(bench_args(&["xtask", "bench"]).is_empty());
+    }
+
+    #[test]
+    fn build_and_dist_set_up_the_toolchain_only() {
+        let scope = |argv: &[&str]| Cli::try_parse_from(argv).unwrap().cmd.scope();
+        assert_eq!(scope(&["xtask", "build"]), Scope::Build);
+        assert_eq!(scope(&["xtask", "dist"]), Scope::Dist);
+        assert_eq!(scope(&["xtask", "fuzz"]), Scope::Fuzz);
+        for cmd in ["setup", "test", "demo", "bench"] {
+            assert_eq!(scope(&["xtask", cmd]), Scope::Everything, "{cmd}");
+        }
     }
 
     #[test]

@@ -64,12 +64,14 @@ impl Workspace {
         cmd
     }
 
+    /// Where cargo builds (`target`, or `CARGO_TARGET_DIR`).
+    pub fn target(&self) -> PathBuf {
+        env::var_os("CARGO_TARGET_DIR").map_or_else(|| self.root.join("target"), PathBuf::from)
+    }
+
     /// Where cargo puts a profile's binaries.
     pub fn bin(&self, profile: &str, name: &str) -> PathBuf {
-        env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| self.root.join("target"), PathBuf::from)
-            .join(profile)
-            .join(name)
+        self.target().join(profile).join(name)
     }
 }
 
@@ -111,6 +113,17 @@ pub fn exit_code(status: ExitStatus) -> ExitCode {
         .or_else(|| status.signal().map(|sig| 128 + sig))
         .unwrap_or(1);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Prints `==> <command>`, then runs it like [`run`].
+pub fn step(cmd: &mut Command) -> Result<()> {
+    header(cmd);
+    run(cmd)
+}
+
+/// The `==> <command>` line each step of a command starts with.
+pub fn header(cmd: &Command) {
+    println!("==> {}", describe(cmd));
 }
 
 /// `cmd` as a shell-like line, for headers and errors.

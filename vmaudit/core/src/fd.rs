@@ -405,6 +405,13 @@ pub struct FdEntry {
     pub via: Op,
 }
 
+/// The fd table of one process, as the tracker keeps it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcTable {
+    pub fds: std::collections::BTreeMap<i32, FdEntry>,
+    pub exited: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

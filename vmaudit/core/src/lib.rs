@@ -7,8 +7,18 @@
 //! - [`acl`]: device ACLs: the rules a manager applies, what the kernel holds, its decisions.
 //! - [`time`]: the audit stamp and RFC 3339 times.
 //! - [`audit`]: libvirt's records, built and read back byte for byte.
+//! - [`claim`]: what a record claims, with what its source knows.
+//! - [`verdict`]: statuses, evidence, verdicts.
+//! - [`view`]: the one seam to the kernel and the host ([`view::KernelView`]).
+//! - [`ledger`]: the rules, one set for vmaudit's runtime and for libvirt's records.
+//! - [`exit`]: the documented exit codes.
 
 pub mod acl;
 pub mod audit;
+pub mod claim;
+pub mod exit;
 pub mod fd;
+pub mod ledger;
 pub mod time;
+pub mod verdict;
+pub mod view;

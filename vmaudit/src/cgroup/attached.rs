@@ -5,7 +5,12 @@
 //! must never happen to another manager's program; so the query is one `BPF_PROG_QUERY` of our
 //! own (read-only), and the map is read through aya by id.
 
-use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
+};
 
 use aya::maps::{HashMap, Map, MapData};
 
@@ -29,7 +34,11 @@ struct QueryAttr {
 
 /// Ids of the device programs attached to the cgroup directory `dir` (BPF_PROG_QUERY).
 pub fn device_programs(dir: &Path) -> io::Result<Vec<u32>> {
-    let cg = File::open(dir)?;
+    device_programs_of(File::open(dir)?.as_fd())
+}
+
+/// Ids of the device programs attached to the open cgroup directory `cg`.
+pub fn device_programs_of(cg: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     let mut ids = [0u32; 64];
     let mut attr = QueryAttr {
         target_fd: cg.as_raw_fd() as u32,

@@ -3,6 +3,7 @@
 mod demo;
 mod demo_monitor;
 mod fds;
+mod generate;
 mod hotplug;
 mod monitor;
 mod noop_hook;
@@ -60,6 +61,9 @@ enum Command {
     /// Attach a do-nothing program to every syscall's exit until SIGINT/SIGTERM: the cost
     /// floor of any syscall hook on this kernel (used by the benchmark).
     NoopHook(noop_hook::Args),
+    /// Write the man pages or a shell's completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -75,6 +79,7 @@ pub fn main() -> ExitCode {
         Command::DetachNet(a) => hotplug::detach(a),
         Command::Demo(a) => demo::run(a),
         Command::NoopHook(a) => noop_hook::run(a),
+        Command::Generate(a) => generate::run(a),
     };
     ExitCode::from(code)
 }

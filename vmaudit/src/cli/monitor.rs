@@ -104,22 +104,10 @@ pub fn run(args: Args) -> u8 {
                 s.pid_reuse,
                 s.historic
             );
-            if o.totals.violated > 0 {
-                exit::VIOLATED
-            } else {
-                exit::OK
-            }
+            o.exit_code()
         }
         Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),
-        Err(Failed::Monitor(e)) => {
-            let code = match &e {
-                MonitorError::NoManager => exit::NO_SUCH_PROCESS,
-                MonitorError::Source(_) | MonitorError::SourceFailed(_) => exit::AUDIT_SOURCE,
-                MonitorError::Journal(_) => exit::JOURNAL,
-                MonitorError::Observe(o) => o.exit_code(),
-            };
-            super::fail(&e, code)
-        }
+        Err(Failed::Monitor(e)) => super::fail(&e, e.exit_code()),
     }
 }
 

@@ -1,13 +1,13 @@
 //! `vmaudit monitor`: another manager's (libvirt's) audit records held to the kernel's
-//! evidence.
+//! evidence, by the same verification loop and rules as `vmaudit run`
+//! ([`crate::verify::engine`]).
 //!
 //! - [`source`]: the records, from the kernel's audit multicast group or a followed audit.log.
-//! - [`claims`]: what each VIRT_* record claims.
-//! - [`ledger`]: the claims judged against the fd tracker (which follows libvirtd and every
-//!   process it forks: qemu included), kcmp, the interfaces' addresses and the device maps.
+//!
+//! The tracker follows the managers and every process they fork (qemu included); each record
+//! of a VIRT_* type becomes a claim ([`vmaudit_core::claim::claim_of`]), and what libvirt's
+//! records do not say (which fd) the ledger infers from the kernel.
 
-pub mod claims;
-pub mod ledger;
 pub mod source;
 
 use std::{
@@ -21,23 +21,20 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-
-use self::{
-    claims::{MClaim, MKind, NotAClaim, claim_of},
-    ledger::{MonitorLedger, Stats},
-    source::{Line, Source, SourceError},
+use vmaudit_core::{
+    audit::parse::parse_line,
+    claim::{NotAClaim, claim_of},
+    verdict::Totals,
 };
+
+use self::source::{Line, Source, SourceError};
 use crate::{
-    audit::{
-        journal::{Journal, JournalError},
-        parse::parse_line,
-    },
-    observe::{ObserveError, Output, WatchOptions, Watcher, loader::TrackerOptions, monotonic_ns},
-    procfs::ProcFs,
+    audit::{Journal, JournalError},
+    observe::{ObserveError, loader::TrackerOptions, monotonic_ns},
     verify::{
-        Status, Verdict,
-        engine::Totals,
-        observer::{Observer, Observers, VmInfo},
+        engine::{Engine, EngineConfig, EngineError, Msg},
+        observer::Observers,
+        publish::Lines,
     },
 };
 
@@ -73,7 +70,45 @@ pub enum MonitorError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
-    Observe(#[from] ObserveError),
+    Verify(#[from] EngineError),
+}
+
+impl MonitorError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoManager => crate::exit::NO_SUCH_PROCESS,
+            Self::Source(_) | Self::SourceFailed(_) => crate::exit::AUDIT_SOURCE,
+            Self::Journal(_) => crate::exit::JOURNAL,
+            Self::Verify(e) => e.exit_code(),
+        }
+    }
+}
+
+impl From<ObserveError> for MonitorError {
+    fn from(e: ObserveError) -> Self {
+        Self::Verify(e.into())
+    }
+}
+
+/// Counts of what the monitor read and could not use, and of what the ledger could not judge.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Lines read.
+    pub records: u64,
+    /// Records that were claims.
+    pub claims: u64,
+    /// Records of other types (not VIRT_CONTROL/VIRT_RESOURCE).
+    pub other_types: u64,
+    /// VIRT_* records about something other than devices (mem, vcpu, disk, ...).
+    pub other_resources: u64,
+    /// Lines that did not parse, or VIRT_* records missing fields.
+    pub malformed: u64,
+    /// Claims about VMs never seen to start.
+    pub unknown_vm: u64,
+    /// Start records whose pid now belongs to a later process.
+    pub pid_reuse: u64,
+    /// Claims written before vmaudit watched.
+    pub historic: u64,
 }
 
 /// What a monitor session ends with.
@@ -81,6 +116,14 @@ pub enum MonitorError {
 pub struct Outcome {
     pub totals: Totals,
     pub stats: Stats,
+}
+
+impl Outcome {
+    /// `verify`'s exit codes: 7 when anything was violated, 8 when something is unconfirmed or
+    /// unknown.
+    pub fn exit_code(&self) -> u8 {
+        self.totals.exit_code()
+    }
 }
 
 /// The pids of running libvirt daemons.
@@ -120,21 +163,21 @@ pub async fn monitor(
     }
     // Everything that can fail on bad input fails before anything is attached.
     let body = source::open(&opts.source)?;
-    let mut journal = opts.journal.as_ref().map(Journal::open).transpose()?;
-    let watch = WatchOptions {
-        pids: managers.clone(),
-        follow_children: true,
-        tracker: opts.tracker.clone(),
-        ignore_tids: vec![],
-    };
-    let obs = opts.observers.clone();
-    let mut w = Watcher::start(&watch, ProcFs::default(), &mut |o: Output| {
-        if let Output::Fd(r) = &o {
-            obs.fd(r);
-        }
-    })?;
-    let start_wall = wall_ns();
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let journal = opts.journal.as_ref().map(Journal::open).transpose()?;
+    let engine = Engine::start(
+        EngineConfig {
+            deadline: opts.deadline,
+            tracker: opts.tracker.clone(),
+            observers: opts.observers.clone(),
+            watch: managers.clone(),
+            managers: managers.clone(),
+        },
+        Box::new(Lines {
+            journal,
+            echo: opts.echo,
+        }),
+    )?;
+    let (tx, rx) = mpsc::unbounded_channel();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let stop = stop.clone();
@@ -143,119 +186,63 @@ pub async fn monitor(
             .spawn(move || body(tx, stop))
             .map_err(|source| ObserveError::Poll { source })?
     };
-    let _stop_reader = StopOnDrop(stop, Some(reader));
+    let stop_reader = StopOnDrop(stop, Some(reader));
     ready(&managers);
-
-    let mut ledger = MonitorLedger::new(opts.deadline.as_nanos() as u64, managers);
-    let mut out: Vec<Verdict> = Vec::new();
-    let mut totals = Totals::default();
-    let mut caught_up = false;
-    let mut next_id = 1u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut slow = tokio::time::interval(Duration::from_millis(500));
-    tokio::pin!(shutdown);
-    // Each batch of verdicts: the journal first (one write, one fsync), then stdout.
-    let mut emit = |out: &mut Vec<Verdict>, totals: &mut Totals| -> Result<(), MonitorError> {
-        if out.is_empty() {
-            return Ok(());
-        }
-        if let Some(j) = journal.as_mut() {
-            j.append_all(out)?;
-        }
-        let mut o = std::io::stdout().lock();
-        for v in out.drain(..) {
-            totals.add(v.status);
-            if v.status == Status::Violated {
-                eprintln!(
-                    "vmaudit: VIOLATION: {} [{} claim {}]",
-                    v.reason, v.claim.kind, v.claim.id
-                );
-            }
-            obs.verdict(&v);
-            if opts.echo {
-                let _ = serde_json::to_writer(&mut o, &v);
-                let _ = std::io::Write::write_all(&mut o, b"\n");
-            }
-        }
-        let _ = std::io::Write::flush(&mut o);
-        Ok(())
-    };
-    loop {
-        tokio::select! {
-            l = rx.recv() => {
-                let Some(first) = l else { break };
-                // Every line available now, after one drain: the kernel events before any of
-                // them are then applied.
-                let mut batch = vec![first];
-                while batch.len() < 4096 {
-                    match rx.try_recv() {
-                        Ok(l) => batch.push(l),
-                        Err(_) => break,
-                    }
-                }
-                drain(&mut w, &mut ledger, &obs)?;
-                for l in batch {
-                    match l {
-                        Line::Record(text) => {
-                            ledger.stats.records += 1;
-                            let Some(c) = to_claim(&text, &mut ledger.stats, &mut next_id, caught_up, start_wall) else {
-                                continue;
-                            };
-                            if let MKind::VmStart { pid } = c.kind
-                                && std::path::Path::new(&format!("/proc/{pid}")).exists()
-                            {
-                                // Started before vmaudit watched, or by a manager it does not
-                                // follow: watch it from now on, its table read from /proc.
-                                let _ = w.add(pid, true, &mut |o: Output| {
-                                    if let Output::Fd(r) = &o {
-                                        obs.fd(r);
-                                    }
-                                });
-                            }
-                            tell_vm(&obs, &c);
-                            ledger.on_claim(c, w.tables(), monotonic_ns(), &mut out);
-                        }
-                        Line::CaughtUp => {
-                            caught_up = true;
-                            ledger.caught_up(w.tables(), monotonic_ns(), &mut out);
-                        }
-                        Line::Failed(e) => return Err(MonitorError::SourceFailed(e)),
-                    }
-                }
-            }
-            r = w.readable() => {
-                r?;
-                drain(&mut w, &mut ledger, &obs)?;
-                ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
-            }
-            _ = tick.tick() => {
-                drain(&mut w, &mut ledger, &obs)?;
-                ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
-            }
-            _ = slow.tick() => {
-                ledger.touch();
-                ledger.recheck_rules(&mut out);
-                ledger.scan_copies(&mut out);
-            }
-            () = &mut shutdown => break,
-        }
-        emit(&mut out, &mut totals)?;
-    }
-    drain(&mut w, &mut ledger, &obs)?;
-    ledger.finish(w.tables(), monotonic_ns(), &mut out);
-    emit(&mut out, &mut totals)?;
+    let mut stats = Stats::default();
+    let read = feed(&engine, rx, shutdown, &mut stats).await;
+    drop(stop_reader);
+    let outcome = engine.finish();
+    read?;
+    let judged = outcome?;
+    stats.unknown_vm = judged.ledger.unknown_vm;
+    stats.pid_reuse = judged.ledger.pid_reuse;
+    stats.historic = judged.ledger.historic;
     let outcome = Outcome {
-        totals,
-        stats: ledger.stats.clone(),
+        totals: judged.totals,
+        stats,
     };
-    if let Some(j) = journal.as_mut() {
-        j.append_json(&serde_json::json!({
+    if let Some(path) = &opts.journal {
+        Journal::open(path)?.append_json(&serde_json::json!({
             "type": "monitor-summary",
             "totals": outcome.totals,
             "stats": outcome.stats,
         }))?;
     }
     Ok(outcome)
+}
+
+/// Turns the source's lines into claims for the verifier until the source ends or `shutdown`.
+async fn feed(
+    engine: &Engine,
+    mut rx: mpsc::UnboundedReceiver<Line>,
+    shutdown: impl Future<Output = ()>,
+    stats: &mut Stats,
+) -> Result<(), MonitorError> {
+    let start_wall = vmaudit_core::time::unix_now_ns();
+    let mut caught_up = false;
+    let mut next_id = 1u64;
+    tokio::pin!(shutdown);
+    loop {
+        let line = tokio::select! {
+            l = rx.recv() => l,
+            () = &mut shutdown => return Ok(()),
+        };
+        match line {
+            None => return Ok(()),
+            Some(Line::Record(text)) => {
+                stats.records += 1;
+                let Some(c) = to_claim(&text, stats, &mut next_id, caught_up, start_wall) else {
+                    continue;
+                };
+                engine.claim(c)?;
+            }
+            Some(Line::CaughtUp) => {
+                caught_up = true;
+                engine.send(Msg::CaughtUp)?;
+            }
+            Some(Line::Failed(e)) => return Err(MonitorError::SourceFailed(e)),
+        }
+    }
 }
 
 struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
@@ -269,13 +256,6 @@ impl Drop for StopOnDrop {
     }
 }
 
-fn wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// The claim of one audit.log line, counting what is not one.
 fn to_claim(
     line: &str,
@@ -283,7 +263,7 @@ fn to_claim(
     next_id: &mut u64,
     caught_up: bool,
     start_wall: u64,
-) -> Option<MClaim> {
+) -> Option<vmaudit_core::claim::Claim> {
     let p = match parse_line(line) {
         Ok(p) => p,
         Err(e) => {
@@ -293,27 +273,12 @@ fn to_claim(
         }
     };
     match claim_of(&p) {
-        Ok((kind, vm, uuid, success)) => {
-            let record_ts_ns = p.stamp.secs * 1_000_000_000 + u64::from(p.stamp.msec) * 1_000_000;
+        Ok(rc) => {
+            stats.claims += 1;
             let id = *next_id;
             *next_id += 1;
-            let text = line
-                .split_once("msg='")
-                .map(|(_, t)| t.trim_end_matches('\''))
-                .unwrap_or(line)
-                .to_owned();
-            Some(MClaim {
-                id,
-                kind,
-                vm,
-                uuid,
-                sender: p.sender_pid(),
-                success,
-                text,
-                record_ts_ns,
-                arrived_ns: monotonic_ns(),
-                historic: !caught_up && record_ts_ns < start_wall,
-            })
+            let historic = !caught_up && rc.record_ts_ns < start_wall;
+            Some(rc.into_claim(id, monotonic_ns(), historic))
         }
         Err(NotAClaim::OtherType) => {
             stats.other_types += 1;
@@ -329,38 +294,4 @@ fn to_claim(
             None
         }
     }
-}
-
-fn tell_vm(obs: &Observers, c: &MClaim) {
-    let (pid, state) = match c.kind {
-        MKind::VmStart { pid } => (pid, "running"),
-        MKind::VmStop { .. } => (0, "stopped"),
-        _ => return,
-    };
-    obs.vm(&VmInfo {
-        name: c.vm.clone(),
-        uuid: c.uuid.clone(),
-        pid,
-        state,
-    });
-}
-
-fn drain(w: &mut Watcher, ledger: &mut MonitorLedger, obs: &Observers) -> Result<(), ObserveError> {
-    let mut outputs: Vec<Output> = Vec::new();
-    w.drain(&mut |o: Output| outputs.push(o));
-    w.check_losses(&mut |o: Output| outputs.push(o))?;
-    let now = monotonic_ns();
-    for o in outputs {
-        match o {
-            Output::Fd(r) => {
-                obs.fd(&r);
-                ledger.on_record(&r, now);
-            }
-            Output::Gap(g) => {
-                obs.gap(&g);
-                ledger.on_gap(g.pid, g.lost);
-            }
-        }
-    }
-    Ok(())
 }

@@ -14,7 +14,7 @@ use std::{
 use vmaudit_common::{FileInfo, kdev_split};
 
 use super::event::{Change, Event, Gain, KernelFile};
-pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome};
+pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome, ProcTable};
 
 use crate::procfs::{
     DevNum, FdIdentity, FileKind, O_CLOEXEC, ProcFs, Source, identity_from_syscall,
@@ -66,13 +66,6 @@ pub fn kernel_identity(info: &FileInfo, path: Option<String>) -> FdIdentity {
         iface: None,
         source: Source::Kernel,
     }
-}
-
-/// The fd table of one process.
-#[derive(Clone, Debug, Default)]
-pub struct ProcTable {
-    pub fds: BTreeMap<i32, FdEntry>,
-    pub exited: bool,
 }
 
 /// The tables of every watched process.

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     audit::record::{NetChange, Record},
     exit,
-    verify::claims::{ClaimKind, PassedFd},
+    verify::{ClaimKind, Handed},
 };
 
 /// An interface the VM has now.
@@ -183,7 +183,7 @@ impl Live {
         let qemu_fds = crate::procfs::ProcFs::default()
             .fd_numbers(pid)
             .unwrap_or_default();
-        let passed: Vec<PassedFd> = dev
+        let passed: Vec<Handed> = dev
             .taps()
             .map(|f| {
                 use std::os::fd::AsRawFd as _;
@@ -192,10 +192,10 @@ impl Live {
                     .iter()
                     .copied()
                     .find(|q| crate::kcmp::same_file(me, n, pid, *q).unwrap_or(false));
-                PassedFd {
+                Handed {
                     fd: n,
                     emulator_fd: emu.unwrap_or(-1),
-                    kcmp_same: emu.map(|_| true),
+                    same_at_handoff: emu.map(|_| true),
                     rdev: f.rdev,
                     path: f.path.display().to_string(),
                 }
@@ -209,10 +209,11 @@ impl Live {
             .join(",");
         let b =
             Record::net(&trail.vm, NetChange::Attach, &mac).extra("vmaudit-emulator-fds", &list);
-        let claim = ClaimKind::NetStart {
+        let claim = ClaimKind::NetUp {
             mac: mac.clone(),
-            emulator_pid: pid,
-            fds: passed,
+            attach: true,
+            emulator_pid: Some(pid),
+            handed: passed,
         };
         if let Err(e) = trail.emit_claim(b, claim) {
             return Response::err(exit::JOURNAL, e.to_string());
@@ -307,8 +308,8 @@ impl Live {
         let b = Record::net(&trail.vm, NetChange::Detach, mac).extra("vmaudit-emulator-fds", &list);
         let claim = ClaimKind::NetDetach {
             mac: mac.to_owned(),
-            emulator_pid: self.emulator_pid,
-            emulator_fds: fds.clone(),
+            emulator_pid: Some(self.emulator_pid),
+            fds: Some(fds.clone()),
         };
         let recorded = trail.emit_claim(b, claim);
         let nic = self.nics.remove(i);

@@ -31,9 +31,9 @@ use crate::{
     observe::{loader::TrackerOptions, monotonic_ns},
     paths,
     verify::{
-        Verdict,
-        claims::{Claim, ClaimKind, PassedFd},
-        engine::{Engine, EngineConfig, Msg},
+        Claim, ClaimKind, Handed,
+        engine::{Engine, EngineConfig, EngineError, Msg, Outcome},
+        publish::Lines,
     },
 };
 
@@ -69,7 +69,7 @@ pub enum RunError {
     #[error("waiting for the emulator")]
     Wait(#[source] std::io::Error),
     #[error("verifier")]
-    Verify(#[source] crate::observe::ObserveError),
+    Verify(#[source] EngineError),
 }
 
 impl RunError {
@@ -99,6 +99,8 @@ pub enum Ending {
     Violation,
     /// Ended otherwise, but the verifier found a violation on the way.
     ViolationFound,
+    /// Ended otherwise, but a claim is unconfirmed or unknown.
+    Unconfirmed,
 }
 
 impl Ending {
@@ -107,6 +109,7 @@ impl Ending {
             Self::Destroyed | Self::Shutdown => exit::OK,
             Self::Crashed => exit::EMULATOR_CRASHED,
             Self::Violation | Self::ViolationFound => exit::VIOLATED,
+            Self::Unconfirmed => exit::UNCONFIRMED,
         }
     }
 }
@@ -180,10 +183,16 @@ impl Trail<'_> {
             v.claim(Claim {
                 id: self.claims,
                 kind,
+                vm_name: self.vm.name.clone(),
+                uuid: self.vm.uuid.hyphenated().to_string(),
+                success: rec.success,
+                sender: Some(std::process::id()),
                 text: rec.libvirt_text().to_owned(),
                 record_ts_ns: entry.ts_ns,
                 made_ns,
-            });
+                historic: false,
+            })
+            .map_err(RunError::Verify)?;
         }
         Ok(rec)
     }
@@ -215,7 +224,6 @@ impl Trail<'_> {
             path: a.path.display().to_string(),
             rdev: a.rdev,
             fd: a.result.as_ref().ok().copied(),
-            success: a.result.is_ok(),
         };
         self.emit_claim(b, claim)
     }
@@ -411,19 +419,20 @@ pub async fn run(
             .iter()
             .map(|f| {
                 let n = f.fd.as_raw_fd();
-                PassedFd {
+                Handed {
                     fd: n,
                     emulator_fd: n,
-                    kcmp_same: crate::kcmp::same_file(me, n, pid, n).ok(),
+                    same_at_handoff: crate::kcmp::same_file(me, n, pid, n).ok(),
                     rdev: f.rdev,
                     path: f.path.display().to_string(),
                 }
             })
             .collect();
-        let claim = ClaimKind::NetStart {
+        let claim = ClaimKind::NetUp {
             mac: iface.mac.to_string(),
-            emulator_pid: pid,
-            fds: passed,
+            attach: false,
+            emulator_pid: Some(pid),
+            handed: passed,
         };
         trail.emit_claim(b, claim)?;
     }
@@ -465,16 +474,14 @@ pub async fn run(
     };
     on_running(pid);
 
-    // Until a signal, the emulator's end, or (--strict) a violation. The device map is read
-    // again now and then: a rule changed behind vmaudit's back is a violation.
+    // Until a signal, the emulator's end, or (--strict) a violation.
     let mut violations = trail.verifier().map(|v| v.violations.clone());
-    let mut recheck = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let ending = loop {
         tokio::select! {
             _ = &mut shutdown => {
                 if let Some(v) = trail.verifier() {
-                    v.send(Msg::Stopping(pid));
+                    v.send(Msg::Stopping(pid)).map_err(RunError::Verify)?;
                 }
                 stop_emulator(&mut child).await;
                 break Ending::Destroyed;
@@ -491,7 +498,7 @@ pub async fn run(
                 if changed.is_some() {
                     log::error!("--strict: stopping the VM at the first violation");
                     if let Some(v) = trail.verifier() {
-                        v.send(Msg::Stopping(pid));
+                        v.send(Msg::Stopping(pid)).map_err(RunError::Verify)?;
                     }
                     stop_emulator(&mut child).await;
                     break Ending::Violation;
@@ -507,21 +514,21 @@ pub async fn run(
                     control::write_response(&mut stream, &answer).await;
                 }
             }
-            _ = recheck.tick() => {
-                if let (Some(v), Ok(rules)) = (trail.verifier(), cgroup.cgroup.kernel_rules()) {
-                    v.send(Msg::KernelRules(rules));
-                }
-            }
         }
     };
     let reason = match ending {
-        Ending::Destroyed | Ending::Violation | Ending::ViolationFound => StopReason::Destroyed,
+        Ending::Destroyed | Ending::Violation | Ending::ViolationFound | Ending::Unconfirmed => {
+            StopReason::Destroyed
+        }
         Ending::Shutdown => StopReason::Shutdown,
         Ending::Crashed => StopReason::Crashed,
     };
     let stop = trail.emit_claim(
         stop_record(&trail.vm, reason, pid),
-        ClaimKind::VmStop { pid },
+        ClaimKind::VmStop {
+            pid: Some(pid),
+            reason: ControlOp::Stop(reason).reason().to_owned(),
+        },
     );
     finish(devs, cgroup).await;
     drop(run_dir);
@@ -530,46 +537,45 @@ pub async fn run(
         Some(v) => Some(v.finish().map_err(RunError::Verify)?),
         None => None,
     };
-    if let Some(t) = &totals {
-        log::info!(
-            "verdicts: {} confirmed, {} violated, {} unconfirmed, {} unknown",
-            t.confirmed,
-            t.violated,
-            t.unconfirmed,
-            t.unknown
-        );
-        if t.violated > 0 && ending != Ending::Violation {
-            return Ok(Ending::ViolationFound);
-        }
+    Ok(match totals {
+        Some(o) => judged(ending, &o),
+        None => ending,
+    })
+}
+
+/// How a run ends once its verdicts are in: `verify`'s exit codes win over a normal end.
+fn judged(ending: Ending, o: &Outcome) -> Ending {
+    let t = &o.totals;
+    log::info!(
+        "verdicts: {} confirmed, {} violated, {} unconfirmed, {} unknown",
+        t.confirmed,
+        t.violated,
+        t.unconfirmed,
+        t.unknown
+    );
+    match (ending, t.exit_code()) {
+        (Ending::Violation, _) => Ending::Violation,
+        (_, exit::VIOLATED) => Ending::ViolationFound,
+        (Ending::Destroyed | Ending::Shutdown, exit::UNCONFIRMED) => Ending::Unconfirmed,
+        (e, _) => e,
     }
-    Ok(ending)
 }
 
 /// Starts the verifier thread: verdicts to the journal (fsync'd) and, if asked, stdout.
-fn start_verifier(opts: &RunOptions, mut journal: Option<Journal>) -> Result<Engine, RunError> {
-    let echo = opts.echo_verdicts;
+fn start_verifier(opts: &RunOptions, journal: Option<Journal>) -> Result<Engine, RunError> {
+    let me = std::process::id();
     let cfg = EngineConfig {
         deadline: opts.deadline,
         tracker: opts.tracker.clone(),
         observers: opts.observers.clone(),
+        watch: vec![me],
+        managers: vec![me],
     };
-    Engine::start(
-        cfg,
-        Box::new(move |v: &Verdict| {
-            if let Some(j) = journal.as_mut()
-                && let Err(e) = j.append_json(v)
-            {
-                log::error!("writing a verdict: {e}");
-            }
-            if echo {
-                let mut out = std::io::stdout().lock();
-                let _ = serde_json::to_writer(&mut out, v);
-                let _ = std::io::Write::write_all(&mut out, b"\n");
-                let _ = std::io::Write::flush(&mut out);
-            }
-        }),
-    )
-    .map_err(RunError::Verify)
+    let publish = Lines {
+        journal,
+        echo: opts.echo_verdicts,
+    };
+    Engine::start(cfg, Box::new(publish)).map_err(RunError::Verify)
 }
 
 /// `op=stop`: libvirt writes `vm-pid=0` there (the domain has no pid any more); the

@@ -9,9 +9,9 @@ use super::{
 };
 use crate::{
     audit::record::{CgroupClass, CgroupReason, Record},
-    cgroup::{Acl, CgroupError, DevKind, DeviceRule, Layout, Rule, VmCgroup},
+    cgroup::{Acl, CgroupError, DevKind, Layout, Rule, VmCgroup},
     procfs::DevNum,
-    verify::{claims::ClaimKind, engine::Msg},
+    verify::{AclChange, ClaimKind, engine::Msg},
 };
 
 /// Why the cgroup could not be set up.
@@ -196,24 +196,15 @@ pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunEr
         }
     };
     let mut handle = VmCgroupHandle { cgroup };
-    // What the claims say the kernel should hold, and what it holds: read once, now, so each
-    // record's claim carries the kernel's answer.
-    let applied: Vec<Rule> = outcomes
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(rule, _)| rule.clone())
-        .collect();
-    let claimed = DeviceRule::effective(&applied);
-    let kernel = handle.cgroup.kernel_rules().map_err(|e| e.to_string());
     let mut refused = None;
     for (rule, result) in outcomes {
         let rec = record_of(trail, handle.path(), &rule).success(result.is_ok());
         let claim = ClaimKind::Cgroup {
-            deny_all: matches!(rule, Rule::DenyAll),
-            rule: rule.device_rule(),
-            success: result.is_ok(),
-            claimed: claimed.clone(),
-            kernel: kernel.clone(),
+            cgroup: Some(handle.path().to_owned()),
+            change: match rule.device_rule() {
+                Some(r) => AclChange::Allow(r),
+                None => AclChange::DenyAll,
+            },
         };
         if let Err(e) = trail.emit_claim(rec, claim) {
             handle.remove();
@@ -232,8 +223,15 @@ pub fn setup(spec: &Spec, trail: &mut Trail<'_>) -> Result<VmCgroupHandle, RunEr
         handle.remove();
         return Err(fail(e));
     }
-    if let (Some(v), Some(decisions)) = (trail.verifier(), handle.cgroup.take_decisions()) {
-        v.send(Msg::Decisions(decisions));
+    if let (Some(v), Some(stream)) = (trail.verifier(), handle.cgroup.take_decisions()) {
+        let uuid = trail.vm.uuid.hyphenated().to_string();
+        if let Err(e) = v.send(Msg::Decisions {
+            uuid,
+            stream: Box::new(stream),
+        }) {
+            handle.remove();
+            return Err(RunError::Verify(e));
+        }
     }
     Ok(handle)
 }

@@ -238,7 +238,7 @@ pub fn fds(events: &[Event], filter: &Filter) -> Option<FdsAnswer> {
                 what: "detach".into(),
                 detail: match status {
                     Some(Status::Confirmed) => "the kernel saw the emulator close them".into(),
-                    Some(s) => format!("verdict {}", status_word(s)),
+                    Some(s) => format!("verdict {}", Status::as_str(s)),
                     None => "no verdict".into(),
                 },
                 source: e.source.clone(),
@@ -272,7 +272,7 @@ pub fn fds(events: &[Event], filter: &Filter) -> Option<FdsAnswer> {
         (Some(s), _) => format!(
             "{mac} was handed over ({}), verdict {}: {}",
             claim.rec.reason.as_deref().unwrap_or("?"),
-            status_word(*s),
+            Status::as_str(*s),
             in_time(claim, until)
                 .next()
                 .map(|v| v.reason.as_str())
@@ -349,7 +349,7 @@ pub fn released(events: &[Event], filter: &Filter) -> Option<ReleasedAnswer> {
                 "the detach was claimed, but the kernel shows no close of fd {}: {first_reason}",
                 list(not_closed.iter().copied())
             ),
-            Some(s) => format!("verdict {}: {first_reason}", status_word(s)),
+            Some(s) => format!("verdict {}: {first_reason}", Status::as_str(s)),
             None if d.from_journal => format!(
                 "the detach claims fd {} released; no verdict in the journal: nothing from the kernel confirms it",
                 list(d.emulator_fds.iter().copied())
@@ -372,16 +372,6 @@ pub fn released(events: &[Event], filter: &Filter) -> Option<ReleasedAnswer> {
         summary,
         mac,
     })
-}
-
-/// `confirmed`, `violated`, ...
-pub fn status_word(s: Status) -> &'static str {
-    match s {
-        Status::Confirmed => "confirmed",
-        Status::Violated => "violated",
-        Status::Unconfirmed => "unconfirmed",
-        Status::Unknown => "unknown",
-    }
 }
 
 #[cfg(test)]

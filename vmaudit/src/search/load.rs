@@ -129,6 +129,7 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
             },
             sender: Vec::new(),
             fields,
+            text: entry.text.clone(),
         };
         by_ts.insert(entry.ts_ns, events.len());
         events.push(event_of(

@@ -4,26 +4,13 @@ use std::fmt::Write as _;
 
 use super::{
     Event,
-    answer::{ClaimSummary, FdsAnswer, KernelFd, ReleasedAnswer, VerdictSummary, status_word},
+    answer::{ClaimSummary, FdsAnswer, KernelFd, ReleasedAnswer, VerdictSummary},
 };
 use crate::verify::Status;
 
-fn rank(s: Status) -> u8 {
-    match s {
-        Status::Confirmed => 0,
-        Status::Unconfirmed => 1,
-        Status::Unknown => 2,
-        Status::Violated => 3,
-    }
-}
-
 /// The worst verdict on an event, as a word; `-` when it has none.
 fn status(e: &Event) -> &'static str {
-    e.verdicts
-        .iter()
-        .map(|v| v.status)
-        .max_by_key(|s| rank(*s))
-        .map_or("-", status_word)
+    Status::worst(e.verdicts.iter().map(|v| v.status)).map_or("-", Status::as_str)
 }
 
 fn what(e: &Event) -> String {
@@ -115,7 +102,13 @@ pub fn events(events: &[&Event]) -> String {
     for (e, r) in events.iter().zip(&rows) {
         out.push_str(&line(r));
         for v in &e.verdicts {
-            let _ = writeln!(out, "{:indent$}{}: {}", "", status_word(v.status), v.reason);
+            let _ = writeln!(
+                out,
+                "{:indent$}{}: {}",
+                "",
+                Status::as_str(v.status),
+                v.reason
+            );
         }
     }
     let _ = writeln!(out, "\n{} matching", events.len());
@@ -161,7 +154,7 @@ fn verdict_lines(vs: &[VerdictSummary]) -> String {
         let _ = writeln!(
             out,
             "  verdict   {} at {}: {}",
-            status_word(v.status),
+            Status::as_str(v.status),
             v.ts,
             v.reason
         );

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::metrics::{
-    CauseLabel, KindLabel, Metrics, OpLabel, ResultLabel, VerdictLabels, VmLabels, status_name,
+    CauseLabel, KindLabel, Metrics, OpLabel, ResultLabel, VerdictLabels, VmLabels,
 };
 use crate::{
     cgroup::{Decision, DecisionDev},
@@ -25,8 +25,7 @@ use crate::{
     },
     procfs::{DevNum, FileKind},
     verify::{
-        Verdict,
-        claims::{Claim, ClaimKind},
+        Claim, ClaimKind, Verdict,
         observer::{Observer, VmInfo},
     },
 };
@@ -343,13 +342,14 @@ impl Observer for Hub {
             })
             .ok()
         });
-        if let ClaimKind::NetStart {
+        if let ClaimKind::NetUp {
             mac,
-            emulator_pid,
-            fds,
+            emulator_pid: Some(emulator_pid),
+            handed,
+            ..
         } = &claim.kind
         {
-            for f in fds {
+            for f in handed {
                 let tag = ClaimTag {
                     id: claim.id,
                     kind: claim.kind.name().to_owned(),
@@ -362,7 +362,7 @@ impl Observer for Hub {
     }
 
     fn verdict(&self, v: &Verdict) {
-        let status = status_name(v.status);
+        let status = v.status.as_str();
         self.metrics
             .verdicts
             .get_or_create(&VerdictLabels {
@@ -520,7 +520,7 @@ mod tests {
     use super::*;
     use crate::{
         procfs::{FdIdentity, Source},
-        verify::{ClaimRef, Evidence, Status, claims::PassedFd},
+        verify::{ClaimRef, Evidence, Handed, Status},
     };
 
     const EMU: u32 = 4242;
@@ -575,20 +575,26 @@ mod tests {
         });
         hub.claim(&Claim {
             id: 3,
-            kind: ClaimKind::NetStart {
+            kind: ClaimKind::NetUp {
                 mac: "52:54:00:00:00:01".into(),
-                emulator_pid: EMU,
-                fds: vec![PassedFd {
+                attach: false,
+                emulator_pid: Some(EMU),
+                handed: vec![Handed {
                     fd: 38,
                     emulator_fd: 38,
-                    kcmp_same: Some(true),
+                    same_at_handoff: Some(true),
                     rdev: None,
                     path: "/dev/net/tun".into(),
                 }],
             },
+            vm_name: "vm1".into(),
+            uuid: "u1".into(),
+            success: true,
+            sender: None,
             text: String::new(),
             record_ts_ns: 1,
             made_ns: 1,
+            historic: false,
         });
         let st: Value = serde_json::from_str(&hub.state_json()).unwrap();
         let proc = &st["processes"][0];

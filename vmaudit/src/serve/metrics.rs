@@ -100,15 +100,15 @@ impl Default for Metrics {
         );
         // Series that exist from the start, at 0, so that a query (or an alert on their
         // increase) finds them before the first event.
-        for kind in CLAIM_KINDS {
+        for kind in vmaudit_core::claim::KINDS {
             if *kind != "unclaimed" {
                 m.claims.get_or_create_owned(&KindLabel {
                     kind: (*kind).to_owned(),
                 });
             }
-            for status in STATUSES {
+            for status in Status::ALL {
                 m.verdicts.get_or_create_owned(&VerdictLabels {
-                    status: status_name(status).to_owned(),
+                    status: status.as_str().to_owned(),
                     kind: (*kind).to_owned(),
                 });
             }
@@ -134,33 +134,5 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
-    }
-}
-
-/// Every claim kind (as in a verdict's `claim.kind`; `unclaimed` has verdicts, no claims).
-pub const CLAIM_KINDS: &[&str] = &[
-    "net-open",
-    "net-start",
-    "net-detach",
-    "cgroup",
-    "vm-start",
-    "vm-stop",
-    "unclaimed",
-];
-
-pub const STATUSES: [Status; 4] = [
-    Status::Confirmed,
-    Status::Violated,
-    Status::Unconfirmed,
-    Status::Unknown,
-];
-
-/// A status as the journal spells it.
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Confirmed => "confirmed",
-        Status::Violated => "violated",
-        Status::Unconfirmed => "unconfirmed",
-        Status::Unknown => "unknown",
     }
 }

@@ -1,66 +1,46 @@
-//! The verifier thread of `vmaudit run`.
+//! The verification loop, one for both modes: claims and kernel events in, verdicts out.
 //!
-//! It watches vmaudit itself and every child it forks (the emulator, and whatever the emulator
-//! forks) with the kernel fd tracker, from a thread of its own whose syscalls the kernel side
-//! ignores (its reads of /proc would otherwise report themselves). Claims arrive on a channel;
-//! each is judged after the kernel events before it have been applied. Verdicts go to the
-//! journal (fsync'd), to `on_verdict`, and violations to stderr as they happen; `on_verdict`
-//! runs on a thread of its own ([`Publisher`]), so that an fsync never delays a judgement.
+//! A thread of its own runs the fd tracker over the processes it is told to follow (vmaudit
+//! itself and its children in `run`; the managers and theirs in `monitor`), ignoring its own
+//! syscalls (its reads of /proc would otherwise report themselves). Claims arrive on a channel;
+//! each is judged by the [`Ledger`] after the kernel events before it have been applied.
+//! Verdicts go, in batches and in order, to a publisher thread ([`publish`]) that writes them
+//! (the journal's fsync never holds a judgement up); violations also go to stderr as they
+//! happen, and to the observers.
 
 use std::{thread::JoinHandle, time::Duration};
 
 use tokio::sync::{mpsc, watch};
+use vmaudit_core::{
+    claim::{Claim, ClaimKind},
+    ledger::{Ledger, LedgerStats, Loss},
+    verdict::{Status, Totals, Verdict},
+};
 
 use super::{
-    Status, Verdict,
-    claims::{Claim, ClaimKind},
-    ledger::Ledger,
+    host::HostView,
     observer::{Observer, Observers, VmInfo},
+    publish::{Publish, PublishError, Publisher},
 };
 use crate::{
-    cgroup::{DecisionStream, DeviceRule},
+    cgroup::{DecisionStream, Layout},
     observe::{ObserveError, Output, WatchOptions, Watcher, loader::TrackerOptions, monotonic_ns},
     procfs::ProcFs,
 };
 
-/// What the run thread tells the verifier.
+/// What the verifier is told.
 pub enum Msg {
     Claim(Box<Claim>),
-    /// The VM cgroup's decision stream (v2 only).
-    Decisions(DecisionStream),
-    /// The device map as read now.
-    KernelRules(Vec<DeviceRule>),
-    /// vmaudit is stopping the emulator `pid` (its closes from now on are the stop's).
+    /// The record source has read its past (`monitor --from-start`).
+    CaughtUp,
+    /// A VM cgroup's decision stream (cgroup v2, vmaudit's own program).
+    Decisions {
+        uuid: String,
+        stream: Box<DecisionStream>,
+    },
+    /// The manager is stopping the emulator `pid` (its releases from now on are the stop's).
     Stopping(u32),
     Finish,
-}
-
-/// Counts of verdicts by status.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Totals {
-    pub confirmed: u64,
-    pub violated: u64,
-    pub unconfirmed: u64,
-    pub unknown: u64,
-}
-
-impl Totals {
-    pub fn add(&mut self, s: Status) {
-        match s {
-            Status::Confirmed => self.confirmed += 1,
-            Status::Violated => self.violated += 1,
-            Status::Unconfirmed => self.unconfirmed += 1,
-            Status::Unknown => self.unknown += 1,
-        }
-    }
-}
-
-/// A running verifier.
-pub struct Engine {
-    tx: mpsc::UnboundedSender<Msg>,
-    thread: Option<JoinHandle<Result<Totals, ObserveError>>>,
-    /// Violations so far (for `--strict`).
-    pub violations: watch::Receiver<u64>,
 }
 
 /// Settings of the verifier.
@@ -71,99 +51,59 @@ pub struct EngineConfig {
     pub tracker: TrackerOptions,
     /// Told everything the verifier sees.
     pub observers: Observers,
+    /// The processes to follow, with their children.
+    pub watch: Vec<u32>,
+    /// The processes whose records are claims (and whose opens name the devices).
+    pub managers: Vec<u32>,
+}
+
+/// What a verification ends with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    pub totals: Totals,
+    pub ledger: LedgerStats,
+}
+
+/// Why the verifier stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+    #[error("writing verdicts")]
+    Publish(#[source] PublishError),
+    #[error("the verifier thread {0}")]
+    Thread(&'static str),
+}
+
+impl EngineError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Observe(e) => e.exit_code(),
+            Self::Publish(_) => crate::exit::JOURNAL,
+            Self::Thread(_) => crate::exit::INTERNAL,
+        }
+    }
+}
+
+/// A running verifier.
+pub struct Engine {
+    tx: mpsc::UnboundedSender<Msg>,
+    thread: Option<JoinHandle<Result<Outcome, EngineError>>>,
+    /// Violations so far (for `--strict`).
+    pub violations: watch::Receiver<u64>,
 }
 
 impl Engine {
-    /// Starts the verifier thread and returns once the tracker watches this process.
-    pub fn start(
-        cfg: EngineConfig,
-        on_verdict: Box<dyn FnMut(&Verdict) + Send>,
-    ) -> Result<Self, ObserveError> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+    /// Starts the verifier thread and returns once the tracker follows every process of
+    /// `cfg.watch`. Verdicts go to `publish` on a thread of its own.
+    pub fn start(cfg: EngineConfig, publish: Box<dyn Publish>) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
         let (vtx, violations) = watch::channel(0u64);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ObserveError>>();
-        let me = std::process::id();
-        let publisher = Publisher::start(on_verdict)?;
+        let publisher = Publisher::start(publish).map_err(EngineError::Publish)?;
         let thread = std::thread::Builder::new()
             .name("vmaudit-verify".into())
-            .spawn(move || -> Result<Totals, ObserveError> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|source| ObserveError::Poll { source })?;
-                rt.block_on(async move {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() } as u32;
-                    let opts = WatchOptions {
-                        pids: vec![me],
-                        follow_children: true,
-                        tracker: cfg.tracker.clone(),
-                        ignore_tids: vec![tid],
-                    };
-                    let mut w = match Watcher::start(&opts, ProcFs::default(), &mut |_| {}) {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return Ok(Totals::default());
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let mut ledger = Ledger::new(me, cfg.deadline.as_nanos() as u64);
-                    let mut decisions: Option<DecisionStream> = None;
-                    let mut totals = Totals::default();
-                    let mut out: Vec<Verdict> = Vec::new();
-                    let obs = cfg.observers.clone();
-                    let mut tick = tokio::time::interval(Duration::from_millis(10));
-                    loop {
-                        tokio::select! {
-                            m = rx.recv() => match m {
-                                Some(Msg::Claim(c)) => {
-                                    drain(&mut w, &mut ledger, &mut out, &obs)?;
-                                    tell_claim(&obs, &c);
-                                    ledger.on_claim(*c, w.tables(), monotonic_ns(), &mut out);
-                                }
-                                Some(Msg::Decisions(d)) => decisions = Some(d),
-                                Some(Msg::KernelRules(k)) => ledger.on_kernel_rules(&k, &mut out),
-                                Some(Msg::Stopping(pid)) => {
-                                    drain(&mut w, &mut ledger, &mut out, &obs)?;
-                                    ledger.on_stopping(pid);
-                                }
-                                Some(Msg::Finish) | None => break,
-                            },
-                            r = w.readable() => {
-                                r?;
-                                drain(&mut w, &mut ledger, &mut out, &obs)?;
-                                // Evidence that just arrived decides pending claims now, not at
-                                // the next tick.
-                                ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
-                            }
-                            _ = tick.tick() => {
-                                drain(&mut w, &mut ledger, &mut out, &obs)?;
-                                if let Some(d) = decisions.as_mut() {
-                                    for dec in d.drain() {
-                                        obs.decision(&dec);
-                                        ledger.on_decision(&dec, &mut out);
-                                    }
-                                }
-                                ledger.on_tick(w.tables(), monotonic_ns(), &mut out);
-                            }
-                        }
-                        publish(&mut out, &publisher, &mut totals, &vtx, &obs);
-                    }
-                    drain(&mut w, &mut ledger, &mut out, &obs)?;
-                    if let Some(d) = decisions.as_mut() {
-                        for dec in d.drain() {
-                            obs.decision(&dec);
-                            ledger.on_decision(&dec, &mut out);
-                        }
-                    }
-                    ledger.finish(w.tables(), monotonic_ns(), &mut out);
-                    publish(&mut out, &publisher, &mut totals, &vtx, &obs);
-                    // Every verdict is written before the totals are.
-                    publisher.finish();
-                    Ok(totals)
-                })
-            })
+            .spawn(move || run_thread(cfg, rx, vtx, ready_tx, publisher))
             .map_err(|source| ObserveError::Poll { source })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
@@ -173,33 +113,35 @@ impl Engine {
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(e)
+                Err(e.into())
             }
-            Err(_) => {
-                let _ = thread.join();
-                Err(ObserveError::Poll {
-                    source: std::io::Error::other("the verifier thread ended before it was ready"),
-                })
-            }
+            Err(_) => Err(match thread.join() {
+                Ok(Err(e)) => e,
+                _ => EngineError::Thread("ended before it was ready"),
+            }),
         }
     }
 
-    pub fn send(&self, m: Msg) {
-        let _ = self.tx.send(m);
+    /// Hands the verifier a message; an error means it is gone (its end says why).
+    pub fn send(&self, m: Msg) -> Result<(), EngineError> {
+        self.tx.send(m).map_err(|_| EngineError::Thread("is gone"))
     }
 
-    pub fn claim(&self, c: Claim) {
-        self.send(Msg::Claim(Box::new(c)));
+    pub fn claim(&self, c: Claim) -> Result<(), EngineError> {
+        self.send(Msg::Claim(Box::new(c)))
     }
 
-    /// Judges what is left and returns the totals.
-    pub fn finish(mut self) -> Result<Totals, ObserveError> {
+    /// A sender for another thread (the record reader of `monitor`).
+    pub fn sender(&self) -> mpsc::UnboundedSender<Msg> {
+        self.tx.clone()
+    }
+
+    /// Judges what is left, waits until every verdict is written, and returns the totals.
+    pub fn finish(mut self) -> Result<Outcome, EngineError> {
         let _ = self.tx.send(Msg::Finish);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            _ => Err(ObserveError::Poll {
-                source: std::io::Error::other("the verifier thread panicked"),
-            }),
+            _ => Err(EngineError::Thread("panicked")),
         }
     }
 }
@@ -213,98 +155,241 @@ impl Drop for Engine {
     }
 }
 
-fn drain(
-    w: &mut Watcher,
-    ledger: &mut Ledger,
-    out: &mut Vec<Verdict>,
-    obs: &Observers,
-) -> Result<(), ObserveError> {
-    let mut outputs: Vec<Output> = Vec::new();
-    w.drain(&mut |o: Output| outputs.push(o));
-    w.check_losses(&mut |o: Output| outputs.push(o))?;
-    for o in outputs {
-        match o {
-            Output::Fd(r) => {
-                obs.fd(&r);
-                ledger.on_record(&r, out)
+fn run_thread(
+    cfg: EngineConfig,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    vtx: watch::Sender<u64>,
+    ready: std::sync::mpsc::Sender<Result<(), ObserveError>>,
+    publisher: Publisher,
+) -> Result<Outcome, EngineError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ObserveError::Poll { source })?;
+    rt.block_on(async move {
+        let mut v = match Verifier::start(&cfg, vtx, publisher) {
+            Ok(v) => {
+                let _ = ready.send(Ok(()));
+                v
             }
-            Output::Gap(g) => {
-                obs.gap(&g);
-                ledger.on_gap(g.pid, g.lost)
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return Ok(Outcome::default());
             }
-        }
-    }
-    Ok(())
+        };
+        v.run(rx).await?;
+        v.end()
+    })
 }
 
-fn publish(
-    out: &mut Vec<Verdict>,
-    publisher: &Publisher,
-    totals: &mut Totals,
-    vtx: &watch::Sender<u64>,
-    obs: &Observers,
-) {
-    for v in out.drain(..) {
-        totals.add(v.status);
-        if v.status == Status::Violated {
-            eprintln!(
-                "vmaudit: VIOLATION: {} [{} claim {}]",
-                v.reason, v.claim.kind, v.claim.id
-            );
-            vtx.send_replace(totals.violated);
-        }
-        obs.verdict(&v);
-        publisher.send(v);
-    }
+/// The loop's state: the tracker, the ledger, the verdicts on their way out.
+struct Verifier {
+    w: Watcher,
+    layout: Layout,
+    ledger: Ledger,
+    decisions: Vec<(String, Box<DecisionStream>)>,
+    out: Vec<Verdict>,
+    totals: Totals,
+    obs: Observers,
+    vtx: watch::Sender<u64>,
+    publisher: Publisher,
+    /// When losses were last checked and none found: a loss found next lies after it.
+    clean_ns: u64,
 }
 
-/// Runs `on_verdict` (the journal: a write and an fsync per verdict, milliseconds on a busy
-/// disk) on a thread of its own, in order. On the verifier thread, each fsync held up the
-/// claims queued behind it: that was most of the claim-to-verdict tail (BENCHMARKS.md,
-/// `verdict`). Dropping it (or [`Publisher::finish`]) waits until every verdict is written.
-struct Publisher {
-    tx: Option<std::sync::mpsc::Sender<Verdict>>,
-    thread: Option<JoinHandle<()>>,
-}
+/// How often pending claims and findings are looked at when no event arrives.
+const TICK: Duration = Duration::from_millis(10);
+/// How often the device policies and every process's network fds are read again.
+const RECHECK: Duration = Duration::from_millis(500);
+/// Claims taken after one drain of the tracker, at most.
+const BATCH: usize = 4096;
 
-impl Publisher {
-    fn start(mut on_verdict: Box<dyn FnMut(&Verdict) + Send>) -> Result<Self, ObserveError> {
-        let (tx, rx) = std::sync::mpsc::channel::<Verdict>();
-        let thread = std::thread::Builder::new()
-            .name("vmaudit-verdicts".into())
-            .spawn(move || {
-                for v in rx {
-                    on_verdict(&v);
-                }
-            })
-            .map_err(|source| ObserveError::Poll { source })?;
+impl Verifier {
+    fn start(
+        cfg: &EngineConfig,
+        vtx: watch::Sender<u64>,
+        publisher: Publisher,
+    ) -> Result<Self, ObserveError> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let opts = WatchOptions {
+            pids: cfg.watch.clone(),
+            follow_children: true,
+            tracker: cfg.tracker.clone(),
+            ignore_tids: vec![tid],
+        };
+        let obs = cfg.observers.clone();
+        let w = Watcher::start(&opts, ProcFs::default(), &mut |o: Output| {
+            if let Output::Fd(r) = &o {
+                obs.fd(r);
+            }
+        })?;
+        let layout = Layout::detect().unwrap_or_default();
         Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
+            w,
+            layout,
+            ledger: Ledger::new(cfg.deadline.as_nanos() as u64, cfg.managers.iter().copied()),
+            decisions: Vec::new(),
+            out: Vec::new(),
+            totals: Totals::default(),
+            obs: cfg.observers.clone(),
+            vtx,
+            publisher,
+            clean_ns: monotonic_ns(),
         })
     }
 
-    fn send(&self, v: Verdict) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(v);
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>) -> Result<(), EngineError> {
+        let mut tick = tokio::time::interval(TICK);
+        let mut recheck = tokio::time::interval(RECHECK);
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    self.drain()?;
+                    let mut batch = vec![m];
+                    while batch.len() < BATCH && let Ok(m) = rx.try_recv() {
+                        batch.push(m);
+                    }
+                    if self.take(batch) {
+                        break;
+                    }
+                }
+                r = self.w.readable() => {
+                    r?;
+                    self.drain()?;
+                    // Evidence that just arrived decides pending claims now, not at the tick.
+                    self.tick();
+                }
+                _ = tick.tick() => {
+                    self.drain()?;
+                    self.tick();
+                }
+                _ = recheck.tick() => {
+                    let view = HostView::new(self.w.tables(), &self.layout);
+                    self.ledger.recheck(&view, monotonic_ns(), &mut self.out);
+                }
+            }
+            self.publish();
         }
+        Ok(())
     }
 
-    fn finish(mut self) {
-        self.close();
-    }
-
-    fn close(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Takes a batch of messages; true when told to finish.
+    fn take(&mut self, batch: Vec<Msg>) -> bool {
+        for m in batch {
+            match m {
+                Msg::Claim(c) => self.claim(*c),
+                Msg::CaughtUp => {
+                    let view = HostView::new(self.w.tables(), &self.layout);
+                    self.ledger.caught_up(&view, monotonic_ns(), &mut self.out);
+                }
+                Msg::Decisions { uuid, stream } => self.decisions.push((uuid, stream)),
+                Msg::Stopping(pid) => self.ledger.on_stopping(pid),
+                Msg::Finish => return true,
+            }
         }
+        false
     }
-}
 
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.close();
+    fn claim(&mut self, c: Claim) {
+        if let ClaimKind::VmStart { pid } = c.kind
+            && self.w.tables().get(pid).is_none()
+            && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            // Started before vmaudit watched, or by a process it does not follow: watch it
+            // from now on, its table read from /proc.
+            let obs = &self.obs;
+            if let Err(e) = self.w.add(pid, true, &mut |o: Output| {
+                if let Output::Fd(r) = &o {
+                    obs.fd(r);
+                }
+            }) {
+                log::warn!("cannot watch the emulator pid {pid} the record names: {e}");
+            }
+        }
+        tell_claim(&self.obs, &c);
+        let view = HostView::new(self.w.tables(), &self.layout);
+        self.ledger
+            .on_claim(c, &view, monotonic_ns(), &mut self.out);
+    }
+
+    /// Applies every kernel event and loss available now, in order.
+    fn drain(&mut self) -> Result<(), ObserveError> {
+        let mut outputs: Vec<Output> = Vec::new();
+        let checked = monotonic_ns();
+        self.w.drain(&mut |o: Output| outputs.push(o));
+        self.w.check_losses(&mut |o: Output| outputs.push(o))?;
+        let view = HostView::new(self.w.tables(), &self.layout);
+        let mut lost = false;
+        for o in outputs {
+            match o {
+                Output::Fd(r) => {
+                    self.obs.fd(&r);
+                    self.ledger.on_fd(&r, &view, &mut self.out);
+                }
+                Output::Gap(g) => {
+                    self.obs.gap(&g);
+                    lost = true;
+                    self.ledger.on_loss(Loss {
+                        pid: g.pid,
+                        from_ns: self.clean_ns,
+                        to_ns: g.ts.max(checked),
+                        lost: g.lost,
+                    });
+                }
+            }
+        }
+        if !lost {
+            self.clean_ns = checked;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) {
+        for (uuid, d) in self.decisions.iter_mut() {
+            for dec in d.drain() {
+                self.obs.decision(&dec);
+                self.ledger
+                    .on_decision(uuid, &dec, monotonic_ns(), &mut self.out);
+            }
+        }
+        let view = HostView::new(self.w.tables(), &self.layout);
+        self.ledger.on_tick(&view, monotonic_ns(), &mut self.out);
+    }
+
+    /// The verdicts judged so far: totals, the stderr line of each violation, the observers,
+    /// then the publisher.
+    fn publish(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        for v in &self.out {
+            self.totals.add(v.status);
+            if v.status == Status::Violated {
+                eprintln!(
+                    "vmaudit: VIOLATION: {} [{} claim {}]",
+                    v.reason, v.claim.kind, v.claim.id
+                );
+                self.vtx.send_replace(self.totals.violated);
+            }
+            self.obs.verdict(v);
+        }
+        self.publisher.send(std::mem::take(&mut self.out));
+    }
+
+    /// Judges everything left, writes it, and waits for the publisher.
+    fn end(mut self) -> Result<Outcome, EngineError> {
+        self.drain()?;
+        self.tick();
+        let view = HostView::new(self.w.tables(), &self.layout);
+        self.ledger.finish(&view, monotonic_ns(), &mut self.out);
+        self.publish();
+        self.publisher.finish().map_err(EngineError::Publish)?;
+        Ok(Outcome {
+            totals: self.totals,
+            ledger: self.ledger.stats.clone(),
+        })
     }
 }
 
@@ -316,19 +401,12 @@ fn tell_claim(obs: &Observers, c: &Claim) {
     obs.claim(c);
     let (pid, state) = match c.kind {
         ClaimKind::VmStart { pid } => (pid, "running"),
-        ClaimKind::VmStop { pid } => (pid, "stopped"),
+        ClaimKind::VmStop { pid, .. } => (pid.unwrap_or(0), "stopped"),
         _ => return,
     };
-    let field = |name: &str| {
-        crate::audit::parse::parse_text(&c.text)
-            .ok()
-            .and_then(|kv| kv.into_iter().find(|(k, _)| k == name))
-            .and_then(|(_, v)| v.text().map(str::to_owned))
-            .unwrap_or_default()
-    };
     obs.vm(&VmInfo {
-        name: field("vm"),
-        uuid: field("uuid"),
+        name: c.vm_name.clone(),
+        uuid: c.uuid.clone(),
         pid,
         state,
     });

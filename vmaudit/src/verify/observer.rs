@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{Verdict, claims::Claim};
+use super::{Claim, Verdict};
 use crate::{
     cgroup::Decision,
     observe::{GapRecord, table::FdRecord},

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::Serialize;
 
-use super::{Status, Verdict, engine::Totals};
+use super::{Status, Totals, Verdict};
 use crate::exit;
 
 /// One record of the journal and the verdicts on it.
@@ -27,15 +27,6 @@ pub struct Report {
     pub totals: Totals,
     /// Records without any verdict (journals written with `--no-verify`, or cut short).
     pub unverified: u64,
-}
-
-fn rank(s: Status) -> u8 {
-    match s {
-        Status::Confirmed => 0,
-        Status::Unconfirmed => 1,
-        Status::Unknown => 2,
-        Status::Violated => 3,
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,23 +89,20 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
     let mut totals = Totals::default();
     let mut unclaimed = Vec::new();
     for v in verdicts {
-        match v.status {
-            Status::Confirmed => totals.confirmed += 1,
-            Status::Violated => totals.violated += 1,
-            Status::Unconfirmed => totals.unconfirmed += 1,
-            Status::Unknown => totals.unknown += 1,
-        }
+        totals.add(v.status);
         match index
             .get(&v.claim.record_ts_ns)
             .filter(|_| v.claim.record_ts_ns != 0)
         {
             Some(&i) => {
                 let row = &mut rows[i];
-                if row.status.is_none_or(|s| rank(v.status) > rank(s)) {
+                if row
+                    .status
+                    .is_none_or(|s| v.status.severity() > s.severity())
+                {
                     row.status = Some(v.status);
                 }
-                row.reasons
-                    .push(format!("{:?}: {}", v.status, v.reason).to_lowercase());
+                row.reasons.push(format!("{}: {}", v.status, v.reason));
             }
             None => unclaimed.push(v),
         }
@@ -132,12 +120,9 @@ impl Report {
     /// 0 when every claim is confirmed; [`exit::VIOLATED`] when anything is violated;
     /// [`exit::UNCONFIRMED`] when something is unconfirmed, unknown or unverified.
     pub fn exit_code(&self) -> u8 {
-        if self.totals.violated > 0 {
-            exit::VIOLATED
-        } else if self.totals.unconfirmed + self.totals.unknown + self.unverified > 0 {
-            exit::UNCONFIRMED
-        } else {
-            exit::OK
+        match self.totals.exit_code() {
+            exit::OK if self.unverified > 0 => exit::UNCONFIRMED,
+            code => code,
         }
     }
 
@@ -146,9 +131,7 @@ impl Report {
         let mut s = String::new();
         s.push_str(&format!("{:<12} {:<14} CLAIM / REASON\n", "STATUS", "TYPE"));
         for r in &self.rows {
-            let status = r
-                .status
-                .map_or("unverified".to_owned(), |s| format!("{s:?}").to_lowercase());
+            let status = r.status.map_or("unverified", Status::as_str);
             let text: String = r
                 .text
                 .split(" exe=")
@@ -165,7 +148,7 @@ impl Report {
         for v in &self.unclaimed {
             s.push_str(&format!(
                 "{:<12} {:<14} {}\n{:<27}   {}\n",
-                format!("{:?}", v.status).to_lowercase(),
+                v.status.as_str(),
                 "unclaimed",
                 v.claim.text,
                 "",

@@ -73,6 +73,8 @@ pub struct Parsed {
     pub stamp: Stamp,
     /// `pid`, `uid`, `auid`, `ses` (and `subj` when an LSM runs) of the sender.
     pub sender: Vec<(String, Value)>,
+    /// The record's text as sent (inside `msg='...'`).
+    pub text: String,
     /// The text's fields (libvirt's, libaudit's, any vmaudit-*), in order.
     pub fields: Vec<(String, Value)>,
 }
@@ -251,6 +253,7 @@ fn parse_stamped(kind: &str, rest: &str) -> Result<Parsed, ParseError> {
         stamp,
         sender: parse_text(sender)?,
         fields: parse_text(text)?,
+        text: text.to_owned(),
     })
 }
 

@@ -17,11 +17,12 @@ pub const KERNEL_FEATURE: u8 = 5;
 /// Every watched process exited while being watched (the summary is still printed).
 pub const TARGET_EXITED: u8 = 6;
 
-/// The verifier found a violation (`vmaudit verify`; `vmaudit run --strict`, which then stops
-/// the VM).
+/// The verifier found a violation (`verify`, `run` and `monitor`; `run --strict` stops the VM at
+/// the first).
 pub const VIOLATED: u8 = 7;
-/// The verifier could not confirm everything: a claim is unconfirmed (deadline passed without
-/// evidence), unknown (events lost) or unverified (no verdict in the journal); nothing violated.
+/// The verifier could not confirm everything (`verify`, `run` and `monitor`): a claim is
+/// unconfirmed (deadline passed without evidence), unknown (events lost) or unverified (no
+/// verdict in the journal); nothing violated.
 pub const UNCONFIRMED: u8 = 8;
 
 /// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
@@ -74,7 +75,7 @@ pub const TABLE: &[(u8, &str)] = &[
     (VIOLATED, "a claim was violated (verify, run, monitor)"),
     (
         UNCONFIRMED,
-        "verify: a claim is unconfirmed, unknown or unverified (nothing violated)",
+        "a claim is unconfirmed, unknown or unverified, nothing violated (verify, run, monitor)",
     ),
     (
         SPEC,

@@ -1,0 +1,510 @@
+//! The ledger: every claim held to the kernel's evidence, the same rules in both modes.
+//!
+//! In, in kernel order: the fd records of the watched processes (the managers and everything
+//! they fork: the emulators), losses, and claims once the events before them are in. Out:
+//! verdicts. A claim gets its verdict as soon as its evidence is there; a claim still waiting
+//! at its deadline is `unconfirmed` (or `violated`, where the kernel shows the opposite of the
+//! claim); what no claim accounts for is a finding (`unclaimed`, or against the claim whose fd
+//! it concerns). Every read of the kernel goes through [`KernelView`]; the ledger does no I/O.
+//!
+//! - [`kernel`]: what the fd records said (opens, releases, network fds' lives, exits).
+//! - [`vm`]: what is known of each VM: emulator, NICs and their fds, cgroup, claimed ACL.
+//! - [`net`]: the NIC claims (open, start/attach, detach), with what monitor mode infers.
+//! - [`acl`]: the cgroup claims, and holding the device policy to them.
+//! - [`life`]: the VM's start and stop.
+//! - [`findings`]: what no claim accounts for: releases with no detach, copies of an
+//!   emulator's fds, devices no claim gave it, device decisions the ACL does not explain.
+//! - [`loss`]: lost events and their windows.
+
+mod acl;
+mod findings;
+mod kernel;
+mod life;
+pub mod loss;
+mod net;
+mod vm;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use self::{findings::Finding, kernel::KernelLog, loss::Losses, vm::Vm};
+pub use self::{
+    loss::Loss,
+    vm::{acl_allows, host_mac_matches},
+};
+use crate::{
+    acl::Decision,
+    claim::{Claim, ClaimKind},
+    fd::FdRecord,
+    verdict::{ClaimRef, Evidence, Status, Verdict},
+    view::KernelView,
+};
+
+/// What the ledger counted besides verdicts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerStats {
+    /// Claims taken up.
+    pub claims: u64,
+    /// Claims written before vmaudit watched.
+    pub historic: u64,
+    /// Claims about VMs whose start was never seen.
+    pub unknown_vm: u64,
+    /// Start records whose pid now belongs to a later process.
+    pub pid_reuse: u64,
+}
+
+/// A judgement before it is sealed into a verdict: the window it rests on decides whether lost
+/// events make it `unknown`.
+#[derive(Clone, Debug)]
+struct Found {
+    status: Status,
+    reason: String,
+    evidence: Vec<Evidence>,
+    /// The processes whose events it rests on.
+    pids: Vec<u32>,
+    /// The earliest kernel time it rests on.
+    from: u64,
+    /// The fd the claim turned out to be about (a NIC's first fd), for the verdict's claim.
+    fd: Option<i32>,
+}
+
+impl Found {
+    fn new(status: Status, reason: impl Into<String>, evidence: Vec<Evidence>) -> Self {
+        let from = evidence
+            .iter()
+            .filter_map(|e| e.ts)
+            .min()
+            .unwrap_or(u64::MAX);
+        Self {
+            status,
+            reason: reason.into(),
+            evidence,
+            pids: Vec::new(),
+            from,
+            fd: None,
+        }
+    }
+
+    fn confirmed(reason: impl Into<String>, evidence: Vec<Evidence>) -> Self {
+        Self::new(Status::Confirmed, reason, evidence)
+    }
+
+    fn violated(reason: impl Into<String>, evidence: Vec<Evidence>) -> Self {
+        Self::new(Status::Violated, reason, evidence)
+    }
+
+    fn unconfirmed(reason: impl Into<String>) -> Self {
+        Self::new(Status::Unconfirmed, reason, Vec::new())
+    }
+
+    fn unknown(reason: impl Into<String>) -> Self {
+        Self::new(Status::Unknown, reason, Vec::new())
+    }
+
+    /// The processes whose events it rests on.
+    fn on(mut self, pids: impl IntoIterator<Item = u32>) -> Self {
+        self.pids.extend(pids);
+        self
+    }
+
+    /// The fd the claim turned out to be about.
+    fn about(mut self, fd: Option<i32>) -> Self {
+        self.fd = fd;
+        self
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    claim: Claim,
+    due: u64,
+}
+
+/// The verifier's state. `now` arguments are CLOCK_MONOTONIC ns, the clock of the kernel's
+/// event times.
+pub struct Ledger {
+    deadline_ns: u64,
+    managers: HashSet<u32>,
+    vms: HashMap<String, Vm>,
+    log: KernelLog,
+    losses: Losses,
+    pending: Vec<Pending>,
+    watches: Vec<findings::Watch>,
+    reported: HashSet<Finding>,
+    historic: Vec<Claim>,
+    /// Emulators the manager is stopping: their releases from now on are the stop's.
+    stopping: HashSet<u32>,
+    /// Something arrived since pending claims were last judged.
+    dirty: bool,
+    pub stats: LedgerStats,
+}
+
+impl Ledger {
+    /// A ledger whose claims wait `deadline_ns` for their evidence (and a release as long for
+    /// the detach that explains it), for claims of `managers`.
+    pub fn new(deadline_ns: u64, managers: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            deadline_ns,
+            managers: managers.into_iter().collect(),
+            vms: HashMap::new(),
+            log: KernelLog::default(),
+            losses: Losses::default(),
+            pending: Vec::new(),
+            watches: Vec::new(),
+            reported: HashSet::new(),
+            historic: Vec::new(),
+            stopping: HashSet::new(),
+            dirty: false,
+            stats: LedgerStats::default(),
+        }
+    }
+
+    pub fn managers(&self) -> &HashSet<u32> {
+        &self.managers
+    }
+
+    pub fn add_manager(&mut self, pid: u32) {
+        self.managers.insert(pid);
+    }
+
+    /// The emulator pids of running VMs.
+    pub fn emulators(&self) -> Vec<u32> {
+        self.vms
+            .values()
+            .filter(|v| v.running)
+            .filter_map(|v| v.pid)
+            .collect()
+    }
+
+    /// Claims still waiting for their evidence.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Judge every pending claim at the next tick, whatever arrived (evidence outside the
+    /// tracker, a device map, can change without an fd event).
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Events lost for a process.
+    pub fn on_loss(&mut self, loss: Loss) {
+        self.dirty = true;
+        self.losses.add(loss);
+    }
+
+    /// One fd record of a watched process, in kernel order.
+    pub fn on_fd(&mut self, r: &FdRecord, view: &dyn KernelView, out: &mut Vec<Verdict>) {
+        self.dirty = true;
+        let change = self.log.apply(r, &self.managers, view);
+        findings::on_change(self, change, r, view, out);
+    }
+
+    /// The manager is stopping emulator `pid`: what it releases from now on is the stop's.
+    pub fn on_stopping(&mut self, pid: u32) {
+        self.stopping.insert(pid);
+        findings::release_all(self, pid);
+    }
+
+    /// A device access decision of VM `uuid`'s cgroup program.
+    pub fn on_decision(&mut self, uuid: &str, d: &Decision, now: u64, out: &mut Vec<Verdict>) {
+        findings::on_decision(self, uuid, d, now, out);
+    }
+
+    /// A claim, once the kernel events before it have been applied.
+    pub fn on_claim(&mut self, c: Claim, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        self.dirty = true;
+        self.stats.claims += 1;
+        let vm = self.vms.entry(c.uuid.clone()).or_default();
+        if vm.name.is_empty() {
+            vm.name.clone_from(&c.vm_name);
+        }
+        if c.historic {
+            self.stats.historic += 1;
+            self.historic.push(c);
+            return;
+        }
+        self.take_up(c, view, now, out);
+    }
+
+    fn take_up(&mut self, c: Claim, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        self.note(&c);
+        match self.judge(&c, view, now, false) {
+            Some(v) => self.conclude(&c, v, view, now, out),
+            None => self.pending.push(Pending {
+                due: now + self.deadline_ns,
+                claim: c,
+            }),
+        }
+    }
+
+    /// What a claim changes whatever its verdict: the VM's emulator, its claimed ACL, the
+    /// NIC fds a detach releases, the VM's end.
+    fn note(&mut self, c: &Claim) {
+        let vm = self.vms.entry(c.uuid.clone()).or_default();
+        match &c.kind {
+            ClaimKind::VmStart { pid } => {
+                vm.pid = Some(*pid);
+                vm.running = true;
+                vm.settled = false;
+            }
+            ClaimKind::NetUp {
+                emulator_pid: Some(pid),
+                ..
+            } => {
+                vm.pid.get_or_insert(*pid);
+            }
+            ClaimKind::Cgroup { cgroup, change } if c.success => {
+                vm.claim_acl(*change);
+                if cgroup.is_some() {
+                    vm.cgroup.clone_from(cgroup);
+                }
+            }
+            ClaimKind::NetDetach { mac, fds, .. } if c.success => {
+                net::note_detach(self, &c.uuid, mac, fds.as_deref());
+            }
+            _ => {}
+        }
+    }
+
+    /// A claim's verdict now, or None while its evidence may still come (never None when
+    /// `last`).
+    fn judge(&mut self, c: &Claim, view: &dyn KernelView, now: u64, last: bool) -> Option<Verdict> {
+        let found = match &c.kind {
+            ClaimKind::NetOpen { .. } => net::judge_open(self, c, last),
+            ClaimKind::NetUp { .. } => net::judge_up(self, c, view, last),
+            ClaimKind::NetDetach { .. } => net::judge_detach(self, c, view, last),
+            ClaimKind::Cgroup { .. } => acl::judge(self, c, view, last),
+            ClaimKind::VmStart { .. } => life::judge_start(self, c, view, last),
+            ClaimKind::VmStop { .. } => life::judge_stop(self, c, view, last),
+        }?;
+        Some(self.seal(c.claim_ref(), found, c.made_ns, now))
+    }
+
+    /// What follows a verdict: a start's emulator is checked for devices no claim gave it; a
+    /// stop settles everything left of its VM.
+    fn conclude(
+        &mut self,
+        c: &Claim,
+        v: Verdict,
+        view: &dyn KernelView,
+        now: u64,
+        out: &mut Vec<Verdict>,
+    ) {
+        let confirmed = v.status == Status::Confirmed;
+        out.push(v);
+        match c.kind {
+            ClaimKind::NetUp { .. } if confirmed => {
+                // Copies made before the claim named the NIC (a child forked at launch).
+                findings::scan_watched(self, view, now, out);
+            }
+            ClaimKind::VmStart { pid } => {
+                // The VM's NIC claims waited for its emulator: judge them now.
+                self.judge_pending_of(&c.uuid, view, now, out);
+                findings::watch_devices_of(self, pid, view, now);
+            }
+            ClaimKind::VmStop { .. } => self.settle_vm(&c.uuid, view, now, out),
+            _ => {}
+        }
+    }
+
+    /// The verdict: `unknown` when events of its processes were lost in its window (which
+    /// starts a deadline before the claim, or at the earliest event it rests on).
+    fn seal(&self, mut claim: ClaimRef, f: Found, made_ns: u64, now: u64) -> Verdict {
+        if f.fd.is_some() {
+            claim.fd = f.fd;
+        }
+        let from = f.from.min(made_ns.saturating_sub(self.deadline_ns));
+        let lost = self.losses.within(&f.pids, from, now);
+        if !lost.is_empty() && f.status != Status::Unknown {
+            let mut evidence = f.evidence;
+            evidence.extend(lost.iter().map(Loss::evidence));
+            let n: u64 = lost.iter().map(|l| l.lost).sum();
+            let reason = format!(
+                "kernel events were lost ({n}) in this claim's window: nothing can be said (it would have been {}: {})",
+                f.status, f.reason
+            );
+            return Verdict::new(claim, Status::Unknown, reason, evidence);
+        }
+        let confirmed = f.status == Status::Confirmed;
+        let mut v = Verdict::new(claim, f.status, f.reason, f.evidence);
+        if confirmed {
+            // From the moment both the claim and its deciding kernel event existed.
+            v.latency_ns = v
+                .evidence
+                .iter()
+                .filter_map(|e| e.ts)
+                .max()
+                .map(|t| t.max(made_ns))
+                .and_then(|t| now.checked_sub(t));
+        }
+        v
+    }
+
+    /// Re-judges pending claims (when something arrived, or for good at their deadline) and
+    /// settles the findings whose time has come.
+    pub fn on_tick(&mut self, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for p in std::mem::take(&mut self.pending) {
+            let settled = self.vms.get(&p.claim.uuid).is_some_and(|v| v.settled);
+            let last = now >= p.due || settled;
+            if !dirty && !last {
+                self.pending.push(p);
+                continue;
+            }
+            match self.judge(&p.claim, view, now, last) {
+                Some(v) => self.conclude(&p.claim, v, view, now, out),
+                None => self.pending.push(p),
+            }
+        }
+        findings::settle(self, view, now, out);
+    }
+
+    /// Judges the pending claims of VM `uuid` now (none is final before its deadline).
+    fn judge_pending_of(
+        &mut self,
+        uuid: &str,
+        view: &dyn KernelView,
+        now: u64,
+        out: &mut Vec<Verdict>,
+    ) {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.claim.uuid == uuid);
+        self.pending = rest;
+        for p in mine {
+            match self.judge(&p.claim, view, now, now >= p.due) {
+                Some(v) => self.conclude(&p.claim, v, view, now, out),
+                None => self.pending.push(p),
+            }
+        }
+    }
+
+    /// The slow checks, every few hundred ms: the device policies held to what was confirmed,
+    /// and every process's network fds compared with the emulators'.
+    pub fn recheck(&mut self, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        self.dirty = true;
+        acl::recheck(self, view, now, out);
+        findings::scan_copies(self, view, now, out);
+    }
+
+    /// A VM's stop was judged: its other claims are judged for good, the opens it never passed
+    /// are held to the manager's table, and what was watched for it ends.
+    fn settle_vm(&mut self, uuid: &str, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        let Some(vm) = self.vms.get_mut(uuid) else {
+            return;
+        };
+        vm.running = false;
+        vm.settled = true;
+        let pid = vm.pid;
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.claim.uuid == uuid);
+        self.pending = rest;
+        for p in mine {
+            let v = self
+                .judge(&p.claim, view, now, true)
+                .expect("a last judgement always gives a verdict");
+            out.push(v);
+        }
+        net::judge_unpassed(self, uuid, view, now, out);
+        if let Some(pid) = pid {
+            findings::release_all(self, pid);
+            self.log.forget(&[pid]);
+        }
+    }
+
+    /// The log's past has been read: claims a later record superseded are `unknown` (their
+    /// moment is gone); the others are judged against what the kernel holds now.
+    pub fn caught_up(&mut self, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        let past = std::mem::take(&mut self.historic);
+        for (i, c) in past.iter().enumerate() {
+            match superseded_by(c, &past[i + 1..]) {
+                Some(l) => out.push(Verdict::new(
+                    c.claim_ref(),
+                    Status::Unknown,
+                    format!(
+                        "written before vmaudit watched, and superseded by a later record ({} claim {}): its moment is past",
+                        l.kind.name(),
+                        l.id
+                    ),
+                    vec![],
+                )),
+                None if matches!(c.kind, ClaimKind::NetOpen { .. }) => out.push(Verdict::new(
+                    c.claim_ref(),
+                    Status::Unknown,
+                    "written before vmaudit watched: the open itself was not seen",
+                    vec![],
+                )),
+                None => self.take_up(c.clone(), view, now, out),
+            }
+        }
+    }
+
+    /// Everything still open, judged for good.
+    pub fn finish(&mut self, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
+        if !self.historic.is_empty() {
+            self.caught_up(view, now, out);
+        }
+        for p in self.pending.iter_mut() {
+            p.due = now;
+        }
+        self.dirty = true;
+        self.on_tick(view, now, out);
+        findings::settle(self, view, u64::MAX, out);
+        let uuids: Vec<String> = self.vms.keys().cloned().collect();
+        for uuid in uuids {
+            net::judge_unpassed(self, &uuid, view, now, out);
+        }
+    }
+
+    /// Reports a finding once.
+    fn report(
+        &mut self,
+        key: Finding,
+        claim: ClaimRef,
+        found: Found,
+        at: u64,
+        now: u64,
+        out: &mut Vec<Verdict>,
+    ) {
+        if self.reported.insert(key) {
+            out.push(self.seal(claim, found, at, now));
+        }
+    }
+
+    /// The VM whose emulator is `pid`.
+    fn vm_of_pid(&self, pid: u32) -> Option<(&String, &Vm)> {
+        self.vms.iter().find(|(_, v)| v.pid == Some(pid))
+    }
+
+    /// The managers that may have made `c`'s record's kernel events: its sender if it is one,
+    /// else every manager.
+    fn managers_of(&self, c: &Claim) -> Vec<u32> {
+        match c.sender.filter(|s| self.managers.contains(s)) {
+            Some(s) => vec![s],
+            None => self.managers.iter().copied().collect(),
+        }
+    }
+}
+
+/// The later record that makes a past claim's moment gone: a stop ends everything of that boot,
+/// a later start the earlier start, a detach the NIC's open and start.
+fn superseded_by<'a>(c: &Claim, later: &'a [Claim]) -> Option<&'a Claim> {
+    later.iter().find(|l| {
+        l.uuid == c.uuid
+            && match (&c.kind, &l.kind) {
+                (_, ClaimKind::VmStop { .. })
+                | (ClaimKind::VmStart { .. }, ClaimKind::VmStart { .. }) => true,
+                (
+                    ClaimKind::NetUp { mac, .. } | ClaimKind::NetOpen { mac, .. },
+                    ClaimKind::NetDetach { mac: m, .. },
+                ) => mac == m,
+                _ => false,
+            }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,651 @@
+//! The NIC claims: a device opened by the manager, a NIC started or attached (the emulator
+//! holds its fds), a NIC detached (the emulator released them); and the opens never passed.
+//!
+//! vmaudit's runtime says which fds; a libvirt record does not, and the ledger infers them:
+//! - an open record's fd: the manager's oldest open of that device no earlier record named;
+//! - the emulator's fds for a NIC: its network fds whose interface carries libvirt's host side
+//!   of the NIC's MAC (the guest MAC with its first byte 0xfe), or that kcmp finds to be the
+//!   open file description the manager opened;
+//! - the fds a detach released: those the NIC's start or attach was confirmed with.
+
+use super::{
+    Found, Ledger,
+    kernel::NetFdLife,
+    vm::{HeldFd, NicOpen, host_mac_matches},
+};
+use crate::{
+    claim::{Claim, ClaimKind, Handed},
+    verdict::{Evidence, Verdict},
+    view::{FdRef, KernelView},
+};
+
+pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found> {
+    let ClaimKind::NetOpen {
+        mac,
+        path,
+        rdev,
+        fd,
+    } = &c.kind
+    else {
+        unreachable!("judge_open takes open claims")
+    };
+    let managers = l.managers_of(c);
+    if !c.success {
+        return judge_failed_open(l, c, path, &managers, last);
+    }
+    let candidates = l.log.opens.iter_mut().filter(|o| {
+        o.named.is_none()
+            && managers.contains(&o.at.pid)
+            && o.ts <= c.made_ns
+            && (o.path == *path || (rdev.is_some() && o.rdev == *rdev))
+            && fd.is_none_or(|fd| o.at.fd == fd)
+    });
+    // The record names its fd: the latest open of it. Else the oldest no record named.
+    let found = match fd {
+        Some(_) => candidates.max_by_key(|o| o.ts),
+        None => candidates.min_by_key(|o| o.ts),
+    };
+    let Some(o) = found else {
+        return last.then(|| {
+            Found::unconfirmed(format!(
+                "the kernel saw no open of {path} by the manager before this record"
+            ))
+            .on(managers.clone())
+        });
+    };
+    o.named = Some(c.id);
+    let o = o.clone();
+    let mut e = o.evidence();
+    if fd.is_none() {
+        e = e.detail(
+            "inferred: the manager's oldest open of this device that no earlier record named",
+        );
+    }
+    let nic = l.vms.entry(c.uuid.clone()).or_default();
+    nic.nics
+        .entry(mac.clone())
+        .or_default()
+        .opens
+        .push(NicOpen {
+            at: o.at,
+            ts: o.ts,
+            path: o.path.clone(),
+            claim: {
+                let mut r = c.claim_ref();
+                r.fd = Some(o.at.fd);
+                r
+            },
+            passed: false,
+        });
+    Some(
+        Found::confirmed(
+            format!(
+                "the manager (pid {}) opened {} as fd {} for NIC {mac}",
+                o.at.pid, o.path, o.at.fd
+            ),
+            vec![e],
+        )
+        .on([o.at.pid])
+        .about(Some(o.at.fd)),
+    )
+}
+
+fn judge_failed_open(
+    l: &Ledger,
+    c: &Claim,
+    path: &str,
+    managers: &[u32],
+    last: bool,
+) -> Option<Found> {
+    let failed = l
+        .log
+        .failed
+        .iter()
+        .rev()
+        .find(|f| managers.contains(&f.pid) && f.path == path && f.ts <= c.made_ns);
+    match failed {
+        Some(f) => Some(
+            Found::confirmed(
+                format!("the kernel refused to open {path} ({})", f.errno),
+                vec![
+                    Evidence::new(f.pid, "open")
+                        .at(f.ts)
+                        .path(path)
+                        .detail(f.errno.clone()),
+                ],
+            )
+            .on([f.pid]),
+        ),
+        None => last.then(|| {
+            Found::unconfirmed(format!(
+                "the kernel saw no failed open of {path} by the manager"
+            ))
+            .on(managers.to_vec())
+        }),
+    }
+}
+
+/// One of the emulator's fds for a NIC, as found.
+struct NicFd {
+    at: FdRef,
+    /// When it arrived in the emulator.
+    since: u64,
+    /// Held now (evidence `holds`), or released (evidence: the release).
+    held: bool,
+    evidence: Evidence,
+}
+
+/// The emulator of `c`'s VM and its table, or the verdict that they are not known.
+fn emulator_of(
+    l: &mut Ledger,
+    c: &Claim,
+    given: Option<u32>,
+    last: bool,
+) -> Result<u32, Option<Found>> {
+    match given.or_else(|| l.vms.get(&c.uuid).and_then(|v| v.pid)) {
+        Some(pid) => Ok(pid),
+        None if last => {
+            l.stats.unknown_vm += 1;
+            Err(Some(Found::unknown(
+                "no start record for this VM was seen: its emulator is not known",
+            )))
+        }
+        None => Err(None),
+    }
+}
+
+pub(super) fn judge_up(
+    l: &mut Ledger,
+    c: &Claim,
+    view: &dyn KernelView,
+    last: bool,
+) -> Option<Found> {
+    let ClaimKind::NetUp {
+        mac,
+        attach,
+        emulator_pid,
+        handed,
+    } = &c.kind
+    else {
+        unreachable!("judge_up takes start and attach claims")
+    };
+    let emu = match emulator_of(l, c, *emulator_pid, last) {
+        Ok(pid) => pid,
+        Err(f) => return f,
+    };
+    if view.table(emu).is_none() {
+        return last.then(|| {
+            Found::unknown(format!(
+                "the emulator (pid {emu}) is not watched: its fds cannot be seen"
+            ))
+        });
+    }
+    if let Some(bad) = handed.iter().find(|h| h.same_at_handoff == Some(false)) {
+        return Some(
+            Found::violated(
+                format!(
+                    "the emulator's fd {} is not the open file the manager opened as fd {} (kcmp at hand-off)",
+                    bad.emulator_fd, bad.fd
+                ),
+                vec![Evidence::new(emu, "kcmp").fd(bad.emulator_fd).detail(format!(
+                    "kcmp(KCMP_FILE) of the manager's fd {} and the emulator's fd {}: different",
+                    bad.fd, bad.emulator_fd
+                ))],
+            )
+            .on([emu]),
+        );
+    }
+    let found = if handed.is_empty() {
+        infer_nic_fds(l, c, emu, mac, view)
+    } else {
+        match handed_fds(l, emu, handed, view) {
+            Some(f) => f,
+            None => return last.then(|| not_held(l, c, emu, mac, *attach, view)),
+        }
+    };
+    up_verdict(l, c, emu, mac, *attach, found, handed, view, last)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn up_verdict(
+    l: &mut Ledger,
+    c: &Claim,
+    emu: u32,
+    mac: &str,
+    attach: bool,
+    found: Vec<NicFd>,
+    handed: &[Handed],
+    view: &dyn KernelView,
+    last: bool,
+) -> Option<Found> {
+    if found.is_empty() {
+        return last.then(|| not_held(l, c, emu, mac, attach, view));
+    }
+    let list = fd_list(found.iter().map(|f| f.at.fd));
+    if let Some(gone) = found.iter().find(|f| !f.held) {
+        return Some(
+            Found::violated(
+                format!(
+                    "the emulator (pid {emu}) does not hold fd {} of NIC {mac}: it released it ({}) with no detach",
+                    gone.at.fd, gone.evidence.what
+                ),
+                vec![gone.evidence.clone()],
+            )
+            .on([emu]),
+        );
+    }
+    register_held(l, c, mac, &found, handed);
+    let first = found.first().map(|f| f.at.fd);
+    let same = if handed.is_empty() {
+        ""
+    } else {
+        ", the same open files the manager opened"
+    };
+    Some(
+        Found::confirmed(
+            format!("the emulator (pid {emu}) holds fd {list} of NIC {mac}{same}"),
+            found.into_iter().map(|f| f.evidence).collect(),
+        )
+        .on([emu])
+        .about(first),
+    )
+}
+
+/// The NIC's fds, as the manager handed them; None while one is neither held nor released.
+fn handed_fds(
+    l: &Ledger,
+    emu: u32,
+    handed: &[Handed],
+    view: &dyn KernelView,
+) -> Option<Vec<NicFd>> {
+    let table = view.table(emu)?;
+    handed
+        .iter()
+        .map(|h| {
+            let at = FdRef::new(emu, h.emulator_fd);
+            let held = table
+                .fds
+                .get(&h.emulator_fd)
+                .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev);
+            match (held, l.log.releases.get(&at)) {
+                (Some(e), _) if h.same_at_handoff == Some(true) => Some(NicFd {
+                    at,
+                    since: e.since_ns,
+                    held: true,
+                    evidence: Evidence::new(emu, e.via.name())
+                        .fd(h.emulator_fd)
+                        .at(e.since_ns)
+                        .path(e.id.path.clone())
+                        .rdev(e.id.rdev)
+                        .detail(format!(
+                            "kcmp: the same open file description as the manager's fd {}",
+                            h.fd
+                        )),
+                }),
+                (None, Some(&(ts, op))) => Some(NicFd {
+                    at,
+                    since: l.log.gains.get(&at).map_or(0, |g| g.0),
+                    held: false,
+                    evidence: Evidence::new(emu, op.name())
+                        .fd(h.emulator_fd)
+                        .at(ts)
+                        .path(h.path.clone())
+                        .rdev(h.rdev),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The emulator's fds for NIC `mac` that the kernel shows: by the interface's address, or by
+/// kcmp with the manager's open of it. Released ones count (their release is the evidence).
+fn infer_nic_fds(l: &Ledger, c: &Claim, emu: u32, mac: &str, view: &dyn KernelView) -> Vec<NicFd> {
+    let opens: Vec<FdRef> = l
+        .vms
+        .get(&c.uuid)
+        .and_then(|v| v.nics.get(mac))
+        .map(|n| n.opens.iter().map(|o| o.at).collect())
+        .unwrap_or_default();
+    let since = c.made_ns.saturating_sub(l.deadline_ns);
+    candidates(l, emu, since, view)
+        .into_iter()
+        .filter_map(|life| nic_fd(&life, mac, &opens, view))
+        .collect()
+}
+
+/// The emulator's network fds: what the tracker saw arrive (held, or released since `since`),
+/// and what its table holds from before watching.
+fn candidates(l: &Ledger, emu: u32, since: u64, view: &dyn KernelView) -> Vec<NetFdLife> {
+    let mut out: Vec<NetFdLife> = l.log.net_fds_of(emu, since).cloned().collect();
+    if let Some(t) = view.table(emu) {
+        for e in t.fds.values().filter(|e| e.id.is_net_device()) {
+            let at = FdRef::new(emu, e.fd);
+            if out.iter().any(|n| n.at == at && n.released.is_none()) {
+                continue;
+            }
+            let iface = e.id.iface.clone().or_else(|| view.iface_of(at));
+            out.push(NetFdLife {
+                at,
+                since: e.since_ns,
+                via: e.via,
+                path: e.id.path.clone(),
+                rdev: e.id.rdev,
+                address: iface.as_deref().and_then(|i| view.iface_address(i)),
+                iface,
+                released: None,
+            });
+        }
+    }
+    out
+}
+
+fn nic_fd(life: &NetFdLife, mac: &str, opens: &[FdRef], view: &dyn KernelView) -> Option<NicFd> {
+    let held = life.released.is_none();
+    // The address now, or as read when the fd arrived (a released tap may be gone).
+    let address = held
+        .then(|| life.iface.as_deref().and_then(|i| view.iface_address(i)))
+        .flatten()
+        .or_else(|| life.address.clone());
+    let by_mac = address.as_deref().is_some_and(|a| host_mac_matches(a, mac));
+    let by_kcmp = (!by_mac && held)
+        .then(|| {
+            opens
+                .iter()
+                .find(|o| view.same_file(**o, life.at) == Some(true))
+        })
+        .flatten();
+    if !by_mac && by_kcmp.is_none() {
+        return None;
+    }
+    let mut how = Vec::new();
+    if let Some(i) = &life.iface {
+        how.push(format!("interface {i}"));
+    }
+    if by_mac {
+        how.push(format!(
+            "whose address {} is libvirt's host side of {mac}",
+            address.unwrap_or_default().trim()
+        ));
+    }
+    if let Some(o) = by_kcmp {
+        how.push(format!(
+            "kcmp: the open file description the manager (pid {}) opened as fd {}",
+            o.pid, o.fd
+        ));
+    }
+    how.push(format!("arrived via {}", life.via));
+    let mut evidence = life.evidence();
+    evidence.detail = Some(format!("inferred: {}", how.join("; ")));
+    Some(NicFd {
+        at: life.at,
+        since: life.since,
+        held,
+        evidence,
+    })
+}
+
+/// No fd of the emulator is the NIC's: a violation, with what it holds and released.
+fn not_held(
+    l: &Ledger,
+    c: &Claim,
+    emu: u32,
+    mac: &str,
+    attach: bool,
+    view: &dyn KernelView,
+) -> Found {
+    let since = c.made_ns.saturating_sub(l.deadline_ns);
+    let evidence: Vec<Evidence> = candidates(l, emu, since, view)
+        .iter()
+        .map(NetFdLife::evidence)
+        .collect();
+    let how = if attach { "attached" } else { "started with" };
+    Found::violated(
+        format!(
+            "the manager says VM {} {how} NIC {mac}, but the emulator (pid {emu}) holds no fd for it",
+            c.vm_name
+        ),
+        evidence,
+    )
+    .on([emu])
+}
+
+/// The NIC's fds become held (their release is now watched), and the opens they are marked
+/// passed.
+fn register_held(l: &mut Ledger, c: &Claim, mac: &str, found: &[NicFd], handed: &[Handed]) {
+    let mut claim = c.claim_ref();
+    claim.fd = found.first().map(|f| f.at.fd);
+    let nic = l
+        .vms
+        .entry(c.uuid.clone())
+        .or_default()
+        .nics
+        .entry(mac.to_owned())
+        .or_default();
+    nic.detached = false;
+    for f in found {
+        nic.held.retain(|h| h.at != f.at);
+        nic.held.push(HeldFd {
+            at: f.at,
+            since: f.since,
+            claim: claim.clone(),
+            released: false,
+        });
+    }
+    for o in nic.opens.iter_mut() {
+        // vmaudit says which; for libvirt's records, the NIC's fds are found, so its opens
+        // were passed.
+        o.passed |= handed.is_empty() || handed.iter().any(|h| h.fd == o.at.fd);
+    }
+}
+
+/// A detach claim releases the NIC's fds: their release is no violation from now on.
+pub(super) fn note_detach(l: &mut Ledger, uuid: &str, mac: &str, fds: Option<&[i32]>) {
+    let Some(vm) = l.vms.get_mut(uuid) else {
+        return;
+    };
+    let pid = vm.pid;
+    let nic = vm.nics.entry(mac.to_owned()).or_default();
+    nic.detached = true;
+    for h in nic.held.iter_mut() {
+        if fds.is_none_or(|f| f.contains(&h.at.fd)) && pid.is_none_or(|p| p == h.at.pid) {
+            h.released = true;
+        }
+    }
+}
+
+pub(super) fn judge_detach(
+    l: &mut Ledger,
+    c: &Claim,
+    view: &dyn KernelView,
+    last: bool,
+) -> Option<Found> {
+    let ClaimKind::NetDetach {
+        mac,
+        emulator_pid,
+        fds,
+    } = &c.kind
+    else {
+        unreachable!("judge_detach takes detach claims")
+    };
+    let emu = match emulator_of(l, c, *emulator_pid, last) {
+        Ok(pid) => pid,
+        Err(f) => return f,
+    };
+    let Some(table) = view.table(emu) else {
+        return Some(Found::unknown(format!(
+            "the emulator (pid {emu}) is not watched: no kernel evidence of what it released"
+        )));
+    };
+    let fds: Vec<i32> = match fds {
+        Some(f) => f.clone(),
+        None => nic_fds_known(l, c, emu, mac),
+    };
+    if fds.is_empty() {
+        return Some(Found::unknown(format!(
+            "which fds NIC {mac} had is not known (no start or attach of it was confirmed)"
+        )));
+    }
+    let still: Vec<Evidence> = fds
+        .iter()
+        .filter_map(|fd| table.fds.get(fd))
+        .map(|e| {
+            Evidence::new(emu, "holds")
+                .fd(e.fd)
+                .at(e.since_ns)
+                .path(e.id.path.clone())
+                .rdev(e.id.rdev)
+        })
+        .collect();
+    if c.success {
+        detach_claimed(l, emu, mac, &fds, still, last)
+    } else {
+        Some(detach_failed(emu, mac, &fds, still))
+    }
+}
+
+/// The fds NIC `mac` was confirmed held with.
+fn nic_fds_known(l: &Ledger, c: &Claim, emu: u32, mac: &str) -> Vec<i32> {
+    l.vms
+        .get(&c.uuid)
+        .and_then(|v| v.nics.get(mac))
+        .map(|n| {
+            n.held
+                .iter()
+                .filter(|h| h.at.pid == emu)
+                .map(|h| h.at.fd)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn detach_claimed(
+    l: &Ledger,
+    emu: u32,
+    mac: &str,
+    fds: &[i32],
+    still: Vec<Evidence>,
+    last: bool,
+) -> Option<Found> {
+    if !still.is_empty() {
+        let held = fd_list(still.iter().filter_map(|e| e.fd));
+        return last.then(|| {
+            Found::violated(
+                format!(
+                    "the manager says NIC {mac} was detached, but the emulator (pid {emu}) still holds fd {held}"
+                ),
+                still,
+            )
+            .on([emu])
+        });
+    }
+    let evidence = fds
+        .iter()
+        .map(|fd| {
+            let at = FdRef::new(emu, *fd);
+            match l.log.releases.get(&at) {
+                Some(&(ts, op)) => Evidence::new(emu, op.name()).fd(*fd).at(ts),
+                None => Evidence::new(emu, "holds")
+                    .fd(*fd)
+                    .detail("not in the emulator's fd table"),
+            }
+            .detail(format!("NIC {mac}'s fd, released"))
+        })
+        .collect();
+    Some(
+        Found::confirmed(
+            format!(
+                "the emulator (pid {emu}) released every fd of NIC {mac}: fd {}",
+                fd_list(fds.iter().copied())
+            ),
+            evidence,
+        )
+        .on([emu]),
+    )
+}
+
+/// A detach recorded as failed claims nothing released: the emulator should still hold them.
+fn detach_failed(emu: u32, mac: &str, fds: &[i32], still: Vec<Evidence>) -> Found {
+    if still.len() == fds.len() {
+        Found::confirmed(
+            format!(
+                "the detach of NIC {mac} failed, and the emulator (pid {emu}) still holds fd {}",
+                fd_list(fds.iter().copied())
+            ),
+            still,
+        )
+        .on([emu])
+    } else {
+        Found::violated(
+            format!(
+                "the detach of NIC {mac} is recorded as failed, yet the emulator (pid {emu}) released some of its fds"
+            ),
+            still,
+        )
+        .on([emu])
+    }
+}
+
+/// Once a VM is settled: every open of it that was never passed must be closed by now.
+pub(super) fn judge_unpassed(
+    l: &mut Ledger,
+    uuid: &str,
+    view: &dyn KernelView,
+    now: u64,
+    out: &mut Vec<Verdict>,
+) {
+    let Some(vm) = l.vms.get_mut(uuid) else {
+        return;
+    };
+    let opens: Vec<NicOpen> = vm
+        .nics
+        .values_mut()
+        .flat_map(|n| std::mem::take(&mut n.opens))
+        .filter(|o| !o.passed)
+        .collect();
+    for o in opens {
+        let found = unpassed(l, &o, view);
+        let v = l.seal(o.claim.clone(), found, o.ts, now);
+        out.push(v);
+    }
+}
+
+fn unpassed(l: &Ledger, o: &NicOpen, view: &dyn KernelView) -> Found {
+    let still = view
+        .table(o.at.pid)
+        .and_then(|t| t.fds.get(&o.at.fd))
+        .filter(|e| e.since_ns == o.ts);
+    match (still, l.log.releases.get(&o.at)) {
+        (None, Some(&(ts, op))) => Found::confirmed(
+            format!(
+                "opened, not passed: the manager closed fd {} ({}) and no watched process holds it",
+                o.at.fd, o.path
+            ),
+            vec![Evidence::new(o.at.pid, op.name()).fd(o.at.fd).at(ts)],
+        )
+        .on([o.at.pid]),
+        (None, None) => Found::unknown(format!(
+            "opened, not passed: fd {} ({}) is gone from the manager's table, but its release was not seen",
+            o.at.fd, o.path
+        ))
+        .on([o.at.pid]),
+        (Some(e), _) => Found::violated(
+            format!(
+                "opened, not passed, and fd {} ({}) is still held by the manager (pid {})",
+                o.at.fd, o.path, o.at.pid
+            ),
+            vec![
+                Evidence::new(o.at.pid, "holds")
+                    .fd(o.at.fd)
+                    .at(e.since_ns)
+                    .path(e.id.path.clone())
+                    .rdev(e.id.rdev),
+            ],
+        )
+        .on([o.at.pid]),
+    }
+}
+
+pub(super) fn fd_list(fds: impl Iterator<Item = i32>) -> String {
+    fds.map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+}

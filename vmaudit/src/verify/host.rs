@@ -1,0 +1,269 @@
+//! The host as the ledger sees it ([`KernelView`]): the tracker's fd tables, kcmp, /proc, /sys
+//! and the device policies of cgroups (BPF_PROG_QUERY and the program's map on v2,
+//! `devices.list` on v1).
+
+use std::{
+    ffi::OsStr,
+    fs::{File, OpenOptions},
+    io::Read as _,
+    os::{fd::AsFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Component, Path},
+};
+
+use vmaudit_core::{
+    acl::{Acl, DevTypes, DeviceRule},
+    fd::ProcTable,
+    view::{DevicePolicy, Enforcer, FdRef, KernelView, NetFd, ProcessInfo},
+};
+
+use crate::{
+    cgroup::{
+        Layout,
+        attached::{RuleMap, device_programs_of},
+        v1,
+    },
+    observe::table::Tables,
+    paths::Roots,
+    procfs::ProcFs,
+};
+
+/// The real host, over the tracker's tables.
+pub struct HostView<'a> {
+    tables: &'a Tables<ProcFs>,
+    layout: &'a Layout,
+    roots: Roots,
+}
+
+impl<'a> HostView<'a> {
+    pub fn new(tables: &'a Tables<ProcFs>, layout: &'a Layout) -> Self {
+        Self {
+            tables,
+            layout,
+            roots: Roots::default(),
+        }
+    }
+
+    /// The cgroup directory a record names, if it is one: under a cgroup mount, with no `..`,
+    /// opened as a directory without blocking and without following a link.
+    fn open_cgroup(&self, dir: &Path) -> Result<(File, bool), String> {
+        let v2 = self.layout.v2.as_deref().filter(|r| dir.starts_with(r));
+        let v1 = self
+            .layout
+            .v1_devices
+            .as_deref()
+            .filter(|r| dir.starts_with(r));
+        if v2.is_none() && v1.is_none() {
+            return Err(format!("{} is not under a cgroup mount", dir.display()));
+        }
+        if dir
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+        {
+            return Err(format!("{} is not a plain path", dir.display()));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok((f, v2.is_some()))
+    }
+
+    fn v2_policy(&self, dir: &File) -> Result<DevicePolicy, String> {
+        let ids = device_programs_of(dir.as_fd()).map_err(|e| format!("BPF_PROG_QUERY: {e}"))?;
+        let map = ids.iter().find_map(|id| RuleMap::of_program(*id).ok());
+        let (rules, map_id) = match &map {
+            Some(m) => (m.rules().map_err(|e| e.to_string())?, m.map_id),
+            None => (Vec::new(), 0),
+        };
+        Ok(DevicePolicy {
+            default_deny: !ids.is_empty(),
+            enforcer: Enforcer::Programs { ids, map_id },
+            rules,
+        })
+    }
+
+    fn v1_policy(&self, dir: &Path) -> Result<DevicePolicy, String> {
+        let path = dir.join(v1::DEVICES_LIST);
+        let mut text = String::new();
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let rules = v1::parse_list(&text).map_err(|e| e.to_string())?;
+        let all = DeviceRule {
+            types: DevTypes::All,
+            major: None,
+            minor: None,
+            acl: Acl::RWM,
+        };
+        Ok(DevicePolicy {
+            default_deny: !rules.contains(&all),
+            enforcer: Enforcer::DevicesList,
+            rules,
+        })
+    }
+}
+
+impl KernelView for HostView<'_> {
+    fn table(&self, pid: u32) -> Option<&ProcTable> {
+        self.tables.get(pid)
+    }
+
+    fn watched(&self) -> Vec<u32> {
+        self.tables.pids().collect()
+    }
+
+    fn same_file(&self, a: FdRef, b: FdRef) -> Option<bool> {
+        crate::kcmp::same_file(a.pid, a.fd, b.pid, b.fd).ok()
+    }
+
+    fn iface_of(&self, at: FdRef) -> Option<String> {
+        self.tables.resolver().identity(at.pid, at.fd).ok()?.iface
+    }
+
+    fn iface_address(&self, iface: &str) -> Option<String> {
+        // A name from the kernel, but never a path of its own.
+        if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
+            return None;
+        }
+        let path = self.roots.sys.join("class/net").join(iface).join("address");
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|a| a.trim().to_owned())
+    }
+
+    fn device_policy(&self, dir: &Path) -> Result<DevicePolicy, String> {
+        let (f, v2) = self.open_cgroup(dir)?;
+        if v2 {
+            self.v2_policy(&f)
+        } else {
+            self.v1_policy(dir)
+        }
+    }
+
+    fn process(&self, pid: u32) -> Option<ProcessInfo> {
+        process_info(&self.roots, pid)
+    }
+
+    fn net_fds(&self) -> Vec<NetFd> {
+        net_fds(&self.roots)
+    }
+}
+
+/// A process from /proc: start time, exe, comm, parent.
+fn process_info(roots: &Roots, pid: u32) -> Option<ProcessInfo> {
+    let dir = roots.pid_dir(pid);
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(stat.find('(')? + 1..close)?.to_owned();
+    let rest: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    let ticks: u64 = rest.get(19)?.parse().ok()?;
+    Some(ProcessInfo {
+        start_unix_ns: boot_time_ns(roots)? + ticks * 1_000_000_000 / clock_ticks(),
+        exe: std::fs::read_link(dir.join("exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        comm,
+        ppid,
+    })
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).unwrap_or(100).max(1)
+}
+
+/// The boot time (Unix ns), `btime` of /proc/stat.
+fn boot_time_ns(roots: &Roots) -> Option<u64> {
+    let stat = std::fs::read_to_string(roots.proc.join("stat")).ok()?;
+    let secs: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(secs * 1_000_000_000)
+}
+
+/// Every tun/tap, vhost-net and macvtap fd of every process.
+fn net_fds(roots: &Roots) -> Vec<NetFd> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir(&roots.proc) else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let mut comm: Option<String> = None;
+        for f in fds.flatten() {
+            let Some(fd) = f.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(f.path()) else {
+                continue;
+            };
+            if !is_net_path(target.as_os_str()) {
+                continue;
+            }
+            let comm = comm.get_or_insert_with(|| {
+                std::fs::read_to_string(p.path().join("comm"))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_default()
+            });
+            out.push(NetFd {
+                at: FdRef::new(pid, fd),
+                path: target.display().to_string(),
+                comm: comm.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn is_net_path(p: &OsStr) -> bool {
+    let p = p.to_string_lossy();
+    p == "/dev/net/tun" || p == "/dev/vhost-net" || p.starts_with("/dev/tap")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn this_process_is_read_from_proc() {
+        let me = process_info(&Roots::default(), std::process::id()).unwrap();
+        assert!(me.start_unix_ns > 1_600_000_000_000_000_000);
+        assert!(me.start_unix_ns <= vmaudit_core::time::unix_now_ns() + 1_000_000_000);
+        assert!(!me.exe.is_empty() && !me.comm.is_empty());
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+        assert!(process_info(&Roots::default(), u32::MAX).is_none());
+    }
+
+    #[test]
+    fn record_paths_outside_the_cgroup_mounts_are_refused() {
+        let layout = Layout {
+            v2: Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            v1_devices: None,
+        };
+        let tables = Tables::new(ProcFs::default());
+        let view = HostView::new(&tables, &layout);
+        for bad in [
+            "/tmp/fifo",
+            "/sys/fs/cgroup/unified/../../../tmp",
+            "/sys/fs/cgroup/unifiedx/a",
+            "relative",
+        ] {
+            let e = view.device_policy(Path::new(bad)).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(view.iface_address("../../etc").is_none());
+    }
+}
