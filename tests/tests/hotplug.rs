@@ -233,13 +233,13 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
     );
     let (code, kept) = vm.stop();
     let lines = kept.lines();
-    assert_eq!(code, 0);
     let verdicts: Vec<&Value> = lines.iter().filter(|l| l["type"] == "verdict").collect();
     let bad: Vec<&&Value> = verdicts
         .iter()
         .filter(|v| v["status"] != "confirmed")
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
+    assert_eq!(code, 0);
     let count = |kind: &str, reason: &str| {
         verdicts
             .iter()

@@ -7,6 +7,7 @@
 //! again from /proc (same clock rule) and the gap is reported as a gap.
 
 pub mod btf;
+pub mod check;
 pub mod event;
 pub mod key;
 pub mod loader;
@@ -15,7 +16,7 @@ mod ringpos;
 pub mod table;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet},
     io,
     path::PathBuf,
     time::Duration,
@@ -255,8 +256,11 @@ pub struct Watcher {
     /// Per process: the kernel time of the last loss check that found nothing lost for it (or
     /// of its seed): where the window of its next gap starts.
     clean_at: BTreeMap<u32, u64>,
-    /// Per process: the kernel time of the last event applied.
-    last_event: HashMap<u32, u64>,
+    /// The periodic check of the tables against the kernel's.
+    checker: check::Checker,
+    /// Processes some of whose threads are ignored: their tables lack those threads' fds by
+    /// design, so they are not checked against the kernel's.
+    partly_ignored: BTreeSet<u32>,
     /// Processes whose table may have changed in a way no event describes (io_uring, compat
     /// syscalls, seccomp ADDFD): checked against the kernel's at the next loss check.
     unseen: BTreeMap<u32, BTreeMap<&'static str, u64>>,
@@ -319,7 +323,8 @@ impl Watcher {
             tables: Tables::new(procfs),
             read_at: BTreeMap::new(),
             clean_at: BTreeMap::new(),
-            last_event: HashMap::new(),
+            checker: check::Checker::default(),
+            partly_ignored: BTreeSet::new(),
             unseen: BTreeMap::new(),
             last_losses,
             batch: Vec::with_capacity(4096),
@@ -330,7 +335,7 @@ impl Watcher {
             malformed: 0,
         };
         for &tid in &opts.ignore_tids {
-            w.tracker.ignore_tid(tid)?;
+            w.ignore_tid(tid)?;
         }
         for &pid in &opts.pids {
             w.watch_and_seed(pid, opts.follow_children, sink)?;
@@ -371,14 +376,20 @@ impl Watcher {
         let seed = self.tables.seed_from(pid, snapshot_map(snap));
         self.read_at.insert(pid, t0);
         self.clean_at.insert(pid, t0);
+        self.checker.agreed(pid, t0);
         for r in seed {
             self.emit(sink, Output::Fd(r));
         }
         Ok(())
     }
 
-    /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]).
+    /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]); its
+    /// process's table is no longer checked against the kernel's.
     pub fn ignore_tid(&mut self, tid: u32) -> Result<(), ObserveError> {
+        let proc_root = &self.tables.resolver().roots.proc;
+        let tgid =
+            preflight::tgid_of(proc_root, tid).ok_or(ObserveError::NoSuchProcess { pid: tid })?;
+        self.partly_ignored.insert(tgid);
         self.tracker.ignore_tid(tid)
     }
 
@@ -476,7 +487,10 @@ impl Watcher {
                 .entry(reason)
                 .or_default() += 1;
         }
-        self.last_event.insert(ev.tgid, ev.ts_ns);
+        match ev.change {
+            Change::Exit => self.checker.forget(ev.tgid),
+            _ => self.checker.touch(ev.tgid, &ev.change),
+        }
         self.tables.apply(ev, batch);
     }
 
@@ -535,7 +549,8 @@ impl Watcher {
             if self.tables.get(pid).is_none_or(|t| t.exited) {
                 continue;
             }
-            self.gap(pid, lost, causes, sink)?;
+            let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
+            self.gap(pid, since_ns, lost, causes, sink);
         }
         Ok(())
     }
@@ -544,11 +559,11 @@ impl Watcher {
     fn gap(
         &mut self,
         pid: u32,
+        since_ns: u64,
         lost: u64,
         causes: BTreeMap<&'static str, u64>,
         sink: &mut dyn Sink,
-    ) -> Result<(), ObserveError> {
-        let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
+    ) {
         let records = self.resync_one(pid, sink);
         let ts = *self.read_at.get(&pid).unwrap_or(&0);
         self.clean_at.insert(pid, ts);
@@ -573,43 +588,39 @@ impl Watcher {
         for r in records {
             self.emit(sink, Output::Fd(r));
         }
-        Ok(())
     }
 
-    /// Checks every live table against the kernel's (the task_file iterator): whatever path
-    /// the probes missed shows as a difference, reported as a gap (cause `missed`) and
-    /// repaired. A table that changed while it was read is checked at the next period.
+    /// Checks live tables against the kernel's (the task_file iterator, [`check::PER_PERIOD`]
+    /// processes per call, in turn): what the probes missed shows as a difference, which, once
+    /// confirmed (see [`check`]), is reported as a gap (cause `missed`) and repaired. Call it
+    /// about every [`CHECK_PERIOD`].
     pub fn check_tables(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
+        // Losses first: a table that lost events is read again and the gap says why.
         self.drain(sink);
-        let pids: Vec<u32> = self
+        self.check_losses(sink)?;
+        let live: Vec<u32> = self
             .tables
             .pids()
             .filter(|p| self.tables.get(*p).is_some_and(|t| !t.exited))
+            .filter(|p| !self.partly_ignored.contains(p))
             .collect();
-        for pid in pids {
+        for pid in self.checker.round(live) {
             let t0 = monotonic_ns();
+            // An error: the process is gone (its exit event comes).
             let Ok(recs) = self.tracker.snapshot(pid) else {
                 continue;
             };
             self.drain(sink);
-            // Events of this process from t0 on may or may not be in the snapshot.
-            if self.last_event.get(&pid).is_some_and(|t| *t >= t0) {
+            self.check_losses(sink)?;
+            if self.read_at.get(&pid).is_some_and(|t| *t >= t0) {
                 continue;
             }
-            let snap = snapshot_map(recs);
-            let Some(table) = self.tables.get(pid) else {
+            let Some(table) = self.tables.get(pid).filter(|t| !t.exited) else {
                 continue;
             };
-            if table.exited {
-                continue;
-            }
-            let differs = table.fds.len() != snap.len()
-                || table
-                    .fds
-                    .iter()
-                    .any(|(fd, e)| snap.get(fd).is_none_or(|(id, _)| !id.same_inode(&e.id)));
-            if differs {
-                self.gap(pid, 0, BTreeMap::from([("missed", 1)]), sink)?;
+            let diffs = check::differences(table, &snapshot_map(recs));
+            if let Some(since_ns) = self.checker.judge(pid, t0, diffs) {
+                self.gap(pid, since_ns, 0, BTreeMap::from([("missed", 1)]), sink);
             }
         }
         Ok(())
@@ -621,6 +632,7 @@ impl Watcher {
         let t0 = monotonic_ns();
         self.read_at.insert(pid, t0);
         self.clean_at.entry(pid).or_insert(t0);
+        self.checker.agreed(pid, t0);
         let snap = self
             .tracker
             .snapshot(pid)
