@@ -36,13 +36,6 @@ fn every_fd_transition_is_reported() {
     let pid = h.pid();
     let before = proc_fds(pid);
     let mut w = Watch::start(&bins, &["--pid", &pid.to_string(), "--follow-children"]);
-    // The seed is exactly what /proc shows.
-    let seeded: BTreeSet<i32> = (0..before.len())
-        .map(|_| 0)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect();
-    drop(seeded);
     for fd in &before {
         w.wait_fd(pid, "seed", *fd);
     }
@@ -50,6 +43,8 @@ fn every_fd_transition_is_reported() {
     // open (openat), with identity: path and rdev.
     let null = h.fd("open /dev/null");
     let r = w.wait_fd(pid, "open", null);
+    // The seed (every record of it precedes the first event) is exactly what /proc showed.
+    assert_eq!(fds_of(&w.seen, pid, "seed"), before);
     assert_eq!(
         (
             r["syscall"].as_str(),

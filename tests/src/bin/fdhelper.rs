@@ -385,6 +385,7 @@ fn run(
             })?;
             return Ok(format!("ok {master} {peer}"));
         }
+        "ping" => 0,
         "exit" => std::process::exit(0),
         other => return Err(format!("unknown command {other}")),
     };
