@@ -31,6 +31,8 @@ pub mod maps {
     pub const CONSUMER: &str = "CONSUMER";
     /// io_uring request -> (tgid, opcode): fd-changing requests of watched processes in flight.
     pub const URING_REQS: &str = "URING_REQS";
+    /// seccomp notification id -> the thread it stopped: the target of an ADDFD on it.
+    pub const NOTIF_TARGETS: &str = "NOTIF_TARGETS";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -107,6 +109,13 @@ pub enum EventKind {
     /// The process did something that may change its table in a way the probes do not follow
     /// (an [`Unseen`] reason in `aux`): userspace checks the table against the kernel's.
     Unseen = 10,
+    /// The process stopped sharing its table with other processes (unshare(CLONE_FILES)):
+    /// it now has a copy of its own.
+    Unshare = 11,
+    /// SECCOMP_IOCTL_NOTIF_ADDFD put `file` at `fd` in the table of another process: `aux` is
+    /// that process's thread id as the notification named it (`tgid`/`tid`: the supervisor);
+    /// [`EventFlags::CLOEXEC`] as the supervisor asked.
+    AddFd = 12,
 }
 
 impl TryFrom<u8> for EventKind {
@@ -123,6 +132,8 @@ impl TryFrom<u8> for EventKind {
             8 => Self::Exit,
             9 => Self::SendFd,
             10 => Self::Unseen,
+            11 => Self::Unshare,
+            12 => Self::AddFd,
             other => return Err(other),
         })
     }
@@ -141,6 +152,8 @@ impl EventFlags {
     pub const PATH: u8 = 4;
     /// The syscall was a 32-bit compat one (`int 0x80`); `nr` is already in x86_64 numbering.
     pub const COMPAT: u8 = 8;
+    /// CloseRange: the caller's table was unshared first (CLOSE_RANGE_UNSHARE).
+    pub const UNSHARE: u8 = 16;
 }
 
 /// Why an [`EventKind::Unseen`] was sent.

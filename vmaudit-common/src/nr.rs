@@ -48,6 +48,24 @@ pub const CLOSE_RANGE: u32 = 436;
 pub const OPENAT2: u32 = 437;
 pub const PIDFD_GETFD: u32 = 438;
 pub const MEMFD_SECRET: u32 = 447;
+pub const MQ_OPEN: u32 = 240;
+pub const UNSHARE: u32 = 272;
+pub const SECCOMP: u32 = 317;
+pub const OPEN_TREE: u32 = 428;
+pub const FSOPEN: u32 = 430;
+pub const FSMOUNT: u32 = 432;
+pub const FSPICK: u32 = 433;
+pub const LANDLOCK_CREATE_RULESET: u32 = 444;
+pub const OPEN_TREE_ATTR: u32 = 467;
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ..)` returns a notifier
+/// fd; other seccomp calls return none.
+pub const SECCOMP_SET_MODE_FILTER: u64 = 1;
+pub const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 1 << 3;
+/// `unshare(CLONE_FILES)` and `close_range(.., CLOSE_RANGE_UNSHARE)` give the caller a table
+/// of its own (a copy of the one it shared).
+pub const CLONE_FILES: u64 = 0x400;
+pub const CLOSE_RANGE_UNSHARE: u64 = 1 << 1;
 
 /// ioctl requests that matter to an fd table; every other ioctl is filtered out in the kernel
 /// (qemu issues millions of KVM_RUN ioctls).
@@ -81,6 +99,13 @@ pub mod ioctl {
     /// Installs an fd in *another* process (a seccomp notifier's target) and returns its number
     /// there.
     pub const SECCOMP_IOCTL_NOTIF_ADDFD: u64 = 0x4018_2103;
+    /// Receives a seccomp notification: `struct seccomp_notif { u64 id; u32 pid; .. }`, the
+    /// target an ADDFD on that id puts an fd into.
+    pub const SECCOMP_IOCTL_NOTIF_RECV: u64 = 0xC050_2100;
+    /// Answers a notification (`struct seccomp_notif_resp { u64 id; .. }`): no ADDFD follows.
+    pub const SECCOMP_IOCTL_NOTIF_SEND: u64 = 0xC018_2101;
+    /// Returns a guest_memfd fd of the VM.
+    pub const KVM_CREATE_GUEST_MEMFD: u64 = 0xC040_AED4;
     /// `PIDFD_GET_*_NAMESPACE` (`_IO(0xFF, 1..=10)`): return a namespace fd.
     pub const PIDFD_GET_NS_FIRST: u64 = 0xFF01;
     pub const PIDFD_GET_NS_LAST: u64 = 0xFF0A;
@@ -100,6 +125,7 @@ pub mod ioctl {
             KVM_CREATE_VM
                 | KVM_CREATE_VCPU
                 | KVM_GET_STATS_FD
+                | KVM_CREATE_GUEST_MEMFD
                 | TUNGETDEVNETNS
                 | SIOCGSKNS
                 | NS_GET_USERNS
@@ -117,7 +143,12 @@ pub mod ioctl {
         returns_fd(r)
             || matches!(
                 r,
-                FIOCLEX | FIONCLEX | KVM_CREATE_DEVICE | SECCOMP_IOCTL_NOTIF_ADDFD
+                FIOCLEX
+                    | FIONCLEX
+                    | KVM_CREATE_DEVICE
+                    | SECCOMP_IOCTL_NOTIF_ADDFD
+                    | SECCOMP_IOCTL_NOTIF_RECV
+                    | SECCOMP_IOCTL_NOTIF_SEND
             )
     }
 }
@@ -226,6 +257,15 @@ pub const TRACED: &[(u32, &str)] = &[
     (PERF_EVENT_OPEN, "perf_event_open"),
     (IO_URING_SETUP, "io_uring_setup"),
     (BPF, "bpf"),
+    (MQ_OPEN, "mq_open"),
+    (SECCOMP, "seccomp"),
+    (OPEN_TREE, "open_tree"),
+    (OPEN_TREE_ATTR, "open_tree_attr"),
+    (FSOPEN, "fsopen"),
+    (FSMOUNT, "fsmount"),
+    (FSPICK, "fspick"),
+    (LANDLOCK_CREATE_RULESET, "landlock_create_ruleset"),
+    (UNSHARE, "unshare"),
     (CLOSE, "close"),
     (CLOSE_RANGE, "close_range"),
     (CLONE, "clone"),

@@ -7,7 +7,7 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use vmaudit_common::{
@@ -52,6 +52,12 @@ static CONSUMER: Array<u32> = Array::with_max_entries(1, 0);
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
 static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
+
+/// seccomp notification id -> the thread it stopped (as SECCOMP_IOCTL_NOTIF_RECV told the
+/// supervisor), until the supervisor answers it: an ADDFD on that id puts an fd in that
+/// thread's table. LRU: a supervisor that never answers cannot fill it.
+#[map]
+static NOTIF_TARGETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
 
 /// Written by userspace before loading: pending bytes past which a submit wakes the consumer
 /// even when it did not ask.
@@ -102,6 +108,12 @@ const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_VFORK: u64 = 0x4000;
 const CLONE_THREAD: u64 = 0x10000;
 const SIGCHLD: u64 = 17;
+/// `struct seccomp_notif_addfd`: `id` at 0, `srcfd` at 12, `newfd_flags` at 20.
+const ADDFD_SRCFD_OFF: u64 = 12;
+const ADDFD_NEWFD_FLAGS_OFF: u64 = 20;
+/// `struct seccomp_notif`: `pid` at 8.
+const NOTIF_PID_OFF: u64 = 8;
+const O_CLOEXEC: u32 = 0o2000000;
 /// `struct clone_args`: `pidfd` (a pointer to an int) at 8.
 const CLONE_ARGS_PIDFD_OFF: u64 = 8;
 /// `struct kvm_create_device`: `fd` at 4, `flags` at 8 (KVM_CREATE_DEVICE_TEST creates none).
@@ -410,6 +422,16 @@ fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
         // millions of ioctls and fcntls.
         nr::IOCTL if !nr::ioctl::is_tracked(a[1]) => return None,
         nr::FCNTL if !matches!(a[1], F_DUPFD | F_DUPFD_CLOEXEC | F_SETFD) => return None,
+        // Only these forms return an fd or change who shares the table.
+        nr::SECCOMP
+            if a[0] != nr::SECCOMP_SET_MODE_FILTER
+                || a[1] & nr::SECCOMP_FILTER_FLAG_NEW_LISTENER == 0 =>
+        {
+            return None;
+        }
+        // With flags, it returns the ABI version or errata, not an fd.
+        nr::LANDLOCK_CREATE_RULESET if a[2] != 0 => return None,
+        nr::UNSHARE if a[0] & nr::CLONE_FILES == 0 => return None,
         _ => {}
     }
     if ret < 0 {
@@ -428,8 +450,12 @@ fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
             if a[2] & CLOSE_RANGE_CLOEXEC != 0 {
                 ev.flags |= EventFlags::CLOEXEC;
             }
+            if a[2] & nr::CLOSE_RANGE_UNSHARE != 0 {
+                ev.flags |= EventFlags::UNSHARE;
+            }
             send(&ev);
         }
+        nr::UNSHARE => send(&event(h, EventKind::Unshare, -1, a[0])),
         nr::FCNTL if a[1] == F_SETFD => set_cloexec(h, a[0] as i32, a[2] & FD_CLOEXEC != 0),
         nr::DUP | nr::FCNTL => return Some((ret as i32, a[0])),
         nr::DUP2 | nr::DUP3 => {
@@ -491,6 +517,8 @@ fn set_cloexec(h: &Head, fd: i32, on: bool) {
 fn failed(h: &Head, nr: u32, a: &[u64; 4], ret: i64) {
     let errno = (-ret) as u64;
     match nr {
+        // A failed unshare gains nothing and leaves the table shared.
+        nr::UNSHARE => {}
         nr::CLOSE if ret != -EBADF => send(&event(h, EventKind::Close, a[0] as i32, 0)),
         nr::CLOSE => send(&event(h, EventKind::Failed, a[0] as i32, errno)),
         nr::DUP2 | nr::DUP3 => send(&event(h, EventKind::Failed, a[1] as i32, errno)),
@@ -516,15 +544,61 @@ fn ioctl(h: &Head, a: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
                 None => lose(LossCause::UserRead, h.tgid),
             }
         }
-        nr::ioctl::SECCOMP_IOCTL_NOTIF_ADDFD => send(&event(
-            h,
-            EventKind::Unseen,
-            -1,
-            Unseen::SeccompAddfd as u64 | ((ret as u64) << 32),
-        )),
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_RECV => {
+            if let (Some(id), Some(pid)) = (
+                read_user::<u64>(a[2]),
+                read_user::<u32>(a[2] + NOTIF_PID_OFF),
+            ) {
+                let _ = NOTIF_TARGETS.insert(id, pid, 0);
+            }
+        }
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_SEND => {
+            if let Some(id) = read_user::<u64>(a[2]) {
+                let _ = NOTIF_TARGETS.remove(id);
+            }
+        }
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_ADDFD => addfd(h, a[2], ret as i32),
         _ => return Some((ret as i32, u64::MAX)),
     }
     None
+}
+
+/// SECCOMP_IOCTL_NOTIF_ADDFD put the supervisor's `srcfd` at `fd` in the table of the
+/// notification's target: an AddFd event with the file read from the supervisor's table (the
+/// same open file). A notification received before watching began names no target: then the
+/// table it changed is found by the periodic check.
+#[inline(never)]
+fn addfd(h: &Head, arg: u64, fd: i32) {
+    let target = read_user::<u64>(arg).and_then(|id| {
+        // SAFETY: copied out at once.
+        unsafe { NOTIF_TARGETS.get(id) }.copied()
+    });
+    let (Some(target), Some(srcfd), Some(newfd_flags)) = (
+        target,
+        read_user::<u32>(arg + ADDFD_SRCFD_OFF),
+        read_user::<u32>(arg + ADDFD_NEWFD_FLAGS_OFF),
+    ) else {
+        send(&event(
+            h,
+            EventKind::Unseen,
+            -1,
+            Unseen::SeccompAddfd as u64 | ((fd as u32 as u64) << 32),
+        ));
+        return;
+    };
+    let mut ev = event(h, EventKind::AddFd, fd, target as u64);
+    if newfd_flags & O_CLOEXEC != 0 {
+        ev.flags |= EventFlags::CLOEXEC;
+    }
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    if let Some((file, _)) = kfile::file_at(task, srcfd as i32)
+        && file != 0
+        && kfile::file_info(file, &mut ev.file).is_some()
+    {
+        ev.flags |= EventFlags::FILE;
+    }
+    send(&ev);
 }
 
 /// clone/clone3 with CLONE_PIDFD put a pidfd of the child in the parent's table.

@@ -254,6 +254,8 @@ pub enum Op {
     PidfdGetfd,
     /// Another fd-creating syscall (socket, pipe, eventfd, memfd, kvm ioctls, ...).
     New,
+    /// Put into the table by a seccomp supervisor (SECCOMP_IOCTL_NOTIF_ADDFD).
+    Addfd,
     /// Inherited by a followed child at fork.
     Inherit,
     Close,
@@ -284,6 +286,7 @@ impl Op {
             Self::RecvFd => "recv_fd",
             Self::PidfdGetfd => "pidfd_getfd",
             Self::New => "new",
+            Self::Addfd => "addfd",
             Self::Inherit => "inherit",
             Self::Close => "close",
             Self::Replaced => "replaced",
@@ -321,6 +324,7 @@ impl Op {
                 | Self::RecvFd
                 | Self::PidfdGetfd
                 | Self::New
+                | Self::Addfd
                 | Self::Inherit
                 | Self::ResyncAdd
         )

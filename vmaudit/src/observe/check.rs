@@ -63,7 +63,12 @@ fn touched(change: &Change) -> Option<(i32, i32)> {
             Some(range(first, last))
         }
         Change::Exec | Change::Exit | Change::Unseen { .. } => Some((0, i32::MAX)),
-        Change::Fork { .. } | Change::SendFd { .. } | Change::Failed { .. } => None,
+        // An AddFd is the supervisor's; the watcher applies it as the target's gain.
+        Change::Fork { .. }
+        | Change::SendFd { .. }
+        | Change::Failed { .. }
+        | Change::Unshare
+        | Change::AddFd { .. } => None,
     }
 }
 

@@ -85,6 +85,8 @@ pub enum Gain {
     PidfdGetfd,
     /// Any other syscall that returns a new fd (socket, pipe, eventfd, ...).
     New,
+    /// Put there by a seccomp supervisor (SECCOMP_IOCTL_NOTIF_ADDFD).
+    AddFd,
 }
 
 /// The file behind a new fd, as the kernel program read it.
@@ -133,6 +135,16 @@ pub enum Change {
     /// The table may have changed in a way no event describes (`reason`: an [`Unseen`] name):
     /// it is checked against the kernel's.
     Unseen { reason: &'static str, detail: u64 },
+    /// The process stopped sharing its table (unshare(CLONE_FILES)): it keeps a copy.
+    Unshare,
+    /// The process (a seccomp supervisor) put `file` at `fd` in the table of thread `target`
+    /// (its id as the notification gave it) of another process.
+    AddFd {
+        target: u32,
+        fd: i32,
+        cloexec: bool,
+        file: Option<KernelFile>,
+    },
 }
 
 /// A decoded event.
@@ -144,6 +156,9 @@ pub struct Event {
     /// The syscall (or sched event) that reported it.
     pub source: &'static str,
     pub change: Change,
+    /// The process's table was unshared first (close_range's CLOSE_RANGE_UNSHARE): a table it
+    /// shared with other processes is theirs alone from now on.
+    pub unshare: bool,
 }
 
 /// The syscall's name, for output.
@@ -221,6 +236,19 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
                 clone_flags: e.aux,
             },
         ),
+        EventKind::Unshare => (syscall_name(n), Change::Unshare),
+        EventKind::AddFd => (
+            syscall_name(n),
+            Change::AddFd {
+                target: e.aux as u32,
+                fd: e.fd,
+                cloexec: flag(EventFlags::CLOEXEC),
+                file: flag(EventFlags::FILE).then_some(KernelFile {
+                    info: e.file,
+                    path: None,
+                }),
+            },
+        ),
         EventKind::Exec => ("exec", Change::Exec),
         EventKind::Exit => ("exit", Change::Exit),
         EventKind::SendFd => (syscall_name(n), Change::SendFd { fd: e.fd }),
@@ -242,6 +270,7 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
         tid: e.tid,
         source,
         change,
+        unshare: flag(EventFlags::UNSHARE),
     })
 }
 
@@ -330,6 +359,19 @@ mod tests {
             (nr::CLONE3, libc::SYS_clone3),
             (nr::FORK, libc::SYS_fork),
             (nr::VFORK, libc::SYS_vfork),
+            (nr::MQ_OPEN, libc::SYS_mq_open),
+            (nr::SECCOMP, libc::SYS_seccomp),
+            (nr::OPEN_TREE, libc::SYS_open_tree),
+            // libc has no SYS_open_tree_attr (Linux 6.15) yet.
+            (nr::OPEN_TREE_ATTR, 467),
+            (nr::FSOPEN, libc::SYS_fsopen),
+            (nr::FSMOUNT, libc::SYS_fsmount),
+            (nr::FSPICK, libc::SYS_fspick),
+            (
+                nr::LANDLOCK_CREATE_RULESET,
+                libc::SYS_landlock_create_ruleset,
+            ),
+            (nr::UNSHARE, libc::SYS_unshare),
         ];
         for (ours, libc_nr) in pairs {
             assert_eq!(*ours as libc::c_long, *libc_nr, "{}", syscall_name(*ours));

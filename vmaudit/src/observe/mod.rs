@@ -29,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use vmaudit_common::LossCause;
 
 use self::{
-    event::{Change, Event, decode, parse_raw},
+    event::{Change, Event, Gain, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
     table::{FdRecord, Op, Tables},
 };
@@ -469,6 +469,35 @@ impl Watcher {
     }
 
     fn apply(&mut self, ev: &Event, batch: &mut Vec<FdRecord>, sink: &mut dyn Sink) {
+        if let Change::AddFd {
+            target,
+            fd,
+            cloexec,
+            ref file,
+        } = ev.change
+        {
+            match self.addfd_target(ev.tgid, target) {
+                Some(pid) => {
+                    let gain = Event {
+                        tgid: pid,
+                        change: Change::Gain {
+                            fd,
+                            how: Gain::AddFd,
+                            cloexec,
+                            from: None,
+                            file: file.clone(),
+                        },
+                        ..ev.clone()
+                    };
+                    self.apply(&gain, batch, sink);
+                }
+                None => log::debug!(
+                    "pid {} put fd {fd} into thread {target}, not a process vmaudit follows in its pid namespace",
+                    ev.tgid
+                ),
+            }
+            return;
+        }
         if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
             return;
         }
@@ -479,19 +508,36 @@ impl Watcher {
             }
             self.resync_one(ev.tgid, sink);
         }
-        if let Change::Unseen { reason, .. } = ev.change {
-            *self
-                .unseen
-                .entry(ev.tgid)
-                .or_default()
-                .entry(reason)
-                .or_default() += 1;
-        }
-        match ev.change {
-            Change::Exit => self.checker.forget(ev.tgid),
-            _ => self.checker.touch(ev.tgid, &ev.change),
+        // Processes sharing the table see the change too (the tables apply it to each).
+        let peers: Vec<u32> = self.tables.peers(ev.tgid).collect();
+        for pid in std::iter::once(ev.tgid).chain(peers) {
+            if let Change::Unseen { reason, .. } = ev.change {
+                *self
+                    .unseen
+                    .entry(pid)
+                    .or_default()
+                    .entry(reason)
+                    .or_default() += 1;
+            }
+            match ev.change {
+                Change::Exit if pid == ev.tgid => self.checker.forget(pid),
+                _ => self.checker.touch(pid, &ev.change),
+            }
         }
         self.tables.apply(ev, batch);
+    }
+
+    /// The followed process whose table an ADDFD changed: thread `tid` as the notification named
+    /// it, which is vmaudit's numbering only when the supervisor is in vmaudit's pid namespace.
+    fn addfd_target(&self, supervisor: u32, tid: u32) -> Option<u32> {
+        let proc_root = &self.tables.resolver().roots.proc;
+        if preflight::pid_namespace_depth(proc_root, supervisor) != Some(1) {
+            return None;
+        }
+        if self.tables.get(tid).is_some() {
+            return Some(tid);
+        }
+        preflight::tgid_of(proc_root, tid).filter(|p| self.tables.get(*p).is_some())
     }
 
     /// Compares the kernel's loss counters with the last look; on new losses (or events that

@@ -7,11 +7,11 @@
 //! of a file that is not a device, an anonymous inode's type, a tun/tap fd's interface.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
 };
 
-use vmaudit_common::{FileInfo, kdev_split};
+use vmaudit_common::{FileInfo, kdev_split, nr};
 
 use super::event::{Change, Event, Gain, KernelFile};
 pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome, ProcTable};
@@ -72,6 +72,22 @@ pub fn kernel_identity(info: &FileInfo, path: Option<String>) -> FdIdentity {
 pub struct Tables<R> {
     resolver: R,
     procs: HashMap<u32, ProcTable>,
+    /// Processes that share one fd table (a child cloned with CLONE_FILES), each mapped to
+    /// every member of its group, itself included. A change any member makes is applied to
+    /// each member's table, so that each reads as the one table the kernel has.
+    peers: HashMap<u32, BTreeSet<u32>>,
+}
+
+/// Whether a change made through one member of a shared table is a change of the others'.
+fn shared_change(c: &Change) -> bool {
+    matches!(
+        c,
+        Change::Gain { .. }
+            | Change::Close { .. }
+            | Change::CloseRange { .. }
+            | Change::SetCloexec { .. }
+            | Change::CloexecRange { .. }
+    )
 }
 
 fn cloexec_of(id: &FdIdentity) -> bool {
@@ -83,6 +99,7 @@ impl<R: Resolver> Tables<R> {
         Self {
             resolver,
             procs: HashMap::new(),
+            peers: HashMap::new(),
         }
     }
 
@@ -253,8 +270,60 @@ impl<R: Resolver> Tables<R> {
         out
     }
 
-    /// Applies one event; the records go to `out`.
+    /// The other processes that share `pid`'s table.
+    pub fn peers(&self, pid: u32) -> impl Iterator<Item = u32> + '_ {
+        self.peers
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |p| *p != pid)
+    }
+
+    /// `child` shares `parent`'s table from now on.
+    fn join(&mut self, parent: u32, child: u32) {
+        let mut group = self.peers.get(&parent).cloned().unwrap_or_default();
+        group.extend([parent, child]);
+        for m in &group {
+            self.peers.insert(*m, group.clone());
+        }
+    }
+
+    /// `pid` has a table of its own from now on (unshare, exec, exit); the others keep theirs.
+    fn leave(&mut self, pid: u32) {
+        let Some(mut group) = self.peers.remove(&pid) else {
+            return;
+        };
+        group.remove(&pid);
+        for m in &group {
+            if group.len() == 1 {
+                self.peers.remove(m);
+            } else {
+                self.peers.insert(*m, group.clone());
+            }
+        }
+    }
+
+    /// Applies one event to the table of its process (and of every process sharing it); the
+    /// records go to `out`, each under the process whose table changed.
     pub fn apply(&mut self, ev: &Event, out: &mut Vec<FdRecord>) {
+        if ev.unshare || matches!(ev.change, Change::Unshare | Change::Exec | Change::Exit) {
+            self.leave(ev.tgid);
+        }
+        self.apply_one(ev, out);
+        if shared_change(&ev.change) && self.peers.contains_key(&ev.tgid) {
+            let peers: Vec<u32> = self.peers(ev.tgid).collect();
+            for peer in peers {
+                let e = Event {
+                    tgid: peer,
+                    ..ev.clone()
+                };
+                self.apply_one(&e, out);
+            }
+        }
+    }
+
+    fn apply_one(&mut self, ev: &Event, out: &mut Vec<FdRecord>) {
         let (pid, tid, ts, sys) = (ev.tgid, ev.tid, ev.ts_ns, ev.source);
         match &ev.change {
             Change::Gain {
@@ -298,7 +367,10 @@ impl<R: Resolver> Tables<R> {
                     }
                 }
             }
-            Change::Fork { child, .. } => {
+            Change::Fork { child, clone_flags } => {
+                if clone_flags & nr::CLONE_FILES != 0 {
+                    self.join(pid, *child);
+                }
                 let parent = self.table(pid).fds.clone();
                 let mut table = ProcTable::default();
                 for (fd, mut e) in parent {
@@ -346,6 +418,10 @@ impl<R: Resolver> Tables<R> {
             }
             // The watcher checks the table against the kernel's; nothing to apply here.
             Change::Unseen { .. } => {}
+            // `apply` has made the table the process's own; its fds stay as they are.
+            Change::Unshare => {}
+            // The watcher applies it as a gain of the target process.
+            Change::AddFd { .. } => {}
         }
     }
 
@@ -367,6 +443,7 @@ impl<R: Resolver> Tables<R> {
             Gain::RecvFd => Op::RecvFd,
             Gain::PidfdGetfd => Op::PidfdGetfd,
             Gain::New => Op::New,
+            Gain::AddFd => Op::Addfd,
         };
         let source_entry = from.and_then(|src| self.table(pid).fds.get(&src));
         let id = match file {
@@ -554,6 +631,7 @@ mod tests {
             tid: pid,
             source,
             change,
+            unshare: false,
         }
     }
 
@@ -752,6 +830,54 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(), vec![1]);
         assert_eq!(fds(&t, 2), vec![0, 2]);
         assert_eq!(fds(&t, 1).len(), 6, "the parent's table is its own");
+    }
+
+    #[test]
+    fn a_table_shared_by_clone_files_changes_for_every_member() {
+        let fake = Fake::default();
+        for fd in 0..3 {
+            fake.put(1, fd, "/dev/null", fd as u64);
+        }
+        let mut t = Tables::new(&fake);
+        t.seed(1).unwrap();
+        let fork = |child| Change::Fork {
+            child,
+            clone_flags: nr::CLONE_FILES | 17,
+        };
+        apply(&mut t, ev(1, "clone", fork(2)));
+        apply(&mut t, ev(2, "clone", fork(3)));
+        // The child's open is the parent's and the grandchild's too, each under its own pid.
+        let r = apply(
+            &mut t,
+            ev(
+                2,
+                "openat",
+                gain(5, Gain::Open, false, None, kfile(9, 90, CHR, None)),
+            ),
+        );
+        let mut pids: Vec<(u32, u32)> = r.iter().map(|r| (r.pid, r.tid)).collect();
+        pids.sort();
+        assert_eq!(pids, vec![(1, 2), (2, 2), (3, 2)]);
+        assert!(r.iter().all(|r| r.op == Op::Open && r.fd == Some(5)));
+        assert_eq!(fds(&t, 1), vec![0, 1, 2, 5]);
+        // The grandchild unshares (close_range with CLOSE_RANGE_UNSHARE): its close is its own.
+        let mut e = ev(3, "close_range", Change::CloseRange { first: 0, last: 2 });
+        e.unshare = true;
+        let r = apply(&mut t, e);
+        assert!(r.iter().all(|r| r.pid == 3), "{r:?}");
+        assert_eq!((fds(&t, 3), fds(&t, 1)), (vec![5], vec![0, 1, 2, 5]));
+        // The child's exec gives it its own table: the parent keeps fd 5 and nothing is shared.
+        apply(&mut t, ev(2, "exec", Change::Exec));
+        assert_eq!(t.peers(1).count(), 0);
+        let r = apply(&mut t, ev(1, "close", Change::Close { fd: 5 }));
+        assert_eq!(r.len(), 1);
+        assert_eq!((fds(&t, 1), fds(&t, 2)), (vec![0, 1, 2], vec![0, 1, 2, 5]));
+        // A plain fork copies; unshare(CLONE_FILES) leaves a group.
+        apply(&mut t, ev(1, "clone", fork(4)));
+        apply(&mut t, ev(4, "unshare", Change::Unshare));
+        let r = apply(&mut t, ev(4, "close", Change::Close { fd: 0 }));
+        assert_eq!(r.len(), 1);
+        assert_eq!(fds(&t, 1), vec![0, 1, 2]);
     }
 
     #[test]

@@ -410,6 +410,7 @@ impl Observer for Hub {
             | Op::RecvFd
             | Op::PidfdGetfd
             | Op::New
+            | Op::Addfd
             | Op::Inherit
             | Op::ResyncAdd => {
                 let file = r.file.as_ref();

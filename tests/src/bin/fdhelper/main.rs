@@ -19,6 +19,8 @@ use nix::{
     sys::socket::{ControlMessageOwned, MsgFlags, recvmsg},
 };
 
+mod paths;
+
 fn main() {
     // After an exec of ourselves, say so: the test waits for it.
     if std::env::args().nth(1).as_deref() == Some("--after-exec") {
@@ -41,7 +43,7 @@ fn main() {
     }
 }
 
-fn int(words: &[&str], i: usize) -> Result<i64, String> {
+pub(crate) fn int(words: &[&str], i: usize) -> Result<i64, String> {
     words
         .get(i)
         .ok_or_else(|| format!("missing argument {i}"))?
@@ -49,7 +51,7 @@ fn int(words: &[&str], i: usize) -> Result<i64, String> {
         .map_err(|e| format!("{e}"))
 }
 
-fn check(r: libc::c_long) -> Result<i64, String> {
+pub(crate) fn check(r: libc::c_long) -> Result<i64, String> {
     if r < 0 {
         Err(std::io::Error::last_os_error().to_string())
     } else {
@@ -57,7 +59,7 @@ fn check(r: libc::c_long) -> Result<i64, String> {
     }
 }
 
-fn cpath(words: &[&str], i: usize) -> Result<CString, String> {
+pub(crate) fn cpath(words: &[&str], i: usize) -> Result<CString, String> {
     CString::new(*words.get(i).ok_or("missing path")?).map_err(|e| e.to_string())
 }
 
@@ -387,7 +389,7 @@ fn run(
         }
         "ping" => 0,
         "exit" => std::process::exit(0),
-        other => return Err(format!("unknown command {other}")),
+        other => return paths::run(other, words, child),
     };
     Ok(format!("ok {r}"))
 }
