@@ -245,3 +245,25 @@ fn a_seccomp_supervisors_addfd_is_a_gain_of_the_target() {
     let records = finish_clean(h, w);
     assert_eq!(records.last().unwrap()["gaps"], 0);
 }
+
+#[test]
+fn the_programs_diagnostics_reach_the_log_at_debug() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    let mut cmd = std::process::Command::new(&bins.vmaudit);
+    cmd.env("RUST_LOG", "debug")
+        .args(["watch", "--pid", &pid.to_string(), "--follow-children"]);
+    let w = Watch::start_command(cmd, "watching pid");
+    // The fork program says, through aya-log, which child it follows.
+    let child = h.fd("fork 0");
+    let line = w.wait_stderr(|l| l.contains(&format!("forked {child}")));
+    assert!(
+        line.contains(&format!("pid {pid} forked {child}")),
+        "{line}"
+    );
+    assert!(line.contains("followed"), "{line}");
+    h.cmd("reap");
+    finish_clean(h, w);
+}

@@ -10,6 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, INFLIGHT_ENTRIES,
     Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT, PathTail, Unseen,
@@ -361,6 +362,12 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
             Some(n) => (n as u64, PT_REGS_COMPAT_ARG_OFF),
             None => {
                 if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
+                    debug!(
+                        &ctx,
+                        "pid {} made 32-bit syscall {}, not decoded: its table is checked",
+                        tgid,
+                        raw_nr
+                    );
                     let h = Head {
                         tgid,
                         tid,
@@ -578,6 +585,12 @@ fn addfd(h: &Head, arg: u64, fd: i32) {
         read_user::<u32>(arg + ADDFD_SRCFD_OFF),
         read_user::<u32>(arg + ADDFD_NEWFD_FLAGS_OFF),
     ) else {
+        debug!(
+            &(),
+            "pid {} put fd {} into the process of a notification it received before vmaudit watched",
+            h.tgid,
+            fd
+        );
         send(&event(
             h,
             EventKind::Unseen,
@@ -728,6 +741,10 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
+    debug!(
+        &ctx,
+        "pid {} forked {} (clone flags {:x}): followed", tgid, child, clone_flags
+    );
     if let Some(slot) = WATCH_FILTER.get_ptr_mut(child % WATCH_FILTER_SLOTS) {
         // SAFETY: a live array slot of 4 bytes; any racing writer also writes 1.
         unsafe { *slot = 1 };
@@ -832,6 +849,13 @@ pub fn vmaudit_uring_complete(ctx: TracePointContext) -> u32 {
     };
     let _ = URING_REQS.remove(req);
     let res = read_ctx::<i32>(&ctx, o.complete_res as usize).unwrap_or(0);
+    debug!(
+        &ctx,
+        "pid {}: io_uring opcode {} completed with {}: its table is checked",
+        (v >> 8) as u32,
+        (v & 0xff) as u8,
+        res
+    );
     let h = Head {
         tgid: (v >> 8) as u32,
         tid,

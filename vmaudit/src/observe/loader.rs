@@ -184,6 +184,8 @@ impl Tracker {
             .override_global(globals::OFD_KEY, &key, true)
             .override_global(globals::WAKEUP_BYTES, &wakeup, true)
             .override_global(globals::URING, &uring_globals, true)
+            // The programs' log statements below the level `log` shows cost a compare only.
+            .override_global(aya_log::LEVEL, &(log::max_level() as u8), false)
             .load(EBPF_OBJECT)
             .map_err(|source| ObserveError::Load {
                 source: Box::new(source),
