@@ -119,11 +119,10 @@ fn without_a_guest_a_detach_is_not_claimed_and_qemu_keeps_the_fd() {
                     .contains("reason=attach")
         })
         .expect("a verdict on the attach");
+    let detail = attach["evidence"][0]["detail"].as_str().unwrap();
     assert!(
-        attach["evidence"][0]["detail"]
-            .as_str()
-            .unwrap()
-            .contains("kcmp"),
+        detail.contains("open-file-description id is the one of the manager's fd")
+            && detail.contains("kcmp at hand-off agrees"),
         "{attach:#}"
     );
 }

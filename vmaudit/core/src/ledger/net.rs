@@ -15,9 +15,66 @@ use super::{
 };
 use crate::{
     claim::{Claim, ClaimKind, Handed},
+    fd::FdEntry,
     verdict::{Evidence, Verdict},
     view::{FdRef, KernelView},
 };
+
+/// Whether an fd the emulator holds is the very open file the manager handed it: the kernel's
+/// open-file-description ids of the manager's open and of the emulator's fd (primary), and
+/// kcmp at hand-off (the cross-check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Handoff {
+    ofd: Option<bool>,
+    kcmp: Option<bool>,
+}
+
+impl Handoff {
+    fn of(l: &Ledger, managers: &[u32], h: &Handed, held: Option<&FdEntry>) -> Self {
+        let mgr = l
+            .log
+            .opens
+            .iter()
+            .rev()
+            .find(|o| o.at.fd == h.fd && managers.contains(&o.at.pid))
+            .and_then(|o| o.ofd);
+        let emu = held.and_then(|e| e.id.ofd);
+        Self {
+            ofd: mgr.zip(emu).map(|(a, b)| a == b),
+            kcmp: h.same_at_handoff,
+        }
+    }
+
+    /// The same file: by the ids when known, else by kcmp; a disagreement is not.
+    fn same(self) -> Option<bool> {
+        match (self.ofd, self.kcmp) {
+            (Some(a), Some(b)) if a != b => Some(false),
+            (Some(a), _) => Some(a),
+            (None, k) => k,
+        }
+    }
+
+    /// What decided it, for the evidence.
+    fn detail(self, mgr_fd: i32) -> String {
+        let kcmp = match (self.kcmp, self.ofd) {
+            (Some(k), Some(o)) if k == o => "kcmp at hand-off agrees",
+            (Some(_), Some(_)) => "kcmp at hand-off disagrees",
+            (None, Some(_)) => "no kcmp at hand-off",
+            (Some(true), None) => "kcmp at hand-off: the same open file description",
+            (Some(false), None) => "kcmp at hand-off: not the same open file description",
+            (None, None) => "nothing says it is the same open file description",
+        };
+        match self.ofd {
+            Some(true) => format!(
+                "the kernel's open-file-description id is the one of the manager's fd {mgr_fd}; {kcmp}"
+            ),
+            Some(false) => format!(
+                "the kernel's open-file-description id is not the one of the manager's fd {mgr_fd}; {kcmp}"
+            ),
+            None => format!("{kcmp} as the manager's fd {mgr_fd}"),
+        }
+    }
+}
 
 pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found> {
     let ClaimKind::NetOpen {
@@ -180,17 +237,30 @@ pub(super) fn judge_up(
             ))
         });
     }
-    if let Some(bad) = handed.iter().find(|h| h.same_at_handoff == Some(false)) {
+    let managers = l.managers_of(c);
+    let table = view.table(emu);
+    let bad = handed.iter().find_map(|h| {
+        let held = table.and_then(|t| t.fds.get(&h.emulator_fd));
+        let how = Handoff::of(l, &managers, h, held);
+        (how.same() == Some(false)).then_some((h, how))
+    });
+    if let Some((bad, how)) = bad {
+        let by = if how.ofd.is_some() {
+            "the kernel's open-file-description ids"
+        } else {
+            "kcmp at hand-off"
+        };
         return Some(
             Found::violated(
                 format!(
-                    "the emulator's fd {} is not the open file the manager opened as fd {} (kcmp at hand-off)",
+                    "the emulator's fd {} is not the open file the manager opened as fd {} ({by})",
                     bad.emulator_fd, bad.fd
                 ),
-                vec![Evidence::new(emu, "kcmp").fd(bad.emulator_fd).detail(format!(
-                    "kcmp(KCMP_FILE) of the manager's fd {} and the emulator's fd {}: different",
-                    bad.fd, bad.emulator_fd
-                ))],
+                vec![
+                    Evidence::new(emu, "handoff")
+                        .fd(bad.emulator_fd)
+                        .detail(how.detail(bad.fd)),
+                ],
             )
             .on([emu]),
         );
@@ -198,7 +268,7 @@ pub(super) fn judge_up(
     let found = if handed.is_empty() {
         infer_nic_fds(l, c, emu, mac, view)
     } else {
-        match handed_fds(l, emu, handed, view) {
+        match handed_fds(l, emu, &managers, handed, view) {
             Some(f) => f,
             None => return last.then(|| not_held(l, c, emu, mac, *attach, view)),
         }
@@ -255,6 +325,7 @@ fn up_verdict(
 fn handed_fds(
     l: &Ledger,
     emu: u32,
+    managers: &[u32],
     handed: &[Handed],
     view: &dyn KernelView,
 ) -> Option<Vec<NicFd>> {
@@ -267,8 +338,9 @@ fn handed_fds(
                 .fds
                 .get(&h.emulator_fd)
                 .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev);
+            let how = Handoff::of(l, managers, h, held);
             match (held, l.log.releases.get(&at)) {
-                (Some(e), _) if h.same_at_handoff == Some(true) => Some(NicFd {
+                (Some(e), _) if how.same() == Some(true) => Some(NicFd {
                     at,
                     since: e.since_ns,
                     held: true,
@@ -277,10 +349,7 @@ fn handed_fds(
                         .at(e.since_ns)
                         .path(e.id.path.clone())
                         .rdev(e.id.rdev)
-                        .detail(format!(
-                            "kcmp: the same open file description as the manager's fd {}",
-                            h.fd
-                        )),
+                        .detail(how.detail(h.fd)),
                 }),
                 (None, Some(&(ts, op))) => Some(NicFd {
                     at,
