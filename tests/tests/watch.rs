@@ -504,12 +504,17 @@ fn tap_and_macvtap_fds_name_their_interfaces() {
     h.exit();
     let (code, records) = w.finish();
     assert_eq!(code, 6);
-    // The tap fd's identity at exit carries the interface it had by then.
+    // The tap fd's identity at exit carries the interface it had by then: the kernel program
+    // read it when TUNSETIFF attached the fd.
     let exit_tun = records
         .iter()
         .find(|v| v["op"] == "exit" && v["fd"] == tun)
         .unwrap();
-    assert_eq!(exit_tun["rdev"], "10:200");
+    assert_eq!(
+        (exit_tun["rdev"].as_str(), exit_tun["iface"].as_str()),
+        (Some("10:200"), Some("vmaudit-tap0")),
+        "{exit_tun}"
+    );
 }
 
 #[test]

@@ -116,6 +116,9 @@ pub enum EventKind {
     /// that process's thread id as the notification named it (`tgid`/`tid`: the supervisor);
     /// [`EventFlags::CLOEXEC`] as the supervisor asked.
     AddFd = 12,
+    /// The tun fd `fd` was attached to an interface (TUNSETIFF, TUNSETQUEUE): its name is the
+    /// [`PathTail::iface`] that follows.
+    Iface = 13,
 }
 
 impl TryFrom<u8> for EventKind {
@@ -134,6 +137,7 @@ impl TryFrom<u8> for EventKind {
             10 => Self::Unseen,
             11 => Self::Unshare,
             12 => Self::AddFd,
+            13 => Self::Iface,
             other => return Err(other),
         })
     }
@@ -303,8 +307,14 @@ pub struct PathTail {
     /// 1 when the walk reached the root of the mount tree (the path is complete).
     pub complete: u16,
     pub slots: [[u8; PATH_SLOT]; PATH_SLOTS],
+    /// The network interface of a tun/tap fd, NUL-padded (empty when it has none yet), read
+    /// from the kernel: the file's `tun_file` → `tun_struct` → `net_device.name`.
+    pub iface: [u8; IFNAMSIZ],
 }
-const _: () = assert!(size_of::<PathTail>() == 8 + PATH_SLOT * PATH_SLOTS);
+const _: () = assert!(size_of::<PathTail>() == 8 + PATH_SLOT * PATH_SLOTS + IFNAMSIZ);
+
+/// Bytes of a network interface's name, its NUL included.
+pub const IFNAMSIZ: usize = 16;
 
 impl PathTail {
     pub const COMPONENTS: u32 = 1;
@@ -318,7 +328,7 @@ pub struct EventWithPath {
     pub event: Event,
     pub path: PathTail,
 }
-const _: () = assert!(size_of::<EventWithPath>() == 64 + 8 + PATH_SLOT * PATH_SLOTS);
+const _: () = assert!(size_of::<EventWithPath>() == 64 + size_of::<PathTail>());
 
 /// Offsets (bytes) of the kernel fields the programs read, from the running kernel's BTF;
 /// written by userspace into the programs' read-only data before loading, so that one object
@@ -368,10 +378,20 @@ pub struct KernelOffsets {
     pub vfsmount_root: u32,
     /// `task_struct.thread_info.status` (x86: `TS_COMPAT` tells a 32-bit syscall).
     pub task_ti_status: u32,
+    /// `file.private_data` (a tun fd's `struct tun_file`).
+    pub file_private: u32,
+    /// `tun_file.tun`: the `tun_struct` the fd is attached to (NULL before TUNSETIFF).
+    pub tun_file_tun: u32,
+    /// `tun_struct.dev`
+    pub tun_dev: u32,
+    /// `net_device.name`
+    pub netdev_name: u32,
+    /// Non-zero when the tun offsets above are known (a kernel without tun has no such types).
+    pub tun_ready: u32,
     /// Non-zero once userspace has filled this in (a program loaded without it reads nothing).
     pub ready: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 88);
+const _: () = assert!(size_of::<KernelOffsets>() == 108);
 
 impl KernelOffsets {
     /// What the object is built with; the loader replaces it.
@@ -397,6 +417,11 @@ impl KernelOffsets {
         mount_mountpoint: 0,
         vfsmount_root: 0,
         task_ti_status: 0,
+        file_private: 0,
+        tun_file_tun: 0,
+        tun_dev: 0,
+        netdev_name: 0,
+        tun_ready: 0,
         ready: 0,
     };
 }
@@ -416,7 +441,7 @@ pub struct UringOffsets {
 }
 const _: () = assert!(size_of::<UringOffsets>() == 16);
 
-/// One fd of a task_file iterator snapshot (written by the iterator program, 48 bytes).
+/// One fd of a task_file iterator snapshot (written by the iterator program, 64 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IterRecord {
@@ -426,8 +451,10 @@ pub struct IterRecord {
     pub cloexec: u32,
     pub _pad: u32,
     pub file: FileInfo,
+    /// A tun/tap fd's interface (see [`PathTail::iface`]).
+    pub iface: [u8; IFNAMSIZ],
 }
-const _: () = assert!(size_of::<IterRecord>() == 48);
+const _: () = assert!(size_of::<IterRecord>() == 64);
 
 /// io_uring opcodes that install or close an fd of the process's table.
 pub mod uring {

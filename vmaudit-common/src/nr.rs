@@ -104,6 +104,10 @@ pub mod ioctl {
     pub const SECCOMP_IOCTL_NOTIF_RECV: u64 = 0xC050_2100;
     /// Answers a notification (`struct seccomp_notif_resp { u64 id; .. }`): no ADDFD follows.
     pub const SECCOMP_IOCTL_NOTIF_SEND: u64 = 0xC018_2101;
+    /// Attach a tun fd to an interface (by name, `%d` numbered by the kernel), or a queue of
+    /// a multiqueue one.
+    pub const TUNSETIFF: u64 = 0x4004_54CA;
+    pub const TUNSETQUEUE: u64 = 0x4004_54D9;
     /// Returns a guest_memfd fd of the VM.
     pub const KVM_CREATE_GUEST_MEMFD: u64 = 0xC040_AED4;
     /// `PIDFD_GET_*_NAMESPACE` (`_IO(0xFF, 1..=10)`): return a namespace fd.
@@ -149,6 +153,8 @@ pub mod ioctl {
                     | SECCOMP_IOCTL_NOTIF_ADDFD
                     | SECCOMP_IOCTL_NOTIF_RECV
                     | SECCOMP_IOCTL_NOTIF_SEND
+                    | TUNSETIFF
+                    | TUNSETQUEUE
             )
     }
 }

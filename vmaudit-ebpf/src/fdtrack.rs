@@ -12,9 +12,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use vmaudit_common::{
-    DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, INFLIGHT_ENTRIES,
-    Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT, PathTail, Unseen,
-    UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
+    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT,
+    PathTail, Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags,
+    nr, uring,
 };
 
 use crate::kfile;
@@ -273,6 +274,43 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     unsafe {
         (*p).event = ev;
         kfile::walk_path(file, &mut (*p).path);
+        kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
+    }
+    entry.submit(wake_flags());
+}
+
+/// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
+/// read from the kernel.
+#[inline(never)]
+fn attached(h: &Head, fd: i32) {
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let Some((file, _)) = kfile::file_at(task, fd) else {
+        lose(LossCause::KernelRead, h.tgid);
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
+        lose(LossCause::RingFull, h.tgid);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let mut ev = event(h, EventKind::Iface, fd, 0);
+    ev.flags |= EventFlags::PATH;
+    ev.ts_ns = now();
+    let rdev = if file != 0 && kfile::file_info(file, &mut ev.file).is_some() {
+        ev.flags |= EventFlags::FILE;
+        ev.file.rdev
+    } else {
+        0
+    };
+    // SAFETY: as in `gain`; the tail's form, depth and first slot are written before the
+    // interface, so the record is whole.
+    unsafe {
+        (*p).event = ev;
+        (*p).path.form = PathTail::COMPONENTS;
+        (*p).path.depth = 0;
+        (*p).path.complete = 0;
+        kfile::tun_iface(file, rdev, &mut (*p).path.iface);
     }
     entry.submit(wake_flags());
 }
@@ -294,6 +332,7 @@ fn failed_open(h: &Head, errno: u64, user_path: u64) {
         (*p).path.form = PathTail::STRING;
         (*p).path.depth = 0;
         (*p).path.complete = 1;
+        (*p).path.iface = [0; IFNAMSIZ];
         let buf = &mut *((&mut (*p).path.slots) as *mut _ as *mut [u8; PATH_SLOT * 6]);
         if bpf_probe_read_user_str_bytes(user_path as *const u8, buf).is_err() {
             buf[0] = 0;
@@ -524,8 +563,12 @@ fn set_cloexec(h: &Head, fd: i32, on: bool) {
 fn failed(h: &Head, nr: u32, a: &[u64; 4], ret: i64) {
     let errno = (-ret) as u64;
     match nr {
-        // A failed unshare gains nothing and leaves the table shared.
+        // A failed unshare gains nothing and leaves the table shared; a failed ioctl that
+        // returns no fd is no attempt to gain one.
         nr::UNSHARE => {}
+        nr::IOCTL
+            if !nr::ioctl::returns_fd(nr::ioctl::req(a[1]))
+                && nr::ioctl::req(a[1]) != nr::ioctl::KVM_CREATE_DEVICE => {}
         nr::CLOSE if ret != -EBADF => send(&event(h, EventKind::Close, a[0] as i32, 0)),
         nr::CLOSE => send(&event(h, EventKind::Failed, a[0] as i32, errno)),
         nr::DUP2 | nr::DUP3 => send(&event(h, EventKind::Failed, a[1] as i32, errno)),
@@ -551,6 +594,7 @@ fn ioctl(h: &Head, a: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
                 None => lose(LossCause::UserRead, h.tgid),
             }
         }
+        nr::ioctl::TUNSETIFF | nr::ioctl::TUNSETQUEUE => attached(h, a[0] as i32),
         nr::ioctl::SECCOMP_IOCTL_NOTIF_RECV => {
             if let (Some(id), Some(pid)) = (
                 read_user::<u64>(a[2]),

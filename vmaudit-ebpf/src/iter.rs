@@ -41,6 +41,7 @@ pub extern "C" fn vmaudit_iter_task_file(ctx: *const TaskFileCtx) -> i32 {
     if kfile::file_info(file, &mut rec.file).is_none() {
         rec.fd = -1 - fd as i32;
     }
+    kfile::tun_iface(file, rec.file.rdev, &mut rec.iface);
     if let Some((_, cloexec)) = kfile::file_at(task, fd as i32) {
         rec.cloexec = cloexec as u32;
     }

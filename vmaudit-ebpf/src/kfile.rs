@@ -2,7 +2,7 @@
 //! inode and superblock, at field offsets userspace resolved from the running kernel's BTF.
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
-use vmaudit_common::{FileInfo, KernelOffsets, PATH_SLOTS, PathTail, ofd};
+use vmaudit_common::{FileInfo, IFNAMSIZ, KernelOffsets, PATH_SLOTS, PathTail, ofd};
 
 /// Written by userspace before loading (`EbpfLoader::set_global`): the kernel's field offsets.
 #[unsafe(no_mangle)]
@@ -89,6 +89,33 @@ pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
     info.ofd = ofd::id(key(), file);
     info._pad = 0;
     Some(())
+}
+
+/// `i_rdev` of /dev/net/tun (10:200), kernel encoding.
+const TUN_RDEV: u32 = (10 << 20) | 200;
+
+/// Writes the interface a tun fd is attached to into `out` (NUL-padded; left empty for another
+/// device, or a tun fd not attached yet).
+#[inline(always)]
+pub fn tun_iface(file: u64, rdev: u32, out: &mut [u8; IFNAMSIZ]) {
+    *out = [0; IFNAMSIZ];
+    if rdev != TUN_RDEV || o!(tun_ready) == 0 {
+        return;
+    }
+    let Some(tfile) = read::<u64>(file + o!(file_private)) else {
+        return;
+    };
+    let Some(tun) = read::<u64>(tfile + o!(tun_file_tun)) else {
+        return;
+    };
+    let Some(dev) = read::<u64>(tun + o!(tun_dev)) else {
+        return;
+    };
+    if dev != 0 {
+        let name = dev + o!(netdev_name);
+        // SAFETY: copies a NUL-terminated kernel string into `out`, bounded by its size.
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, out) };
+    }
 }
 
 /// Writes the names of `file`'s dentries, leaf first, crossing mounts, into `tail`.

@@ -75,11 +75,17 @@ pub struct ProcFs {
     /// The interface (or none) of each device number whose major is statically assigned, so
     /// that naming the millionth /dev/null costs no read of /sys.
     ifaces: Mutex<HashMap<DevNum, Option<String>>>,
+    /// The kernel programs give a tun fd's interface (or say it has none): fdinfo, read later,
+    /// may describe another file at that number, so it is not read for them.
+    pub tun_from_kernel: bool,
 }
 
 impl Clone for ProcFs {
     fn clone(&self) -> Self {
-        Self::new(self.roots.clone())
+        Self {
+            tun_from_kernel: self.tun_from_kernel,
+            ..Self::new(self.roots.clone())
+        }
     }
 }
 
@@ -94,6 +100,7 @@ impl ProcFs {
         Self {
             roots,
             ifaces: Mutex::default(),
+            tun_from_kernel: false,
         }
     }
 
@@ -115,6 +122,9 @@ impl ProcFs {
         }
         let Some(rdev) = id.rdev else { return };
         id.iface = if rdev == vmaudit_core::fd::TUN {
+            if self.tun_from_kernel && id.source == Source::Kernel {
+                return;
+            }
             fs::read_to_string(self.roots.fdinfo(pid, fd))
                 .ok()
                 .and_then(|t| parse_fdinfo(&t).iff)

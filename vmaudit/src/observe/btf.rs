@@ -275,9 +275,30 @@ impl Btf {
         Ok(off)
     }
 
+    /// The offsets of a tun fd's interface name, when the kernel has tun: (`file.private_data`,
+    /// `tun_file.tun`, `tun_struct.dev`, `net_device.name`).
+    fn tun_offsets(&self) -> Result<[u32; 4], BtfError> {
+        Ok([
+            self.offset("file", "private_data", 8)?,
+            self.offset("tun_file", "tun", 8)?,
+            self.offset("tun_struct", "dev", 8)?,
+            self.offset("net_device", "name", 0)?,
+        ])
+    }
+
     /// Every offset the kernel programs read.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        // Without tun (not built in), tun fds are named from fdinfo instead.
+        let tun = self.tun_offsets().map_err(|e| {
+            log::debug!("tun interfaces are not read in the kernel: {e}");
+        });
+        let [file_private, tun_file_tun, tun_dev, netdev_name] = tun.unwrap_or_default();
         Ok(KernelOffsets {
+            file_private,
+            tun_file_tun,
+            tun_dev,
+            netdev_name,
+            tun_ready: u32::from(tun.is_ok()),
             task_files: self.offset("task_struct", "files", 8)?,
             files_fdt: self.offset("files_struct", "fdt", 8)?,
             fdt_max_fds: self.offset("fdtable", "max_fds", 4)?,

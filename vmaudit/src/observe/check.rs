@@ -68,6 +68,7 @@ fn touched(change: &Change) -> Option<(i32, i32)> {
         | Change::SendFd { .. }
         | Change::Failed { .. }
         | Change::Unshare
+        | Change::Iface { .. }
         | Change::AddFd { .. } => None,
     }
 }

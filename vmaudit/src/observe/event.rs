@@ -95,6 +95,14 @@ pub struct KernelFile {
     pub info: FileInfo,
     /// A device file's path (its dentries, read in the kernel).
     pub path: Option<String>,
+    /// A tun fd's interface, read in the kernel (None: not attached yet, or not a tun fd).
+    pub iface: Option<String>,
+}
+
+/// The interface name in a kernel buffer (NUL-padded), if any.
+pub fn iface_of(raw: &[u8]) -> Option<String> {
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    (end > 0).then(|| String::from_utf8_lossy(&raw[..end]).into_owned())
 }
 
 /// One change to a process's fd table, as decoded from an event.
@@ -137,6 +145,8 @@ pub enum Change {
     Unseen { reason: &'static str, detail: u64 },
     /// The process stopped sharing its table (unshare(CLONE_FILES)): it keeps a copy.
     Unshare,
+    /// Tun fd `fd` was attached to interface `name` (TUNSETIFF, TUNSETQUEUE).
+    Iface { fd: i32, name: Option<String> },
     /// The process (a seccomp supervisor) put `file` at `fd` in the table of thread `target`
     /// (its id as the notification gave it) of another process.
     AddFd {
@@ -191,6 +201,7 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
             let file = flag(EventFlags::FILE).then(|| KernelFile {
                 info: e.file,
                 path: raw.path.as_ref().map(path_of),
+                iface: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
             });
             let from = (how(n) == Gain::Dup).then_some(e.aux as i32);
             (
@@ -237,6 +248,13 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
             },
         ),
         EventKind::Unshare => (syscall_name(n), Change::Unshare),
+        EventKind::Iface => (
+            syscall_name(n),
+            Change::Iface {
+                fd: e.fd,
+                name: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
+            },
+        ),
         EventKind::AddFd => (
             syscall_name(n),
             Change::AddFd {
@@ -246,6 +264,7 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
                 file: flag(EventFlags::FILE).then_some(KernelFile {
                     info: e.file,
                     path: None,
+                    iface: None,
                 }),
             },
         ),
@@ -419,6 +438,7 @@ mod tests {
                 depth: 3,
                 complete: 1,
                 slots,
+                iface: *b"vmtap0\0\0\0\0\0\0\0\0\0\0",
             },
         };
         // Unaligned, as ring-buffer bytes may be.
@@ -439,6 +459,7 @@ mod tests {
         assert_eq!((fd, how, cloexec, from), (5, Gain::Open, true, None));
         let file = file.unwrap();
         assert_eq!(file.path.as_deref(), Some("/dev/net/tun"));
+        assert_eq!(file.iface.as_deref(), Some("vmtap0"));
         assert_eq!((file.info.ino, file.info.ofd), (5, 0xabc));
     }
 
@@ -451,6 +472,7 @@ mod tests {
             depth: 1,
             complete: 0,
             slots,
+            iface: [0; vmaudit_common::IFNAMSIZ],
         };
         assert_eq!(path_of(&tail), "…/002");
     }

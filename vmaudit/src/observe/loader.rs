@@ -89,6 +89,9 @@ fn uring_offsets(tracefs: &Path) -> Result<Option<UringOffsets>, ObserveError> {
 
 /// The loaded and attached fd tracker.
 pub struct Tracker {
+    /// Whether the programs read a tun fd's interface in the kernel (the kernel has tun's
+    /// types in its BTF).
+    pub tun_named: bool,
     /// Forwards the programs' aya-log records to `log` (RUST_LOG=debug shows them); it must
     /// live as long as the programs that log.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -259,6 +262,7 @@ impl Tracker {
         Ok(Self {
             logger,
             consumer,
+            tun_named: offsets.tun_ready != 0,
             _ebpf: ebpf,
             ring: Some(ring),
             watched,

@@ -286,7 +286,10 @@ fn snapshot_map(recs: Vec<vmaudit_common::IterRecord>) -> BTreeMap<i32, (FdIdent
         .map(|r| {
             (
                 r.fd,
-                (table::kernel_identity(&r.file, None), r.cloexec != 0),
+                (
+                    table::kernel_identity(&r.file, None, event::iface_of(&r.iface)),
+                    r.cloexec != 0,
+                ),
             )
         })
         .collect()
@@ -297,13 +300,14 @@ impl Watcher {
     /// records go to `sink`.
     pub fn start(
         opts: &WatchOptions,
-        procfs: ProcFs,
+        mut procfs: ProcFs,
         sink: &mut dyn Sink,
     ) -> Result<Self, ObserveError> {
         for &pid in &opts.pids {
             check_process(&procfs, pid)?;
         }
         let mut tracker = start_tracker(&opts.tracker)?;
+        procfs.tun_from_kernel = tracker.tun_named;
         let ring = tracker
             .take_ring()
             .ok_or(ObserveError::MissingObject { name: "EVENTS" })?;

@@ -43,7 +43,7 @@ impl Resolver for ProcFs {
 }
 
 /// An fd's identity from what the kernel program read (`path`: a device's, from its dentries).
-pub fn kernel_identity(info: &FileInfo, path: Option<String>) -> FdIdentity {
+pub fn kernel_identity(info: &FileInfo, path: Option<String>, iface: Option<String>) -> FdIdentity {
     let kind = FileKind::of_mode(info.mode as u32);
     let dev = |d: u32| {
         let (major, minor) = kdev_split(d);
@@ -63,7 +63,7 @@ pub fn kernel_identity(info: &FileInfo, path: Option<String>) -> FdIdentity {
         flags: Some(info.flags),
         mode: Some(info.mode as u32),
         ofd: Some(info.ofd),
-        iface: None,
+        iface,
         source: Source::Kernel,
     }
 }
@@ -87,6 +87,7 @@ fn shared_change(c: &Change) -> bool {
             | Change::CloseRange { .. }
             | Change::SetCloexec { .. }
             | Change::CloexecRange { .. }
+            | Change::Iface { .. }
     )
 }
 
@@ -420,6 +421,11 @@ impl<R: Resolver> Tables<R> {
             Change::Unseen { .. } => {}
             // `apply` has made the table the process's own; its fds stay as they are.
             Change::Unshare => {}
+            Change::Iface { fd, name } => {
+                if let Some(e) = self.table(pid).fds.get_mut(fd) {
+                    e.id.iface = name.clone();
+                }
+            }
             // The watcher applies it as a gain of the target process.
             Change::AddFd { .. } => {}
         }
@@ -448,7 +454,7 @@ impl<R: Resolver> Tables<R> {
         let source_entry = from.and_then(|src| self.table(pid).fds.get(&src));
         let id = match file {
             Some(f) => {
-                let mut id = kernel_identity(&f.info, f.path.clone());
+                let mut id = kernel_identity(&f.info, f.path.clone(), f.iface.clone());
                 // A dup shares the open file: its names are those already known.
                 match source_entry.filter(|e| e.id.same_ofd(&id) == Some(true)) {
                     Some(e) => {
@@ -648,6 +654,7 @@ mod tests {
                 _pad: 0,
             },
             path: path.map(str::to_owned),
+            iface: None,
         }
     }
 
@@ -915,6 +922,7 @@ mod tests {
                 kernel_identity(
                     &kfile(ino, ofd, CHR, Some("/dev/x")).info,
                     Some("/dev/x".into()),
+                    None,
                 ),
                 false,
             )

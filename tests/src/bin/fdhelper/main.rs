@@ -285,15 +285,18 @@ fn run(
         }
         "flood_dup" => {
             // Many dup/close pairs of stdin as fast as one thread can go: the cheapest way to
-            // gain and lose an fd (no path lookup).
+            // gain and lose an fd (no path lookup). The reply is the fd events made: each dup
+            // that succeeded and each close that did.
             let n = int(words, 1)?;
+            let mut events = 0;
             for _ in 0..n {
                 // SAFETY: see above.
                 let fd = unsafe { libc::syscall(libc::SYS_dup, 0) };
                 // SAFETY: see above.
-                unsafe { libc::syscall(libc::SYS_close, fd) };
+                let closed = unsafe { libc::syscall(libc::SYS_close, fd) };
+                events += i64::from(fd >= 0) + i64::from(closed == 0);
             }
-            n
+            events
         }
         "hold" => {
             // Open `n` fds on /dev/zero and keep them: state the resync must find.
