@@ -458,9 +458,44 @@ pub struct Domain<'a> {
 }
 
 impl<'a> Domain<'a> {
-    /// Defines and starts `name` with `uuid` and `nics`. A domain or taps of the same names left
-    /// by an earlier, killed run are removed first (the names belong to the test).
+    /// Defines and starts `name` with `uuid` and `nics`, with no guest OS. A domain or taps of
+    /// the same names left by an earlier, killed run are removed first (the names belong to the
+    /// test).
     pub fn start(lv: &'a Libvirt, name: &str, uuid: &str, nics: &[Nic]) -> Self {
+        Self::start_with(lv, name, uuid, nics, 64, "", "")
+    }
+
+    /// As [`Domain::start`], booting the test guest ([`crate::guest::GuestImage`]) with its
+    /// console (ttyS0) written to `serial_log`: a guest that answers hot-unplug.
+    pub fn start_guest(
+        lv: &'a Libvirt,
+        name: &str,
+        uuid: &str,
+        nics: &[Nic],
+        guest: &crate::guest::GuestImage,
+        serial_log: &Path,
+    ) -> Self {
+        let boot = format!(
+            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline>",
+            path_str(&guest.kernel),
+            path_str(&guest.initrd)
+        );
+        let serial = format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+            path_str(serial_log)
+        );
+        Self::start_with(lv, name, uuid, nics, 128, &boot, &serial)
+    }
+
+    fn start_with(
+        lv: &'a Libvirt,
+        name: &str,
+        uuid: &str,
+        nics: &[Nic],
+        mib: u32,
+        boot: &str,
+        devices: &str,
+    ) -> Self {
         let _ = lv.virsh(&["destroy", name]);
         let _ = lv.virsh(&["undefine", name]);
         for nic in nics {
@@ -471,11 +506,11 @@ impl<'a> Domain<'a> {
             "<domain type='qemu'>\n\
              \x20 <name>{name}</name>\n\
              \x20 <uuid>{uuid}</uuid>\n\
-             \x20 <memory unit='MiB'>64</memory>\n\
+             \x20 <memory unit='MiB'>{mib}</memory>\n\
              \x20 <vcpu>1</vcpu>\n\
-             \x20 <os><type arch='x86_64' machine='pc'>hvm</type></os>\n\
+             \x20 <os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>\n\
              \x20 <features><acpi/></features>\n\
-             \x20 <devices>{interfaces}</devices>\n\
+             \x20 <devices>{interfaces}{devices}</devices>\n\
              </domain>\n"
         );
         let file = lv.dir().join(format!("{name}.xml"));

@@ -621,3 +621,60 @@ fn detach_records_are_held_to_the_emulators_closes() {
     assert_eq!(code, 7);
     drop((em1, em2));
 }
+
+/// The hot-unplug that libvirt does for real: a domain booting the test guest, a NIC attached
+/// and detached with `virsh` (the guest acknowledges the unplug, libvirt closes the tap and then
+/// writes its detach record). The start, the attach and the detach are confirmed, the detach
+/// with qemu's close of the NIC's fd, and nothing is violated.
+#[test]
+fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
+    require_root();
+    const NAME: &str = "vmmong";
+    const UUID: &str = "7e57c0de-0000-4000-8000-00000000b00c";
+    let guest = vmaudit_tests::guest::GuestImage::find();
+    let tmp = TempDir::new("monitor-guest");
+    let _audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let journal = tmp.0.join("j.jsonl");
+    let mut m = monitor(lv.libvirtd_pid(), &journal, &["--deadline-ms", "2000"]);
+    let boot = Nic::new("52:54:00:1c:0c:01", "vmmongn0");
+    let plugged = Nic::new("52:54:00:1c:0c:02", "vmmongn1");
+    let serial = tmp.0.join("serial.log");
+    let mut dom = Domain::start_guest(&lv, NAME, UUID, std::slice::from_ref(&boot), &guest, &serial);
+    let qemu = dom.pid();
+    vmaudit_tests::guest::wait_ready(&serial);
+    let v = verdict(&mut m, "vm-start", "vm-start", |_| true);
+    assert_eq!(v["status"], "confirmed", "{v:#}");
+
+    dom.attach(&plugged);
+    let attach = verdict(&mut m, "net-attach", "net-attach", |_| true);
+    assert_eq!(attach["status"], "confirmed", "{attach:#}");
+    let fd = attach["evidence"][0]["fd"].as_i64().unwrap();
+    assert!(tun_fds(qemu).contains(&fd), "qemu holds fd {fd}: {attach:#}");
+
+    let answer = dom.detach(&plugged);
+    assert!(answer.contains("detached successfully"), "{answer}");
+    let detach = verdict(&mut m, "net-detach", "net-detach", |_| true);
+    assert_eq!(detach["status"], "confirmed", "{detach:#}");
+    let e = &detach["evidence"][0];
+    assert_eq!(
+        (e["pid"].as_u64(), e["what"].as_str(), e["fd"].as_i64()),
+        (Some(u64::from(qemu)), Some("close"), Some(fd)),
+        "the detach released qemu's fd {fd}: {detach:#}"
+    );
+    assert!(!tun_fds(qemu).contains(&fd), "qemu no longer holds fd {fd}");
+
+    dom.destroy();
+    verdict(&mut m, "vm-stop", "vm-stop", |_| true);
+    let (code, seen) = m.stop();
+    let vs = verdicts(&seen);
+    let bad: Vec<&&Value> = vs.iter().filter(|v| v["status"] != "confirmed").collect();
+    assert!(bad.is_empty(), "every claim confirmed, nothing violated: {bad:#?}");
+    assert_eq!(code, 0, "every claim confirmed");
+    for kind in ["net-open", "net-start", "net-attach", "net-detach", "cgroup", "vm-start", "vm-stop"] {
+        assert!(
+            vs.iter().any(|v| v["claim"]["kind"] == kind),
+            "a {kind} verdict: {vs:#?}"
+        );
+    }
+}
