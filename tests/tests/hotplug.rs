@@ -311,7 +311,11 @@ fn a_command_qemu_refuses_is_rolled_back_and_audited() {
     assert!(err.contains("did not answer"), "{err}");
     // The fd was already in flight to qemu (SCM_RIGHTS holds it in the socket): what qemu does
     // with it once resumed is for the verifier, which holds qemu to what it then holds.
-    let (_, kept) = vm.stop();
+    let (code, kept) = vm.stop();
+    assert_eq!(
+        code, 0,
+        "the attach was refused and rolled back: nothing claimed, nothing violated"
+    );
     let text = std::fs::read_to_string(&*kept).unwrap();
     let failed: Vec<&str> = text
         .lines()

@@ -640,7 +640,14 @@ fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
     let boot = Nic::new("52:54:00:1c:0c:01", "vmmongn0");
     let plugged = Nic::new("52:54:00:1c:0c:02", "vmmongn1");
     let serial = tmp.0.join("serial.log");
-    let mut dom = Domain::start_guest(&lv, NAME, UUID, std::slice::from_ref(&boot), &guest, &serial);
+    let mut dom = Domain::start_guest(
+        &lv,
+        NAME,
+        UUID,
+        std::slice::from_ref(&boot),
+        &guest,
+        &serial,
+    );
     let qemu = dom.pid();
     vmaudit_tests::guest::wait_ready(&serial);
     let v = verdict(&mut m, "vm-start", "vm-start", |_| true);
@@ -650,7 +657,10 @@ fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
     let attach = verdict(&mut m, "net-attach", "net-attach", |_| true);
     assert_eq!(attach["status"], "confirmed", "{attach:#}");
     let fd = attach["evidence"][0]["fd"].as_i64().unwrap();
-    assert!(tun_fds(qemu).contains(&fd), "qemu holds fd {fd}: {attach:#}");
+    assert!(
+        tun_fds(qemu).contains(&fd),
+        "qemu holds fd {fd}: {attach:#}"
+    );
 
     let answer = dom.detach(&plugged);
     assert!(answer.contains("detached successfully"), "{answer}");
@@ -669,9 +679,20 @@ fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
     let (code, seen) = m.stop();
     let vs = verdicts(&seen);
     let bad: Vec<&&Value> = vs.iter().filter(|v| v["status"] != "confirmed").collect();
-    assert!(bad.is_empty(), "every claim confirmed, nothing violated: {bad:#?}");
+    assert!(
+        bad.is_empty(),
+        "every claim confirmed, nothing violated: {bad:#?}"
+    );
     assert_eq!(code, 0, "every claim confirmed");
-    for kind in ["net-open", "net-start", "net-attach", "net-detach", "cgroup", "vm-start", "vm-stop"] {
+    for kind in [
+        "net-open",
+        "net-start",
+        "net-attach",
+        "net-detach",
+        "cgroup",
+        "vm-start",
+        "vm-stop",
+    ] {
         assert!(
             vs.iter().any(|v| v["claim"]["kind"] == kind),
             "a {kind} verdict: {vs:#?}"
