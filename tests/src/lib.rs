@@ -279,6 +279,15 @@ impl Watch {
         }
     }
 
+    /// A record satisfying `pred`, seen at any time so far or waited for: for verdicts whose
+    /// order among themselves is not fixed.
+    pub fn wait_any(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        self.wait_for(what, pred)
+    }
+
     /// Waits for the next record after the previous match that satisfies `pred` (keeping
     /// every record in `seen`).
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {

@@ -243,6 +243,24 @@ fn a_tap_fd_copied_out_of_qemu_and_a_rule_removed_behind_libvirt_are_caught() {
     );
     assert!(v["reason"].as_str().unwrap().contains("no longer"), "{v:#}");
 
+    // libvirt's device program detached from the VM's cgroup (a legacy attach).
+    let ids = vmaudit_tests::bpf::detach_device_programs(Path::new(&cgroup));
+    let v = m.wait_for("the program detached", |v| {
+        v["type"] == "verdict" && v["status"] == "violated" && v["claim"]["kind"] == "cgroup"
+    });
+    assert!(
+        v["reason"].as_str().unwrap().contains("was detached"),
+        "{v:#}"
+    );
+    assert!(
+        v["reason"].as_str().unwrap().contains(&format!("{ids:?}")),
+        "{v:#}"
+    );
+    assert!(
+        v["claim"]["text"].as_str().unwrap().contains("class=all"),
+        "{v:#}"
+    );
+
     dom.destroy();
     verdict(&mut m, "stop verdict", "vm-stop", |_| true);
     let (code, seen) = m.stop();
@@ -252,8 +270,8 @@ fn a_tap_fd_copied_out_of_qemu_and_a_rule_removed_behind_libvirt_are_caught() {
             .iter()
             .filter(|v| v["status"] == "violated")
             .count(),
-        2,
-        "exactly the two staged violations: {seen:#?}"
+        3,
+        "exactly the three staged violations: {seen:#?}"
     );
 }
 
@@ -414,8 +432,9 @@ fn the_demo_runs_in_monitor_mode_against_libvirt() {
     drop(lv);
 }
 
-/// A stand-in emulator holding `fds` (inherited), in `mode`; returns it once it says ready.
-fn stand_in(mode: &str, fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
+/// A stand-in emulator holding `fds` (inherited), in `mode` (with its arguments); returns it
+/// once it says ready.
+fn stand_in(mode: &[&str], fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
     use std::{
         io::{BufRead as _, BufReader},
         os::{fd::AsRawFd as _, unix::process::CommandExt as _},
@@ -424,7 +443,7 @@ fn stand_in(mode: &str, fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
     let bins = bins!();
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let mut cmd = Command::new(&bins.fake_emulator);
-    cmd.args(["--mode", mode, "--"]);
+    cmd.arg("--mode").args(mode).arg("--");
     for fd in &raw {
         cmd.args(["-netdev", &format!("tap,id=n{fd},fd={fd}")]);
     }
@@ -488,8 +507,8 @@ fn detach_records_are_held_to_the_emulators_closes() {
     let mac = |m: &[u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
     let taps: Vec<std::fs::File> = macs.iter().map(|m| tap(&sock, "vmd%d", m)).collect();
     // vmd1's emulator closes its fds on SIGUSR1; vmd2's keeps its one.
-    let em1 = stand_in("close-later", &[&taps[0], &taps[1]]);
-    let em2 = stand_in("hold", &[&taps[2]]);
+    let em1 = stand_in(&["close-later"], &[&taps[0], &taps[1]]);
+    let em2 = stand_in(&["hold"], &[&taps[2]]);
     drop(taps);
     let (p1, p2) = (em1.0.id(), em2.0.id());
     let mut serial = 0;
@@ -698,4 +717,137 @@ fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
             "a {kind} verdict: {vs:#?}"
         );
     }
+}
+
+/// What a real qemu under libvirt will not do, done by stand-in emulators under this test as
+/// their manager, each caught in monitor mode with the offending pid and fd: a NIC fd sent over
+/// SCM_RIGHTS to a stranger, one escaping into the emulator's child, a network device the
+/// emulator opens itself, and an open the manager never passed and still holds when the VM
+/// stops.
+#[test]
+fn misbehaviour_only_a_stand_in_produces_is_caught_in_monitor_mode() {
+    use std::{io::Write as _, os::unix::net::UnixListener};
+    use vmaudit_tests::manager::{record, tap};
+    require_root();
+    let tmp = TempDir::new("monitor-bad-emu");
+    let log = tmp.0.join("audit.log");
+    fs::write(&log, "").unwrap();
+    let me = std::process::id();
+    let mut m = monitor(
+        me,
+        &tmp.0.join("j.jsonl"),
+        &["--audit-log", log.to_str().unwrap(), "--deadline-ms", "800"],
+    );
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mac = |n: u8| [0x52, 0x54, 0x00, 0x1e, 0x00, n];
+    let text = |m: &[u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    let stranger_path = tmp.0.join("stranger.sock");
+    let stranger = UnixListener::bind(&stranger_path).unwrap();
+    let taps: Vec<fs::File> = (1..=5).map(|n| tap(&sock, "vme%d", &mac(n))).collect();
+    let sender = stand_in(
+        &["send-stranger", "--to", stranger_path.to_str().unwrap()],
+        &[&taps[0]],
+    );
+    let (conn, _) = stranger.accept().unwrap();
+    let leaker = stand_in(&["leak-child"], &[&taps[1]]);
+    let opener = stand_in(&["open-tun"], &[&taps[2]]);
+    let mut holder = stand_in(&["hold"], &[&taps[3]]);
+    let pids = [sender.0.id(), leaker.0.id(), opener.0.id(), holder.0.id()];
+    // VM 4's second NIC: opened by the manager, recorded, never passed, kept.
+    let kept = &taps[4];
+    let mut serial = 0;
+    let mut lines = String::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let (name, uuid) = (
+            format!("vme{i}"),
+            format!("7e57c0de-0000-4000-8000-00000000e00{i}"),
+        );
+        let mut nics = vec![mac(i as u8 + 1)];
+        if i == 3 {
+            nics.push(mac(5));
+        }
+        for n in &nics {
+            lines += &record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!(
+                    "resrc=net reason=open vm=\"{name}\" uuid={uuid} net={} path=\"/dev/net/tun\" rdev=0A:C8",
+                    text(n)
+                ),
+            );
+        }
+        lines += &record(
+            "VIRT_RESOURCE",
+            &mut serial,
+            &format!(
+                "resrc=net reason=start vm=\"{name}\" uuid={uuid} old-net=\"?\" new-net=\"{}\"",
+                text(&nics[0])
+            ),
+        );
+        lines += &record(
+            "VIRT_CONTROL",
+            &mut serial,
+            &format!("op=start reason=booted vm=\"{name}\" uuid={uuid} vm-pid={pid}"),
+        );
+    }
+    let append = |t: &str| {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(t.as_bytes())
+            .unwrap();
+    };
+    append(&lines);
+    let violated = |m: &mut Watch, what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        m.wait_any(what, |v| {
+            v["type"] == "verdict" && v["status"] == "violated" && pred(v)
+        })
+    };
+    let v = violated(&mut m, "sent over SCM_RIGHTS", &|v| {
+        v["reason"].as_str().unwrap().contains("SCM_RIGHTS")
+    });
+    assert_eq!(v["evidence"][0]["pid"], pids[0], "{v:#}");
+    assert_eq!(v["evidence"][0]["what"], "send_fd", "{v:#}");
+    let v = violated(&mut m, "escaped into a child", &|v| {
+        v["reason"].as_str().unwrap().contains("is also held by")
+            && v["claim"]["mac"] == text(&mac(2))
+    });
+    assert_ne!(
+        v["evidence"][0]["pid"], pids[1],
+        "the holder is the child: {v:#}"
+    );
+    let v = violated(&mut m, "a tun the emulator opened", &|v| {
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("only the manager opens")
+    });
+    assert_eq!(v["evidence"][0]["pid"], pids[2], "{v:#}");
+    assert_eq!(v["evidence"][0]["rdev"], "10:200", "{v:#}");
+    // VM 3 stops: its emulator is gone, and the open of its second NIC is still held here.
+    // SAFETY: kill with our own child's pid.
+    unsafe { libc::kill(pids[3] as i32, libc::SIGTERM) };
+    holder.0.wait().unwrap();
+    append(&record(
+        "VIRT_CONTROL",
+        &mut serial,
+        "op=stop reason=destroyed vm=\"vme3\" uuid=7e57c0de-0000-4000-8000-00000000e003 vm-pid=0",
+    ));
+    let v = violated(&mut m, "opened, not passed, still held", &|v| {
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("still held by the manager")
+    });
+    let e = &v["evidence"][0];
+    use std::os::fd::AsRawFd as _;
+    assert_eq!(
+        (e["pid"].as_u64(), e["fd"].as_i64()),
+        (Some(u64::from(me)), Some(i64::from(kept.as_raw_fd()))),
+        "{v:#}"
+    );
+    let (code, _) = m.stop();
+    assert_eq!(code, 7);
+    drop((conn, sender, leaker, opener, taps));
 }
