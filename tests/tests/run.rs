@@ -115,6 +115,22 @@ fn texts(records: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// `vmaudit run SPEC` to its end, journal only: the exit code and stderr.
+fn run_once(bins: &Bins, spec: &Path, journal: &Path) -> (i32, String) {
+    let (code, _, err) = run_vmaudit(
+        bins,
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--audit",
+            "journal",
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
+    (code, err)
+}
+
 fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
@@ -367,17 +383,7 @@ fn an_interface_that_cannot_be_set_up_is_recorded_and_every_open_unwound() {
          [[interface]]\nmac = \"52:54:00:00:20:02\"\nifname = \"vma-busy\"\n",
     );
     let journal = tmp.0.join("j.jsonl");
-    let (code, _, err) = run_vmaudit(
-        &bins,
-        &[
-            "run",
-            spec.to_str().unwrap(),
-            "--audit",
-            "journal",
-            "--journal",
-            journal.to_str().unwrap(),
-        ],
-    );
+    let (code, err) = run_once(&bins, &spec, &journal);
     assert_eq!(code, 12, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("vma-busy"), "{err}");

@@ -47,6 +47,17 @@ fn fake(bins: &Bins, mode: &[&str]) -> String {
     )
 }
 
+/// A one-tap VM run by `vmaudit run` on the stand-in emulator in `mode`.
+fn fake_vm(bins: &Bins, name: &str, mode: &[&str]) -> VmRun {
+    Vm::start(bins, name, &fake(bins, mode), "", &[])
+}
+
+/// Stops the VM; `run` ends with 7, a violation found.
+fn ends_violated(vm: VmRun) {
+    let (code, _) = vm.stop();
+    assert_eq!(code, 7, "a violation was found: vmaudit run exits 7");
+}
+
 fn verify_json(bins: &Bins, journal: &Path) -> (i32, Value) {
     let (code, out, err) = run_vmaudit(bins, &["verify", journal.to_str().unwrap(), "--json"]);
     (
@@ -110,13 +121,7 @@ fn a_clean_run_of_real_qemu_is_confirmed_claim_by_claim() {
 fn an_emulator_that_closes_a_passed_fd_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(
-        &bins,
-        "vmaudit-v-close",
-        &fake(&bins, &["close-later"]),
-        "",
-        &[],
-    );
+    let mut vm = fake_vm(&bins, "vmaudit-v-close", &["close-later"]);
     let emu = vm.emulator_pid();
     verdict(&mut vm, "net-start", |v| {
         v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
@@ -144,13 +149,7 @@ fn an_emulator_that_closes_a_passed_fd_is_caught() {
 fn a_passed_fd_escaping_into_a_child_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(
-        &bins,
-        "vmaudit-v-leak",
-        &fake(&bins, &["leak-child"]),
-        "",
-        &[],
-    );
+    let mut vm = fake_vm(&bins, "vmaudit-v-leak", &["leak-child"]);
     vm.emulator_pid();
     let v = violation(&mut vm, "escape", "is also held by fake-emulator");
     assert!(
@@ -164,8 +163,7 @@ fn a_passed_fd_escaping_into_a_child_is_caught() {
             .contains("kcmp"),
         "{v:#}"
     );
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
@@ -190,19 +188,16 @@ fn a_passed_fd_sent_to_a_stranger_is_caught() {
         .unwrap();
         msg.cmsgs().unwrap().count()
     });
-    let mut vm = Vm::start(
+    let mut vm = fake_vm(
         &bins,
         "vmaudit-v-send",
-        &fake(&bins, &["send-stranger", "--to", sock.to_str().unwrap()]),
-        "",
-        &[],
+        &["send-stranger", "--to", sock.to_str().unwrap()],
     );
     vm.emulator_pid();
     let v = violation(&mut vm, "send", "through SCM_RIGHTS");
     assert_eq!(v["evidence"][0]["what"], "send_fd");
     assert_eq!(stranger.join().unwrap(), 1, "the stranger received the fd");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
@@ -221,15 +216,14 @@ fn a_network_device_the_emulator_opens_itself_is_caught() {
     let v = violation(&mut vm, "unclaimed tun", "only the manager opens");
     assert_eq!(v["claim"]["kind"], "unclaimed");
     assert_eq!(v["evidence"][0]["rdev"], "10:200");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
 fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-map", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-map", &["hold"]);
     vm.emulator_pid();
     verdict(&mut vm, "cgroup", |v| {
         v["claim"]["kind"] == "cgroup" && v["status"] == "confirmed"
@@ -267,8 +261,7 @@ fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     );
     assert_eq!(v["evidence"][0]["pid"], h.pid());
     drop(h);
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
@@ -375,7 +368,7 @@ fn emulator_fd(vm: &mut VmRun) -> i32 {
 fn a_nic_fd_copied_out_of_the_emulator_with_pidfd_getfd_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-getfd", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-getfd", &["hold"]);
     let emu = vm.emulator_pid();
     let fd = emulator_fd(&mut vm);
     verdict(&mut vm, "net-start", |v| v["claim"]["kind"] == "net-start");
@@ -414,15 +407,14 @@ fn a_nic_fd_copied_out_of_the_emulator_with_pidfd_getfd_is_caught() {
         "{v:#}"
     );
     assert_eq!(v["claim"]["kind"], "net-start");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
 fn a_rule_removed_from_the_device_map_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-rm", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-rm", &["hold"]);
     vm.emulator_pid();
     verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
     let mut map = vmaudit::cgroup::attached::RuleMap::of_cgroup(&cgroup_of(&vm)).unwrap();
@@ -442,15 +434,14 @@ fn a_rule_removed_from_the_device_map_is_caught() {
         "{v:#}"
     );
     assert_eq!(v["evidence"][0]["what"], "map");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
 fn the_device_program_detached_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-det", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-det", &["hold"]);
     vm.emulator_pid();
     verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
     let ids = vmaudit_tests::bpf::detach_device_programs(&cgroup_of(&vm));
@@ -463,22 +454,20 @@ fn the_device_program_detached_is_caught() {
         v["claim"]["text"].as_str().unwrap().contains("reason=deny"),
         "{v:#}"
     );
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
 fn a_device_program_attached_beside_the_vms_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-rep", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-rep", &["hold"]);
     vm.emulator_pid();
     verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
     let _allow_all = vmaudit_tests::bpf::AllowAll::attach(&cgroup_of(&vm));
     let v = violation(&mut vm, "program replaced", "was replaced");
     assert_eq!(v["claim"]["kind"], "cgroup");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 /// The cgroup v1 devices controller, end to end: every cgroup claim is confirmed from
@@ -537,6 +526,5 @@ fn a_cgroup_v1_vm_is_held_to_devices_list() {
         "c 1:3 rw is no longer in the device policy",
     );
     assert_eq!(v["claim"]["kind"], "cgroup");
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }

@@ -38,16 +38,6 @@ pub enum Source {
 /// How often a followed log is looked at when it has nothing new (like `tail -F`).
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
-/// The kernel's name of a VIRT_* type, as auditd writes it.
-fn type_name(kind: u16) -> Option<&'static str> {
-    match kind {
-        2500 => Some("VIRT_CONTROL"),
-        2501 => Some("VIRT_RESOURCE"),
-        2502 => Some("VIRT_MACHINE_ID"),
-        _ => None,
-    }
-}
-
 /// The body of the thread that reads an open source: lines to the sender until the flag is set.
 pub type Reading = Box<dyn FnOnce(mpsc::UnboundedSender<Line>, Arc<AtomicBool>) + Send>;
 
@@ -62,7 +52,9 @@ pub fn open(source: &Source) -> Result<Reading, SourceError> {
                 while !stop.load(Ordering::Relaxed) {
                     match reader.next_timeout(Duration::from_millis(100)) {
                         Ok(Some(r)) => {
-                            let Some(name) = type_name(r.kind) else {
+                            let Some(name) =
+                                vmaudit_core::audit::AuditType::from_id(r.kind).map(|t| t.name())
+                            else {
                                 continue;
                             };
                             if tx
