@@ -731,6 +731,19 @@ impl AuditCapture {
         capture.wait_for("auditd's DAEMON_START", |l| {
             l.starts_with("type=DAEMON_START ") && l.contains(&format!(" pid={pid} "))
         });
+        // auditd logs its start before it registers with the kernel; a marker sent in between
+        // goes to printk, not to auditd. The registration gives no event to wait on: poll the
+        // kernel's status, with a short backoff.
+        let deadline = Instant::now() + PATIENCE;
+        let mut pause = Duration::from_millis(2);
+        while audit_status().pid != pid {
+            assert!(
+                Instant::now() < deadline,
+                "auditd (pid {pid}) did not register with the kernel within {PATIENCE:?}"
+            );
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
         capture.sync();
         capture
     }
