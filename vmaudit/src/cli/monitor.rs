@@ -1,6 +1,7 @@
 //! `vmaudit monitor`: hold a running libvirt's audit records to the kernel's evidence.
 
 use std::{
+    os::unix::fs::DirBuilderExt as _,
     path::PathBuf,
     sync::{
         Arc,
@@ -80,6 +81,19 @@ pub fn run(args: Args) -> u8 {
     } else {
         args.manager_exe
     };
+    if !args.no_journal
+        && args.journal == std::path::Path::new(vmaudit::paths::MONITOR_JOURNAL)
+        && let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(vmaudit::paths::JOURNAL_DIR)
+    {
+        eprintln!(
+            "vmaudit: cannot make the journal directory {}: {e}",
+            vmaudit::paths::JOURNAL_DIR
+        );
+        return exit::JOURNAL;
+    }
     let reopen = Arc::new(AtomicBool::new(false));
     let mut opts = MonitorOptions {
         source,
