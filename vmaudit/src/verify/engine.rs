@@ -8,7 +8,7 @@
 //! (the journal's fsync never holds a judgement up); violations also go to stderr as they
 //! happen, and to the observers.
 
-use std::{path::PathBuf, thread::JoinHandle, time::Duration};
+use std::{collections::HashMap, path::PathBuf, thread::JoinHandle, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use vmaudit_core::{
@@ -220,6 +220,9 @@ struct Verifier {
     clean_ns: u64,
     manager_exes: Vec<PathBuf>,
     managers: ManagerStats,
+    /// Processes seen exited, and when: their tables go once nothing can ask for them.
+    exited: HashMap<u32, u64>,
+    deadline_ns: u64,
 }
 
 /// How often pending claims and findings are looked at when no event arrives.
@@ -264,6 +267,8 @@ impl Verifier {
             clean_ns: monotonic_ns(),
             manager_exes: cfg.manager_exes.clone(),
             managers: ManagerStats::default(),
+            exited: HashMap::new(),
+            deadline_ns: cfg.deadline.as_nanos() as u64,
         })
     }
 
@@ -295,6 +300,7 @@ impl Verifier {
                 }
                 _ = recheck.tick() => {
                     self.follow_managers();
+                    self.forget_exited();
                     let view = HostView::new(self.w.tables(), &self.layout);
                     self.ledger.recheck(&view, monotonic_ns(), &mut self.out);
                 }
@@ -391,6 +397,25 @@ impl Verifier {
             self.follow(sender);
         }
         manager
+    }
+
+    /// Drops the tables of processes that exited long enough ago (a few deadlines: every claim
+    /// that could ask for them is judged by then).
+    fn forget_exited(&mut self) {
+        let now = monotonic_ns();
+        let exited: Vec<u32> = self
+            .w
+            .tables()
+            .pids()
+            .filter(|p| self.w.tables().get(*p).is_some_and(|t| t.exited))
+            .collect();
+        for pid in exited {
+            let since = *self.exited.entry(pid).or_insert(now);
+            if now.saturating_sub(since) > 3 * self.deadline_ns {
+                self.w.forget_exited(pid);
+                self.exited.remove(&pid);
+            }
+        }
     }
 
     /// Follows manager processes that started since the last look, and forgets those gone.

@@ -55,6 +55,8 @@ pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found>
     };
     o.named = Some(c.id);
     let o = o.clone();
+    // Named, it is the NIC's now; the list keeps only opens still to be named.
+    l.log.opens.retain(|x| x.named.is_none());
     let mut e = o.evidence();
     if fd.is_none() {
         e = e.detail(
@@ -143,6 +145,7 @@ fn opened_then_released(l: &mut Ledger, c: &Claim, path: &str, managers: &[u32])
     })?;
     o.named = Some(c.id);
     let o = o.clone();
+    l.log.opens.retain(|x| x.named.is_none());
     let (ts, op) = l.log.releases[&o.at];
     Some(
         Found::confirmed(
@@ -366,7 +369,7 @@ fn candidates(l: &Ledger, emu: u32, since: u64, view: &dyn KernelView) -> Vec<Ne
             if out.iter().any(|n| n.at == at && n.released.is_none()) {
                 continue;
             }
-            let iface = e.id.iface.clone().or_else(|| view.iface_of(at));
+            let iface = view.iface_of(at).or_else(|| e.id.iface.clone());
             out.push(NetFdLife {
                 at,
                 since: e.since_ns,

@@ -1263,3 +1263,20 @@ fn a_vm_is_forgotten_once_its_stop_is_judged() {
     assert_eq!(t.one().status, Status::Confirmed);
     assert_eq!(t.l.vms(), 1);
 }
+
+#[test]
+fn the_emulators_own_fd_names_its_tap_not_an_identity_copied_at_fork() {
+    let mut t = T::new();
+    t.k.addresses
+        .insert("vnet0".into(), "fe:54:00:00:00:01".into());
+    t.k.addresses
+        .insert("vnet9".into(), "fe:54:00:00:00:09".into());
+    // The identity the child inherited names another tap (the parent's number moved on).
+    t.k.ifaces.insert(FdRef::new(EMU, 7), "vnet0".into());
+    t.fd(rec(EMU, Op::Inherit, 7, t.now, tun(Some("vnet9"))));
+    t.k.processes.insert(EMU, child_of_manager());
+    t.claim(ClaimKind::VmStart { pid: EMU });
+    t.claim(up(None, vec![]));
+    let got: Vec<Status> = t.out.drain(..).map(|v| v.status).collect();
+    assert_eq!(got, [Status::Confirmed, Status::Confirmed]);
+}
