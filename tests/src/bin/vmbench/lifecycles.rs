@@ -201,7 +201,7 @@ pub fn run(bins: &Bins, quick: bool) -> String {
         stop_batch(first, emulators, &mut log, &mut serial);
         confirmed += m.await_verdicts(BATCH);
         let done = first + BATCH;
-        if done % (total / 10) == 0 {
+        if done.is_multiple_of(total / 10) {
             rows.push((done, m.rss_kib(), started.elapsed()));
             eprintln!(
                 "lifecycles: {done} done, monitor RSS {} KiB",
