@@ -1,0 +1,1 @@
+//! The resource rules on a stand-in kernel.
