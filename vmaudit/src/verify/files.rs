@@ -133,7 +133,8 @@ pub fn host_device(roots: &Roots, bus: &str, address: &str) -> Result<PathBuf, S
     match bus {
         "pci" | "mdev" => {
             let link = devices.join(address).join("iommu_group");
-            let group = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+            let group =
+                std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
             let n = group
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -183,7 +184,10 @@ mod tests {
             (FileKind::Fifo, meta.ino(), DevNum::from_raw(meta.dev()))
         );
         let null = stat(Path::new("/dev/null")).unwrap();
-        assert_eq!((null.kind, null.rdev), (FileKind::Char, Some(DevNum::new(1, 3))));
+        assert_eq!(
+            (null.kind, null.rdev),
+            (FileKind::Char, Some(DevNum::new(1, 3)))
+        );
         let e = stat(&dir.join("nothing")).unwrap_err();
         assert!(e.contains("nothing") && e.contains("No such file"), "{e}");
         assert!(stat(Path::new("relative")).is_err());
@@ -198,7 +202,9 @@ mod tests {
         // Every fd on it is found, this process's among them.
         let found = holders(&Roots::default(), &[(DevNum::from_raw(m.dev()), m.ino())]);
         assert!(
-            found.iter().any(|h| h.at == FdRef::new(std::process::id(), fd)),
+            found
+                .iter()
+                .any(|h| h.at == FdRef::new(std::process::id(), fd)),
             "{found:?}"
         );
         drop(l);

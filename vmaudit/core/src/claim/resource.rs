@@ -72,7 +72,10 @@ pub(super) fn claim(
     reason: &str,
 ) -> Result<Option<ClaimKind>, NotAClaim> {
     let generic = |r: Resrc, name: &str| {
-        let side = |s: &str| p.get(&format!("{s}-{name}")).map(|v| Target::Path(v.into()));
+        let side = |s: &str| {
+            p.get(&format!("{s}-{name}"))
+                .map(|v| Target::Path(v.into()))
+        };
         (r, side("old"), side("new"))
     };
     let one = |r: Resrc, t: Target| {
@@ -232,11 +235,7 @@ mod tests {
         for (text, want) in cases {
             let got = kind_of(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(without_reason(got.clone()), want, "{text}");
-            assert!(
-                super::super::KINDS.contains(&got.name()),
-                "{}",
-                got.name()
-            );
+            assert!(super::super::KINDS.contains(&got.name()), "{}", got.name());
         }
     }
 

@@ -40,7 +40,7 @@ struct HeldRes {
     pid: u32,
     resrc: Resrc,
     target: Target,
-    /// The emulator's fds on it, as last found.
+    /// The emulator's fds on it, as last found (their releases are the evidence of a detach).
     fds: Vec<FdRef>,
     claim: ClaimRef,
     /// A detach (or update) claim released it.
@@ -176,9 +176,10 @@ fn released(
     let seen = match locate(view, emu, resrc, t) {
         // Gone from the host (a deleted image): the fds it was confirmed with tell.
         Seen::Unknowable(why) => match known_fds(l, c, resrc, t) {
-            Some(fds) if !fds.iter().any(|f| still_held(view, *f)) => {
-                Seen::NotHeld(format!("{why}; none of fd {} is held", fd_list(fds.iter().map(|f| f.fd))))
-            }
+            Some(fds) if !fds.iter().any(|f| still_held(view, *f)) => Seen::NotHeld(format!(
+                "{why}; none of fd {} is held",
+                fd_list(fds.iter().map(|f| f.fd))
+            )),
             _ => return Some(Found::unknown(format!("{what} {t}: {why}"))),
         },
         seen => seen,
@@ -326,13 +327,14 @@ fn locate(view: &dyn KernelView, emu: u32, resrc: Resrc, t: &Target) -> Seen {
 
 /// The files a record's target is: its path (and, for a chardev `pipe`, the `.in`/`.out` pair
 /// qemu opens in its place), or a host device's node.
-fn resolve(view: &dyn KernelView, resrc: Resrc, t: &Target) -> Result<Vec<(String, FileId)>, String> {
+fn resolve(
+    view: &dyn KernelView,
+    resrc: Resrc,
+    t: &Target,
+) -> Result<Vec<(String, FileId)>, String> {
     let path = match t {
         Target::Path(p) => p.clone(),
-        Target::HostDev { bus, address } => view
-            .host_device(bus, address)?
-            .display()
-            .to_string(),
+        Target::HostDev { bus, address } => view.host_device(bus, address)?.display().to_string(),
     };
     if !path.starts_with('/') {
         return Err(format!("{path} is not an absolute path"));
@@ -411,7 +413,13 @@ fn pty_index(r: DevNum) -> Option<u32> {
 }
 
 /// The emulator's `/dev/ptmx` fds that are the master of pty `slave`.
-fn ptmx_of(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, slave: DevNum) -> Vec<Hold> {
+fn ptmx_of(
+    view: &dyn KernelView,
+    emu: u32,
+    fds: &[&FdEntry],
+    path: &str,
+    slave: DevNum,
+) -> Vec<Hold> {
     let index = pty_index(slave);
     fds.iter()
         .filter(|e| e.id.rdev == Some(PTMX))
@@ -450,7 +458,11 @@ fn socket(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, file: &
     if holds.is_empty() {
         return Seen::Unknowable(format!(
             "the socket bound to {path} (inode {}) is another process's; whether the emulator is connected to it only sock_diag says",
-            bound.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            bound
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     Seen::Held(holds)
@@ -458,7 +470,13 @@ fn socket(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, file: &
 
 /// A file another process writes for the emulator (libvirt's virtlogd and a chardev's log
 /// file): the emulator holds a pipe whose other end that process holds.
-fn through_pipe(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, file: &FileId) -> Vec<Hold> {
+fn through_pipe(
+    view: &dyn KernelView,
+    emu: u32,
+    fds: &[&FdEntry],
+    path: &str,
+    file: &FileId,
+) -> Vec<Hold> {
     let pipes: Vec<(&FdEntry, (DevNum, u64))> = fds
         .iter()
         .filter(|e| e.id.kind == FileKind::Fifo)
@@ -476,7 +494,9 @@ fn through_pipe(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, f
     for w in writers {
         // The writer's end of one of the emulator's pipes.
         let Some((end, pipe)) = holders.iter().find_map(|h| {
-            let p = pipes.iter().find(|p| h.at.pid == w.at.pid && h.file == p.1)?;
+            let p = pipes
+                .iter()
+                .find(|p| h.at.pid == w.at.pid && h.file == p.1)?;
             Some((h, p.0))
         }) else {
             continue;
@@ -511,17 +531,30 @@ fn known_fds(l: &Ledger, c: &Claim, resrc: Resrc, t: &Target) -> Option<Vec<FdRe
 }
 
 fn still_held(view: &dyn KernelView, at: FdRef) -> bool {
-    view.table(at.pid).is_some_and(|t| t.fds.contains_key(&at.fd))
+    view.table(at.pid)
+        .is_some_and(|t| t.fds.contains_key(&at.fd))
 }
 
 /// The releases of the fds the resource was confirmed with, or what was looked for.
-fn release_evidence(l: &Ledger, c: &Claim, resrc: Resrc, t: &Target, emu: u32, why: &str) -> Vec<Evidence> {
+fn release_evidence(
+    l: &Ledger,
+    c: &Claim,
+    resrc: Resrc,
+    t: &Target,
+    emu: u32,
+    why: &str,
+) -> Vec<Evidence> {
     let released: Vec<Evidence> = known_fds(l, c, resrc, t)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|at| {
             let (ts, op) = l.log.releases.get(&at)?;
-            Some(Evidence::new(at.pid, op.name()).fd(at.fd).at(*ts).detail(format!("{} {t}'s fd", resrc.name())))
+            Some(
+                Evidence::new(at.pid, op.name())
+                    .fd(at.fd)
+                    .at(*ts)
+                    .detail(format!("{} {t}'s fd", resrc.name())),
+            )
         })
         .collect();
     if released.is_empty() {
@@ -534,7 +567,9 @@ fn release_evidence(l: &Ledger, c: &Claim, resrc: Resrc, t: &Target, emu: u32, w
 /// A detach (or update) claim releases what it names: its release is no violation.
 pub(super) fn note(l: &mut Ledger, c: &Claim) {
     let ClaimKind::Resource {
-        resrc, old: Some(old), ..
+        resrc,
+        old: Some(old),
+        ..
     } = &c.kind
     else {
         return;
@@ -558,7 +593,6 @@ pub(super) fn on_fd(l: &mut Ledger, r: &FdRecord) {
     let due = r.ts + l.deadline_ns;
     for h in l.resources.held.iter_mut().filter(|h| !h.released) {
         if h.fds.contains(&at) {
-            h.fds.retain(|f| *f != at);
             h.pending.get_or_insert(Release {
                 at,
                 ts: r.ts,
@@ -584,7 +618,10 @@ pub(super) fn settle(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut 
         };
         h.pending = None;
         let h = h.clone();
-        let running = l.vms.get(&h.uuid).is_some_and(|v| v.running && v.pid == Some(h.pid));
+        let running = l
+            .vms
+            .get(&h.uuid)
+            .is_some_and(|v| v.running && v.pid == Some(h.pid));
         if h.released || !running || l.stopping.contains(&h.pid) || l.log.exited(h.pid, view) {
             continue;
         }
@@ -603,7 +640,11 @@ pub(super) fn settle(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut 
 }
 
 fn release_found(l: &Ledger, h: &HeldRes, rel: Release, why: &str) -> Found {
-    let name = l.vms.get(&h.uuid).map(|v| v.name.clone()).unwrap_or_default();
+    let name = l
+        .vms
+        .get(&h.uuid)
+        .map(|v| v.name.clone())
+        .unwrap_or_default();
     let what = h.resrc.name();
     Found::violated(
         format!(
