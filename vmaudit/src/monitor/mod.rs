@@ -99,7 +99,7 @@ pub struct Stats {
     pub claims: u64,
     /// Records of other types (not VIRT_CONTROL/VIRT_RESOURCE).
     pub other_types: u64,
-    /// VIRT_* records about something other than devices (mem, vcpu, disk, ...).
+    /// VIRT_* records about resources the kernel cannot speak for (mem, vcpu, fs, ...).
     pub other_resources: u64,
     /// Lines that did not parse, or VIRT_* records missing fields.
     pub malformed: u64,
@@ -109,6 +109,30 @@ pub struct Stats {
     pub pid_reuse: u64,
     /// Claims written before vmaudit watched.
     pub historic: u64,
+    /// VIRT_RESOURCE records by `resrc`.
+    pub resources: std::collections::BTreeMap<String, ResrcCount>,
+}
+
+/// What the monitor made of one `resrc`'s records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResrcCount {
+    /// Records seen.
+    pub records: u64,
+    /// Records that became claims (each judged).
+    pub claims: u64,
+    /// Records the kernel cannot speak for (mem, vcpu, fs, ...; see the README's coverage).
+    pub not_verifiable: u64,
+}
+
+impl Stats {
+    /// One line per `resrc`, for the summary: `disk 1/1/0` (records/claims/not verifiable).
+    pub fn resources_line(&self) -> String {
+        self.resources
+            .iter()
+            .map(|(r, c)| format!("{r} {}/{}/{}", c.records, c.claims, c.not_verifiable))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// What a monitor session ends with.
@@ -272,7 +296,14 @@ fn to_claim(
             return None;
         }
     };
-    match claim_of(&p) {
+    let claimed = claim_of(&p);
+    if let Some(resrc) = p.get("resrc") {
+        let n = stats.resources.entry(resrc.to_owned()).or_default();
+        n.records += 1;
+        n.claims += u64::from(claimed.is_ok());
+        n.not_verifiable += u64::from(matches!(claimed, Err(NotAClaim::OtherResource(_))));
+    }
+    match claimed {
         Ok(rc) => {
             stats.claims += 1;
             let id = *next_id;
