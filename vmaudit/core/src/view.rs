@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     acl::DeviceRule,
-    fd::{DevNum, FdEntry, FileKind, ProcTable},
+    fd::{DevNum, FdEntry, FdIdentity, FileKind, ProcTable},
 };
 
 /// An fd in a process.
@@ -94,6 +94,9 @@ pub trait KernelView {
     /// The network interface of a tun/tap or macvtap fd, read now (a tap names its interface
     /// only after TUNSETIFF, so an identity taken at arrival may lack it).
     fn iface_of(&self, at: FdRef) -> Option<String>;
+    /// What an fd is, read now (the tracker may know only a received fd's number when its
+    /// sender closed its copy first).
+    fn identity(&self, at: FdRef) -> Option<FdIdentity>;
     /// An interface's MAC address.
     fn iface_address(&self, iface: &str) -> Option<String>;
     /// The device policy of a cgroup directory. The path comes from a record: the real view
@@ -138,6 +141,8 @@ pub struct FakeKernel {
     /// Fds of processes the tables do not hold, with their file (device, inode).
     pub others: Vec<Holder>,
     pub host_devices: HashMap<(String, String), PathBuf>,
+    /// What [`KernelView::identity`] reads now, where it differs from the table's.
+    pub fresh: HashMap<FdRef, FdIdentity>,
 }
 
 impl FakeKernel {
@@ -190,6 +195,13 @@ impl KernelView for FakeKernel {
 
     fn iface_of(&self, at: FdRef) -> Option<String> {
         self.ifaces.get(&at).cloned()
+    }
+
+    fn identity(&self, at: FdRef) -> Option<FdIdentity> {
+        self.fresh.get(&at).cloned().or_else(|| {
+            let t = self.tables.get(&at.pid)?;
+            t.fds.get(&at.fd).map(|e| e.id.clone())
+        })
     }
 
     fn iface_address(&self, iface: &str) -> Option<String> {

@@ -124,6 +124,10 @@ impl KernelView for HostView<'_> {
         self.tables.resolver().identity(at.pid, at.fd).ok()?.iface
     }
 
+    fn identity(&self, at: FdRef) -> Option<vmaudit_core::fd::FdIdentity> {
+        self.tables.resolver().identity(at.pid, at.fd).ok()
+    }
+
     fn iface_address(&self, iface: &str) -> Option<String> {
         // A name from the kernel, but never a path of its own.
         if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {

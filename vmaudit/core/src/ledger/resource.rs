@@ -313,7 +313,12 @@ fn locate(view: &dyn KernelView, emu: u32, resrc: Resrc, t: &Target) -> Seen {
     let Some(table) = view.table(emu) else {
         return Seen::Unknowable(format!("the emulator (pid {emu}) is not watched"));
     };
-    let fds: Vec<&FdEntry> = table.fds.values().collect();
+    let fresh: Vec<FdEntry> = table
+        .fds
+        .values()
+        .map(|e| refreshed(view, emu, e))
+        .collect();
+    let fds: Vec<&FdEntry> = fresh.iter().collect();
     let mut looked = Vec::new();
     for (path, file) in &files {
         match find(view, emu, &fds, path, file) {
@@ -325,7 +330,19 @@ fn locate(view: &dyn KernelView, emu: u32, resrc: Resrc, t: &Target) -> Seen {
     Seen::NotHeld(looked.join("; "))
 }
 
-/// The files a record's target is: its path (and, for a chardev `pipe`, the `.in`/`.out` pair
+/// A table entry whose file the tracker could not identify (a received fd its sender closed
+/// first), read again now.
+fn refreshed(view: &dyn KernelView, emu: u32, e: &FdEntry) -> FdEntry {
+    let mut e = e.clone();
+    if e.id.ino.is_none()
+        && let Some(id) = view.identity(FdRef::new(emu, e.fd))
+    {
+        e.id = id;
+    }
+    e
+}
+
+/// The files a record's target is/// The files a record's target is: its path (and, for a chardev `pipe`, the `.in`/`.out` pair
 /// qemu opens in its place), or a host device's node.
 fn resolve(
     view: &dyn KernelView,
@@ -363,7 +380,10 @@ fn find(view: &dyn KernelView, emu: u32, fds: &[&FdEntry], path: &str, file: &Fi
         FileKind::Socket => false,
         _ => e.id.dev == Some(file.dev) && e.id.ino == Some(file.ino),
     };
-    let same = "the same device and inode";
+    let same = match file.kind {
+        FileKind::Char | FileKind::Block => "the same device number",
+        _ => "the same device and inode",
+    };
     let mut holds: Vec<Hold> = fds
         .iter()
         .filter(direct)
