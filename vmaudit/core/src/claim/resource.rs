@@ -261,6 +261,38 @@ mod tests {
     }
 
     #[test]
+    fn every_resource_shape_of_the_corpus_is_a_claim_or_counted_as_not_verifiable() {
+        const SHAPES: &str =
+            include_str!("../../../../tests/fixtures/audit-corpus/libvirt-shapes.log");
+        let mut got = std::collections::BTreeMap::<String, (u32, u32)>::new();
+        for line in SHAPES.lines() {
+            let Ok(p) = parse_line(line) else { continue };
+            let Some(resrc) = p.get("resrc").map(str::to_owned) else {
+                continue;
+            };
+            let n = got.entry(resrc).or_default();
+            match claim_of(&p) {
+                Ok(_) => n.0 += 1,
+                Err(NotAClaim::OtherResource(_)) => n.1 += 1,
+                Err(e) => panic!("{line}: {e}"),
+            }
+        }
+        for (resrc, claims, not) in [
+            ("disk", 2, 0),
+            ("chardev", 1, 0),
+            ("rng", 1, 0),
+            ("dev", 3, 0),
+            ("fs", 0, 1),
+            ("smartcard", 0, 1),
+            ("mem", 0, 2),
+            ("vcpu", 0, 1),
+            ("iothread", 0, 1),
+        ] {
+            assert_eq!(got.get(resrc), Some(&(claims, not)), "{resrc}: {got:?}");
+        }
+    }
+
+    #[test]
     fn a_resource_record_naming_nothing_is_malformed() {
         for text in [
             "resrc=disk reason=start vm=\"a\" uuid=u old-disk=? new-disk=?",
