@@ -240,10 +240,11 @@ fn require_program(program: &str) {
 pub struct Libvirt {
     dir: TempDir,
     // Dropped in this order by hand in `drop`: libvirtd first (it talks to virtlogd).
-    libvirtd: Daemon,
+    libvirtd: Mutex<Daemon>,
     virtlogd: Daemon,
     /// Domains defined through this guard and not yet undone: (name, qemu pid once running).
     domains: Mutex<Vec<(String, Option<u32>)>>,
+    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl Libvirt {
@@ -286,15 +287,43 @@ impl Libvirt {
         notify.wait_ready(&mut libvirtd);
         let lv = Self {
             dir,
-            libvirtd,
+            libvirtd: Mutex::new(libvirtd),
             virtlogd,
             domains: Mutex::new(Vec::new()),
+            restarts: Default::default(),
         };
         // libvirtd says READY=1 before its drivers have initialised, but holds connections until
         // they have: this one command returns once the QEMU driver answers (on a new machine,
         // after it has probed QEMU's capabilities), with no polling.
         lv.virsh_ok(&["version"]);
         lv
+    }
+
+    /// Stops libvirtd and starts another (its running domains keep running, as with
+    /// `systemctl restart libvirtd`); returns once the new one answers, with its pid.
+    pub fn restart_libvirtd(&self) -> u32 {
+        self.daemon().stop();
+        let n = self
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let notify = NotifySocket::bind(self.dir.0.join(format!("notify-{n}.sock")));
+        let mut libvirtd = Daemon::spawn(
+            "libvirtd",
+            "libvirtd",
+            &[],
+            self.dir.0.join(format!("libvirtd-{n}.log")),
+            Some(&notify.path),
+        );
+        notify.wait_ready(&mut libvirtd);
+        let pid = libvirtd.pid();
+        *self.daemon() = libvirtd;
+        self.virsh_ok(&["version"]);
+        pid
+    }
+
+    fn daemon(&self) -> std::sync::MutexGuard<'_, Daemon> {
+        self.libvirtd.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The temporary directory for this libvirt's logs and XML files.
@@ -304,7 +333,7 @@ impl Libvirt {
 
     /// libvirtd's pid (the `pid=` of the audit records it writes).
     pub fn libvirtd_pid(&self) -> u32 {
-        self.libvirtd.pid()
+        self.daemon().pid()
     }
 
     /// Runs `virsh -c qemu:///system ARGS` (bounded by [`VIRSH_TIMEOUT`]): Ok(stdout) or
@@ -337,7 +366,7 @@ impl Libvirt {
         self.virsh(args).unwrap_or_else(|err| {
             panic!(
                 "{err}\nlibvirtd's last output:\n{}",
-                self.libvirtd.log_tail()
+                self.daemon().log_tail()
             )
         })
     }
@@ -384,13 +413,14 @@ impl Drop for Libvirt {
         for (name, pid) in left {
             self.undo_domain(&name, pid);
         }
-        if let Some(status) = self.libvirtd.stop()
+        let stopped = self.daemon().stop();
+        if let Some(status) = stopped
             && !status.success()
             && !std::thread::panicking()
         {
             eprintln!(
                 "libvirtd ended with {status}; its output:\n{}",
-                self.libvirtd.log_tail()
+                self.daemon().log_tail()
             );
         }
         self.virtlogd.stop();
@@ -778,6 +808,19 @@ impl AuditCapture {
         capture.wait_for("auditd's DAEMON_START", |l| {
             l.starts_with("type=DAEMON_START ") && l.contains(&format!(" pid={pid} "))
         });
+        // auditd logs its start before it registers with the kernel; a marker sent in between
+        // goes to printk, not to auditd. The registration gives no event to wait on: poll the
+        // kernel's status, with a short backoff.
+        let deadline = Instant::now() + PATIENCE;
+        let mut pause = Duration::from_millis(2);
+        while audit_status().pid != pid {
+            assert!(
+                Instant::now() < deadline,
+                "auditd (pid {pid}) did not register with the kernel within {PATIENCE:?}"
+            );
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
         capture.sync();
         capture
     }

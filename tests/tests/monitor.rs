@@ -332,24 +332,24 @@ fn bad_records_are_counted_never_a_crash() {
         "garbage".to_owned(),
         "type=VIRT_RESOURCE msg=audit(1700000000.1".to_owned(),
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:1): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=open vm=\"x\" uuid={u} net=52:54"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:1): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=open vm=\"x\" uuid={u} net=52:54"
         ),
         // Unknown types, and resources that are not device claims.
         "type=SYSCALL msg=audit(1700000000.100:2): arch=c000003e syscall=59 success=yes".to_owned(),
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:3): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=mem reason=start vm=\"x\" uuid={u} old-mem=0 new-mem=1 exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:3): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=mem reason=start vm=\"x\" uuid={u} old-mem=0 new-mem=1 exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
         // A VIRT record missing its fields.
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:4): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=start vm=\"x\" uuid={u} res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:4): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=start vm=\"x\" uuid={u} res=success'"
         ),
         // A NIC of a VM never seen to start.
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:5): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=attach vm=\"x\" uuid={u} old-net=\"?\" new-net=\"52:54:00:1c:ff:01\" exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:5): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=attach vm=\"x\" uuid={u} old-net=\"?\" new-net=\"52:54:00:1c:ff:01\" exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
         // A start whose pid now belongs to a process started long after the record.
         format!(
-            "type=VIRT_CONTROL msg=audit(1000000000.100:6): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm op=start reason=booted vm=\"y\" uuid=7e57c0de-0000-4000-8000-00000000b0fe vm-pid={me} exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_CONTROL msg=audit(1000000000.100:6): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm op=start reason=booted vm=\"y\" uuid=7e57c0de-0000-4000-8000-00000000b0fe vm-pid={me} exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
     ];
     fs::write(&log, lines.join("\n") + "\n").unwrap();
@@ -432,41 +432,9 @@ fn the_demo_runs_in_monitor_mode_against_libvirt() {
     drop(lv);
 }
 
-/// A stand-in emulator holding `fds` (inherited), in `mode` (with its arguments); returns it
-/// once it says ready.
-fn stand_in(mode: &[&str], fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
-    use std::{
-        io::{BufRead as _, BufReader},
-        os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-        process::{Command, Stdio},
-    };
-    let bins = bins!();
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new(&bins.fake_emulator);
-    cmd.arg("--mode").args(mode).arg("--");
-    for fd in &raw {
-        cmd.args(["-netdev", &format!("tap,id=n{fd},fd={fd}")]);
-    }
-    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: only fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in &raw {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn fake-emulator");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("read fake-emulator");
-    assert!(line.contains("fake-emulator: ready"), "{line}");
-    // Its later lines are not needed; keep the pipe drained so it never blocks.
-    std::thread::spawn(move || for _ in err.lines() {});
-    vmaudit_tests::ChildGuard(child)
+/// A stand-in emulator holding `fds` (inherited), in `mode` (with its arguments).
+fn stand_in(mode: &[&str], fds: &[&std::fs::File]) -> vmaudit_tests::manager::StandIn {
+    vmaudit_tests::manager::StandIn::start(&bins!(), mode, fds)
 }
 
 #[test]
@@ -510,7 +478,7 @@ fn detach_records_are_held_to_the_emulators_closes() {
     let em1 = stand_in(&["close-later"], &[&taps[0], &taps[1]]);
     let em2 = stand_in(&["hold"], &[&taps[2]]);
     drop(taps);
-    let (p1, p2) = (em1.0.id(), em2.0.id());
+    let (p1, p2) = (em1.pid(), em2.pid());
     let mut serial = 0;
     let mut text = String::new();
     let vms = [
@@ -751,8 +719,8 @@ fn misbehaviour_only_a_stand_in_produces_is_caught_in_monitor_mode() {
     let (conn, _) = stranger.accept().unwrap();
     let leaker = stand_in(&["leak-child"], &[&taps[1]]);
     let opener = stand_in(&["open-tun"], &[&taps[2]]);
-    let mut holder = stand_in(&["hold"], &[&taps[3]]);
-    let pids = [sender.0.id(), leaker.0.id(), opener.0.id(), holder.0.id()];
+    let holder = stand_in(&["hold"], &[&taps[3]]);
+    let pids = [sender.pid(), leaker.pid(), opener.pid(), holder.pid()];
     // VM 4's second NIC: opened by the manager, recorded, never passed, kept.
     let kept = &taps[4];
     let mut serial = 0;
@@ -826,9 +794,7 @@ fn misbehaviour_only_a_stand_in_produces_is_caught_in_monitor_mode() {
     assert_eq!(v["evidence"][0]["pid"], pids[2], "{v:#}");
     assert_eq!(v["evidence"][0]["rdev"], "10:200", "{v:#}");
     // VM 3 stops: its emulator is gone, and the open of its second NIC is still held here.
-    // SAFETY: kill with our own child's pid.
-    unsafe { libc::kill(pids[3] as i32, libc::SIGTERM) };
-    holder.0.wait().unwrap();
+    holder.end();
     append(&record(
         "VIRT_CONTROL",
         &mut serial,

@@ -104,6 +104,9 @@ pub trait KernelView {
     fn device_policy(&self, cgroup: &Path) -> Result<DevicePolicy, String>;
     /// A process, or None when there is none with that pid.
     fn process(&self, pid: u32) -> Option<ProcessInfo>;
+    /// The cgroup directory a process is in (the v2 one, else the v1 devices one), as a path
+    /// under the cgroup mount.
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf>;
     /// Every network-device fd held by any process on the host (to find copies of an
     /// emulator's fds, however they were taken).
     fn net_fds(&self) -> Vec<NetFd>;
@@ -134,6 +137,7 @@ pub struct FakeKernel {
     pub addresses: HashMap<String, String>,
     pub policies: HashMap<PathBuf, DevicePolicy>,
     pub processes: HashMap<u32, ProcessInfo>,
+    pub cgroups: HashMap<u32, PathBuf>,
     pub net: Vec<NetFd>,
     pub files: HashMap<PathBuf, FileId>,
     pub ptys: HashMap<FdRef, u32>,
@@ -217,6 +221,10 @@ impl KernelView for FakeKernel {
 
     fn process(&self, pid: u32) -> Option<ProcessInfo> {
         self.processes.get(&pid).cloned()
+    }
+
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
+        self.cgroups.get(&pid).cloned()
     }
 
     fn net_fds(&self) -> Vec<NetFd> {

@@ -15,6 +15,10 @@ pub struct Row {
     pub text: String,
     /// The worst verdict it got (violated > unknown > unconfirmed > confirmed); None: no verdict.
     pub status: Option<Status>,
+    /// Why the record is no claim (`monitor`: its sender is no manager); such a row expects no
+    /// verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_a_claim: Option<String>,
     pub reasons: Vec<String>,
 }
 
@@ -54,6 +58,7 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
     })?;
     let mut rows: Vec<Row> = Vec::new();
     let mut index: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut by_claim = crate::search::load::ClaimLines::default();
     let mut verdicts = Vec::new();
     for (i, line) in text
         .lines()
@@ -73,28 +78,35 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
                     line: i + 1,
                     source,
                 })?;
-            verdicts.push(verdict);
-        } else {
+            verdicts.push((i + 1, verdict));
+        } else if v.get("text").is_some() {
             let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
             index.insert(ts_ns, rows.len());
+            by_claim.add(v["claim_id"].as_u64(), i + 1, rows.len());
             rows.push(Row {
                 ts_ns,
                 kind: v["type"].as_str().unwrap_or("?").to_owned(),
                 text: v["text"].as_str().unwrap_or_default().to_owned(),
                 status: None,
+                not_a_claim: v["extra"]["vmaudit-not-a-claim"]
+                    .as_str()
+                    .map(str::to_owned),
                 reasons: Vec::new(),
             });
         }
     }
     let mut totals = Totals::default();
     let mut unclaimed = Vec::new();
-    for v in verdicts {
+    for (line, v) in verdicts {
         totals.add(v.status);
-        match index
-            .get(&v.claim.record_ts_ns)
-            .filter(|_| v.claim.record_ts_ns != 0)
-        {
-            Some(&i) => {
+        let by_id = by_claim.before(v.claim.id, line);
+        match by_id.or_else(|| {
+            index
+                .get(&v.claim.record_ts_ns)
+                .copied()
+                .filter(|_| v.claim.record_ts_ns != 0)
+        }) {
+            Some(i) => {
                 let row = &mut rows[i];
                 if row
                     .status
@@ -107,7 +119,10 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
             None => unclaimed.push(v),
         }
     }
-    let unverified = rows.iter().filter(|r| r.status.is_none()).count() as u64;
+    let unverified = rows
+        .iter()
+        .filter(|r| r.status.is_none() && r.not_a_claim.is_none())
+        .count() as u64;
     Ok(Report {
         rows,
         unclaimed,

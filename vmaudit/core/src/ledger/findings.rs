@@ -48,6 +48,19 @@ pub enum Finding {
     },
 }
 
+impl Finding {
+    /// Whether it concerns process `pid` (to forget it with the process).
+    pub fn about(&self, pid: u32) -> bool {
+        match self {
+            Self::Release { at, .. } | Self::Send { at, .. } | Self::Device { at, .. } => {
+                at.pid == pid
+            }
+            Self::Copy { holder, of } => holder.pid == pid || of.pid == pid,
+            Self::Decision { .. } | Self::MapExtra { .. } => false,
+        }
+    }
+}
+
 /// Something to judge once its time comes.
 #[derive(Clone, Debug)]
 pub enum Watch {
@@ -258,7 +271,8 @@ fn release(
                 .detail(format!("NIC {mac}'s fd")),
         ],
     )
-    .on([at.pid]);
+    .on([at.pid])
+    .absent_record();
     l.report(Finding::Release { at, ts }, claim, found, ts, now, out);
 }
 
@@ -330,7 +344,8 @@ fn device(
                 .detail(why),
         ],
     )
-    .on([at.pid]);
+    .on([at.pid])
+    .absent_record();
     l.report(
         Finding::Device { at, rdev },
         ClaimRef::unclaimed(text),
