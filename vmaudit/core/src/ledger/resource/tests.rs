@@ -69,7 +69,13 @@ impl T {
         let mut k = FakeKernel::default();
         k.tables.insert(MGR, Default::default());
         k.tables.insert(EMU, Default::default());
-        k.processes.insert(EMU, ProcessInfo::default());
+        k.processes.insert(
+            EMU,
+            ProcessInfo {
+                ppid: MGR,
+                ..Default::default()
+            },
+        );
         k.files.insert(DISK.into(), image());
         k.files.insert("/dev/urandom".into(), urandom());
         let mut t = Self {
@@ -241,7 +247,13 @@ fn a_claim_before_the_vms_start_waits_for_it() {
     // The next boot: its resources are recorded before its start.
     let next = 21;
     t.k.tables.insert(next, Default::default());
-    t.k.processes.insert(next, ProcessInfo::default());
+    t.k.processes.insert(
+        next,
+        ProcessInfo {
+            ppid: MGR,
+            ..Default::default()
+        },
+    );
     t.claim(gained(Resrc::Disk, DISK));
     t.none();
     t.k.hold(
