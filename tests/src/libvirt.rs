@@ -476,7 +476,8 @@ impl Nic {
 }
 
 /// A domain defined and started through [`Libvirt`]: TCG (`type='qemu'`), machine `pc` with
-/// ACPI (without it the PCI bus refuses hot-plug), 64 MiB, no disk, ethernet NICs. Destroyed,
+/// ACPI (without it the PCI bus refuses hot-plug), 64 MiB, ethernet NICs, and no disk unless
+/// [`Domain::build`] gives it other devices. Destroyed,
 /// undefined and its taps deleted on drop.
 pub struct Domain<'a> {
     lv: &'a Libvirt,
@@ -492,7 +493,18 @@ impl<'a> Domain<'a> {
     /// the same names left by an earlier, killed run are removed first (the names belong to the
     /// test).
     pub fn start(lv: &'a Libvirt, name: &str, uuid: &str, nics: &[Nic]) -> Self {
-        Self::start_with(lv, name, uuid, nics, 64, "", "")
+        Self::build(lv, name, uuid).nics(nics).start()
+    }
+
+    /// A domain to start with more than NICs: `Domain::build(..).device(XML)...start()`.
+    pub fn build(lv: &'a Libvirt, name: &str, uuid: &str) -> DomainSpec<'a> {
+        DomainSpec {
+            lv,
+            name: name.to_owned(),
+            uuid: uuid.to_owned(),
+            nics: Vec::new(),
+            devices: String::new(),
+        }
     }
 
     /// As [`Domain::start`], booting the test guest ([`crate::guest::GuestImage`]) with its
@@ -604,6 +616,41 @@ impl<'a> Domain<'a> {
         let out = self.lv.virsh_ok(&["destroy", &self.name]);
         self.pid = None;
         out
+    }
+}
+
+/// What [`Domain::build`] starts: its NICs and other devices' XML, no guest OS.
+pub struct DomainSpec<'a> {
+    lv: &'a Libvirt,
+    name: String,
+    uuid: String,
+    nics: Vec<Nic>,
+    devices: String,
+}
+
+impl<'a> DomainSpec<'a> {
+    pub fn nics(mut self, nics: &[Nic]) -> Self {
+        self.nics.extend_from_slice(nics);
+        self
+    }
+
+    /// One more element inside `<devices>` (a `<disk>`, `<rng>`, `<serial>`, `<channel>`...).
+    pub fn device(mut self, xml: &str) -> Self {
+        self.devices.push_str(xml);
+        self
+    }
+
+    /// Defines and starts it, as [`Domain::start`] does.
+    pub fn start(self) -> Domain<'a> {
+        Domain::start_with(
+            self.lv,
+            &self.name,
+            &self.uuid,
+            &self.nics,
+            64,
+            "",
+            &self.devices,
+        )
     }
 }
 

@@ -139,7 +139,8 @@ pub fn run(args: Args) -> u8 {
             let s = &o.stats;
             eprintln!(
                 "vmaudit: {} records, {} claims: {} confirmed, {} violated, {} unconfirmed, {} unknown; \
-                 skipped {} other types, {} other resources, {} malformed; {} for unknown VMs, {} pid reuse, {} before watching",
+                 skipped {} other types, {} other resources, {} malformed; {} for unknown VMs, {} pid reuse, {} before watching; \
+                 by resrc (records/claims/not verifiable): {}",
                 s.records,
                 s.claims,
                 o.totals.confirmed,
@@ -151,7 +152,8 @@ pub fn run(args: Args) -> u8 {
                 s.malformed,
                 s.unknown_vm,
                 s.pid_reuse,
-                s.historic
+                s.historic,
+                s.resources_line()
             );
             o.exit_code()
         }

@@ -123,7 +123,9 @@ impl<'a> Feed<'a> {
         if p.text == HEARTBEAT_TEXT {
             return Ok(());
         }
-        match claim_of(&p) {
+        let claimed = claim_of(&p);
+        self.stats.count_resrc(&p, &claimed);
+        match claimed {
             Ok(rc) => {
                 self.stats.claims += 1;
                 let id = self.next_id;

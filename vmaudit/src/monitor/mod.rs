@@ -22,7 +22,11 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-use vmaudit_core::verdict::Totals;
+use vmaudit_core::{
+    audit::parse::Parsed,
+    claim::{NotAClaim, RecordClaim},
+    verdict::Totals,
+};
 
 use self::source::{Source, SourceError};
 use crate::{
@@ -103,7 +107,7 @@ pub struct Stats {
     pub claims: u64,
     /// Records of other types (not VIRT_CONTROL/VIRT_RESOURCE).
     pub other_types: u64,
-    /// VIRT_* records about something other than devices (mem, vcpu, disk, ...).
+    /// VIRT_* records about resources the kernel cannot speak for (mem, vcpu, fs, ...).
     pub other_resources: u64,
     /// Lines that did not parse, or VIRT_* records missing fields.
     pub malformed: u64,
@@ -113,6 +117,8 @@ pub struct Stats {
     pub pid_reuse: u64,
     /// Claims written before vmaudit watched.
     pub historic: u64,
+    /// VIRT_RESOURCE records by `resrc`.
+    pub resources: std::collections::BTreeMap<String, ResrcCount>,
     /// Records whose sender is no manager (not claims).
     pub not_from_manager: u64,
     /// Managers found after the start (a restart, a new instance).
@@ -121,6 +127,39 @@ pub struct Stats {
     pub records_lost: u64,
     /// Times the reader waited for room in the queue (backpressure).
     pub queue_waits: u64,
+}
+
+/// What the monitor made of one `resrc`'s records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResrcCount {
+    /// Records seen.
+    pub records: u64,
+    /// Records that became claims (each judged).
+    pub claims: u64,
+    /// Records the kernel cannot speak for (mem, vcpu, fs, ...; see the README's coverage).
+    pub not_verifiable: u64,
+}
+
+impl Stats {
+    /// One line per `resrc`, for the summary: `disk 1/1/0` (records/claims/not verifiable).
+    pub fn resources_line(&self) -> String {
+        self.resources
+            .iter()
+            .map(|(r, c)| format!("{r} {}/{}/{}", c.records, c.claims, c.not_verifiable))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Counts a VIRT_RESOURCE record under its `resrc`.
+    pub fn count_resrc(&mut self, p: &Parsed, claimed: &Result<RecordClaim, NotAClaim>) {
+        let Some(resrc) = p.get("resrc") else {
+            return;
+        };
+        let n = self.resources.entry(resrc.to_owned()).or_default();
+        n.records += 1;
+        n.claims += u64::from(claimed.is_ok());
+        n.not_verifiable += u64::from(matches!(claimed, Err(NotAClaim::OtherResource(_))));
+    }
 }
 
 /// What a monitor session ends with.

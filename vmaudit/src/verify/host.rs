@@ -12,8 +12,8 @@ use std::{
 
 use vmaudit_core::{
     acl::{Acl, DevTypes, DeviceRule},
-    fd::ProcTable,
-    view::{DevicePolicy, Enforcer, FdRef, KernelView, NetFd, ProcessInfo},
+    fd::{DevNum, ProcTable},
+    view::{DevicePolicy, Enforcer, FdRef, FileId, Holder, KernelView, NetFd, ProcessInfo},
 };
 
 use crate::{
@@ -124,6 +124,10 @@ impl KernelView for HostView<'_> {
         self.tables.resolver().identity(at.pid, at.fd).ok()?.iface
     }
 
+    fn identity(&self, at: FdRef) -> Option<vmaudit_core::fd::FdIdentity> {
+        self.tables.resolver().identity(at.pid, at.fd).ok()
+    }
+
     fn iface_address(&self, iface: &str) -> Option<String> {
         // A name from the kernel, but never a path of its own.
         if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
@@ -155,6 +159,28 @@ impl KernelView for HostView<'_> {
 
     fn net_fds(&self) -> Vec<NetFd> {
         net_fds(&self.roots)
+    }
+
+    fn stat(&self, path: &Path) -> Result<FileId, String> {
+        super::files::stat(path)
+    }
+
+    fn pty_index(&self, at: FdRef) -> Option<u32> {
+        let text = std::fs::read_to_string(self.roots.fdinfo(at.pid, at.fd)).ok()?;
+        super::files::tty_index(&text)
+    }
+
+    fn unix_sockets_at(&self, path: &Path) -> Vec<u64> {
+        let table = std::fs::read_to_string(self.roots.proc.join("net/unix")).unwrap_or_default();
+        super::files::unix_sockets_at(&table, path)
+    }
+
+    fn holders(&self, files: &[(DevNum, u64)]) -> Vec<Holder> {
+        super::files::holders(&self.roots, files)
+    }
+
+    fn host_device(&self, bus: &str, address: &str) -> Result<std::path::PathBuf, String> {
+        super::files::host_device(&self.roots, bus, address)
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`net`]: the NIC claims (open, start/attach, detach), with what monitor mode infers.
 //! - [`acl`]: the cgroup claims, and holding the device policy to them.
 //! - [`life`]: the VM's start and stop.
+//! - [`resource`]: the other resources' claims (disk, chardev, rng, hostdev, tpm, shmem,
+//!   evdev), and their releases with no detach.
 //! - [`findings`]: what no claim accounts for: releases with no detach, copies of an
 //!   emulator's fds, devices no claim gave it, device decisions the ACL does not explain.
 //! - [`loss`]: lost events and their windows.
@@ -22,6 +24,7 @@ mod kernel;
 mod life;
 pub mod loss;
 mod net;
+mod resource;
 mod vm;
 
 use std::collections::{HashMap, HashSet};
@@ -143,6 +146,7 @@ pub struct Ledger {
     record_losses: Losses,
     pending: Vec<Pending>,
     watches: Vec<findings::Watch>,
+    resources: resource::Resources,
     reported: HashSet<Finding>,
     historic: Vec<Claim>,
     /// Emulators the manager is stopping: their releases from now on are the stop's.
@@ -165,6 +169,7 @@ impl Ledger {
             record_losses: Losses::default(),
             pending: Vec::new(),
             watches: Vec::new(),
+            resources: Default::default(),
             reported: HashSet::new(),
             historic: Vec::new(),
             stopping: HashSet::new(),
@@ -234,6 +239,7 @@ impl Ledger {
         self.dirty = true;
         let change = self.log.apply(r, &self.managers, view);
         findings::on_change(self, change, r, view, out);
+        resource::on_fd(self, r);
     }
 
     /// The manager is stopping emulator `pid`: what it releases from now on is the stop's.
@@ -299,6 +305,7 @@ impl Ledger {
             ClaimKind::NetDetach { mac, fds, .. } if c.success => {
                 net::note_detach(self, &c.uuid, mac, fds.as_deref());
             }
+            ClaimKind::Resource { .. } if c.success => resource::note(self, c),
             _ => {}
         }
     }
@@ -313,6 +320,7 @@ impl Ledger {
             ClaimKind::Cgroup { .. } => acl::judge(self, c, view, last),
             ClaimKind::VmStart { .. } => life::judge_start(self, c, view, last),
             ClaimKind::VmStop { .. } => life::judge_stop(self, c, view, last),
+            ClaimKind::Resource { .. } => resource::judge(self, c, view, last),
         }?;
         Some(self.seal(c.claim_ref(), found, c.made_ns, now))
     }
@@ -407,6 +415,7 @@ impl Ledger {
             }
         }
         findings::settle(self, view, now, out);
+        resource::settle(self, view, now, out);
     }
 
     /// Judges the pending claims of VM `uuid` now (none is final before its deadline).
@@ -505,6 +514,7 @@ impl Ledger {
         self.dirty = true;
         self.on_tick(view, now, out);
         findings::settle(self, view, u64::MAX, out);
+        resource::settle(self, view, u64::MAX, out);
         let uuids: Vec<String> = self.vms.keys().cloned().collect();
         for uuid in uuids {
             net::judge_unpassed(self, &uuid, view, now, out);
