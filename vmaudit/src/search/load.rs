@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::{Event, libvirt_part};
 use crate::{
     audit::{
-        JournalEntry,
+        journal::Line,
         parse::{LogScan, Parsed, Stamp, parse_text},
         virt::VirtRecord,
     },
@@ -137,16 +137,14 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
             line: i + 1,
             source,
         };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
-        if v["type"] == "verdict" {
-            verdicts.push((i + 1, serde_json::from_value(v).map_err(bad)?));
-            continue;
-        }
-        if v.get("text").is_none() {
-            // A line about the run itself (`monitor-summary`, ...), not a record.
-            continue;
-        }
-        let entry: JournalEntry = serde_json::from_value(v).map_err(bad)?;
+        let entry = match Line::parse(line).map_err(bad)? {
+            Line::Verdict(v) => {
+                verdicts.push((i + 1, *v));
+                continue;
+            }
+            Line::Run(_) => continue,
+            Line::Record(entry) => entry,
+        };
         // The text is the exact audit text: the same parser as for audit.log reads it.
         let fields = parse_text(&entry.text).unwrap_or_default();
         let p = Parsed {

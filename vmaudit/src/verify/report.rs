@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 use serde::Serialize;
 
 use super::{Status, Totals, Verdict};
-use crate::exit;
+use crate::{audit::journal::Line, exit};
 
 /// One record of the journal and the verdicts on it.
 #[derive(Clone, Debug, Serialize)]
@@ -65,34 +65,26 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ReportError::Parse {
-                path: path.to_owned(),
-                line: i + 1,
-                source,
-            })?;
-        if v["type"] == "verdict" {
-            let verdict: Verdict =
-                serde_json::from_value(v).map_err(|source| ReportError::Parse {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    source,
-                })?;
-            verdicts.push((i + 1, verdict));
-        } else if v.get("text").is_some() {
-            let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
-            index.insert(ts_ns, rows.len());
-            by_claim.add(v["claim_id"].as_u64(), i + 1, rows.len());
-            rows.push(Row {
-                ts_ns,
-                kind: v["type"].as_str().unwrap_or("?").to_owned(),
-                text: v["text"].as_str().unwrap_or_default().to_owned(),
-                status: None,
-                not_a_claim: v["extra"]["vmaudit-not-a-claim"]
-                    .as_str()
-                    .map(str::to_owned),
-                reasons: Vec::new(),
-            });
+        let parsed = Line::parse(line).map_err(|source| ReportError::Parse {
+            path: path.to_owned(),
+            line: i + 1,
+            source,
+        })?;
+        match parsed {
+            Line::Verdict(v) => verdicts.push((i + 1, *v)),
+            Line::Run(_) => {}
+            Line::Record(e) => {
+                index.insert(e.ts_ns, rows.len());
+                by_claim.add(e.claim_id, i + 1, rows.len());
+                rows.push(Row {
+                    ts_ns: e.ts_ns,
+                    not_a_claim: e.extra.get("vmaudit-not-a-claim").cloned(),
+                    kind: e.kind,
+                    text: e.text,
+                    status: None,
+                    reasons: Vec::new(),
+                });
+            }
         }
     }
     let mut totals = Totals::default();
