@@ -217,7 +217,7 @@ fn bad_filters_and_unreadable_inputs_are_refused_with_one_line() {
         (
             &["released", "--mac", MAC1, "--at", "soon", LIBVIRT_LOG],
             2,
-            "--at \"soon\"",
+            "--until \"soon\"",
         ),
         (
             &["--uuid", "xyz", LIBVIRT_LOG],

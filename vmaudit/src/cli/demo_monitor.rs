@@ -75,8 +75,8 @@ pub fn run() -> u8 {
     let exes: Vec<std::path::PathBuf> = MANAGER_EXES.iter().map(Into::into).collect();
     let managers = ProcFs::default().running(&exes);
     if managers.is_empty() {
-        eprintln!(
-            "vmaudit: demo --monitor: no libvirtd or virtqemud is running (install and start libvirt first)"
+        vmaudit::failure!(
+            "demo --monitor: no libvirtd or virtqemud is running (install and start libvirt first)"
         );
         return exit::NO_SUCH_PROCESS;
     }
@@ -130,7 +130,7 @@ pub fn run() -> u8 {
     });
     if ready_rx.recv().is_err() {
         let e = worker.join().ok().and_then(Result::err).unwrap_or_default();
-        eprintln!("vmaudit: demo --monitor: {e}");
+        vmaudit::failure!("demo --monitor: {e}");
         return exit::INTERNAL;
     }
     let _ = virsh(&["destroy", NAME]);
@@ -191,7 +191,7 @@ pub fn run() -> u8 {
             exit::OK
         }
         Ok(Err(e)) => {
-            eprintln!("vmaudit: demo --monitor: {e}");
+            vmaudit::failure!("demo --monitor: {e}");
             exit::INTERNAL
         }
         Err(_) => exit::INTERNAL,

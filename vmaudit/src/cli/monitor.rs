@@ -46,12 +46,15 @@ pub struct Args {
     /// `search` read) or `verdicts` (the verdicts only).
     #[arg(long, value_enum, default_value_t = JournalMode::Full)]
     journal_mode: JournalMode,
-    /// How long a claim may wait for its kernel evidence, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    deadline_ms: u64,
-    /// Do not print verdicts on stdout.
+    /// How long a claim may wait for its kernel evidence (2s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = super::duration)]
+    deadline: std::time::Duration,
+    /// The same in milliseconds (the older spelling).
+    #[arg(long, value_name = "MS", hide = true, conflicts_with = "deadline")]
+    deadline_ms: Option<u64>,
+    /// Do not print verdicts on stdout (the journal and stderr's lines still have them).
     #[arg(long)]
-    quiet: bool,
+    no_echo: bool,
     /// Size of the kernel event ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = super::watch::parse_ring)]
     ring_buffer_bytes: u32,
@@ -88,8 +91,8 @@ pub fn run(args: Args) -> u8 {
             .mode(0o750)
             .create(vmaudit::paths::JOURNAL_DIR)
     {
-        eprintln!(
-            "vmaudit: cannot make the journal directory {}: {e}",
+        vmaudit::failure!(
+            "cannot make the journal directory {}: {e}",
             vmaudit::paths::JOURNAL_DIR
         );
         return exit::JOURNAL;
@@ -102,8 +105,10 @@ pub fn run(args: Args) -> u8 {
         journal: (!args.no_journal).then_some(args.journal),
         journal_records: args.journal_mode == JournalMode::Full,
         reopen: Some(reopen.clone()),
-        deadline: std::time::Duration::from_millis(args.deadline_ms),
-        echo: !args.quiet,
+        deadline: args
+            .deadline_ms
+            .map_or(args.deadline, std::time::Duration::from_millis),
+        echo: !args.no_echo,
         tracker: TrackerOptions {
             ring_bytes: args.ring_buffer_bytes,
         },
@@ -129,7 +134,7 @@ pub fn run(args: Args) -> u8 {
         reopen_on_sighup(reopen);
         monitor(opts, shutdown, |managers| {
             let pids: Vec<String> = managers.iter().map(u32::to_string).collect();
-            eprintln!("vmaudit: monitoring manager pid {}", pids.join(", "));
+            vmaudit::notice!("monitoring manager pid {}", pids.join(", "));
         })
         .await
         .map_err(Failed::Monitor)
@@ -137,8 +142,8 @@ pub fn run(args: Args) -> u8 {
     match result {
         Ok(o) => {
             let s = &o.stats;
-            eprintln!(
-                "vmaudit: {} records, {} claims: {} confirmed, {} violated, {} unconfirmed, {} unknown; \
+            vmaudit::notice!(
+                "{} records, {} claims: {} confirmed, {} violated, {} unconfirmed, {} unknown; \
                  skipped {} other types, {} other resources, {} malformed; {} for unknown VMs, {} pid reuse, {} before watching; \
                  by resrc (records/claims/not verifiable): {}",
                 s.records,

@@ -502,7 +502,8 @@ impl Verifier {
         self.ledger.on_tick(&view, monotonic_ns(), &mut self.out);
     }
 
-    /// The verdicts judged so far: totals, the stderr line of each violation, the observers,
+    /// The verdicts judged so far: totals, a stderr line for each (violations at error level,
+    /// unknown and unconfirmed ones as warnings), the observers,
     /// then the publisher.
     fn publish(&mut self) {
         if self.out.is_empty() && self.lines.is_empty() {
@@ -510,12 +511,16 @@ impl Verifier {
         }
         for v in &self.out {
             self.totals.add(v.status);
-            if v.status == Status::Violated {
-                eprintln!(
-                    "vmaudit: VIOLATION: {} [{} claim {}]",
-                    v.reason, v.claim.kind, v.claim.id
-                );
-                self.vtx.send_replace(self.totals.violated);
+            let (kind, id) = (&v.claim.kind, v.claim.id);
+            match v.status {
+                Status::Violated => {
+                    log::error!("VIOLATION: {} [{kind} claim {id}]", v.reason);
+                    self.vtx.send_replace(self.totals.violated);
+                }
+                Status::Unknown | Status::Unconfirmed => {
+                    log::warn!("{}: {} [{kind} claim {id}]", v.status.as_str(), v.reason);
+                }
+                Status::Confirmed => log::debug!("confirmed: {} [{kind} claim {id}]", v.reason),
             }
             self.obs.verdict(v);
         }
