@@ -64,6 +64,35 @@ pub enum JournalError {
     },
 }
 
+/// One line of a journal, as its readers (`verify`, `search`, `report`) tell them apart.
+#[derive(Debug)]
+pub enum Line {
+    /// An audit record (`type` is its audit type name: `VIRT_RESOURCE`, ...).
+    Record(Box<JournalEntry>),
+    /// A verdict on a claim (`"type":"verdict"`).
+    Verdict(Box<vmaudit_core::verdict::Verdict>),
+    /// A line about the run itself (`"type":"monitor-summary"`, ...): lower-case `type`s are
+    /// vmaudit's own, upper-case ones audit type names.
+    Run(serde_json::Value),
+}
+
+impl Line {
+    /// Reads one line. Anything that is none of the three is an error: a file of other JSON is
+    /// not a journal.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        match v["type"].as_str() {
+            Some("verdict") => Ok(Self::Verdict(Box::new(serde_json::from_value(v)?))),
+            Some(t) if is_run_type(t) => Ok(Self::Run(v)),
+            _ => Ok(Self::Record(Box::new(serde_json::from_value(v)?))),
+        }
+    }
+}
+
+fn is_run_type(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+}
+
 /// The journal file, open for appending (O_APPEND | O_CREAT | O_CLOEXEC, mode 0600).
 #[derive(Debug)]
 pub struct Journal {
@@ -153,14 +182,18 @@ impl Journal {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            // Verdict lines (`"type":"verdict"`) share the journal; they are not records.
-            .filter(|(_, l)| !l.starts_with("{\"type\":\"verdict\""))
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|source| JournalError::Parse {
+                Line::parse(l).map_err(|source| JournalError::Parse {
                     path: path.to_owned(),
                     line: i + 1,
                     source,
                 })
+            })
+            // Verdicts and lines about the run share the journal; they are not records.
+            .filter_map(|l| match l {
+                Ok(Line::Record(e)) => Some(Ok(*e)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
             })
             .collect()
     }
@@ -306,5 +339,15 @@ pub(crate) mod tests {
             Journal::read("/nonexistent-dir/vm.jsonl"),
             Err(JournalError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn lines_are_records_verdicts_or_about_the_run_and_nothing_else() {
+        let summary = r#"{"type":"monitor-summary","totals":{},"stats":{}}"#;
+        assert!(matches!(Line::parse(summary), Ok(Line::Run(_))));
+        // Other JSON is not a journal line, even with no `type` at all.
+        assert!(Line::parse(r#"{"not": "a journal line"}"#).is_err());
+        assert!(Line::parse(r#"{"type":"VIRT_CONTROL"}"#).is_err());
+        assert!(Line::parse(r#"{"type":"verdict"}"#).is_err());
     }
 }

@@ -570,10 +570,12 @@ fn start_verifier(opts: &RunOptions, journal: Option<Journal>) -> Result<Engine,
         observers: opts.observers.clone(),
         watch: vec![me],
         managers: vec![me],
+        manager_exes: Vec::new(),
     };
     let publish = Lines {
         journal,
         echo: opts.echo_verdicts,
+        reopen: None,
     };
     Engine::start(cfg, Box::new(publish)).map_err(RunError::Verify)
 }

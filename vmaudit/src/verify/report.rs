@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 use serde::Serialize;
 
 use super::{Status, Totals, Verdict};
-use crate::exit;
+use crate::{audit::journal::Line, exit};
 
 /// One record of the journal and the verdicts on it.
 #[derive(Clone, Debug, Serialize)]
@@ -15,6 +15,10 @@ pub struct Row {
     pub text: String,
     /// The worst verdict it got (violated > unknown > unconfirmed > confirmed); None: no verdict.
     pub status: Option<Status>,
+    /// Why the record is no claim (`monitor`: its sender is no manager); such a row expects no
+    /// verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_a_claim: Option<String>,
     pub reasons: Vec<String>,
 }
 
@@ -54,47 +58,47 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
     })?;
     let mut rows: Vec<Row> = Vec::new();
     let mut index: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut by_claim = crate::search::load::ClaimLines::default();
     let mut verdicts = Vec::new();
     for (i, line) in text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ReportError::Parse {
-                path: path.to_owned(),
-                line: i + 1,
-                source,
-            })?;
-        if v["type"] == "verdict" {
-            let verdict: Verdict =
-                serde_json::from_value(v).map_err(|source| ReportError::Parse {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    source,
-                })?;
-            verdicts.push(verdict);
-        } else {
-            let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
-            index.insert(ts_ns, rows.len());
-            rows.push(Row {
-                ts_ns,
-                kind: v["type"].as_str().unwrap_or("?").to_owned(),
-                text: v["text"].as_str().unwrap_or_default().to_owned(),
-                status: None,
-                reasons: Vec::new(),
-            });
+        let parsed = Line::parse(line).map_err(|source| ReportError::Parse {
+            path: path.to_owned(),
+            line: i + 1,
+            source,
+        })?;
+        match parsed {
+            Line::Verdict(v) => verdicts.push((i + 1, *v)),
+            Line::Run(_) => {}
+            Line::Record(e) => {
+                index.insert(e.ts_ns, rows.len());
+                by_claim.add(e.claim_id, i + 1, rows.len());
+                rows.push(Row {
+                    ts_ns: e.ts_ns,
+                    not_a_claim: e.extra.get("vmaudit-not-a-claim").cloned(),
+                    kind: e.kind,
+                    text: e.text,
+                    status: None,
+                    reasons: Vec::new(),
+                });
+            }
         }
     }
     let mut totals = Totals::default();
     let mut unclaimed = Vec::new();
-    for v in verdicts {
+    for (line, v) in verdicts {
         totals.add(v.status);
-        match index
-            .get(&v.claim.record_ts_ns)
-            .filter(|_| v.claim.record_ts_ns != 0)
-        {
-            Some(&i) => {
+        let by_id = by_claim.before(v.claim.id, line);
+        match by_id.or_else(|| {
+            index
+                .get(&v.claim.record_ts_ns)
+                .copied()
+                .filter(|_| v.claim.record_ts_ns != 0)
+        }) {
+            Some(i) => {
                 let row = &mut rows[i];
                 if row
                     .status
@@ -107,7 +111,10 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
             None => unclaimed.push(v),
         }
     }
-    let unverified = rows.iter().filter(|r| r.status.is_none()).count() as u64;
+    let unverified = rows
+        .iter()
+        .filter(|r| r.status.is_none() && r.not_a_claim.is_none())
+        .count() as u64;
     Ok(Report {
         rows,
         unclaimed,

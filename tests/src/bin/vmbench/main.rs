@@ -7,7 +7,8 @@
 //! - `throughput` (b): the highest fd-event rate one thread produces, what vmaudit delivers and
 //!   loses as its ring buffer shrinks, and bpftrace printing each event ([`throughput`]);
 //! - `verdict` (c): claim-to-verdict latency of `vmaudit run` ([`verdict`]);
-//! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]).
+//! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]);
+//! - `lifecycles` (e): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]).
 //!
 //! A new section is a module with a `run(&Bins, &Opts, quick) -> String` and a [`Section`]
 //! variant.
@@ -19,6 +20,7 @@
 //! A section that cannot be set up (a tracer that does not attach, a count that does not add
 //! up) fails the whole run loudly: no table is written from nonsense.
 
+mod lifecycles;
 mod overhead;
 mod report;
 mod scale;
@@ -37,10 +39,17 @@ enum Section {
     Throughput,
     Verdict,
     Scale,
+    Lifecycles,
 }
 
 impl Section {
-    const ALL: [Section; 4] = [Self::Overhead, Self::Throughput, Self::Verdict, Self::Scale];
+    const ALL: [Section; 5] = [
+        Self::Overhead,
+        Self::Throughput,
+        Self::Verdict,
+        Self::Scale,
+        Self::Lifecycles,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -48,6 +57,7 @@ impl Section {
             Self::Throughput => "throughput",
             Self::Verdict => "verdict",
             Self::Scale => "scale",
+            Self::Lifecycles => "lifecycles",
         }
     }
 
@@ -139,6 +149,7 @@ fn main() {
             Section::Throughput => throughput::run(&bins, &o.throughput, o.quick),
             Section::Verdict => verdict::run(&bins, &o.verdict, o.quick),
             Section::Scale => scale::run(&bins, &o.scale, o.quick),
+            Section::Lifecycles => lifecycles::run(&bins, o.quick),
         };
         // Each section is written as soon as it is measured: a later failure keeps it.
         if let Some(path) = &o.write {
