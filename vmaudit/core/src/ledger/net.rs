@@ -30,14 +30,26 @@ struct Handoff {
 }
 
 impl Handoff {
-    fn of(l: &Ledger, managers: &[u32], h: &Handed, held: Option<&FdEntry>) -> Self {
-        let mgr = l
-            .log
-            .opens
-            .iter()
-            .rev()
-            .find(|o| o.at.fd == h.fd && managers.contains(&o.at.pid))
-            .and_then(|o| o.ofd);
+    /// For fd `h` of NIC `mac` of the claim's VM: the manager's open of it is the one the NIC's
+    /// open claim named, or one not named yet.
+    fn of(
+        l: &Ledger,
+        c: &Claim,
+        mac: &str,
+        managers: &[u32],
+        h: &Handed,
+        held: Option<&FdEntry>,
+    ) -> Self {
+        let mine = |at: FdRef| at.fd == h.fd && managers.contains(&at.pid);
+        let named = l
+            .vms
+            .get(&c.uuid)
+            .and_then(|v| v.nics.get(mac))
+            .and_then(|n| n.opens.iter().rev().find(|o| mine(o.at)))
+            .map(|o| o.ofd);
+        let mgr = named
+            .or_else(|| l.log.opens.iter().rev().find(|o| mine(o.at)).map(|o| o.ofd))
+            .flatten();
         let emu = held.and_then(|e| e.id.ofd);
         Self {
             ofd: mgr.zip(emu).map(|(a, b)| a == b),
@@ -129,6 +141,7 @@ pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found>
             at: o.at,
             ts: o.ts,
             path: o.path.clone(),
+            ofd: o.ofd,
             claim: {
                 let mut r = c.claim_ref();
                 r.fd = Some(o.at.fd);
@@ -278,7 +291,7 @@ pub(super) fn judge_up(
     let table = view.table(emu);
     let bad = handed.iter().find_map(|h| {
         let held = table.and_then(|t| t.fds.get(&h.emulator_fd));
-        let how = Handoff::of(l, &managers, h, held);
+        let how = Handoff::of(l, c, mac, &managers, h, held);
         (how.same() == Some(false)).then_some((h, how))
     });
     if let Some((bad, how)) = bad {
@@ -305,7 +318,8 @@ pub(super) fn judge_up(
     let found = if handed.is_empty() {
         infer_nic_fds(l, c, emu, mac, view)
     } else {
-        match handed_fds(l, emu, &managers, handed, view) {
+        let how = |h: &Handed, held: Option<&FdEntry>| Handoff::of(l, c, mac, &managers, h, held);
+        match handed_fds(l, emu, handed, view, how) {
             Some(f) => f,
             None => return last.then(|| not_held(l, c, emu, mac, *attach, view)),
         }
@@ -370,9 +384,9 @@ fn up_verdict(
 fn handed_fds(
     l: &Ledger,
     emu: u32,
-    managers: &[u32],
     handed: &[Handed],
     view: &dyn KernelView,
+    handoff: impl Fn(&Handed, Option<&FdEntry>) -> Handoff,
 ) -> Option<Vec<NicFd>> {
     let table = view.table(emu)?;
     handed
@@ -383,7 +397,7 @@ fn handed_fds(
                 .fds
                 .get(&h.emulator_fd)
                 .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev);
-            let how = Handoff::of(l, managers, h, held);
+            let how = handoff(h, held);
             match (held, l.log.releases.get(&at)) {
                 (Some(e), _) if how.same() == Some(true) => Some(NicFd {
                     at,

@@ -311,10 +311,14 @@ fn tun_ofd(ofd: u64) -> FdIdentity {
     }
 }
 
-/// The manager opened fd 5 (kernel id 42); the emulator holds fd 7 with kernel id `emu_ofd`.
+/// The manager opened fd 5 (kernel id 42), and its open record named it (as in `run`); the
+/// emulator holds fd 7 with kernel id `emu_ofd`.
 fn handoff(emu_ofd: u64, kcmp: Option<bool>) -> Verdict {
     let mut t = T::new();
     t.fd(rec(MGR, Op::Open, 5, t.now, tun_ofd(42)));
+    t.claim(open(Some(5)));
+    assert_eq!(t.one().status, Status::Confirmed);
+    t.out.clear();
     t.fd(rec(EMU, Op::Inherit, 7, t.now, tun_ofd(emu_ofd)));
     t.claim(up(
         Some(EMU),
