@@ -120,6 +120,9 @@ impl Reader {
 
 /// Sends `signal` to the guarded child and waits (bounded) until its stdout closes, then
 /// reaps it. A child that does not exit is killed and the benchmark fails, naming it.
+///
+/// The signal is sent again while nothing comes: bpftrace has been seen to miss a SIGINT that
+/// arrives while its output is busy. The child's CPU time in all is read from its zombie.
 fn stop_child(
     guard: &mut ChildGuard,
     reader: &Reader,
@@ -127,22 +130,17 @@ fn stop_child(
     what: &str,
 ) -> Captured {
     let pid = guard.0.id() as i32;
-    // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
-    unsafe { libc::kill(pid, signal) };
-    let out = reader.0.recv_timeout(START_PATIENCE);
-    // Its stdout is closed: it has exited or is exiting. Wait for the zombie (not reaping
-    // it), whose stat still has the CPU time it used in all.
-    let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
-    // SAFETY: waitid on our own child with WNOWAIT writes `info` and reaps nothing.
-    unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        )
+    let deadline = Instant::now() + START_PATIENCE;
+    let out = loop {
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(pid, signal) };
+        match reader.0.recv_timeout(RESIGNAL) {
+            Ok(out) => break Ok(out),
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(e) => break Err(e),
+        }
     };
-    let cpu = read_cpu_ns(pid as u32).unwrap_or(0);
+    let cpu = out.is_ok().then(|| zombie_cpu_ns(pid)).flatten().unwrap_or(0);
     let _ = guard.0.kill();
     let _ = guard.0.wait();
     let mut out = out.unwrap_or_else(|e| {
@@ -152,9 +150,35 @@ fn stop_child(
     out
 }
 
-fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
-    // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
+/// How long a stopping child may stay silent before it is signalled again.
+const RESIGNAL: Duration = Duration::from_secs(5);
+
+/// The CPU time a child that closed its stdout used in all, read once it is a zombie (it is
+/// not reaped here); None if it does not exit within a moment.
+fn zombie_cpu_ns(pid: i32) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child; WNOWAIT leaves it to be reaped, WNOHANG returns at
+        // once; it writes `info` only.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state (0 otherwise).
+        if r == 0 && unsafe { info.si_pid() } == pid {
+            return read_cpu_ns(pid as u32);
+        }
+        if r != 0 || Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A running `vmaudit` subcommand, its stdout read by a thread.
