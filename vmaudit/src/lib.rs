@@ -6,6 +6,7 @@
 //! - [`procfs`]: fd identities read from /proc (seeding, resyncing, `vmaudit fds`).
 //! - [`kcmp`]: whether two fds in two processes are the same open file description.
 //! - [`exit`]: the documented exit codes.
+//! - [`follow`]: a file followed by name across rotation (audit.log, journals).
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmaudit's syscall tables are x86_64 only for now");
@@ -13,6 +14,7 @@ compile_error!("vmaudit's syscall tables are x86_64 only for now");
 pub mod audit;
 pub mod cgroup;
 pub use vmaudit_core::exit;
+pub mod follow;
 pub mod kcmp;
 pub mod monitor;
 pub mod observe;
