@@ -7,6 +7,7 @@
 //! - [`kcmp`]: whether two fds in two processes are the same open file description.
 //! - [`exit`]: the documented exit codes.
 //! - [`follow`]: a file followed by name across rotation (audit.log, journals).
+//! - [`forward`]: journals forwarded as RFC 5424 syslog.
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmaudit's syscall tables are x86_64 only for now");
@@ -15,6 +16,7 @@ pub mod audit;
 pub mod cgroup;
 pub use vmaudit_core::exit;
 pub mod follow;
+pub mod forward;
 pub mod kcmp;
 pub mod monitor;
 pub mod observe;

@@ -57,6 +57,10 @@ pub const NO_MATCH: u8 = 19;
 /// kernel's audit multicast group cannot be joined), or the source failed while read.
 pub const AUDIT_SOURCE: u8 = 20;
 
+/// `forward`: the `--to` address does not parse or resolve, or the `--state` file cannot be
+/// read (or is not one) or written.
+pub const FORWARD: u8 = 22;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
@@ -103,4 +107,8 @@ pub const TABLE: &[(u8, &str)] = &[
     (SERVE, "--serve: bad address, or it cannot be listened on"),
     (NO_MATCH, "search: nothing matched"),
     (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
+    (
+        FORWARD,
+        "forward: bad --to address, or the --state file cannot be read or written",
+    ),
 ];
