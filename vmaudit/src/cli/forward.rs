@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(required = true, value_name = "JOURNAL")]
     journals: Vec<PathBuf>,
     /// The receiver: udp://HOST:PORT, tcp://HOST:PORT (octet-counting framing, RFC 6587), or
-    /// unix:///PATH (a datagram socket, such as /dev/log).
+    /// unix:///PATH (a datagram socket whose reader parses RFC 5424).
     #[arg(long, value_name = "ADDR")]
     to: String,
     /// Read each journal from its start (the default is its end), unless --state knows where
