@@ -267,7 +267,7 @@ fn spec(bins: &Bins, mode: &str, ifname: &str) -> String {
 fn forwarder(bins: &Bins, journal: &Path, to: &str, more: &[&str]) -> Watch {
     let mut args = vec![journal.to_str().unwrap(), "--to", to];
     args.extend(more);
-    Watch::start_sub(bins, "forward", &args, "vmaudit: forwarding")
+    Watch::start_sub(bins, "forward", &args, "vmaudit: forwarding ")
 }
 
 fn stopped(f: Watch) {

@@ -70,15 +70,18 @@ pub fn run(args: Args) -> u8 {
         // Registered inside the runtime, before the journals are read.
         let shutdown = shutdown_signal();
         forward(opts, shutdown, || {
-            eprintln!("vmaudit: forwarding {} to {target}", names.join(", "));
+            vmaudit::notice!("forwarding {} to {target}", names.join(", "));
         })
         .await
     });
     match result {
         Ok(o) => {
-            eprintln!(
-                "vmaudit: forward: {} lines sent to {target}, {} not sent, {} too long, {} read and not sent at the stop",
-                o.sent, o.not_sent, o.too_long, o.unsent_at_stop
+            vmaudit::notice!(
+                "forward: {} lines sent to {target}, {} not sent, {} too long, {} read and not sent at the stop",
+                o.sent,
+                o.not_sent,
+                o.too_long,
+                o.unsent_at_stop
             );
             exit::OK
         }

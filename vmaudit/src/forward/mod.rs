@@ -165,9 +165,10 @@ pub async fn forward(
                     Delivery::Sent => out.sent += 1,
                     Delivery::Dropped(e) => {
                         out.not_sent += 1;
-                        eprintln!(
-                            "vmaudit: forward: {}: the line of {path} at byte {} was not sent: {e}",
-                            opts.target, r.start.offset
+                        log::warn!(
+                            "forward: {}: the line of {path} at byte {} was not sent: {e}",
+                            opts.target,
+                            r.start.offset
                         );
                     }
                     Delivery::Stopped => {
@@ -178,8 +179,8 @@ pub async fn forward(
             }
             Got::TooLong => {
                 out.too_long += 1;
-                eprintln!(
-                    "vmaudit: forward: {path}: the line at byte {} is longer than {MAX_LINE} bytes: not forwarded",
+                log::warn!(
+                    "forward: {path}: the line at byte {} is longer than {MAX_LINE} bytes: not forwarded",
                     r.start.offset
                 );
             }
@@ -216,8 +217,8 @@ pub async fn forward(
         } else {
             "they are not forwarded (--state FILE would resume there)"
         };
-        eprintln!(
-            "vmaudit: forward: stopped with {} lines read and not sent: {then}",
+        log::warn!(
+            "forward: stopped with {} lines read and not sent: {then}",
             out.unsent_at_stop
         );
     }
@@ -262,16 +263,16 @@ fn say_resumed(path: &Path, at: Position, how: &Resumed) {
     let (path, n) = (path.display(), at.offset);
     match how {
         Resumed::InPlace => {}
-        Resumed::Rotated(old) => eprintln!(
-            "vmaudit: forward: {path}: resuming in {} (rotated) at byte {n}, then {path}",
+        Resumed::Rotated(old) => log::info!(
+            "forward: {path}: resuming in {} (rotated) at byte {n}, then {path}",
             old.display()
         ),
-        Resumed::Truncated => eprintln!(
-            "vmaudit: forward: {path}: truncated below byte {n}, where forwarding stopped: \
+        Resumed::Truncated => log::warn!(
+            "forward: {path}: truncated below byte {n}, where forwarding stopped: \
              what it held after byte {n} is not forwarded; forwarding it from its start"
         ),
-        Resumed::Gone => eprintln!(
-            "vmaudit: forward: {path}: the file forwarded up to byte {n} is no longer beside it \
+        Resumed::Gone => log::warn!(
+            "forward: {path}: the file forwarded up to byte {n} is no longer beside it \
              (rotated away): its lines after byte {n} are not forwarded; forwarding {path} from \
              its start"
         ),
@@ -342,15 +343,15 @@ async fn deliver(sender: &mut Sender, msg: &str, stop: &mut watch::Receiver<bool
         match sent {
             Ok(()) => {
                 if failing {
-                    eprintln!("vmaudit: forward: {target}: sending again");
+                    log::info!("forward: {target}: sending again");
                 }
                 return Delivery::Sent;
             }
             Err(e) if !target.retries() => return Delivery::Dropped(e),
             Err(e) => {
                 if !failing {
-                    eprintln!(
-                        "vmaudit: forward: {target}: {e}; trying again (no line is skipped; \
+                    log::warn!(
+                        "forward: {target}: {e}; trying again (no line is skipped; \
                          one sent just before may not have arrived)"
                     );
                     failing = true;
