@@ -115,6 +115,9 @@ pub struct GapRecord {
     pub lost: u64,
     /// Events lost on the whole host since the last check, per cause.
     pub causes: BTreeMap<&'static str, u64>,
+    /// The loss check that found it, numbered from 1: the gaps of one check share its
+    /// `causes`, which a consumer counts once.
+    pub check: u64,
     /// fds found in /proc that the table did not have.
     pub added: Vec<i32>,
     /// fds the table had that /proc did not.
@@ -213,6 +216,7 @@ pub struct Watcher {
     /// Per process: the kernel time its table was last read from /proc; older events are in it.
     read_at: BTreeMap<u32, u64>,
     last_losses: [u64; LossCause::COUNT as usize],
+    loss_checks: u64,
     events: u64,
     records: u64,
     gaps: u64,
@@ -247,6 +251,7 @@ impl Watcher {
             tables: Tables::new(procfs),
             read_at: BTreeMap::new(),
             last_losses,
+            loss_checks: 0,
             events: 0,
             records: 0,
             gaps: 0,
@@ -393,6 +398,7 @@ impl Watcher {
             }
         }
         self.last_losses = now;
+        self.loss_checks += 1;
         // Drain first: events delivered before the loss must be applied before the resync.
         self.drain(sink);
         let per_pid = self.tracker.take_lost_tgids()?;
@@ -414,6 +420,7 @@ impl Watcher {
                 pid,
                 lost,
                 causes: causes.clone(),
+                check: self.loss_checks,
                 added,
                 removed,
             }));

@@ -8,7 +8,9 @@
 //!   loses as its ring buffer shrinks, and bpftrace printing each event ([`throughput`]);
 //! - `verdict` (c): claim-to-verdict latency of `vmaudit run` ([`verdict`]);
 //! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]);
-//! - `lifecycles` (e): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]).
+//! - `lifecycles` (g): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]);
+//! - `dashboard` (f): the dashboard's update and render time at 1,000 VMs × 4 fds, in headless
+//!   Chromium ([`dashboard`]).
 //!
 //! A new section is a module with a `run(&Bins, &Opts, quick) -> String` and a [`Section`]
 //! variant.
@@ -20,6 +22,7 @@
 //! A section that cannot be set up (a tracer that does not attach, a count that does not add
 //! up) fails the whole run loudly: no table is written from nonsense.
 
+mod dashboard;
 mod lifecycles;
 mod overhead;
 mod report;
@@ -40,15 +43,17 @@ enum Section {
     Verdict,
     Scale,
     Lifecycles,
+    Dashboard,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 6] = [
         Self::Overhead,
         Self::Throughput,
         Self::Verdict,
         Self::Scale,
         Self::Lifecycles,
+        Self::Dashboard,
     ];
 
     fn name(self) -> &'static str {
@@ -58,6 +63,7 @@ impl Section {
             Self::Verdict => "verdict",
             Self::Scale => "scale",
             Self::Lifecycles => "lifecycles",
+            Self::Dashboard => "dashboard",
         }
     }
 
@@ -150,6 +156,7 @@ fn main() {
             Section::Verdict => verdict::run(&bins, &o.verdict, o.quick),
             Section::Scale => scale::run(&bins, &o.scale, o.quick),
             Section::Lifecycles => lifecycles::run(&bins, o.quick),
+            Section::Dashboard => dashboard::run(&bins, o.quick),
         };
         // Each section is written as soon as it is measured: a later failure keeps it.
         if let Some(path) = &o.write {
