@@ -76,21 +76,39 @@ pub enum Line {
     Run(serde_json::Value),
 }
 
+/// Which of the three a journal line says it is, by its `type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineKind {
+    Record,
+    Verdict,
+    Run,
+}
+
+impl LineKind {
+    /// `"verdict"`; another lower-case `type` is vmaudit's own (a line about the run);
+    /// anything else is an audit record's type name.
+    pub fn of(v: &serde_json::Value) -> Self {
+        match v["type"].as_str() {
+            Some("verdict") => Self::Verdict,
+            Some(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') => {
+                Self::Run
+            }
+            _ => Self::Record,
+        }
+    }
+}
+
 impl Line {
     /// Reads one line. Anything that is none of the three is an error: a file of other JSON is
     /// not a journal.
     pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
         let v: serde_json::Value = serde_json::from_str(text)?;
-        match v["type"].as_str() {
-            Some("verdict") => Ok(Self::Verdict(Box::new(serde_json::from_value(v)?))),
-            Some(t) if is_run_type(t) => Ok(Self::Run(v)),
-            _ => Ok(Self::Record(Box::new(serde_json::from_value(v)?))),
+        match LineKind::of(&v) {
+            LineKind::Verdict => Ok(Self::Verdict(Box::new(serde_json::from_value(v)?))),
+            LineKind::Run => Ok(Self::Run(v)),
+            LineKind::Record => Ok(Self::Record(Box::new(serde_json::from_value(v)?))),
         }
     }
-}
-
-fn is_run_type(t: &str) -> bool {
-    !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
 }
 
 /// The journal file, open for appending (O_APPEND | O_CREAT | O_CLOEXEC, mode 0600).

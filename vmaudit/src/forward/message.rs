@@ -8,6 +8,8 @@
 
 use fasyslog::{Facility, SDElement, Severity, format::SyslogContext};
 use serde_json::Value;
+
+use crate::audit::journal::LineKind;
 use vmaudit_core::audit::parse::parse_text;
 
 /// The SD-ID of vmaudit's element. 32473 is the private enterprise number RFC 5612 reserves
@@ -57,14 +59,11 @@ enum Kind {
 }
 
 fn kind(v: &Value) -> Kind {
-    if v["type"] == "verdict" {
-        Kind::Verdict
-    } else if v.get("type_id").is_some() {
-        Kind::Record
-    } else if v.get("totals").is_some() {
-        Kind::Summary
-    } else {
-        Kind::Other
+    match LineKind::of(v) {
+        LineKind::Verdict => Kind::Verdict,
+        LineKind::Record if v.get("type_id").is_some() => Kind::Record,
+        LineKind::Run if v.get("totals").is_some() => Kind::Summary,
+        _ => Kind::Other,
     }
 }
 
