@@ -13,6 +13,7 @@
 //! - [`journal`]: vmaudit's own append-only JSON-lines journal, fsync'd per record.
 //! - [`sink`]: where records go ([`AuditMode`]): journal, kernel, or both.
 
+pub mod chain;
 pub mod journal;
 pub mod kernel;
 pub mod reader;

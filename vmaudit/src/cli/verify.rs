@@ -2,7 +2,7 @@
 
 use std::{io::IsTerminal as _, path::PathBuf};
 
-use vmaudit::{exit, verify::report};
+use vmaudit::verify::report;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,7 +16,7 @@ pub struct Args {
 pub fn run(args: Args) -> u8 {
     let r = match report::build(&args.journal) {
         Ok(r) => r,
-        Err(e) => return super::fail(&e, exit::INTERNAL),
+        Err(e) => return super::fail(&e, e.exit_code()),
     };
     if args.json || !std::io::stdout().is_terminal() {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());

@@ -12,7 +12,8 @@ use thiserror::Error;
 use super::{Event, libvirt_part};
 use crate::{
     audit::{
-        JournalEntry,
+        JournalEntry, chain,
+        journal::is_record,
         parse::{LogScan, Parsed, Stamp, parse_text},
         virt::VirtRecord,
     },
@@ -94,16 +95,17 @@ fn event_of(p: &Parsed, source: String, ts_ns: u64, text: &str, journal: bool) -
 }
 
 /// A journal of `vmaudit run`: records and verdicts. A last line cut short (no newline) is a
-/// write that never completed and is left out, as `vmaudit verify` does; any other line
-/// that is not a journal line makes the file unreadable as a journal.
+/// write that never completed: it is counted in a note and left out, as `vmaudit verify`
+/// does. vmaudit's own events (repairs, reopenings) and summaries are not records and are
+/// left out; any other line that is not a journal line makes the file unreadable as a journal.
 pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
     let text = read(path)?;
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let (lines, torn) = chain::split(&text);
     let name = path.display();
     let mut events: Vec<Event> = Vec::new();
     let mut by_ts: BTreeMap<u64, usize> = BTreeMap::new();
     let mut verdicts: Vec<(usize, Verdict)> = Vec::new();
-    for (i, line) in complete.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -115,6 +117,9 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
         let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
         if v["type"] == "verdict" {
             verdicts.push((i + 1, serde_json::from_value(v).map_err(bad)?));
+            continue;
+        }
+        if !is_record(&v) {
             continue;
         }
         let entry: JournalEntry = serde_json::from_value(v).map_err(bad)?;
@@ -168,7 +173,15 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
     give_emulator_pids(&mut events);
     Ok(Loaded {
         events,
-        notes: Vec::new(),
+        notes: torn
+            .map(|t| {
+                format!(
+                    "{name}: 1 torn last line skipped ({} bytes: a write cut short)",
+                    t.len()
+                )
+            })
+            .into_iter()
+            .collect(),
     })
 }
 

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, path::Path};
 use serde::Serialize;
 
 use super::{Status, Totals, Verdict};
-use crate::exit;
+use crate::{
+    audit::chain::{self, ChainReport, EVENT_TYPE},
+    exit,
+};
 
 /// One record of the journal and the verdicts on it.
 #[derive(Clone, Debug, Serialize)]
@@ -27,6 +30,20 @@ pub struct Report {
     pub totals: Totals,
     /// Records without any verdict (journals written with `--no-verify`, or cut short).
     pub unverified: u64,
+    /// The hash chain: intact, or its first break (a violation of its own).
+    pub chain: ChainReport,
+    /// vmaudit's own events in the journal (repairs, reopenings, a dead run's recovery).
+    pub events: Vec<EventRow>,
+    /// Lines that are JSON but neither a record, a verdict nor an event (skipped).
+    pub skipped: u64,
+}
+
+/// One of vmaudit's own journal events.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRow {
+    pub line: usize,
+    pub event: String,
+    pub ts: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,54 +54,64 @@ pub enum ReportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("journal {path}, line {line}: not a journal line")]
-    Parse {
-        path: std::path::PathBuf,
-        line: usize,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("{path} is not a vmaudit journal: no line of it is a journal line")]
+    NotJournal { path: std::path::PathBuf },
 }
 
-/// Reads a journal: records in order, verdicts joined to them by the record's `ts_ns`.
+impl ReportError {
+    pub fn exit_code(&self) -> u8 {
+        exit::JOURNAL
+    }
+}
+
+/// Reads a journal: records in order, verdicts joined to them by the record's `ts_ns`, the hash
+/// chain checked. A torn last line is counted and skipped; a line that is not a journal line is
+/// a break of the chain, not a failure to read.
 pub fn build(path: &Path) -> Result<Report, ReportError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
+    let bytes = std::fs::read(path).map_err(|source| ReportError::Read {
         path: path.to_owned(),
         source,
     })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let chain = chain::check(&text);
+    let (lines, _torn) = chain::split(&text);
     let mut rows: Vec<Row> = Vec::new();
     let mut index: BTreeMap<u64, usize> = BTreeMap::new();
     let mut verdicts = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ReportError::Parse {
-                path: path.to_owned(),
+    let mut events = Vec::new();
+    let mut skipped = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match v["type"].as_str() {
+            Some("verdict") => match serde_json::from_value::<Verdict>(v) {
+                Ok(verdict) => verdicts.push(verdict),
+                Err(_) => skipped += 1,
+            },
+            Some(EVENT_TYPE) => events.push(EventRow {
                 line: i + 1,
-                source,
-            })?;
-        if v["type"] == "verdict" {
-            let verdict: Verdict =
-                serde_json::from_value(v).map_err(|source| ReportError::Parse {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    source,
-                })?;
-            verdicts.push(verdict);
-        } else {
-            let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
-            index.insert(ts_ns, rows.len());
-            rows.push(Row {
-                ts_ns,
-                kind: v["type"].as_str().unwrap_or("?").to_owned(),
-                text: v["text"].as_str().unwrap_or_default().to_owned(),
-                status: None,
-                reasons: Vec::new(),
-            });
+                event: v["event"].as_str().unwrap_or("?").to_owned(),
+                ts: v["ts"].as_str().unwrap_or_default().to_owned(),
+            }),
+            Some(kind) if v["text"].is_string() => {
+                let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
+                index.insert(ts_ns, rows.len());
+                rows.push(Row {
+                    ts_ns,
+                    kind: kind.to_owned(),
+                    text: v["text"].as_str().unwrap_or_default().to_owned(),
+                    status: None,
+                    reasons: Vec::new(),
+                });
+            }
+            _ => skipped += 1,
         }
+    }
+    if rows.is_empty() && verdicts.is_empty() && events.is_empty() && chain.lines > 0 {
+        return Err(ReportError::NotJournal {
+            path: path.to_owned(),
+        });
     }
     let mut totals = Totals::default();
     let mut unclaimed = Vec::new();
@@ -113,13 +140,20 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
         unclaimed,
         totals,
         unverified,
+        chain,
+        events,
+        skipped,
     })
 }
 
 impl Report {
-    /// 0 when every claim is confirmed; [`exit::VIOLATED`] when anything is violated;
-    /// [`exit::UNCONFIRMED`] when something is unconfirmed, unknown or unverified.
+    /// 0 when every claim is confirmed; [`exit::VIOLATED`] when anything is violated or the
+    /// chain is broken; [`exit::UNCONFIRMED`] when something is unconfirmed, unknown or
+    /// unverified.
     pub fn exit_code(&self) -> u8 {
+        if !self.chain.intact() {
+            return exit::VIOLATED;
+        }
         match self.totals.exit_code() {
             exit::OK if self.unverified > 0 => exit::UNCONFIRMED,
             code => code,
@@ -154,6 +188,33 @@ impl Report {
                 "",
                 v.reason
             ));
+        }
+        for e in &self.events {
+            s.push_str(&format!(
+                "{:<12} {:<14} {} (line {})\n",
+                "event", "vmaudit", e.event, e.line
+            ));
+        }
+        let c = &self.chain;
+        match &c.first_break {
+            None => s.push_str(&format!(
+                "\nchain intact: {} lines chained{}{}\n",
+                c.chained,
+                if c.unchained > 0 {
+                    format!(", {} written before the chain began", c.unchained)
+                } else {
+                    String::new()
+                },
+                if c.torn > 0 {
+                    ", a torn last line skipped"
+                } else {
+                    ""
+                }
+            )),
+            Some(b) => s.push_str(&format!(
+                "\nCHAIN BROKEN ({} break(s)); first: {}\n",
+                c.breaks, b.message
+            )),
         }
         let t = &self.totals;
         s.push_str(&format!(
