@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 
 pub mod guest;
+pub mod hardening;
 pub mod libvirt;
 pub mod manager;
 pub mod vmrun;

@@ -41,7 +41,7 @@ pub fn bpffs() -> Result<PathBuf, CgroupError> {
         path: default.to_owned(),
         source: errno.into(),
     })?;
-    log::info!("mounted bpffs at {}", default.display());
+    log::debug!("mounted bpffs at {}", default.display());
     Ok(default.to_owned())
 }
 
@@ -95,9 +95,6 @@ pub fn attach_pinned(
         path: pin.to_owned(),
         source,
     };
-    if let Some(dir) = pin.parent() {
-        fs::create_dir_all(dir).map_err(err)?;
-    }
     let mut attr = Attr {
         a: prog.as_raw_fd() as u32,
         b: cgroup.as_raw_fd() as u32,
@@ -114,24 +111,36 @@ pub fn attach_pinned(
         ))
     })?;
     let ptr = c_path.as_ptr() as u64;
-    let mut attr = Attr {
-        a: ptr as u32,
-        b: (ptr >> 32) as u32,
-        c: link.as_fd().as_raw_fd() as u32,
-        ..Attr::default()
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).map_err(err)?;
-    Ok(link)
+    // Another VM's teardown may remove the (then empty) directory between the two: try again.
+    for _ in 0..3 {
+        if let Some(dir) = pin.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut attr = Attr {
+            a: ptr as u32,
+            b: (ptr >> 32) as u32,
+            c: link.as_fd().as_raw_fd() as u32,
+            ..Attr::default()
+        };
+        match bpf(BPF_OBJ_PIN, &mut attr) {
+            Ok(_) => return Ok(link),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(err(std::io::Error::from(std::io::ErrorKind::NotFound)))
 }
 
-/// Removes a pin (and its directory, if empty); its link (and the program attached by it)
-/// goes once no fd holds it. A pin already gone is not an error.
+/// Removes a pin (and the directories above it up to bpffs, those left empty); its link (and
+/// the program attached by it) goes once no fd holds it. A pin already gone is not an error.
 pub fn unpin(pin: &Path) -> Result<bool, CgroupError> {
     match fs::remove_file(pin) {
         Ok(()) => {
-            if let Some(dir) = pin.parent() {
-                // Empty unless another pin is there: then it stays.
-                let _ = fs::remove_dir(dir);
+            // The VM's directory, then vmaudit's: each stays if another pin is in it.
+            for dir in pin.ancestors().skip(1).take(2) {
+                if fs::remove_dir(dir).is_err() {
+                    break;
+                }
             }
             Ok(true)
         }

@@ -18,6 +18,16 @@ pub fn run(args: Args) -> u8 {
         Ok(r) => r,
         Err(e) => return super::fail(&e, e.exit_code()),
     };
+    let name = args.journal.display();
+    if let Some(b) = &r.chain.first_break {
+        eprintln!(
+            "vmaudit: journal {name}: the hash chain is broken ({} break(s)); the first: {}",
+            r.chain.breaks, b.message
+        );
+    }
+    if r.chain.torn > 0 {
+        eprintln!("vmaudit: journal {name}: a torn last line (a write cut short) is skipped");
+    }
     if args.json || !std::io::stdout().is_terminal() {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
     } else {

@@ -277,20 +277,25 @@ pub async fn request(name: &str, req: &Request) -> Result<Response, String> {
     })?;
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    // A request refused before it is read (the peer check) is answered and the connection
+    // closed: the write may then fail, and the answer is still there to read.
+    let wrote = s.write_all(line.as_bytes()).await;
     let mut answer = String::new();
     let mut reader = BufReader::new(s);
-    tokio::time::timeout(client_timeout(req), reader.read_line(&mut answer))
+    let read = tokio::time::timeout(client_timeout(req), reader.read_line(&mut answer))
         .await
         .map_err(|_| {
             format!(
                 "no answer from vmaudit run within {:?}",
                 client_timeout(req)
             )
-        })?
-        .map_err(|e| e.to_string())?;
+        })?;
+    match (read, wrote) {
+        (Ok(_), _) if !answer.is_empty() => {}
+        (_, Err(e)) => return Err(format!("sending the request: {e}")),
+        (Err(e), Ok(())) => return Err(format!("reading the answer: {e}")),
+        (Ok(_), Ok(())) => return Err("vmaudit run closed the connection without an answer".into()),
+    }
     serde_json::from_str(&answer)
         .map_err(|e| format!("bad answer from vmaudit run: {e}: {answer:?}"))
 }

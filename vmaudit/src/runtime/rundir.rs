@@ -137,14 +137,22 @@ impl RunLock {
         make_dir(&dir, 0o700)?;
         let path = dir.join(name);
         loop {
-            let file = OpenOptions::new()
+            let opened = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(io_err(&path))?;
+                .open(&path);
+            let file = match opened {
+                Ok(f) => f,
+                // The directory went with the last lock in it, just now: make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    make_dir(&dir, 0o700)?;
+                    continue;
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            };
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(f) => f,
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -182,7 +190,13 @@ impl Drop for RunLock {
         if let Err(e) = fs::remove_file(&self.path) {
             log::warn!("removing {}: {e}", self.path.display());
         }
-        let _ = &self.file;
+        // The lock directory goes with its last lock (another run's lock keeps it).
+        if let Some(dir) = self.path.parent()
+            && fs::remove_dir(dir).is_err()
+        {
+            log::debug!("{} stays: other locks are in it", dir.display());
+        }
+        log::debug!("released the lock {:?}", self.file);
     }
 }
 

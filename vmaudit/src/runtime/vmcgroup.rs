@@ -236,6 +236,8 @@ pub fn setup(
     trail: &Trail<'_>,
 ) -> Result<VmCgroupHandle, SetupError> {
     if dir.exists() {
+        // Refused before any change: the first (deny all) is audited as failed.
+        trail.emit(record_of(trail, dir, &Rule::DenyAll).success(false))?;
         return Err(SetupError::NotOurs {
             path: dir.to_owned(),
         });

@@ -174,6 +174,7 @@ fn execute(state: &mut State, cmd: &Value, b: Behaviour) -> (Value, Option<Value
             None => (error(format!("Device '{}' not found", s("id"))), None),
         },
         "device_add" => {
+            eprintln!("fake-emulator: qmp device_add {}", s("id"));
             std::thread::sleep(b.device_add_delay);
             if !state.netdevs.contains_key(&s("netdev")) {
                 return (
@@ -189,6 +190,7 @@ fn execute(state: &mut State, cmd: &Value, b: Behaviour) -> (Value, Option<Value
         }
         "device_del" => {
             let id = s("id");
+            eprintln!("fake-emulator: qmp device_del {id}");
             if !state.devices.contains_key(&id) {
                 return (error(format!("Device '{id}' not found")), None);
             }
