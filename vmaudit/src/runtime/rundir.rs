@@ -61,6 +61,11 @@ impl ProcessId {
     }
 
     pub fn of(pid: u32) -> io::Result<Self> {
+        Self::read(pid).map(|(id, _)| id)
+    }
+
+    /// The process and its state letter (`R`, `S`, `Z`, ...).
+    fn read(pid: u32) -> io::Result<(Self, char)> {
         let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // The command name (field 2) is in parentheses and may hold anything: count from the
         // last `)`.
@@ -68,17 +73,20 @@ impl ProcessId {
             .rfind(')')
             .map(|i| &text[i + 1..])
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ) in stat"))?;
-        let start = rest
-            .split_whitespace()
-            .nth(19)
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let start = fields
+            .nth(18)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))?;
-        Ok(Self { pid, start })
+        Ok((Self { pid, start }, state))
     }
 
-    /// Whether this very process still runs (not merely a process with its pid).
+    /// Whether this very process still runs (not merely a process with its pid, nor a zombie
+    /// waiting to be reaped).
     pub fn alive(&self) -> bool {
-        Self::of(self.pid).is_ok_and(|now| now.start == self.start)
+        Self::read(self.pid)
+            .is_ok_and(|(now, state)| now.start == self.start && !matches!(state, 'Z' | 'X'))
     }
 }
 
