@@ -164,14 +164,9 @@ impl RunLock {
             let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(f) => f,
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let owner = fs::read_to_string(&path)
-                        .ok()
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| "unknown".into());
                     return Err(RunDirError::Running {
                         name: name.to_owned(),
-                        owner,
+                        owner: holder(&path),
                     });
                 }
                 Err((_, e)) => return Err(io_err(&path)(e.into())),
@@ -189,6 +184,19 @@ impl RunLock {
             return Ok(Self { file: f, path });
         }
     }
+}
+
+/// The pid the holder of a lock wrote in it; it writes it right after taking the lock, so an
+/// empty file is looked at again a few times.
+fn holder(path: &Path) -> String {
+    for _ in 0..1000 {
+        match fs::read_to_string(path) {
+            Ok(s) if !s.trim().is_empty() => return s.trim().to_owned(),
+            Ok(_) => std::thread::yield_now(),
+            Err(_) => break,
+        }
+    }
+    "unknown".into()
 }
 
 impl Drop for RunLock {
