@@ -110,9 +110,12 @@ struct Writer {
     last: String,
 }
 
+/// A file's (st_dev, st_ino) and its writer, if still open.
+type OpenWriter = ((u64, u64), Weak<Mutex<Writer>>);
+
 /// Every journal this process has open, so that two `Journal::open` of one file share one
 /// chain (and one lock).
-static OPEN: Mutex<Vec<((u64, u64), Weak<Mutex<Writer>>)>> = Mutex::new(Vec::new());
+static OPEN: Mutex<Vec<OpenWriter>> = Mutex::new(Vec::new());
 
 /// What opening found at the end of the file.
 struct Opened {

@@ -158,10 +158,10 @@ pub fn kill_all(dir: &Path) -> usize {
     let found = procs(dir).len();
     let kill_file = dir.join("cgroup.kill");
     let deadline = Instant::now() + EMPTY_WAIT;
-    if kill_file.exists() {
-        if let Err(e) = std::fs::write(&kill_file, "1") {
-            log::warn!("writing {}: {e}", kill_file.display());
-        }
+    if kill_file.exists()
+        && let Err(e) = std::fs::write(&kill_file, "1")
+    {
+        log::warn!("writing {}: {e}", kill_file.display());
     }
     loop {
         let left = procs(dir);

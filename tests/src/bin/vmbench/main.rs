@@ -7,7 +7,9 @@
 //! - `throughput` (b): the highest fd-event rate one thread produces, what vmaudit delivers and
 //!   loses as its ring buffer shrinks, and bpftrace printing each event ([`throughput`]);
 //! - `verdict` (c): claim-to-verdict latency of `vmaudit run` ([`verdict`]);
-//! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]).
+//! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]);
+//! - `soak` (e): 10,000 attach/detach cycles of `vmaudit run` on the stand-in emulator, fds and
+//!   RSS sampled ([`soak`]).
 //!
 //! A new section is a module with a `run(&Bins, &Opts, quick) -> String` and a [`Section`]
 //! variant.
@@ -15,13 +17,14 @@
 //! Usage (as root; `cargo xtask bench -- ARGS` builds and runs it):
 //! `vmbench [--quick] [--only SECTION[,SECTION...]] [--write BENCHMARKS.md] [--rounds R]
 //! [--iterations N] [--throughput-pairs N] [--throughput-runs R] [--verdict-runs R]
-//! [--vms N,N,...]`.
+//! [--vms N,N,...] [--cycles N]`.
 //! A section that cannot be set up (a tracer that does not attach, a count that does not add
 //! up) fails the whole run loudly: no table is written from nonsense.
 
 mod overhead;
 mod report;
 mod scale;
+mod soak;
 mod throughput;
 mod tracers;
 mod verdict;
@@ -37,10 +40,17 @@ enum Section {
     Throughput,
     Verdict,
     Scale,
+    Soak,
 }
 
 impl Section {
-    const ALL: [Section; 4] = [Self::Overhead, Self::Throughput, Self::Verdict, Self::Scale];
+    const ALL: [Section; 5] = [
+        Self::Overhead,
+        Self::Throughput,
+        Self::Verdict,
+        Self::Scale,
+        Self::Soak,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -48,6 +58,7 @@ impl Section {
             Self::Throughput => "throughput",
             Self::Verdict => "verdict",
             Self::Scale => "scale",
+            Self::Soak => "soak",
         }
     }
 
@@ -70,6 +81,7 @@ struct Opts {
     throughput: throughput::Opts,
     verdict: verdict::Opts,
     scale: scale::Opts,
+    soak: soak::Opts,
 }
 
 fn parse() -> Opts {
@@ -98,6 +110,9 @@ fn parse() -> Opts {
                 vec![10, 100, 1000]
             },
         },
+        soak: soak::Opts {
+            cycles: if quick { 500 } else { 10_000 },
+        },
     };
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
@@ -119,6 +134,7 @@ fn parse() -> Opts {
                     .map(|s| s.parse().expect("--vms N,N,..."))
                     .collect()
             }
+            "--cycles" => o.soak.cycles = val().parse().expect("--cycles N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -139,6 +155,7 @@ fn main() {
             Section::Throughput => throughput::run(&bins, &o.throughput, o.quick),
             Section::Verdict => verdict::run(&bins, &o.verdict, o.quick),
             Section::Scale => scale::run(&bins, &o.scale, o.quick),
+            Section::Soak => soak::run(&bins, &o.soak, o.quick),
         };
         // Each section is written as soon as it is measured: a later failure keeps it.
         if let Some(path) = &o.write {
