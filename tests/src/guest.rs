@@ -190,11 +190,18 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}: {text}"));
         assert!(spec.has_qmp());
         let args = spec.emulator.args.unwrap();
+        let direct = image().qemu_args(Path::new("/t/s.log"), Path::new("/t/q.sock"));
+        // The same boot arguments; QMP on vmaudit's socket instead of a path.
+        assert_eq!(args[..17], direct[..17]);
         assert_eq!(
-            args[..16],
-            image().qemu_args(Path::new("/t/s.log"), Path::new("/t/q.sock"))[..16]
+            args[17..],
+            [
+                "-chardev",
+                "socket,id=qmp,fd={qmp-fd},server=on,wait=off",
+                "-mon",
+                "chardev=qmp,mode=control"
+            ]
         );
-        assert_eq!(args[17], "socket,id=qmp,fd={qmp-fd},server=on,wait=off");
     }
 
     #[test]

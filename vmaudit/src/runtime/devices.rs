@@ -127,6 +127,22 @@ impl NetDevice {
         self.fds.iter().filter(|f| f.role == Role::Vhost)
     }
 
+    /// What vmaudit made for this interface, as it was noted ([`Made`]).
+    pub fn made(&self) -> Vec<Made> {
+        let mut out = Vec::new();
+        match &self.link {
+            Some(l) => out.push(Made::Link {
+                name: l.name.clone(),
+                parent: String::new(),
+                mac: self.mac.to_string(),
+            }),
+            None if self.backend == Backend::Tap => out.push(Made::Tap(self.ifname.clone())),
+            None => {}
+        }
+        out.extend(self.node_made.clone().map(Made::Node));
+        out
+    }
+
     /// Closes the fds and removes what vmaudit created for this interface.
     pub async fn teardown(mut self) {
         self.fds.clear();

@@ -26,6 +26,24 @@ use crate::{
     verify::{ClaimKind, Handed},
 };
 
+/// Takes what an interface made out of the run directory's state once it is gone (a state
+/// that cannot be written is logged: the interface is gone either way).
+pub fn forget_made(dir: &RefCell<RunDir>, dev: &NetDevice) {
+    let made = dev.made();
+    let forgotten = dir.borrow_mut().note(|s| {
+        for m in &made {
+            match m {
+                Made::Link { name, .. } => s.links.retain(|l| &l.name != name),
+                Made::Node(p) => s.nodes.retain(|n| n != p),
+                Made::Tap(t) => s.taps.retain(|x| x != t),
+            }
+        }
+    });
+    if let Err(e) = forgotten {
+        log::error!("{}", chain(&e));
+    }
+}
+
 /// Notes what is about to be made in the run directory's state.
 pub fn note_made(dir: &RefCell<RunDir>, m: &Made) -> Result<(), super::rundir::RunDirError> {
     dir.borrow_mut().note(|s| match m {
@@ -83,7 +101,7 @@ impl Live {
     ) -> Response {
         match req {
             Checked::Attach(iface) => self.attach(trail, dir, iface).await,
-            Checked::Detach { mac, timeout } => self.detach(trail, &mac, timeout).await,
+            Checked::Detach { mac, timeout } => self.detach(trail, dir, &mac, timeout).await,
         }
     }
 
@@ -150,6 +168,7 @@ impl Live {
             }
         };
         if let Some(e) = failed {
+            forget_made(dir, &dev);
             dev.teardown().await;
             return Response::err(exit::JOURNAL, e);
         }
@@ -194,6 +213,7 @@ impl Live {
                     Err(e) => undone.push(format!("closefd {name} failed: {}", chain(&e))),
                 }
             }
+            forget_made(dir, &dev);
             dev.teardown().await;
             return self.attach_failed(trail, &mac, step, &msg, &undone).await;
         }
@@ -276,7 +296,13 @@ impl Live {
         }
     }
 
-    async fn detach(&mut self, trail: &Trail<'_>, mac: &Mac, timeout: Duration) -> Response {
+    async fn detach(
+        &mut self,
+        trail: &Trail<'_>,
+        dir: &RefCell<RunDir>,
+        mac: &Mac,
+        timeout: Duration,
+    ) -> Response {
         let mac_text = mac.to_string();
         let mac = mac_text.as_str();
         let Some(i) = self.nics.iter().position(|n| n.mac.to_string() == mac) else {
@@ -343,6 +369,7 @@ impl Live {
         let recorded = trail.emit_claim(b, claim);
         let nic = self.nics.remove(i);
         if let Some(dev) = nic.dev {
+            forget_made(dir, &dev);
             dev.teardown().await;
         }
         match recorded {
