@@ -18,7 +18,7 @@ use vmaudit::audit::{
 use vmaudit_tests::{
     Bins, TempDir, VethGuard, bins,
     hardening::{Snapshot, run_vmaudit_as},
-    require_root, run_vmaudit,
+    require_root, run_vmaudit, sh,
     vmrun::VmRun,
 };
 
@@ -347,6 +347,41 @@ fn hostile_specs_are_refused_with_one_line_and_leave_nothing() {
     let (vcode, _, verr) = run_vmaudit(&bins, &["verify", tmp.0.join("j.jsonl").to_str().unwrap()]);
     assert_eq!(vcode, 8, "{verr}");
     std::fs::remove_file(tmp.0.join("j.jsonl")).unwrap();
+    // Names the host already has: a macvtap link's (the veth's peer), a tap's (another VM's,
+    // persistent here): refused by the kernel (EEXIST; EBUSY with IFF_TUN_EXCL), audited as a
+    // failed open, and the other link left as it was.
+    sh("ip", &["tuntap", "add", "dev", "vmhs-other", "mode", "tap"]);
+    let taken = [
+        (
+            "a macvtap name a link has",
+            format!(
+                "{h}[emulator]\npath = \"{fake}\"\n{iface}backend = \"macvtap\"\nparent = \"vmhsv0\"\nifname = \"vmhsv0-p\"\n"
+            ),
+            "interface 52:54:00:00:90:01: macvtap link: creating macvtap vmhsv0-p on vmhsv0",
+        ),
+        (
+            "a tap another VM has",
+            format!("{h}[emulator]\npath = \"{fake}\"\n{iface}ifname = \"vmhs-other\"\n"),
+            "TUNSETIFF on /dev/net/tun for vmhs-other: Device or resource busy",
+        ),
+    ];
+    for (what, text, msg) in &taken {
+        let got = run_spec(&bins, &tmp.0, text);
+        one_line(what, &got, 12, msg);
+        let journal = tmp.0.join("j.jsonl");
+        let failed: Vec<Value> = std::fs::read_to_string(&journal)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["reason"] == "open")
+            .collect();
+        assert_eq!(failed.len(), 1, "{what}: one failed open record");
+        assert_eq!(failed[0]["result"], "failed", "{what}");
+        std::fs::remove_file(&journal).unwrap();
+    }
+    assert!(Path::new("/sys/class/net/vmhsv0-p").exists());
+    assert!(Path::new("/sys/class/net/vmhs-other").exists());
+    sh("ip", &["tuntap", "del", "dev", "vmhs-other", "mode", "tap"]);
     // Journals that cannot be written.
     let spec = tmp.0.join("vm.toml");
     std::fs::write(&spec, format!("{h}[emulator]\npath = \"{fake}\"\n")).unwrap();

@@ -153,3 +153,42 @@ fn sigterm_stops_the_vm_within_5s_whatever_else_goes_on() {
     drop(journal);
     before.assert_back("SIGTERM within 5 s");
 }
+
+#[test]
+fn a_multiqueue_interface_is_one_tap_with_a_queue_per_fd() {
+    require_root();
+    let bins = bins!();
+    let before = Snapshot::take();
+    // No ifname: the kernel numbers the tap once, and every queue joins that tap.
+    let body = format!(
+        "[emulator]\npath = \"{}\"\nargs = [\"--mode\", \"hold\"]\n[[interface]]\nmac = \"52:54:00:00:c0:04\"\nqueues = 3\n",
+        bins.fake_emulator.display()
+    );
+    let mut vm = VmRun::start(&bins, "vmaudit-lc5", UUID, &body, &[]);
+    let emu = vm.emulator_pid();
+    let fds: Vec<i64> = vm
+        .journal_lines()
+        .iter()
+        .filter(|r| r["reason"] == "open")
+        .map(|r| r["emulator_fd"].as_i64().unwrap())
+        .collect();
+    assert_eq!(fds.len(), 3);
+    let taps: std::collections::BTreeSet<String> = fds
+        .iter()
+        .map(|fd| {
+            std::fs::read_to_string(format!("/proc/{emu}/fdinfo/{fd}"))
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned()))
+                .unwrap_or_else(|| panic!("fd {fd} is not a tap"))
+        })
+        .collect();
+    assert_eq!(taps.len(), 1, "one tap for the three queues: {taps:?}");
+    let tap = taps.into_iter().next().unwrap();
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).unwrap();
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_ne!(flags & 0x0100, 0, "IFF_MULTI_QUEUE on {tap}");
+    let (code, _) = vm.stop();
+    assert!(matches!(code, 0 | 8), "{code}");
+    before.assert_back("multiqueue");
+}

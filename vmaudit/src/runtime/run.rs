@@ -59,6 +59,8 @@ use crate::{
 /// How long the emulator has to end after SIGTERM before it is killed: short enough that a
 /// SIGTERM to vmaudit stops the VM within 5 s whatever the emulator does.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long one interface's removal (its macvtap link, over netlink) may take at the stop.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
 /// How long the emulator has to answer on QMP once started.
 pub const UP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -238,7 +240,14 @@ impl Made {
             devs.extend(live.take_devices());
         }
         for d in devs {
-            d.teardown().await;
+            let name = d.ifname.clone();
+            // Netlink answers at once; a kernel that does not must not hold the stop up.
+            if tokio::time::timeout(TEARDOWN_WAIT, d.teardown())
+                .await
+                .is_err()
+            {
+                log::error!("removing interface {name}: no answer within {TEARDOWN_WAIT:?}");
+            }
         }
         if let Some(c) = self.cgroup.take()
             && let Err(e) = c.remove()
@@ -453,9 +462,11 @@ async fn open_devices(spec: &Spec, trail: &Trail<'_>, made: &mut Made) -> Result
         };
         let mac = iface.mac.to_string();
         let mut pending: Result<(), TrailError> = Ok(());
+        let mut recorded = 0;
         let dir = made.dir();
         let hooks = Hooks {
             record: &mut |a: OpenAttempt<'_>| {
+                recorded += 1;
                 if pending.is_ok() {
                     // Handed over at launch by inheritance: the same number in the emulator.
                     pending = trail.record_open(&mac, &a, true).map(|_| ());
@@ -467,6 +478,16 @@ async fn open_devices(spec: &Spec, trail: &Trail<'_>, made: &mut Made) -> Result
         match (opened, pending) {
             (Ok(dev), Ok(())) => made.devs.push(dev),
             (Err(source), _) => {
+                if recorded == 0 {
+                    // It failed before any device could be opened (a macvtap link that cannot
+                    // be made: its name is taken, its parent refuses): audited as a failed open
+                    // of no device.
+                    trail.emit(
+                        Record::net_open(&trail.vm, &mac, Path::new("?"), None)
+                            .success(false)
+                            .extra("vmaudit-why", &chain(&source)),
+                    )?;
+                }
                 return Err(RunError::Device {
                     mac,
                     source: Box::new(source),

@@ -241,7 +241,9 @@ impl RunDir {
             })
         });
         if let Err(e) = made {
-            let _ = fs::remove_dir_all(&tmp);
+            if let Err(rm) = fs::remove_dir_all(&tmp) {
+                log::warn!("removing {}: {rm}", tmp.display());
+            }
             return Err(e);
         }
         Ok(Self { path, state })
