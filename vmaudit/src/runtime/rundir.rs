@@ -226,7 +226,7 @@ pub struct RunDir {
 impl RunDir {
     /// Makes the run directory of VM `name` (mode 0700, whatever the umask) with `state` in it,
     /// atomically: made under a temporary name, then renamed into place. The lock must be held
-    /// and a dead run's directory removed first ([`super::recover`]).
+    /// and a dead run's directory removed first (the `recover` module does both).
     pub fn create(_lock: &RunLock, name: &str, state: State) -> Result<Self, RunDirError> {
         let path = paths::vm_run_dir(name);
         let tmp = Path::new(paths::RUN_DIR).join(format!(".new-{name}-{}", std::process::id()));
