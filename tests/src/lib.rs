@@ -16,6 +16,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod bpf;
 pub mod guest;
 pub mod hardening;
 pub mod libvirt;
@@ -279,6 +280,15 @@ impl Watch {
         }
     }
 
+    /// A record satisfying `pred`, seen at any time so far or waited for: for verdicts whose
+    /// order among themselves is not fixed.
+    pub fn wait_any(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        self.wait_for(what, pred)
+    }
+
     /// Waits for the next record after the previous match that satisfies `pred` (keeping
     /// every record in `seen`).
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -466,6 +476,61 @@ pub fn programs_named_gone(name: &str) -> Result<(), usize> {
             return Err(left);
         }
         thread::yield_now();
+    }
+}
+
+/// The cgroup hierarchies the tests use, as this host has them: cgroup v2, and a cgroup v1
+/// `devices` hierarchy, mounted by the test on a host that has none (a pure v2 host leaves the
+/// v1 devices controller free) and unmounted on drop. Fails, saying which, when either cannot
+/// be had: vmaudit supports both, so both are tested.
+pub struct Hierarchies {
+    pub v2: PathBuf,
+    pub v1_devices: PathBuf,
+    mounted: Option<PathBuf>,
+}
+
+impl Hierarchies {
+    pub fn get() -> Self {
+        let layout = vmaudit::cgroup::Layout::detect().expect("read /proc/self/mountinfo");
+        let v2 = layout.v2.clone().expect(
+            "no cgroup2 mount on this host: vmaudit's device program needs one (mount -t cgroup2)",
+        );
+        if let Some(v1) = layout.v1_devices {
+            return Self {
+                v2,
+                v1_devices: v1,
+                mounted: None,
+            };
+        }
+        let dir = std::env::temp_dir().join(format!("vmaudit-v1-devices-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("make a mount point for a v1 devices hierarchy");
+        nix::mount::mount(
+            Some("cgroup"),
+            &dir,
+            Some("cgroup"),
+            nix::mount::MsFlags::empty(),
+            Some("devices"),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "this host has no cgroup v1 devices hierarchy and one cannot be mounted at {} ({e})",
+                dir.display()
+            )
+        });
+        Self {
+            v2,
+            v1_devices: dir.clone(),
+            mounted: Some(dir),
+        }
+    }
+}
+
+impl Drop for Hierarchies {
+    fn drop(&mut self) {
+        if let Some(dir) = self.mounted.take() {
+            let _ = nix::mount::umount(&dir);
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
 }
 

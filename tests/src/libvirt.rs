@@ -240,10 +240,11 @@ fn require_program(program: &str) {
 pub struct Libvirt {
     dir: TempDir,
     // Dropped in this order by hand in `drop`: libvirtd first (it talks to virtlogd).
-    libvirtd: Daemon,
+    libvirtd: Mutex<Daemon>,
     virtlogd: Daemon,
     /// Domains defined through this guard and not yet undone: (name, qemu pid once running).
     domains: Mutex<Vec<(String, Option<u32>)>>,
+    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl Libvirt {
@@ -286,15 +287,43 @@ impl Libvirt {
         notify.wait_ready(&mut libvirtd);
         let lv = Self {
             dir,
-            libvirtd,
+            libvirtd: Mutex::new(libvirtd),
             virtlogd,
             domains: Mutex::new(Vec::new()),
+            restarts: Default::default(),
         };
         // libvirtd says READY=1 before its drivers have initialised, but holds connections until
         // they have: this one command returns once the QEMU driver answers (on a new machine,
         // after it has probed QEMU's capabilities), with no polling.
         lv.virsh_ok(&["version"]);
         lv
+    }
+
+    /// Stops libvirtd and starts another (its running domains keep running, as with
+    /// `systemctl restart libvirtd`); returns once the new one answers, with its pid.
+    pub fn restart_libvirtd(&self) -> u32 {
+        self.daemon().stop();
+        let n = self
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let notify = NotifySocket::bind(self.dir.0.join(format!("notify-{n}.sock")));
+        let mut libvirtd = Daemon::spawn(
+            "libvirtd",
+            "libvirtd",
+            &[],
+            self.dir.0.join(format!("libvirtd-{n}.log")),
+            Some(&notify.path),
+        );
+        notify.wait_ready(&mut libvirtd);
+        let pid = libvirtd.pid();
+        *self.daemon() = libvirtd;
+        self.virsh_ok(&["version"]);
+        pid
+    }
+
+    fn daemon(&self) -> std::sync::MutexGuard<'_, Daemon> {
+        self.libvirtd.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The temporary directory for this libvirt's logs and XML files.
@@ -304,7 +333,7 @@ impl Libvirt {
 
     /// libvirtd's pid (the `pid=` of the audit records it writes).
     pub fn libvirtd_pid(&self) -> u32 {
-        self.libvirtd.pid()
+        self.daemon().pid()
     }
 
     /// Runs `virsh -c qemu:///system ARGS` (bounded by [`VIRSH_TIMEOUT`]): Ok(stdout) or
@@ -337,7 +366,7 @@ impl Libvirt {
         self.virsh(args).unwrap_or_else(|err| {
             panic!(
                 "{err}\nlibvirtd's last output:\n{}",
-                self.libvirtd.log_tail()
+                self.daemon().log_tail()
             )
         })
     }
@@ -384,13 +413,14 @@ impl Drop for Libvirt {
         for (name, pid) in left {
             self.undo_domain(&name, pid);
         }
-        if let Some(status) = self.libvirtd.stop()
+        let stopped = self.daemon().stop();
+        if let Some(status) = stopped
             && !status.success()
             && !std::thread::panicking()
         {
             eprintln!(
                 "libvirtd ended with {status}; its output:\n{}",
-                self.libvirtd.log_tail()
+                self.daemon().log_tail()
             );
         }
         self.virtlogd.stop();
@@ -446,7 +476,8 @@ impl Nic {
 }
 
 /// A domain defined and started through [`Libvirt`]: TCG (`type='qemu'`), machine `pc` with
-/// ACPI (without it the PCI bus refuses hot-plug), 64 MiB, no disk, ethernet NICs. Destroyed,
+/// ACPI (without it the PCI bus refuses hot-plug), 64 MiB, ethernet NICs, and no disk unless
+/// [`Domain::build`] gives it other devices. Destroyed,
 /// undefined and its taps deleted on drop.
 pub struct Domain<'a> {
     lv: &'a Libvirt,
@@ -458,9 +489,55 @@ pub struct Domain<'a> {
 }
 
 impl<'a> Domain<'a> {
-    /// Defines and starts `name` with `uuid` and `nics`. A domain or taps of the same names left
-    /// by an earlier, killed run are removed first (the names belong to the test).
+    /// Defines and starts `name` with `uuid` and `nics`, with no guest OS. A domain or taps of
+    /// the same names left by an earlier, killed run are removed first (the names belong to the
+    /// test).
     pub fn start(lv: &'a Libvirt, name: &str, uuid: &str, nics: &[Nic]) -> Self {
+        Self::build(lv, name, uuid).nics(nics).start()
+    }
+
+    /// A domain to start with more than NICs: `Domain::build(..).device(XML)...start()`.
+    pub fn build(lv: &'a Libvirt, name: &str, uuid: &str) -> DomainSpec<'a> {
+        DomainSpec {
+            lv,
+            name: name.to_owned(),
+            uuid: uuid.to_owned(),
+            nics: Vec::new(),
+            devices: String::new(),
+        }
+    }
+
+    /// As [`Domain::start`], booting the test guest ([`crate::guest::GuestImage`]) with its
+    /// console (ttyS0) written to `serial_log`: a guest that answers hot-unplug.
+    pub fn start_guest(
+        lv: &'a Libvirt,
+        name: &str,
+        uuid: &str,
+        nics: &[Nic],
+        guest: &crate::guest::GuestImage,
+        serial_log: &Path,
+    ) -> Self {
+        let boot = format!(
+            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0</cmdline>",
+            path_str(&guest.kernel),
+            path_str(&guest.initrd)
+        );
+        let serial = format!(
+            "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+            path_str(serial_log)
+        );
+        Self::start_with(lv, name, uuid, nics, 128, &boot, &serial)
+    }
+
+    fn start_with(
+        lv: &'a Libvirt,
+        name: &str,
+        uuid: &str,
+        nics: &[Nic],
+        mib: u32,
+        boot: &str,
+        devices: &str,
+    ) -> Self {
         let _ = lv.virsh(&["destroy", name]);
         let _ = lv.virsh(&["undefine", name]);
         for nic in nics {
@@ -471,11 +548,11 @@ impl<'a> Domain<'a> {
             "<domain type='qemu'>\n\
              \x20 <name>{name}</name>\n\
              \x20 <uuid>{uuid}</uuid>\n\
-             \x20 <memory unit='MiB'>64</memory>\n\
+             \x20 <memory unit='MiB'>{mib}</memory>\n\
              \x20 <vcpu>1</vcpu>\n\
-             \x20 <os><type arch='x86_64' machine='pc'>hvm</type></os>\n\
+             \x20 <os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>\n\
              \x20 <features><acpi/></features>\n\
-             \x20 <devices>{interfaces}</devices>\n\
+             \x20 <devices>{interfaces}{devices}</devices>\n\
              </domain>\n"
         );
         let file = lv.dir().join(format!("{name}.xml"));
@@ -539,6 +616,41 @@ impl<'a> Domain<'a> {
         let out = self.lv.virsh_ok(&["destroy", &self.name]);
         self.pid = None;
         out
+    }
+}
+
+/// What [`Domain::build`] starts: its NICs and other devices' XML, no guest OS.
+pub struct DomainSpec<'a> {
+    lv: &'a Libvirt,
+    name: String,
+    uuid: String,
+    nics: Vec<Nic>,
+    devices: String,
+}
+
+impl<'a> DomainSpec<'a> {
+    pub fn nics(mut self, nics: &[Nic]) -> Self {
+        self.nics.extend_from_slice(nics);
+        self
+    }
+
+    /// One more element inside `<devices>` (a `<disk>`, `<rng>`, `<serial>`, `<channel>`...).
+    pub fn device(mut self, xml: &str) -> Self {
+        self.devices.push_str(xml);
+        self
+    }
+
+    /// Defines and starts it, as [`Domain::start`] does.
+    pub fn start(self) -> Domain<'a> {
+        Domain::start_with(
+            self.lv,
+            &self.name,
+            &self.uuid,
+            &self.nics,
+            64,
+            "",
+            &self.devices,
+        )
     }
 }
 
@@ -696,6 +808,19 @@ impl AuditCapture {
         capture.wait_for("auditd's DAEMON_START", |l| {
             l.starts_with("type=DAEMON_START ") && l.contains(&format!(" pid={pid} "))
         });
+        // auditd logs its start before it registers with the kernel; a marker sent in between
+        // goes to printk, not to auditd. The registration gives no event to wait on: poll the
+        // kernel's status, with a short backoff.
+        let deadline = Instant::now() + PATIENCE;
+        let mut pause = Duration::from_millis(2);
+        while audit_status().pid != pid {
+            assert!(
+                Instant::now() < deadline,
+                "auditd (pid {pid}) did not register with the kernel within {PATIENCE:?}"
+            );
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
         capture.sync();
         capture
     }

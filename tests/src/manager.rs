@@ -63,3 +63,86 @@ pub fn record(kind: &str, serial: &mut u64, text: &str) -> String {
         std::process::id()
     )
 }
+
+/// A stand-in emulator (`fake-emulator`) started by this process as its manager, holding
+/// `fds` (inherited at their numbers, as libvirt passes them), in `mode`. Killed on drop.
+pub struct StandIn {
+    child: crate::ChildGuard,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl StandIn {
+    /// Starts it and returns once it says it is ready.
+    pub fn start(bins: &crate::Bins, mode: &[&str], fds: &[&File]) -> Self {
+        use std::{
+            io::{BufRead as _, BufReader},
+            os::unix::process::CommandExt as _,
+            process::{Command, Stdio},
+        };
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = Command::new(&bins.fake_emulator);
+        cmd.arg("--mode").args(mode).arg("--");
+        for fd in &raw {
+            cmd.args(["-netdev", &format!("tap,id=n{fd},fd={fd}")]);
+        }
+        cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+        // SAFETY: only fcntl (async-signal-safe) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &raw {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn fake-emulator");
+        let err = BufReader::new(child.stderr.take().expect("stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in err.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let s = Self {
+            child: crate::ChildGuard(child),
+            lines,
+        };
+        s.line("fake-emulator: ready");
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Its next stderr line starting with `prefix`.
+    fn line(&self, prefix: &str) -> String {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(crate::PATIENCE)
+                .unwrap_or_else(|e| panic!("fake-emulator: no {prefix:?} line ({e})"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
+
+    /// `close-later`: SIGUSR1, and returns once it says it closed its fds.
+    pub fn close_fds(&self) {
+        // SAFETY: SIGUSR1 to our own child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGUSR1) };
+        self.line("fake-emulator: closed");
+    }
+
+    /// SIGTERM, and returns once it has exited.
+    pub fn end(mut self) {
+        // SAFETY: SIGTERM to our own child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.child.0.wait().expect("wait for fake-emulator");
+    }
+}

@@ -9,11 +9,12 @@ use std::{
 };
 
 use vmaudit::cgroup::{
-    Acl, CgroupError, CgroupVersion, Decision, DecisionDev, DevKind, DeviceRule, Layout,
-    MatchedEntry, PROGRAM, Rule, RuleOutcome, VmCgroup, join_in_child,
+    Acl, CgroupError, CgroupVersion, Decision, DecisionDev, DevKind, DeviceRule, MatchedEntry,
+    PROGRAM, Rule, RuleOutcome, VmCgroup, join_in_child,
 };
 use vmaudit_tests::{
-    CgroupDirGuard, Helper, PATIENCE, bins, proc_cgroup, programs_named_gone, require_root,
+    CgroupDirGuard, Helper, Hierarchies, PATIENCE, bins, proc_cgroup, programs_named_gone,
+    require_root,
 };
 
 const EPERM: &str = "Operation not permitted";
@@ -65,11 +66,8 @@ fn assert_nothing_left(dir: &Path) {
 #[test]
 fn v2_program_decides_by_libvirts_map_and_reports_every_decision() {
     require_root();
-    let layout = Layout::detect().expect("mountinfo");
-    let Some(root) = layout.v2.clone() else {
-        eprintln!("skipping test - no cgroup2 mount on this host");
-        return;
-    };
+    let h = Hierarchies::get();
+    let root = h.v2.clone();
     let parent = CgroupDirGuard::new(&root, "v2");
     let bins = bins!();
     let mut rules = Rule::defaults();
@@ -196,11 +194,8 @@ fn v2_program_decides_by_libvirts_map_and_reports_every_decision() {
 #[test]
 fn v2_drop_removes_the_cgroup_and_detaches_the_program() {
     require_root();
-    let layout = Layout::detect().expect("mountinfo");
-    let Some(root) = layout.v2.clone() else {
-        eprintln!("skipping test - no cgroup2 mount on this host");
-        return;
-    };
+    let h = Hierarchies::get();
+    let root = h.v2.clone();
     let parent = CgroupDirGuard::new(&root, "v2drop");
     let (cg, outcomes) = VmCgroup::create_v2(&parent.dir, "vm", &Rule::defaults()).unwrap();
     assert_all_ok(&outcomes);
@@ -220,11 +215,8 @@ fn v2_drop_removes_the_cgroup_and_detaches_the_program() {
 #[test]
 fn v1_devices_controller_round_trips_and_confines() {
     require_root();
-    let layout = Layout::detect().expect("mountinfo");
-    let Some(root) = layout.v1_devices.clone() else {
-        eprintln!("skipping test - no cgroup v1 devices controller (a pure cgroup v2 host)");
-        return;
-    };
+    let h = Hierarchies::get();
+    let root = h.v1_devices.clone();
     let parent = CgroupDirGuard::new(&root, "v1");
     let bins = bins!();
     let mut rules = Rule::defaults();

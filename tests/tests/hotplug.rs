@@ -305,10 +305,28 @@ fn a_command_qemu_refuses_is_rolled_back_and_audited() {
     unsafe { libc::kill(emulator as i32, libc::SIGCONT) };
     assert_eq!(code, 16, "{err}");
     assert!(err.contains("did not answer"), "{err}");
-    // The fd was already in flight to qemu (SCM_RIGHTS holds it in the socket): what qemu does
-    // with it once resumed is for the verifier, which holds qemu to what it then holds.
-    let (_, kept) = vm.stop();
+    // The fd was already in flight to qemu (SCM_RIGHTS holds it in the socket): once resumed,
+    // qemu holds a tun fd no claim gave it (the rollback could not reach it), and the verifier
+    // says so.
+    let (code, kept) = vm.stop();
+    assert_eq!(code, 7, "qemu holds a tun fd no claim gave it");
     let text = std::fs::read_to_string(&*kept).unwrap();
+    let violations: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "verdict" && v["status"] == "violated")
+        .collect();
+    assert_eq!(violations.len(), 1, "{violations:#?}");
+    let v = &violations[0];
+    assert_eq!(v["claim"]["kind"], "unclaimed", "{v:#}");
+    assert_eq!(
+        (
+            v["evidence"][0]["pid"].as_u64(),
+            v["evidence"][0]["rdev"].as_str()
+        ),
+        (Some(u64::from(emulator)), Some("10:200")),
+        "{v:#}"
+    );
     let failed: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("reason=attach") && l.contains("res=failed"))

@@ -243,6 +243,24 @@ fn a_tap_fd_copied_out_of_qemu_and_a_rule_removed_behind_libvirt_are_caught() {
     );
     assert!(v["reason"].as_str().unwrap().contains("no longer"), "{v:#}");
 
+    // libvirt's device program detached from the VM's cgroup (a legacy attach).
+    let ids = vmaudit_tests::bpf::detach_device_programs(Path::new(&cgroup));
+    let v = m.wait_for("the program detached", |v| {
+        v["type"] == "verdict" && v["status"] == "violated" && v["claim"]["kind"] == "cgroup"
+    });
+    assert!(
+        v["reason"].as_str().unwrap().contains("was detached"),
+        "{v:#}"
+    );
+    assert!(
+        v["reason"].as_str().unwrap().contains(&format!("{ids:?}")),
+        "{v:#}"
+    );
+    assert!(
+        v["claim"]["text"].as_str().unwrap().contains("class=all"),
+        "{v:#}"
+    );
+
     dom.destroy();
     verdict(&mut m, "stop verdict", "vm-stop", |_| true);
     let (code, seen) = m.stop();
@@ -252,8 +270,8 @@ fn a_tap_fd_copied_out_of_qemu_and_a_rule_removed_behind_libvirt_are_caught() {
             .iter()
             .filter(|v| v["status"] == "violated")
             .count(),
-        2,
-        "exactly the two staged violations: {seen:#?}"
+        3,
+        "exactly the three staged violations: {seen:#?}"
     );
 }
 
@@ -314,24 +332,24 @@ fn bad_records_are_counted_never_a_crash() {
         "garbage".to_owned(),
         "type=VIRT_RESOURCE msg=audit(1700000000.1".to_owned(),
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:1): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=open vm=\"x\" uuid={u} net=52:54"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:1): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=open vm=\"x\" uuid={u} net=52:54"
         ),
         // Unknown types, and resources that are not device claims.
         "type=SYSCALL msg=audit(1700000000.100:2): arch=c000003e syscall=59 success=yes".to_owned(),
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:3): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=mem reason=start vm=\"x\" uuid={u} old-mem=0 new-mem=1 exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:3): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=mem reason=start vm=\"x\" uuid={u} old-mem=0 new-mem=1 exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
         // A VIRT record missing its fields.
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:4): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=start vm=\"x\" uuid={u} res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:4): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=start vm=\"x\" uuid={u} res=success'"
         ),
         // A NIC of a VM never seen to start.
         format!(
-            "type=VIRT_RESOURCE msg=audit(1700000000.100:5): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=attach vm=\"x\" uuid={u} old-net=\"?\" new-net=\"52:54:00:1c:ff:01\" exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_RESOURCE msg=audit(1700000000.100:5): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm resrc=net reason=attach vm=\"x\" uuid={u} old-net=\"?\" new-net=\"52:54:00:1c:ff:01\" exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
         // A start whose pid now belongs to a process started long after the record.
         format!(
-            "type=VIRT_CONTROL msg=audit(1000000000.100:6): pid=1 uid=0 auid=0 ses=1 msg='virt=kvm op=start reason=booted vm=\"y\" uuid=7e57c0de-0000-4000-8000-00000000b0fe vm-pid={me} exe=\"/x\" hostname=? addr=? terminal=? res=success'"
+            "type=VIRT_CONTROL msg=audit(1000000000.100:6): pid={me} uid=0 auid=0 ses=1 msg='virt=kvm op=start reason=booted vm=\"y\" uuid=7e57c0de-0000-4000-8000-00000000b0fe vm-pid={me} exe=\"/x\" hostname=? addr=? terminal=? res=success'"
         ),
     ];
     fs::write(&log, lines.join("\n") + "\n").unwrap();
@@ -414,40 +432,9 @@ fn the_demo_runs_in_monitor_mode_against_libvirt() {
     drop(lv);
 }
 
-/// A stand-in emulator holding `fds` (inherited), in `mode`; returns it once it says ready.
-fn stand_in(mode: &str, fds: &[&std::fs::File]) -> vmaudit_tests::ChildGuard {
-    use std::{
-        io::{BufRead as _, BufReader},
-        os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-        process::{Command, Stdio},
-    };
-    let bins = bins!();
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new(&bins.fake_emulator);
-    cmd.args(["--mode", mode, "--"]);
-    for fd in &raw {
-        cmd.args(["-netdev", &format!("tap,id=n{fd},fd={fd}")]);
-    }
-    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: only fcntl (async-signal-safe) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in &raw {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn fake-emulator");
-    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("read fake-emulator");
-    assert!(line.contains("fake-emulator: ready"), "{line}");
-    // Its later lines are not needed; keep the pipe drained so it never blocks.
-    std::thread::spawn(move || for _ in err.lines() {});
-    vmaudit_tests::ChildGuard(child)
+/// A stand-in emulator holding `fds` (inherited), in `mode` (with its arguments).
+fn stand_in(mode: &[&str], fds: &[&std::fs::File]) -> vmaudit_tests::manager::StandIn {
+    vmaudit_tests::manager::StandIn::start(&bins!(), mode, fds)
 }
 
 #[test]
@@ -488,10 +475,10 @@ fn detach_records_are_held_to_the_emulators_closes() {
     let mac = |m: &[u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
     let taps: Vec<std::fs::File> = macs.iter().map(|m| tap(&sock, "vmd%d", m)).collect();
     // vmd1's emulator closes its fds on SIGUSR1; vmd2's keeps its one.
-    let em1 = stand_in("close-later", &[&taps[0], &taps[1]]);
-    let em2 = stand_in("hold", &[&taps[2]]);
+    let em1 = stand_in(&["close-later"], &[&taps[0], &taps[1]]);
+    let em2 = stand_in(&["hold"], &[&taps[2]]);
     drop(taps);
-    let (p1, p2) = (em1.0.id(), em2.0.id());
+    let (p1, p2) = (em1.pid(), em2.pid());
     let mut serial = 0;
     let mut text = String::new();
     let vms = [
@@ -620,4 +607,213 @@ fn detach_records_are_held_to_the_emulators_closes() {
     let (code, _) = m.stop();
     assert_eq!(code, 7);
     drop((em1, em2));
+}
+
+/// The hot-unplug that libvirt does for real: a domain booting the test guest, a NIC attached
+/// and detached with `virsh` (the guest acknowledges the unplug, libvirt closes the tap and then
+/// writes its detach record). The start, the attach and the detach are confirmed, the detach
+/// with qemu's close of the NIC's fd, and nothing is violated.
+#[test]
+fn a_guest_acknowledged_libvirt_hot_unplug_is_confirmed_with_no_violation() {
+    require_root();
+    const NAME: &str = "vmmong";
+    const UUID: &str = "7e57c0de-0000-4000-8000-00000000b00c";
+    let guest = vmaudit_tests::guest::GuestImage::find();
+    let tmp = TempDir::new("monitor-guest");
+    let _audit = AuditCapture::start();
+    let lv = Libvirt::start();
+    let journal = tmp.0.join("j.jsonl");
+    let mut m = monitor(lv.libvirtd_pid(), &journal, &["--deadline-ms", "2000"]);
+    let boot = Nic::new("52:54:00:1c:0c:01", "vmmongn0");
+    let plugged = Nic::new("52:54:00:1c:0c:02", "vmmongn1");
+    let serial = tmp.0.join("serial.log");
+    let mut dom = Domain::start_guest(
+        &lv,
+        NAME,
+        UUID,
+        std::slice::from_ref(&boot),
+        &guest,
+        &serial,
+    );
+    let qemu = dom.pid();
+    vmaudit_tests::guest::wait_ready(&serial);
+    let v = verdict(&mut m, "vm-start", "vm-start", |_| true);
+    assert_eq!(v["status"], "confirmed", "{v:#}");
+
+    dom.attach(&plugged);
+    let attach = verdict(&mut m, "net-attach", "net-attach", |_| true);
+    assert_eq!(attach["status"], "confirmed", "{attach:#}");
+    let fd = attach["evidence"][0]["fd"].as_i64().unwrap();
+    assert!(
+        tun_fds(qemu).contains(&fd),
+        "qemu holds fd {fd}: {attach:#}"
+    );
+
+    let answer = dom.detach(&plugged);
+    assert!(answer.contains("detached successfully"), "{answer}");
+    let detach = verdict(&mut m, "net-detach", "net-detach", |_| true);
+    assert_eq!(detach["status"], "confirmed", "{detach:#}");
+    let e = &detach["evidence"][0];
+    assert_eq!(
+        (e["pid"].as_u64(), e["what"].as_str(), e["fd"].as_i64()),
+        (Some(u64::from(qemu)), Some("close"), Some(fd)),
+        "the detach released qemu's fd {fd}: {detach:#}"
+    );
+    assert!(!tun_fds(qemu).contains(&fd), "qemu no longer holds fd {fd}");
+
+    dom.destroy();
+    verdict(&mut m, "vm-stop", "vm-stop", |_| true);
+    let (code, seen) = m.stop();
+    let vs = verdicts(&seen);
+    let bad: Vec<&&Value> = vs.iter().filter(|v| v["status"] != "confirmed").collect();
+    assert!(
+        bad.is_empty(),
+        "every claim confirmed, nothing violated: {bad:#?}"
+    );
+    assert_eq!(code, 0, "every claim confirmed");
+    for kind in [
+        "net-open",
+        "net-start",
+        "net-attach",
+        "net-detach",
+        "cgroup",
+        "vm-start",
+        "vm-stop",
+    ] {
+        assert!(
+            vs.iter().any(|v| v["claim"]["kind"] == kind),
+            "a {kind} verdict: {vs:#?}"
+        );
+    }
+}
+
+/// What a real qemu under libvirt will not do, done by stand-in emulators under this test as
+/// their manager, each caught in monitor mode with the offending pid and fd: a NIC fd sent over
+/// SCM_RIGHTS to a stranger, one escaping into the emulator's child, a network device the
+/// emulator opens itself, and an open the manager never passed and still holds when the VM
+/// stops.
+#[test]
+fn misbehaviour_only_a_stand_in_produces_is_caught_in_monitor_mode() {
+    use std::{io::Write as _, os::unix::net::UnixListener};
+    use vmaudit_tests::manager::{record, tap};
+    require_root();
+    let tmp = TempDir::new("monitor-bad-emu");
+    let log = tmp.0.join("audit.log");
+    fs::write(&log, "").unwrap();
+    let me = std::process::id();
+    let mut m = monitor(
+        me,
+        &tmp.0.join("j.jsonl"),
+        &["--audit-log", log.to_str().unwrap(), "--deadline-ms", "800"],
+    );
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mac = |n: u8| [0x52, 0x54, 0x00, 0x1e, 0x00, n];
+    let text = |m: &[u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    let stranger_path = tmp.0.join("stranger.sock");
+    let stranger = UnixListener::bind(&stranger_path).unwrap();
+    let taps: Vec<fs::File> = (1..=5).map(|n| tap(&sock, "vme%d", &mac(n))).collect();
+    let sender = stand_in(
+        &["send-stranger", "--to", stranger_path.to_str().unwrap()],
+        &[&taps[0]],
+    );
+    let (conn, _) = stranger.accept().unwrap();
+    let leaker = stand_in(&["leak-child"], &[&taps[1]]);
+    let opener = stand_in(&["open-tun"], &[&taps[2]]);
+    let holder = stand_in(&["hold"], &[&taps[3]]);
+    let pids = [sender.pid(), leaker.pid(), opener.pid(), holder.pid()];
+    // VM 4's second NIC: opened by the manager, recorded, never passed, kept.
+    let kept = &taps[4];
+    let mut serial = 0;
+    let mut lines = String::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let (name, uuid) = (
+            format!("vme{i}"),
+            format!("7e57c0de-0000-4000-8000-00000000e00{i}"),
+        );
+        let mut nics = vec![mac(i as u8 + 1)];
+        if i == 3 {
+            nics.push(mac(5));
+        }
+        for n in &nics {
+            lines += &record(
+                "VIRT_RESOURCE",
+                &mut serial,
+                &format!(
+                    "resrc=net reason=open vm=\"{name}\" uuid={uuid} net={} path=\"/dev/net/tun\" rdev=0A:C8",
+                    text(n)
+                ),
+            );
+        }
+        lines += &record(
+            "VIRT_RESOURCE",
+            &mut serial,
+            &format!(
+                "resrc=net reason=start vm=\"{name}\" uuid={uuid} old-net=\"?\" new-net=\"{}\"",
+                text(&nics[0])
+            ),
+        );
+        lines += &record(
+            "VIRT_CONTROL",
+            &mut serial,
+            &format!("op=start reason=booted vm=\"{name}\" uuid={uuid} vm-pid={pid}"),
+        );
+    }
+    let append = |t: &str| {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(t.as_bytes())
+            .unwrap();
+    };
+    append(&lines);
+    let violated = |m: &mut Watch, what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        m.wait_any(what, |v| {
+            v["type"] == "verdict" && v["status"] == "violated" && pred(v)
+        })
+    };
+    let v = violated(&mut m, "sent over SCM_RIGHTS", &|v| {
+        v["reason"].as_str().unwrap().contains("SCM_RIGHTS")
+    });
+    assert_eq!(v["evidence"][0]["pid"], pids[0], "{v:#}");
+    assert_eq!(v["evidence"][0]["what"], "send_fd", "{v:#}");
+    let v = violated(&mut m, "escaped into a child", &|v| {
+        v["reason"].as_str().unwrap().contains("is also held by")
+            && v["claim"]["mac"] == text(&mac(2))
+    });
+    assert_ne!(
+        v["evidence"][0]["pid"], pids[1],
+        "the holder is the child: {v:#}"
+    );
+    let v = violated(&mut m, "a tun the emulator opened", &|v| {
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("only the manager opens")
+    });
+    assert_eq!(v["evidence"][0]["pid"], pids[2], "{v:#}");
+    assert_eq!(v["evidence"][0]["rdev"], "10:200", "{v:#}");
+    // VM 3 stops: its emulator is gone, and the open of its second NIC is still held here.
+    holder.end();
+    append(&record(
+        "VIRT_CONTROL",
+        &mut serial,
+        "op=stop reason=destroyed vm=\"vme3\" uuid=7e57c0de-0000-4000-8000-00000000e003 vm-pid=0",
+    ));
+    let v = violated(&mut m, "opened, not passed, still held", &|v| {
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("still held by the manager")
+    });
+    let e = &v["evidence"][0];
+    use std::os::fd::AsRawFd as _;
+    assert_eq!(
+        (e["pid"].as_u64(), e["fd"].as_i64()),
+        (Some(u64::from(me)), Some(i64::from(kept.as_raw_fd()))),
+        "{v:#}"
+    );
+    let (code, _) = m.stop();
+    assert_eq!(code, 7);
+    drop((conn, sender, leaker, opener, taps));
 }

@@ -133,6 +133,8 @@ fn cap_number(name: &str) -> u32 {
         "CAP_NET_ADMIN" => 12,
         "CAP_SYS_PTRACE" => 19,
         "CAP_SYS_ADMIN" => 21,
+        "CAP_AUDIT_WRITE" => 29,
+        "CAP_AUDIT_CONTROL" => 30,
         "CAP_AUDIT_READ" => 37,
         "CAP_PERFMON" => 38,
         "CAP_BPF" => 39,

@@ -145,11 +145,13 @@ fn fds_of_two_interfaces_are_the_kernels_and_filters_find_their_records() {
         let opens = out.iter().filter(|e| e["reason"] == "open").count();
         assert_eq!(opens, 3, "{dev}");
     }
-    let (_, by_path, _) = search(&bins, &["--device", "/dev/null", j]);
+    let (code, by_path, err) = search(&bins, &["--device", "/dev/null", j]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(by_path.len(), 1);
     assert_eq!(by_path[0]["resrc"], "cgroup");
     // By pid: every record of this run names the emulator.
-    let (_, by_pid, _) = search(&bins, &["--pid", &emu.to_string(), j]);
+    let (code, by_pid, err) = search(&bins, &["--pid", &emu.to_string(), j]);
+    assert_eq!(code, 0, "{err}");
     let records = journal.iter().filter(|l| l["type"] != "verdict").count();
     assert_eq!(by_pid.len(), records);
     // By status and uuid; nothing violated, nothing of another VM.
@@ -171,7 +173,8 @@ fn fds_of_two_interfaces_are_the_kernels_and_filters_find_their_records() {
     let (code, _, _) = search(&bins, &["--until", "2000-01-01T00:00:00Z", j]);
     assert_eq!(code, 19);
     let first = journal[0]["ts_ns"].as_u64().unwrap() / 1_000_000_000;
-    let (_, out, _) = search(&bins, &["--since", &first.to_string(), j]);
+    let (code, out, err) = search(&bins, &["--since", &first.to_string(), j]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.len(), records);
     // Nothing to answer: no such MAC.
     let (code, _, err) = search(&bins, &["fds", "--mac", "52:54:00:00:71:99", j]);
@@ -214,7 +217,7 @@ fn bad_filters_and_unreadable_inputs_are_refused_with_one_line() {
         (
             &["released", "--mac", MAC1, "--at", "soon", LIBVIRT_LOG],
             2,
-            "--at \"soon\"",
+            "--until \"soon\"",
         ),
         (
             &["--uuid", "xyz", LIBVIRT_LOG],
@@ -309,7 +312,8 @@ fn libvirts_audit_log_answers_with_what_libvirt_says_and_no_more() {
     );
     assert_eq!(code, 19, "libvirt never detached it: {err}");
     // Every /dev/net/tun open, by libvirt's hex rdev; every record of the run by its vm-pid.
-    let (_, out, _) = search(&bins, &["--device", "0A:C8", "--audit-log", LIBVIRT_LOG]);
+    let (code, out, err) = search(&bins, &["--device", "0A:C8", "--audit-log", LIBVIRT_LOG]);
+    assert_eq!(code, 0, "{err}");
     let macs: Vec<&str> = out.iter().map(|e| e["mac"].as_str().unwrap()).collect();
     assert_eq!(
         macs,
@@ -319,7 +323,8 @@ fn libvirts_audit_log_answers_with_what_libvirt_says_and_no_more() {
             "52:54:00:1b:00:03"
         ]
     );
-    let (_, out, _) = search(&bins, &["--pid", "14915", "--audit-log", LIBVIRT_LOG]);
+    let (code, out, err) = search(&bins, &["--pid", "14915", "--audit-log", LIBVIRT_LOG]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.len(), 20);
     // A verdict status filter finds nothing in an audit.log: it has no verdicts.
     let (code, _, _) = search(
@@ -328,7 +333,7 @@ fn libvirts_audit_log_answers_with_what_libvirt_says_and_no_more() {
     );
     assert_eq!(code, 19);
     // A window of the stamps: the three records at 1795882953.296 (start, mem, vcpu, ...).
-    let (_, out, _) = search(
+    let (code, out, err) = search(
         &bins,
         &[
             "--since",
@@ -339,6 +344,7 @@ fn libvirts_audit_log_answers_with_what_libvirt_says_and_no_more() {
             LIBVIRT_LOG,
         ],
     );
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.len(), 5, "{out:#?}");
 }
 
@@ -377,7 +383,8 @@ fn an_unacknowledged_detach_is_reported_as_not_claimed_and_the_fd_as_held() {
         ],
     );
     assert_eq!(code, 17, "{err}");
-    let (_, kept) = vm.stop();
+    let (code, kept) = vm.stop();
+    assert_eq!(code, 0, "no detach claimed, nothing violated");
     let j = kept.journal.to_str().unwrap();
     let journal = kept.lines();
     let (code, out, err) = search(&bins, &["released", "--mac", mac, j]);
@@ -433,7 +440,8 @@ fn an_unacknowledged_detach_is_reported_as_not_claimed_and_the_fd_as_held() {
         .unwrap();
     let ns = detach["ts_ns"].as_u64().unwrap();
     let at = format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000);
-    let (_, out, _) = search(&bins, &["fds", "--mac", mac, "--at", &at, j]);
+    let (code, out, err) = search(&bins, &["fds", "--mac", mac, "--at", &at, j]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out[0]["state"], "held", "{:#}", out[0]);
 }
 
@@ -501,8 +509,10 @@ fn a_confirmed_detach_names_the_fds_the_kernel_saw_closed() {
         "{r:#}"
     );
     // And the fds question, asked after the detach: released by it.
-    let (_, out, _) = search(&bins, &["fds", "--mac", mac, &j]);
+    let (code, out, err) = search(&bins, &["fds", "--mac", mac, &j]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out[0]["state"], "released", "{:#}", out[0]);
     assert_eq!(fds_of(&out[0], "fds"), held);
-    vm.stop();
+    let (code, _) = vm.stop();
+    assert_eq!(code, 0);
 }

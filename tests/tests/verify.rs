@@ -47,6 +47,17 @@ fn fake(bins: &Bins, mode: &[&str]) -> String {
     )
 }
 
+/// A one-tap VM run by `vmaudit run` on the stand-in emulator in `mode`.
+fn fake_vm(bins: &Bins, name: &str, mode: &[&str]) -> VmRun {
+    Vm::start(bins, name, &fake(bins, mode), "", &[])
+}
+
+/// Stops the VM; `run` ends with 7, a violation found.
+fn ends_violated(vm: VmRun) {
+    let (code, _) = vm.stop();
+    assert_eq!(code, 7, "a violation was found: vmaudit run exits 7");
+}
+
 fn verify_json(bins: &Bins, journal: &Path) -> (i32, Value) {
     let (code, out, err) = run_vmaudit(bins, &["verify", journal.to_str().unwrap(), "--json"]);
     (
@@ -110,13 +121,7 @@ fn a_clean_run_of_real_qemu_is_confirmed_claim_by_claim() {
 fn an_emulator_that_closes_a_passed_fd_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(
-        &bins,
-        "vmaudit-v-close",
-        &fake(&bins, &["close-later"]),
-        "",
-        &[],
-    );
+    let mut vm = fake_vm(&bins, "vmaudit-v-close", &["close-later"]);
     let emu = vm.emulator_pid();
     verdict(&mut vm, "net-start", |v| {
         v["claim"]["kind"] == "net-start" && v["status"] == "confirmed"
@@ -144,13 +149,7 @@ fn an_emulator_that_closes_a_passed_fd_is_caught() {
 fn a_passed_fd_escaping_into_a_child_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(
-        &bins,
-        "vmaudit-v-leak",
-        &fake(&bins, &["leak-child"]),
-        "",
-        &[],
-    );
+    let mut vm = fake_vm(&bins, "vmaudit-v-leak", &["leak-child"]);
     vm.emulator_pid();
     let v = violation(&mut vm, "escape", "is also held by fake-emulator");
     assert!(
@@ -164,8 +163,7 @@ fn a_passed_fd_escaping_into_a_child_is_caught() {
             .contains("kcmp"),
         "{v:#}"
     );
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
@@ -192,18 +190,16 @@ fn a_passed_fd_sent_to_a_stranger_is_caught() {
         .unwrap();
         msg.cmsgs().unwrap().count()
     });
-    let mut vm = Vm::start(
+    let mut vm = fake_vm(
         &bins,
         "vmaudit-v-send",
-        &fake(&bins, &["send-stranger", "--to", sock.to_str().unwrap()]),
-        "",
-        &[],
+        &["send-stranger", "--to", sock.to_str().unwrap()],
     );
     vm.emulator_pid();
     let v = violation(&mut vm, "send", "through SCM_RIGHTS");
     assert_eq!(v["evidence"][0]["what"], "send_fd");
     assert_eq!(stranger.join().unwrap(), 1, "the stranger received the fd");
-    vm.stop();
+    ends_violated(vm);
 }
 
 #[test]
@@ -230,14 +226,14 @@ fn a_network_device_the_emulator_opens_itself_is_caught() {
     let v = violation(&mut vm, "unclaimed tun", "only the manager opens");
     assert_eq!(v["claim"]["kind"], "unclaimed");
     assert_eq!(v["evidence"][0]["rdev"], "10:200");
-    vm.stop();
+    ends_violated(vm);
 }
 
 #[test]
 fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     require_root();
     let bins = bins!();
-    let mut vm = Vm::start(&bins, "vmaudit-v-map", &fake(&bins, &["hold"]), "", &[]);
+    let mut vm = fake_vm(&bins, "vmaudit-v-map", &["hold"]);
     vm.emulator_pid();
     verdict(&mut vm, "cgroup", |v| {
         v["claim"]["kind"] == "cgroup" && v["status"] == "confirmed"
@@ -275,8 +271,7 @@ fn a_device_map_changed_behind_vmaudits_back_is_caught() {
     );
     assert_eq!(v["evidence"][0]["pid"], h.pid());
     drop(h);
-    let (code, _) = vm.stop();
-    assert_eq!(code, 7);
+    ends_violated(vm);
 }
 
 #[test]
@@ -357,4 +352,189 @@ fn lost_events_make_verdicts_unknown() {
     let (code, report) = verify_json(&bins, &journal);
     assert_eq!(code, 8, "{report:#}");
     assert!(report["totals"]["unknown"].as_u64().unwrap() >= 1);
+}
+
+/// The VM's cgroup directory, from its first cgroup record.
+fn cgroup_of(vm: &VmRun) -> std::path::PathBuf {
+    vm.journal_lines()
+        .iter()
+        .find_map(|r| r["cgroup"].as_str().map(|c| c.trim_end_matches('/').into()))
+        .expect("a cgroup record")
+}
+
+/// The passed fd the stand-in emulator holds, from its ready line.
+fn emulator_fd(vm: &mut VmRun) -> i32 {
+    let ready = vm.stderr_line("fake-emulator ready", |l| {
+        l.starts_with("fake-emulator: ready")
+    });
+    ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("fds="))
+        .and_then(|f| f.split(',').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no fds= in {ready:?}"))
+}
+
+#[test]
+fn a_nic_fd_copied_out_of_the_emulator_with_pidfd_getfd_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = fake_vm(&bins, "vmaudit-v-getfd", &["hold"]);
+    let emu = vm.emulator_pid();
+    let fd = emulator_fd(&mut vm);
+    verdict(&mut vm, "net-start", |v| v["claim"]["kind"] == "net-start");
+    // A process vmaudit does not watch (this test) takes a copy of the emulator's tap fd.
+    // SAFETY: pidfd_open and pidfd_getfd take integers; the fds they return are owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, emu as libc::c_int, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as libc::c_int, fd, 0) };
+    assert!(
+        copy >= 0,
+        "pidfd_getfd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: both fds were just returned by the kernel and are owned by nothing else.
+    let (_pidfd, _copy) = unsafe {
+        use std::os::fd::FromRawFd as _;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(pidfd as i32),
+            std::os::fd::OwnedFd::from_raw_fd(copy as i32),
+        )
+    };
+    let v = violation(&mut vm, "copy", "is also held by");
+    let e = &v["evidence"][0];
+    assert_eq!(
+        (e["pid"].as_u64(), e["fd"].as_i64(), e["what"].as_str()),
+        (
+            Some(u64::from(std::process::id())),
+            Some(copy),
+            Some("kcmp")
+        ),
+        "{v:#}"
+    );
+    assert_eq!(v["claim"]["kind"], "net-start");
+    ends_violated(vm);
+}
+
+#[test]
+fn a_rule_removed_from_the_device_map_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = fake_vm(&bins, "vmaudit-v-rm", &["hold"]);
+    vm.emulator_pid();
+    verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
+    let mut map = vmaudit::cgroup::attached::RuleMap::of_cgroup(&cgroup_of(&vm)).unwrap();
+    let null = vmaudit::cgroup::DeviceRule::parse_v1("c 1:3 rw").unwrap();
+    map.remove(&null).unwrap();
+    let v = violation(
+        &mut vm,
+        "rule removed",
+        "c 1:3 rw is no longer in the device policy",
+    );
+    assert_eq!(v["claim"]["kind"], "cgroup");
+    assert!(
+        v["claim"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("path=\"/dev/null\""),
+        "{v:#}"
+    );
+    assert_eq!(v["evidence"][0]["what"], "map");
+    ends_violated(vm);
+}
+
+#[test]
+fn the_device_program_detached_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = fake_vm(&bins, "vmaudit-v-det", &["hold"]);
+    vm.emulator_pid();
+    verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
+    let ids = vmaudit_tests::bpf::detach_device_programs(&cgroup_of(&vm));
+    let v = violation(&mut vm, "program detached", "was detached");
+    assert!(
+        v["reason"].as_str().unwrap().contains(&format!("{ids:?}")),
+        "names the program: {v:#}"
+    );
+    assert!(
+        v["claim"]["text"].as_str().unwrap().contains("reason=deny"),
+        "{v:#}"
+    );
+    ends_violated(vm);
+}
+
+#[test]
+fn a_device_program_attached_beside_the_vms_is_caught() {
+    require_root();
+    let bins = bins!();
+    let mut vm = fake_vm(&bins, "vmaudit-v-rep", &["hold"]);
+    vm.emulator_pid();
+    verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
+    let _allow_all = vmaudit_tests::bpf::AllowAll::attach(&cgroup_of(&vm));
+    let v = violation(&mut vm, "program replaced", "was replaced");
+    assert_eq!(v["claim"]["kind"], "cgroup");
+    ends_violated(vm);
+}
+
+/// The cgroup v1 devices controller, end to end: every cgroup claim is confirmed from
+/// `devices.list`, the emulator is confined by it, and a rule removed behind vmaudit's back
+/// (written to `devices.deny`) is caught.
+#[test]
+fn a_cgroup_v1_vm_is_held_to_devices_list() {
+    require_root();
+    let bins = bins!();
+    let h = vmaudit_tests::Hierarchies::get();
+    let mut vm = Vm::start(
+        &bins,
+        "vmaudit-v-v1",
+        &fake(&bins, &["hold"]),
+        "[cgroup]\nversion = \"v1\"\n",
+        &[],
+    );
+    let emu = vm.emulator_pid();
+    verdict(&mut vm, "vm-start", |v| v["claim"]["kind"] == "vm-start");
+    let cgroup = cgroup_of(&vm);
+    assert!(
+        cgroup.starts_with(&h.v1_devices),
+        "{} is a v1 cgroup",
+        cgroup.display()
+    );
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p == emu.to_string()),
+        "the emulator is in it"
+    );
+    let cgroup_verdicts: Vec<Value> = vm
+        .journal_lines()
+        .into_iter()
+        .filter(|v| v["type"] == "verdict" && v["claim"]["kind"] == "cgroup")
+        .collect();
+    assert_eq!(
+        cgroup_verdicts.len(),
+        9,
+        "deny all, 7 paths, the pty major: {cgroup_verdicts:#?}"
+    );
+    for v in &cgroup_verdicts {
+        assert_eq!(v["status"], "confirmed", "{v:#}");
+        assert!(
+            v["evidence"][0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("devices.list")
+                || v["evidence"][0]["what"] == "map",
+            "{v:#}"
+        );
+    }
+    std::fs::write(cgroup.join("devices.deny"), "c 1:3 rwm").unwrap();
+    let v = violation(
+        &mut vm,
+        "v1 rule removed",
+        "c 1:3 rw is no longer in the device policy",
+    );
+    assert_eq!(v["claim"]["kind"], "cgroup");
+    ends_violated(vm);
 }

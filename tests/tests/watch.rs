@@ -349,7 +349,7 @@ fn unknown_pid_is_refused_with_its_own_code_and_nothing_attached() {
     let (code, _, err) = run_vmaudit(&bins, &["fds", "--pid", "999999999"]);
     assert_eq!(
         (code, err.trim()),
-        (3, "vmaudit: no such process: 999999999")
+        (3, "vmaudit: error: no such process: 999999999")
     );
     assert_eq!(vmaudit_programs_gone(), Ok(()));
 }

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod cgroup;
 pub use vmaudit_core::exit;
 pub mod kcmp;
+pub mod logging;
 pub mod monitor;
 pub mod observe;
 pub mod paths;

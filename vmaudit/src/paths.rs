@@ -62,6 +62,9 @@ pub fn vm_run_dir(name: &str) -> PathBuf {
     PathBuf::from(RUN_DIR).join(name)
 }
 
+/// The default journal of `vmaudit monitor`.
+pub const MONITOR_JOURNAL: &str = "/var/log/vmaudit/monitor.jsonl";
+
 /// The default journal of VM `name`.
 pub fn default_journal(name: &str) -> PathBuf {
     PathBuf::from(JOURNAL_DIR).join(format!("{name}.jsonl"))

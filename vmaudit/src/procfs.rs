@@ -76,6 +76,25 @@ impl ProcFs {
         self.roots.pid_dir(pid).exists()
     }
 
+    /// The executable process `pid` runs (`/proc/PID/exe`).
+    pub fn exe(&self, pid: u32) -> Option<std::path::PathBuf> {
+        fs::read_link(self.roots.pid_dir(pid).join("exe")).ok()
+    }
+
+    /// The processes running one of `exes`, sorted.
+    pub fn running(&self, exes: &[std::path::PathBuf]) -> Vec<u32> {
+        let Ok(dir) = fs::read_dir(&self.roots.proc) else {
+            return Vec::new();
+        };
+        let mut out: Vec<u32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|pid| self.exe(*pid).is_some_and(|x| exes.contains(&x)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// The fd numbers a process holds now.
     pub fn fd_numbers(&self, pid: u32) -> io::Result<Vec<i32>> {
         let mut fds = Vec::new();

@@ -57,8 +57,13 @@ impl DevNum {
             p.starts_with("0x") || p.starts_with("0X") || p.bytes().any(|b| b.is_ascii_alphabetic())
         });
         Self::parse_with(s, |p| {
-            let p = p.trim_start_matches("0x").trim_start_matches("0X");
-            u32::from_str_radix(p, if hex { 16 } else { 10 }).ok()
+            let p = p
+                .strip_prefix("0x")
+                .or_else(|| p.strip_prefix("0X"))
+                .unwrap_or(p);
+            (!p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(p, if hex { 16 } else { 10 }).ok())
+                .flatten()
         })
     }
 
@@ -372,6 +377,8 @@ mod tests {
         assert_eq!(DevNum::parse_either("0A:C8"), Some(tun));
         assert_eq!(DevNum::parse_either("0xa:0xc8"), Some(tun));
         assert_eq!(DevNum::parse_either("10"), None);
+        assert_eq!(DevNum::parse_either("+1:2"), None);
+        assert_eq!(DevNum::parse_either("1:2:3"), None);
         assert_eq!(tun.to_string(), "10:200");
     }
 

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     acl::DeviceRule,
-    fd::{FdEntry, ProcTable},
+    fd::{DevNum, FdEntry, FdIdentity, FileKind, ProcTable},
 };
 
 /// An fd in a process.
@@ -64,6 +64,25 @@ pub struct NetFd {
     pub comm: String,
 }
 
+/// What a path names, as stat(2) says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub kind: FileKind,
+    /// The filesystem's device and the inode: the file itself.
+    pub dev: DevNum,
+    pub ino: u64,
+    /// A device node's device number.
+    pub rdev: Option<DevNum>,
+}
+
+/// An fd on the host holding a file given by its device and inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub at: FdRef,
+    pub file: (DevNum, u64),
+    pub comm: String,
+}
+
 /// Every read of the kernel or host the ledger needs.
 pub trait KernelView {
     /// A watched process's fd table, exact as the tracker keeps it; None when not watched.
@@ -75,6 +94,9 @@ pub trait KernelView {
     /// The network interface of a tun/tap or macvtap fd, read now (a tap names its interface
     /// only after TUNSETIFF, so an identity taken at arrival may lack it).
     fn iface_of(&self, at: FdRef) -> Option<String>;
+    /// What an fd is, read now (the tracker may know only a received fd's number when its
+    /// sender closed its copy first).
+    fn identity(&self, at: FdRef) -> Option<FdIdentity>;
     /// An interface's MAC address.
     fn iface_address(&self, iface: &str) -> Option<String>;
     /// The device policy of a cgroup directory. The path comes from a record: the real view
@@ -82,9 +104,26 @@ pub trait KernelView {
     fn device_policy(&self, cgroup: &Path) -> Result<DevicePolicy, String>;
     /// A process, or None when there is none with that pid.
     fn process(&self, pid: u32) -> Option<ProcessInfo>;
+    /// The cgroup directory a process is in (the v2 one, else the v1 devices one), as a path
+    /// under the cgroup mount.
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf>;
     /// Every network-device fd held by any process on the host (to find copies of an
     /// emulator's fds, however they were taken).
     fn net_fds(&self) -> Vec<NetFd>;
+    /// What `path` names now, following links. The path comes from a record: the real view
+    /// never opens it (a FIFO or a device would block or act), never triggers an automount,
+    /// and says why it cannot tell.
+    fn stat(&self, path: &Path) -> Result<FileId, String>;
+    /// The pty a `/dev/ptmx` fd is the master of (`tty-index` in fdinfo).
+    fn pty_index(&self, at: FdRef) -> Option<u32>;
+    /// The inodes of the unix sockets bound to `path` (in vmaudit's network namespace).
+    fn unix_sockets_at(&self, path: &Path) -> Vec<u64>;
+    /// Every fd on the host whose file is one of `files` (device, inode).
+    fn holders(&self, files: &[(DevNum, u64)]) -> Vec<Holder>;
+    /// The device node the emulator opens for host device `address` on `bus`: `pci` and
+    /// `mdev`, its IOMMU group's `/dev/vfio/N`; `usb` (`BBB.DDD`), `/dev/bus/usb/BBB/DDD`;
+    /// `scsi` (`scsi_hostH:B:T:U`), its `/dev/sgN`.
+    fn host_device(&self, bus: &str, address: &str) -> Result<PathBuf, String>;
 }
 
 /// A stand-in host for unit tests: tables, same-file pairs, interfaces, policies and processes
@@ -98,7 +137,16 @@ pub struct FakeKernel {
     pub addresses: HashMap<String, String>,
     pub policies: HashMap<PathBuf, DevicePolicy>,
     pub processes: HashMap<u32, ProcessInfo>,
+    pub cgroups: HashMap<u32, PathBuf>,
     pub net: Vec<NetFd>,
+    pub files: HashMap<PathBuf, FileId>,
+    pub ptys: HashMap<FdRef, u32>,
+    pub sockets: HashMap<PathBuf, Vec<u64>>,
+    /// Fds of processes the tables do not hold, with their file (device, inode).
+    pub others: Vec<Holder>,
+    pub host_devices: HashMap<(String, String), PathBuf>,
+    /// What [`KernelView::identity`] reads now, where it differs from the table's.
+    pub fresh: HashMap<FdRef, FdIdentity>,
 }
 
 impl FakeKernel {
@@ -153,6 +201,13 @@ impl KernelView for FakeKernel {
         self.ifaces.get(&at).cloned()
     }
 
+    fn identity(&self, at: FdRef) -> Option<FdIdentity> {
+        self.fresh.get(&at).cloned().or_else(|| {
+            let t = self.tables.get(&at.pid)?;
+            t.fds.get(&at.fd).map(|e| e.id.clone())
+        })
+    }
+
     fn iface_address(&self, iface: &str) -> Option<String> {
         self.addresses.get(iface).cloned()
     }
@@ -168,7 +223,49 @@ impl KernelView for FakeKernel {
         self.processes.get(&pid).cloned()
     }
 
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
+        self.cgroups.get(&pid).cloned()
+    }
+
     fn net_fds(&self) -> Vec<NetFd> {
         self.net.clone()
+    }
+
+    fn stat(&self, path: &Path) -> Result<FileId, String> {
+        self.files
+            .get(path)
+            .copied()
+            .ok_or_else(|| format!("{}: no such file", path.display()))
+    }
+
+    fn pty_index(&self, at: FdRef) -> Option<u32> {
+        self.ptys.get(&at).copied()
+    }
+
+    fn unix_sockets_at(&self, path: &Path) -> Vec<u64> {
+        self.sockets.get(path).cloned().unwrap_or_default()
+    }
+
+    fn holders(&self, files: &[(DevNum, u64)]) -> Vec<Holder> {
+        let in_tables = self.tables.iter().flat_map(|(pid, t)| {
+            t.fds.values().filter_map(move |e| {
+                Some(Holder {
+                    at: FdRef::new(*pid, e.fd),
+                    file: (e.id.dev?, e.id.ino?),
+                    comm: String::new(),
+                })
+            })
+        });
+        in_tables
+            .chain(self.others.iter().cloned())
+            .filter(|h| files.contains(&h.file))
+            .collect()
+    }
+
+    fn host_device(&self, bus: &str, address: &str) -> Result<PathBuf, String> {
+        self.host_devices
+            .get(&(bus.to_owned(), address.to_owned()))
+            .cloned()
+            .ok_or_else(|| format!("no {bus} device {address}"))
     }
 }

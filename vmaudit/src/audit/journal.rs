@@ -87,6 +87,36 @@ pub enum JournalError {
     Poisoned { path: PathBuf },
 }
 
+/// One line of a journal, as its readers (`verify`, `search`, `report`) tell them apart.
+#[derive(Debug)]
+pub enum Line {
+    /// An audit record (`type` is its audit type name: `VIRT_RESOURCE`, ...).
+    Record(Box<JournalEntry>),
+    /// A verdict on a claim (`"type":"verdict"`).
+    Verdict(Box<vmaudit_core::verdict::Verdict>),
+    /// A line about the run itself (`"type":"monitor-summary"`, vmaudit's own events
+    /// `"type":"vmaudit"`, ...): lower-case `type`s are vmaudit's own, upper-case ones audit
+    /// type names.
+    Run(serde_json::Value),
+}
+
+impl Line {
+    /// Reads one line. Anything that is none of the three is an error: a file of other JSON is
+    /// not a journal.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        match v["type"].as_str() {
+            Some("verdict") => Ok(Self::Verdict(Box::new(serde_json::from_value(v)?))),
+            Some(t) if is_run_type(t) => Ok(Self::Run(v)),
+            _ => Ok(Self::Record(Box::new(serde_json::from_value(v)?))),
+        }
+    }
+}
+
+fn is_run_type(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+}
+
 /// The journal file, open for appending (O_APPEND | O_CREAT | O_CLOEXEC, mode 0600 when
 /// vmaudit creates it). Clones share the file and its chain.
 #[derive(Clone, Debug)]
@@ -223,27 +253,21 @@ impl Journal {
             if l.trim().is_empty() {
                 continue;
             }
-            let parse = |source| JournalError::Parse {
-                path: path.to_owned(),
-                line: i + 1,
-                source,
-            };
-            let v: Value = serde_json::from_str(l).map_err(parse)?;
-            if !is_record(&v) {
-                continue;
+            // Verdicts and lines about the run share the journal; they are not records.
+            match Line::parse(l) {
+                Ok(Line::Record(e)) => out.push(*e),
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(JournalError::Parse {
+                        path: path.to_owned(),
+                        line: i + 1,
+                        source,
+                    });
+                }
             }
-            out.push(serde_json::from_value(v).map_err(parse)?);
         }
         Ok(out)
     }
-}
-
-/// Whether a journal line is an audit record (not a verdict, an event or a summary).
-pub fn is_record(v: &Value) -> bool {
-    !matches!(
-        v["type"].as_str(),
-        Some("verdict" | EVENT_TYPE | "monitor-summary")
-    )
 }
 
 fn event_line(name: &str, fields: Value) -> String {
@@ -639,7 +663,7 @@ pub(crate) mod tests {
         let a = Journal::open(&path).unwrap();
         let b = Journal::open(&path).unwrap();
         a.append(&record(), &KernelOutcome::Sent).unwrap();
-        b.append_json(&serde_json::json!({"type": "verdict"}))
+        b.append_json(&serde_json::json!({"type": "monitor-summary"}))
             .unwrap();
         a.append(&record(), &KernelOutcome::Queued).unwrap();
         drop((a, b));
@@ -720,6 +744,18 @@ pub(crate) mod tests {
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(chain::check(&text).intact(), "{text}");
+    }
+
+    #[test]
+    fn lines_are_records_verdicts_or_about_the_run_and_nothing_else() {
+        let summary = r#"{"type":"monitor-summary","totals":{},"stats":{}}"#;
+        assert!(matches!(Line::parse(summary), Ok(Line::Run(_))));
+        let event = r#"{"type":"vmaudit","event":"journal-repaired"}"#;
+        assert!(matches!(Line::parse(event), Ok(Line::Run(_))));
+        // Other JSON is not a journal line, even with no `type` at all.
+        assert!(Line::parse(r#"{"not": "a journal line"}"#).is_err());
+        assert!(Line::parse(r#"{"type":"VIRT_CONTROL"}"#).is_err());
+        assert!(Line::parse(r#"{"type":"verdict"}"#).is_err());
     }
 
     #[test]

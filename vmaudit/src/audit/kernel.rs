@@ -25,6 +25,9 @@ use thiserror::Error;
 
 use super::AuditType;
 
+/// The generic user message type (`auditctl -m`).
+const AUDIT_USER: u16 = 1005;
+
 /// `AUDIT_STATUS_ENABLED`: the mask bit of `audit_status.enabled` in an AUDIT_SET.
 const AUDIT_STATUS_ENABLED: u32 = 1;
 /// How long the kernel may take to answer a request (it answers within the send, or from a
@@ -195,6 +198,16 @@ impl KernelAudit {
         let msg = AuditMessage::Other((kind.id(), format!("{text}\0")));
         self.acked(kind.name(), msg)?;
         Ok(SendStatus::Accepted)
+    }
+
+    /// Sends an AUDIT_USER (1005) record, as `auditctl -m` does (needs CAP_AUDIT_WRITE): the
+    /// monitor's heartbeat through the kernel's audit stream.
+    pub fn send_user(&mut self, text: &str) -> Result<(), KernelError> {
+        if text.contains('\0') {
+            return Err(KernelError::Nul);
+        }
+        let msg = AuditMessage::Other((AUDIT_USER, format!("{text}\0")));
+        self.acked("AUDIT_USER", msg)
     }
 
     /// Sends a request that the kernel answers with an ack or an error only.

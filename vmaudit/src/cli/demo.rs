@@ -136,7 +136,7 @@ pub fn run(args: Args) -> u8 {
     let stand_in = find_program(Path::new("qemu-system-x86_64")).is_none();
     let dir = std::env::temp_dir().join(format!("vmaudit-demo-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("vmaudit: demo directory {}: {e}", dir.display());
+        vmaudit::failure!("demo directory {}: {e}", dir.display());
         return exit::INTERNAL;
     }
     let _cleanup = DirGuard(dir.clone());
@@ -154,13 +154,13 @@ pub fn run(args: Args) -> u8 {
         return exit::INTERNAL;
     }
     if let Err(e) = std::fs::write(&spec, spec_text(stand_in, guest.as_ref(), &serial)) {
-        eprintln!("vmaudit: writing {}: {e}", spec.display());
+        vmaudit::failure!("writing {}: {e}", spec.display());
         return exit::INTERNAL;
     }
     let _veth = match Veth::create() {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("vmaudit: demo: cannot create the veth parent for the macvtap: {e}");
+            vmaudit::failure!("demo: cannot create the veth parent for the macvtap: {e}");
             return exit::INTERNAL;
         }
     };
@@ -276,7 +276,7 @@ fn start_watcher(pid: u32) -> Option<std::thread::JoinHandle<()>> {
             let _ = ready_tx.send(());
         });
         if let Err(e) = result {
-            eprintln!("vmaudit: demo: fd tracker: {e}");
+            vmaudit::failure!("demo: fd tracker: {e}");
             let _ = ready_tx.send(());
         }
     });

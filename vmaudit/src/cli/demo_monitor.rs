@@ -11,7 +11,8 @@ use std::{
 use vmaudit::{
     audit::kernel::KernelAudit,
     exit,
-    monitor::{MonitorOptions, find_managers, monitor, source::Source},
+    monitor::{MANAGER_EXES, MonitorOptions, monitor, source::Source},
+    procfs::ProcFs,
     verify::{
         Verdict,
         observer::{Observer, Observers},
@@ -64,17 +65,18 @@ impl Drop for AuditRestore {
 fn show(v: &Verdict) {
     say(&format!(
         "   {:<11} {:<10} {}",
-        format!("{:?}", v.status).to_lowercase(),
+        v.status.as_str(),
         v.claim.kind,
         v.reason
     ));
 }
 
 pub fn run() -> u8 {
-    let managers = find_managers();
+    let exes: Vec<std::path::PathBuf> = MANAGER_EXES.iter().map(Into::into).collect();
+    let managers = ProcFs::default().running(&exes);
     if managers.is_empty() {
-        eprintln!(
-            "vmaudit: demo --monitor: no libvirtd or virtqemud is running (install and start libvirt first)"
+        vmaudit::failure!(
+            "demo --monitor: no libvirtd or virtqemud is running (install and start libvirt first)"
         );
         return exit::NO_SUCH_PROCESS;
     }
@@ -99,7 +101,10 @@ pub fn run() -> u8 {
     let opts = MonitorOptions {
         source: Source::Kernel,
         managers,
+        manager_exes: exes,
         journal: None,
+        journal_records: false,
+        reopen: None,
         deadline: Duration::from_secs(3),
         echo: false,
         tracker: Default::default(),
@@ -125,7 +130,7 @@ pub fn run() -> u8 {
     });
     if ready_rx.recv().is_err() {
         let e = worker.join().ok().and_then(Result::err).unwrap_or_default();
-        eprintln!("vmaudit: demo --monitor: {e}");
+        vmaudit::failure!("demo --monitor: {e}");
         return exit::INTERNAL;
     }
     let _ = virsh(&["destroy", NAME]);
@@ -186,7 +191,7 @@ pub fn run() -> u8 {
             exit::OK
         }
         Ok(Err(e)) => {
-            eprintln!("vmaudit: demo --monitor: {e}");
+            vmaudit::failure!("demo --monitor: {e}");
             exit::INTERNAL
         }
         Err(_) => exit::INTERNAL,

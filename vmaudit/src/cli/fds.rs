@@ -17,24 +17,24 @@ pub struct Args {
 pub fn run(args: Args) -> u8 {
     let procfs = ProcFs::default();
     if !procfs.exists(args.pid) {
-        eprintln!("vmaudit: no such process: {}", args.pid);
+        vmaudit::failure!("no such process: {}", args.pid);
         return exit::NO_SUCH_PROCESS;
     }
     let snap = match procfs.snapshot(args.pid) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!(
-                "vmaudit: cannot read the fds of pid {}: {e} (needs CAP_SYS_PTRACE or the same user)",
+            vmaudit::failure!(
+                "cannot read the fds of pid {}: {e} (needs CAP_SYS_PTRACE or the same user)",
                 args.pid
             );
             return exit::PRIVILEGES;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("vmaudit: no such process: {}", args.pid);
+            vmaudit::failure!("no such process: {}", args.pid);
             return exit::NO_SUCH_PROCESS;
         }
         Err(e) => {
-            eprintln!("vmaudit: reading /proc/{}/fd: {e}", args.pid);
+            vmaudit::failure!("reading /proc/{}/fd: {e}", args.pid);
             return exit::INTERNAL;
         }
     };

@@ -82,7 +82,7 @@ fn completions(shell: clap_complete::Shell, dir: &Path) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let mut cmd = visible(super::Cli::command());
     let path = clap_complete::generate_to(shell, &mut cmd, "vmaudit", dir)?;
-    eprintln!("vmaudit: wrote {}", path.display());
+    vmaudit::notice!("wrote {}", path.display());
     Ok(())
 }
 
@@ -117,7 +117,7 @@ fn man_pages(dir: &Path) -> std::io::Result<()> {
     let mut out = fs::File::create(&path)?;
     top_page(&Man::new(cmd), &mut out)?;
     out.flush()?;
-    eprintln!("vmaudit: wrote {}", path.display());
+    vmaudit::notice!("wrote {}", path.display());
     Ok(())
 }
 
@@ -126,7 +126,7 @@ fn sub_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
         sub_pages(sub.clone(), dir)?;
     }
     let path = Man::new(cmd).generate_to(dir)?;
-    eprintln!("vmaudit: wrote {}", path.display());
+    vmaudit::notice!("wrote {}", path.display());
     Ok(())
 }
 

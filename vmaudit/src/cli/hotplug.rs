@@ -37,9 +37,12 @@ pub struct DetachArgs {
     /// The interface's MAC.
     #[arg(long)]
     mac: String,
-    /// How long the guest has to acknowledge the unplug, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    timeout_ms: u64,
+    /// How long the guest has to acknowledge the unplug (5s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::duration)]
+    timeout: std::time::Duration,
+    /// The same in milliseconds (the older spelling).
+    #[arg(long, value_name = "MS", hide = true, conflicts_with = "timeout")]
+    timeout_ms: Option<u64>,
 }
 
 fn send(vm: &str, req: Request) -> u8 {
@@ -53,16 +56,16 @@ fn send(vm: &str, req: Request) -> u8 {
     match rt.block_on(request(vm, &req)) {
         Ok(r) if r.ok => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            eprintln!("vmaudit: {}", r.message);
+            vmaudit::notice!("{}", r.message);
             exit::OK
         }
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            eprintln!("vmaudit: {}", r.message);
+            vmaudit::failure!("{}", r.message);
             r.code
         }
         Err(e) => {
-            eprintln!("vmaudit: {e}");
+            vmaudit::failure!("{e}");
             exit::NO_SUCH_PROCESS
         }
     }
@@ -86,7 +89,9 @@ pub fn detach(a: DetachArgs) -> u8 {
         &a.vm,
         Request::DetachNet {
             mac: a.mac,
-            timeout_ms: a.timeout_ms,
+            timeout_ms: a
+                .timeout_ms
+                .unwrap_or(u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX)),
         },
     )
 }

@@ -30,6 +30,8 @@ fn exit_codes() -> String {
 #[derive(Debug, Parser)]
 #[command(name = "vmaudit", version, after_help = exit_codes())]
 struct Cli {
+    #[command(flatten)]
+    verbosity: clap_verbosity_flag::Verbosity<clap_verbosity_flag::InfoLevel>,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +62,7 @@ enum Command {
     Demo(demo::Args),
     /// Attach a do-nothing program to every syscall's exit until SIGINT/SIGTERM: the cost
     /// floor of any syscall hook on this kernel (used by the benchmark).
+    #[command(hide = true)]
     NoopHook(noop_hook::Args),
     /// Write the man pages or a shell's completions (for packaging).
     #[command(hide = true)]
@@ -68,6 +71,8 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let v = &cli.verbosity;
+    vmaudit::logging::init(v.is_present().then(|| v.log_level_filter()));
     let code = match cli.command {
         Command::Watch(a) => watch::run(a),
         Command::Fds(a) => fds::run(a),
@@ -84,6 +89,16 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// A duration on the command line: `2s`, `500ms`, `1m 30s` (humantime's syntax); a bare number
+/// has no unit and is refused.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("a duration longer than zero".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Prints one clear line for a failure (its cause chain joined) and returns its exit code.
 pub fn fail(err: &(dyn std::error::Error + 'static), code: u8) -> u8 {
     // First lines only: a verifier log can run to thousands of lines (RUST_LOG=debug has it).
@@ -97,7 +112,7 @@ pub fn fail(err: &(dyn std::error::Error + 'static), code: u8) -> u8 {
         msg.push_str(&first(s));
         source = s.source();
     }
-    eprintln!("vmaudit: {msg}");
+    vmaudit::failure!("{msg}");
     debug_assert!(exit::TABLE.iter().any(|(c, _)| *c == code));
     code
 }

@@ -24,7 +24,7 @@ pub fn run(_args: Args) -> u8 {
             Ok(h) => h,
             Err(e) => return super::fail(&e, e.exit_code()),
         };
-        log::info!("no-op hook attached to raw_syscalls/sys_exit");
+        vmaudit::notice!("no-op hook attached to raw_syscalls/sys_exit");
         shutdown.await;
         drop(hook);
         exit::OK

@@ -26,9 +26,12 @@ pub struct Args {
     /// Do not hold the claims to the kernel's evidence (no verdicts).
     #[arg(long, conflicts_with = "strict")]
     no_verify: bool,
-    /// How long a claim may wait for its kernel evidence, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    deadline_ms: u64,
+    /// How long a claim may wait for its kernel evidence (2s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = super::duration)]
+    deadline: std::time::Duration,
+    /// The same in milliseconds (the older spelling).
+    #[arg(long, value_name = "MS", hide = true, conflicts_with = "deadline")]
+    deadline_ms: Option<u64>,
     /// Size of the verifier's kernel event ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = super::watch::parse_ring)]
     ring_buffer_bytes: u32,
@@ -49,7 +52,9 @@ pub fn run(args: Args) -> u8 {
     opts.journal = args.journal;
     opts.strict = args.strict;
     opts.verify = !args.no_verify;
-    opts.deadline = std::time::Duration::from_millis(args.deadline_ms);
+    opts.deadline = args
+        .deadline_ms
+        .map_or(args.deadline, std::time::Duration::from_millis);
     opts.tracker.ring_bytes = args.ring_buffer_bytes;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -71,7 +76,7 @@ pub fn run(args: Args) -> u8 {
         run_vm(
             &opts,
             &mut |entry| print_json(entry),
-            &mut |pid| log::info!("VM running, emulator pid {pid}"),
+            &mut |pid| vmaudit::notice!("VM running, emulator pid {pid}"),
             shutdown,
         )
         .await
@@ -79,7 +84,7 @@ pub fn run(args: Args) -> u8 {
     });
     match result {
         Ok(ending) => {
-            log::info!("VM ended: {ending:?}");
+            vmaudit::notice!("VM ended: {ending:?}");
             ending.exit_code()
         }
         Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),

@@ -35,11 +35,11 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Question {
     /// Which fds the emulator holds for a MAC: its latest start or attach (searching back from
-    /// the end, or from --at), the fds the kernel showed the emulator holding, and whether a
+    /// the end, or from --until), the fds the kernel showed the emulator holding, and whether a
     /// detach, a release or the VM's stop came after.
     Fds(QuestionArgs),
     /// Which fds the emulator released at the latest detach of a MAC (back from the end, or
-    /// from --at): the kernel's closes, or plainly that it saw none.
+    /// from --until): the kernel's closes, or plainly that it saw none.
     Released(QuestionArgs),
 }
 
@@ -49,8 +49,8 @@ struct QuestionArgs {
     #[arg(long)]
     mac: String,
     /// Search backwards from this moment (RFC 3339 or Unix seconds) instead of the end.
-    #[arg(long, value_name = "TIME")]
-    at: Option<String>,
+    #[arg(long, visible_alias = "at", value_name = "TIME")]
+    until: Option<String>,
     /// Only this VM (by name).
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
@@ -83,7 +83,7 @@ struct Filters {
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
     /// Up to this moment (RFC 3339 or Unix seconds).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, visible_alias = "at", value_name = "TIME")]
     until: Option<String>,
     /// Records with a verdict of this status.
     #[arg(long, value_enum)]
@@ -152,7 +152,7 @@ impl QuestionArgs {
             mac: Some(filter::parse_mac(&self.mac)?),
             vm: self.vm.clone(),
             uuid: opt(&self.uuid, filter::parse_uuid)?,
-            until: opt(&self.at, |s| filter::parse_time("--at", s))?,
+            until: opt(&self.until, |s| filter::parse_time("--until", s))?,
             ..Filter::default()
         })
     }
@@ -175,8 +175,8 @@ fn load(inputs: &Inputs) -> Result<Vec<Event>, u8> {
     if journals.is_empty() && inputs.audit_logs.is_empty() {
         journals = default_journals(Path::new(paths::JOURNAL_DIR));
         if journals.is_empty() {
-            eprintln!(
-                "vmaudit: nothing to search: name a JOURNAL or --audit-log FILE (no journal in {})",
+            vmaudit::failure!(
+                "nothing to search: name a JOURNAL or --audit-log FILE (no journal in {})",
                 paths::JOURNAL_DIR
             );
             return Err(exit::USAGE);
@@ -194,7 +194,7 @@ fn load(inputs: &Inputs) -> Result<Vec<Event>, u8> {
 }
 
 fn usage(e: &FilterError) -> u8 {
-    eprintln!("vmaudit: {e}");
+    vmaudit::failure!("{e}");
     exit::USAGE
 }
 
@@ -230,11 +230,7 @@ fn ask<A: serde::Serialize>(
         Err(code) => return code,
     };
     let Some(a) = answer(&events, &f) else {
-        eprintln!(
-            "vmaudit: no {what} of {} {}",
-            q.mac,
-            scope(&f, q.at.as_deref())
-        );
+        vmaudit::notice!("no {what} of {} {}", q.mac, scope(&f, q.until.as_deref()));
         return exit::NO_MATCH;
     };
     if q.inputs.json || !std::io::stdout().is_terminal() {
@@ -271,7 +267,7 @@ fn list(filters: &Filters, inputs: &Inputs) -> u8 {
     };
     let found: Vec<&Event> = events.iter().filter(|e| f.matches(e)).collect();
     if found.is_empty() {
-        eprintln!("vmaudit: no record matched (of {} read)", events.len());
+        vmaudit::notice!("no record matched (of {} read)", events.len());
         return exit::NO_MATCH;
     }
     if inputs.json || !std::io::stdout().is_terminal() {

@@ -77,7 +77,7 @@ pub fn run(args: Args) -> u8 {
             print_json(&summary);
             if summary.ended == "exited" {
                 let pids: Vec<String> = args.pid.iter().map(u32::to_string).collect();
-                eprintln!("vmaudit: watched process {} exited", pids.join(", "));
+                vmaudit::notice!("watched process {} exited", pids.join(", "));
                 exit::TARGET_EXITED
             } else {
                 exit::OK
@@ -108,7 +108,7 @@ pub fn watch(
             .map(|t| t.fds.len())
             .sum();
         // Tests and scripts wait for this line before making the watched process act.
-        log::info!("watching pid {:?} ({held} fds)", opts.pids);
+        vmaudit::notice!("watching pid {:?} ({held} fds)", opts.pids);
         watcher.run(sink, shutdown).await
     })
 }

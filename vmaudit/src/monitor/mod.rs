@@ -8,6 +8,7 @@
 //! of a VIRT_* type becomes a claim ([`vmaudit_core::claim::claim_of`]), and what libvirt's
 //! records do not say (which fd) the ledger infers from the kernel.
 
+mod feed;
 pub mod source;
 
 use std::{
@@ -15,41 +16,48 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use tokio::sync::mpsc;
 use vmaudit_core::{
-    audit::parse::parse_line,
-    claim::{NotAClaim, claim_of},
+    audit::parse::Parsed,
+    claim::{NotAClaim, RecordClaim},
     verdict::Totals,
 };
 
-use self::source::{Line, Source, SourceError};
+use self::source::{Source, SourceError};
 use crate::{
-    audit::{Journal, JournalError},
-    observe::{ObserveError, loader::TrackerOptions, monotonic_ns},
+    audit::{Journal, JournalError, KernelAudit},
+    observe::{ObserveError, loader::TrackerOptions},
+    procfs::ProcFs,
     verify::{
-        engine::{Engine, EngineConfig, EngineError, Msg},
+        engine::{Engine, EngineConfig, EngineError},
         observer::Observers,
         publish::Lines,
     },
 };
 
-/// The process names of the managers monitor mode knows (libvirt's monolithic daemon and its
-/// modular QEMU driver daemon).
-pub const MANAGER_NAMES: &[&str] = &["libvirtd", "virtqemud"];
+/// The executables of the managers monitor mode knows by default: libvirt's monolithic
+/// daemon and its modular QEMU driver daemon.
+pub const MANAGER_EXES: &[&str] = &["/usr/sbin/libvirtd", "/usr/sbin/virtqemud"];
 
 #[derive(Clone, Debug)]
 pub struct MonitorOptions {
     pub source: Source,
-    /// The manager's pids; empty: every running libvirtd/virtqemud.
+    /// Managers named by pid (besides those found by executable).
     pub managers: Vec<u32>,
+    /// Every process running one of these is a manager, from when it starts.
+    pub manager_exes: Vec<PathBuf>,
     pub journal: Option<PathBuf>,
     /// How long a claim may wait for its evidence.
     pub deadline: Duration,
+    /// Journal each record beside its verdicts (so that `verify` and `search` read it).
+    pub journal_records: bool,
+    /// Set (SIGHUP) to reopen the journal by its path before the next write.
+    pub reopen: Option<Arc<AtomicBool>>,
     /// Print each verdict's journal line on stdout.
     pub echo: bool,
     pub tracker: TrackerOptions,
@@ -59,10 +67,10 @@ pub struct MonitorOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
     #[error(
-        "no manager to watch: no {} process is running (name one with --manager PID)",
-        MANAGER_NAMES.join(" or ")
+        "no manager to watch: no process runs {} (name one with --manager PID or --manager-exe PATH)",
+        .exes.join(" or ")
     )]
-    NoManager,
+    NoManager { exes: Vec<String> },
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("the record source failed: {0}")]
@@ -76,7 +84,7 @@ pub enum MonitorError {
 impl MonitorError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NoManager => crate::exit::NO_SUCH_PROCESS,
+            Self::NoManager { .. } => crate::exit::NO_SUCH_PROCESS,
             Self::Source(_) | Self::SourceFailed(_) => crate::exit::AUDIT_SOURCE,
             Self::Journal(_) => crate::exit::JOURNAL,
             Self::Verify(e) => e.exit_code(),
@@ -99,7 +107,7 @@ pub struct Stats {
     pub claims: u64,
     /// Records of other types (not VIRT_CONTROL/VIRT_RESOURCE).
     pub other_types: u64,
-    /// VIRT_* records about something other than devices (mem, vcpu, disk, ...).
+    /// VIRT_* records about resources the kernel cannot speak for (mem, vcpu, fs, ...).
     pub other_resources: u64,
     /// Lines that did not parse, or VIRT_* records missing fields.
     pub malformed: u64,
@@ -109,6 +117,49 @@ pub struct Stats {
     pub pid_reuse: u64,
     /// Claims written before vmaudit watched.
     pub historic: u64,
+    /// VIRT_RESOURCE records by `resrc`.
+    pub resources: std::collections::BTreeMap<String, ResrcCount>,
+    /// Records whose sender is no manager (not claims).
+    pub not_from_manager: u64,
+    /// Managers found after the start (a restart, a new instance).
+    pub managers_followed: u64,
+    /// Audit records lost on the way (overruns, the kernel's lost counter, serial gaps).
+    pub records_lost: u64,
+    /// Times the reader waited for room in the queue (backpressure).
+    pub queue_waits: u64,
+}
+
+/// What the monitor made of one `resrc`'s records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResrcCount {
+    /// Records seen.
+    pub records: u64,
+    /// Records that became claims (each judged).
+    pub claims: u64,
+    /// Records the kernel cannot speak for (mem, vcpu, fs, ...; see the README's coverage).
+    pub not_verifiable: u64,
+}
+
+impl Stats {
+    /// One line per `resrc`, for the summary: `disk 1/1/0` (records/claims/not verifiable).
+    pub fn resources_line(&self) -> String {
+        self.resources
+            .iter()
+            .map(|(r, c)| format!("{r} {}/{}/{}", c.records, c.claims, c.not_verifiable))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Counts a VIRT_RESOURCE record under its `resrc`.
+    pub fn count_resrc(&mut self, p: &Parsed, claimed: &Result<RecordClaim, NotAClaim>) {
+        let Some(resrc) = p.get("resrc") else {
+            return;
+        };
+        let n = self.resources.entry(resrc.to_owned()).or_default();
+        n.records += 1;
+        n.claims += u64::from(claimed.is_ok());
+        n.not_verifiable += u64::from(matches!(claimed, Err(NotAClaim::OtherResource(_))));
+    }
 }
 
 /// What a monitor session ends with.
@@ -126,26 +177,6 @@ impl Outcome {
     }
 }
 
-/// The pids of running libvirt daemons.
-pub fn find_managers() -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
-            && MANAGER_NAMES.contains(&comm.trim())
-        {
-            out.push(pid);
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
 /// Monitors until `shutdown` resolves (or the source ends); `ready` is called once the
 /// tracker watches the managers and the source is open.
 pub async fn monitor(
@@ -153,13 +184,20 @@ pub async fn monitor(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&[u32]),
 ) -> Result<Outcome, MonitorError> {
-    let managers = if opts.managers.is_empty() {
-        find_managers()
-    } else {
-        opts.managers.clone()
-    };
+    let mut managers = opts.managers.clone();
+    for pid in ProcFs::default().running(&opts.manager_exes) {
+        if !managers.contains(&pid) {
+            managers.push(pid);
+        }
+    }
     if managers.is_empty() {
-        return Err(MonitorError::NoManager);
+        return Err(MonitorError::NoManager {
+            exes: opts
+                .manager_exes
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        });
     }
     // Everything that can fail on bad input fails before anything is attached.
     let body = source::open(&opts.source)?;
@@ -171,32 +209,59 @@ pub async fn monitor(
             observers: opts.observers.clone(),
             watch: managers.clone(),
             managers: managers.clone(),
+            manager_exes: opts.manager_exes.clone(),
         },
         Box::new(Lines {
             journal,
             echo: opts.echo,
+            reopen: opts.reopen.clone(),
         }),
     )?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(source::QUEUE);
+    let waits = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let stop = stop.clone();
+        let (stop, sink) = (
+            stop.clone(),
+            source::Sink {
+                tx,
+                waits: waits.clone(),
+            },
+        );
         std::thread::Builder::new()
             .name("vmaudit-records".into())
-            .spawn(move || body(tx, stop))
+            .spawn(move || body(sink, stop))
             .map_err(|source| ObserveError::Poll { source })?
     };
     let stop_reader = StopOnDrop(stop, Some(reader));
+    let kernel = KernelAudit::open()
+        .inspect_err(|e| {
+            log::warn!(
+                "the kernel's audit status cannot be read ({e}): its lost records are not counted"
+            )
+        })
+        .ok();
+    let heartbeat = matches!(opts.source, Source::Kernel);
     ready(&managers);
-    let mut stats = Stats::default();
-    let read = feed(&engine, rx, shutdown, &mut stats).await;
+    let feed = feed::Feed::new(
+        &engine,
+        opts.observers.clone(),
+        opts.journal_records,
+        kernel,
+        heartbeat,
+    );
+    let read = feed.run(rx, shutdown).await;
     drop(stop_reader);
     let outcome = engine.finish();
-    read?;
+    let mut stats = read?;
     let judged = outcome?;
     stats.unknown_vm = judged.ledger.unknown_vm;
     stats.pid_reuse = judged.ledger.pid_reuse;
     stats.historic = judged.ledger.historic;
+    stats.not_from_manager = judged.managers.not_from_manager;
+    stats.managers_followed = judged.managers.followed;
+    stats.claims -= judged.managers.not_from_manager;
+    stats.queue_waits = waits.load(Ordering::Relaxed);
     let outcome = Outcome {
         totals: judged.totals,
         stats,
@@ -211,40 +276,6 @@ pub async fn monitor(
     Ok(outcome)
 }
 
-/// Turns the source's lines into claims for the verifier until the source ends or `shutdown`.
-async fn feed(
-    engine: &Engine,
-    mut rx: mpsc::UnboundedReceiver<Line>,
-    shutdown: impl Future<Output = ()>,
-    stats: &mut Stats,
-) -> Result<(), MonitorError> {
-    let start_wall = vmaudit_core::time::unix_now_ns();
-    let mut caught_up = false;
-    let mut next_id = 1u64;
-    tokio::pin!(shutdown);
-    loop {
-        let line = tokio::select! {
-            l = rx.recv() => l,
-            () = &mut shutdown => return Ok(()),
-        };
-        match line {
-            None => return Ok(()),
-            Some(Line::Record(text)) => {
-                stats.records += 1;
-                let Some(c) = to_claim(&text, stats, &mut next_id, caught_up, start_wall) else {
-                    continue;
-                };
-                engine.claim(c)?;
-            }
-            Some(Line::CaughtUp) => {
-                caught_up = true;
-                engine.send(Msg::CaughtUp)?;
-            }
-            Some(Line::Failed(e)) => return Err(MonitorError::SourceFailed(e)),
-        }
-    }
-}
-
 struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
 
 impl Drop for StopOnDrop {
@@ -252,46 +283,6 @@ impl Drop for StopOnDrop {
         self.0.store(true, Ordering::Relaxed);
         if let Some(t) = self.1.take() {
             let _ = t.join();
-        }
-    }
-}
-
-/// The claim of one audit.log line, counting what is not one.
-fn to_claim(
-    line: &str,
-    stats: &mut Stats,
-    next_id: &mut u64,
-    caught_up: bool,
-    start_wall: u64,
-) -> Option<vmaudit_core::claim::Claim> {
-    let p = match parse_line(line) {
-        Ok(p) => p,
-        Err(e) => {
-            stats.malformed += 1;
-            log::debug!("skipping a line that does not parse ({e}): {line}");
-            return None;
-        }
-    };
-    match claim_of(&p) {
-        Ok(rc) => {
-            stats.claims += 1;
-            let id = *next_id;
-            *next_id += 1;
-            let historic = !caught_up && rc.record_ts_ns < start_wall;
-            Some(rc.into_claim(id, monotonic_ns(), historic))
-        }
-        Err(NotAClaim::OtherType) => {
-            stats.other_types += 1;
-            None
-        }
-        Err(NotAClaim::OtherResource(_)) => {
-            stats.other_resources += 1;
-            None
-        }
-        Err(e @ NotAClaim::Malformed { .. }) => {
-            stats.malformed += 1;
-            log::warn!("{e}: {line}");
-            None
         }
     }
 }

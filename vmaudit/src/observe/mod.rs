@@ -321,6 +321,12 @@ impl Watcher {
         &self.tables
     }
 
+    /// Drops the table of a process that exited: a long-running watcher keeps no table of
+    /// every process it ever followed.
+    pub fn forget_exited(&mut self, pid: u32) {
+        self.tables.forget_exited(pid);
+    }
+
     fn emit(&mut self, sink: &mut dyn Sink, out: Output) {
         if matches!(out, Output::Fd(_)) {
             self.records += 1;

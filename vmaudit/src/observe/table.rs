@@ -75,6 +75,13 @@ impl<R: Resolver> Tables<R> {
         self.procs.get(&pid)
     }
 
+    /// Drops the table of a process that exited (its events are all applied).
+    pub fn forget_exited(&mut self, pid: u32) {
+        if self.procs.get(&pid).is_some_and(|t| t.exited) {
+            self.procs.remove(&pid);
+        }
+    }
+
     pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
         self.procs.keys().copied()
     }

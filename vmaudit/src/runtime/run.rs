@@ -351,10 +351,13 @@ fn open_trail<'a>(
             observers: opts.observers.clone(),
             watch: vec![me],
             managers: vec![me],
+            manager_exes: Vec::new(),
         };
+        // The journal follows its path by itself (moved, deleted, truncated): no reopen flag.
         let publish = Lines {
             journal: verdicts,
             echo: opts.echo_verdicts,
+            reopen: None,
         };
         Some(
             Engine::start(cfg, Box::new(publish))

@@ -74,24 +74,7 @@ pub fn parse_device(s: &str) -> Result<Device, FilterError> {
     if s.starts_with('/') {
         return Ok(Device::Path(s.to_owned()));
     }
-    let (maj, min) = s.split_once(':').ok_or_else(bad)?;
-    let hex = [maj, min].iter().any(|p| {
-        p.starts_with("0x") || p.starts_with("0X") || p.bytes().any(|b| b.is_ascii_alphabetic())
-    });
-    let num = |p: &str| -> Option<u32> {
-        let p = p
-            .strip_prefix("0x")
-            .or_else(|| p.strip_prefix("0X"))
-            .unwrap_or(p);
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        u32::from_str_radix(p, if hex { 16 } else { 10 }).ok()
-    };
-    Ok(Device::Rdev(DevNum {
-        major: num(maj).ok_or_else(bad)?,
-        minor: num(min).ok_or_else(bad)?,
-    }))
+    DevNum::parse_either(s).map(Device::Rdev).ok_or_else(bad)
 }
 
 /// RFC 3339 (`2024-06-10T06:13:20.042Z`, any offset) or Unix seconds (`1718000000`,
@@ -101,8 +84,8 @@ pub fn parse_time(flag: &'static str, s: &str) -> Result<u64, FilterError> {
         flag,
         value: s.to_owned(),
     };
-    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        return u64::try_from(t.unix_timestamp_nanos()).map_err(|_| bad());
+    if let Some(ns) = vmaudit_core::time::parse_rfc3339(s) {
+        return Ok(ns);
     }
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     if secs.is_empty()

@@ -12,8 +12,8 @@ use thiserror::Error;
 use super::{Event, libvirt_part};
 use crate::{
     audit::{
-        JournalEntry, chain,
-        journal::is_record,
+        chain,
+        journal::Line,
         parse::{LogScan, Parsed, Stamp, parse_text},
         virt::VirtRecord,
     },
@@ -94,16 +94,42 @@ fn event_of(p: &Parsed, source: String, ts_ns: u64, text: &str, journal: bool) -
     }
 }
 
-/// A journal of `vmaudit run`: records and verdicts. A last line cut short (no newline) is a
-/// write that never completed: it is counted in a note and left out, as `vmaudit verify`
-/// does. vmaudit's own events (repairs, reopenings) and summaries are not records and are
-/// left out; any other line that is not a journal line makes the file unreadable as a journal.
+/// The record lines of a journal that name their claim (`monitor` writes them): a verdict
+/// belongs to the last record with its claim id before it (ids start again at each run).
+#[derive(Default)]
+pub struct ClaimLines(BTreeMap<u64, Vec<(usize, usize)>>);
+
+impl ClaimLines {
+    /// Record line `line`, at index `at`, made claim `id`.
+    pub fn add(&mut self, id: Option<u64>, line: usize, at: usize) {
+        if let Some(id) = id {
+            self.0.entry(id).or_default().push((line, at));
+        }
+    }
+
+    /// The index of the last record of claim `id` before line `line`.
+    pub fn before(&self, id: u64, line: usize) -> Option<usize> {
+        self.0
+            .get(&id)?
+            .iter()
+            .rev()
+            .find(|(l, _)| *l < line)
+            .map(|(_, at)| *at)
+    }
+}
+
+/// A journal of `vmaudit run` or `vmaudit monitor`: records and verdicts. A last line cut short
+/// (no newline) is a write that never completed: it is counted in a note and left out, as
+/// `vmaudit verify` does. Lines about the run (vmaudit's own events, summaries) are not records
+/// and are left out; any other line that is not a journal line makes the file unreadable as a
+/// journal.
 pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
     let text = read(path)?;
     let (lines, torn) = chain::split(&text);
     let name = path.display();
     let mut events: Vec<Event> = Vec::new();
     let mut by_ts: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut by_claim = ClaimLines::default();
     let mut verdicts: Vec<(usize, Verdict)> = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
@@ -114,15 +140,14 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
             line: i + 1,
             source,
         };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
-        if v["type"] == "verdict" {
-            verdicts.push((i + 1, serde_json::from_value(v).map_err(bad)?));
-            continue;
-        }
-        if !is_record(&v) {
-            continue;
-        }
-        let entry: JournalEntry = serde_json::from_value(v).map_err(bad)?;
+        let entry = match Line::parse(line).map_err(bad)? {
+            Line::Verdict(v) => {
+                verdicts.push((i + 1, *v));
+                continue;
+            }
+            Line::Run(_) => continue,
+            Line::Record(entry) => entry,
+        };
         // The text is the exact audit text: the same parser as for audit.log reads it.
         let fields = parse_text(&entry.text).unwrap_or_default();
         let p = Parsed {
@@ -137,6 +162,7 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
             text: entry.text.clone(),
         };
         by_ts.insert(entry.ts_ns, events.len());
+        by_claim.add(entry.claim_id, i + 1, events.len());
         events.push(event_of(
             &p,
             format!("{name}:{}", i + 1),
@@ -146,11 +172,14 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
         ));
     }
     for (line, v) in verdicts {
-        match by_ts
-            .get(&v.claim.record_ts_ns)
-            .filter(|_| v.claim.record_ts_ns != 0)
-        {
-            Some(&i) => events[i].verdicts.push(v),
+        let by_id = by_claim.before(v.claim.id, line);
+        match by_id.or_else(|| {
+            by_ts
+                .get(&v.claim.record_ts_ns)
+                .copied()
+                .filter(|_| v.claim.record_ts_ns != 0)
+        }) {
+            Some(i) => events[i].verdicts.push(v),
             None => events.push(Event {
                 source: format!("{name}:{line}"),
                 ts: v.ts.clone(),

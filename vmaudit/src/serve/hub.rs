@@ -26,7 +26,7 @@ use crate::{
     procfs::{DevNum, FileKind},
     verify::{
         Claim, ClaimKind, Verdict,
-        observer::{Observer, VmInfo},
+        observer::{AuditEvent, Observer, VmInfo},
     },
 };
 
@@ -284,6 +284,34 @@ fn op_name(op: Op) -> String {
 }
 
 impl Observer for Hub {
+    fn audit(&self, event: &AuditEvent) {
+        let m = &self.metrics;
+        match *event {
+            AuditEvent::Record { stamp } => {
+                m.audit_records.inc();
+                m.audit_last_record.set(stamp);
+            }
+            AuditEvent::Lost { cause, count } => {
+                m.audit_lost
+                    .get_or_create(&CauseLabel {
+                        cause: cause.to_owned(),
+                    })
+                    .inc_by(count);
+            }
+            AuditEvent::Status {
+                enabled,
+                backlog_limit,
+            } => {
+                m.audit_enabled.set(i64::from(enabled));
+                m.audit_backlog_limit.set(i64::from(backlog_limit));
+            }
+        }
+    }
+
+    fn not_from_manager(&self, _claim: &Claim) {
+        self.metrics.not_from_manager.inc();
+    }
+
     fn vm(&self, vm: &VmInfo) {
         let mut guard = self.lock();
         let st = &mut *guard;

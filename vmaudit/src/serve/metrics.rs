@@ -4,6 +4,8 @@
 //! life of the vmaudit process (a restart starts them at 0 again, which Prometheus' `rate`
 //! and `increase` handle).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -54,6 +56,17 @@ pub struct Metrics {
     pub lost_events: Family<CauseLabel, Counter>,
     pub vm_fds: Family<VmLabels, Gauge>,
     pub decisions: Family<ResultLabel, Counter>,
+    /// `monitor`: records read from the audit source.
+    pub audit_records: Counter,
+    /// `monitor`: audit records lost, by cause.
+    pub audit_lost: Family<CauseLabel, Counter>,
+    /// `monitor`: the stamp of the last record read (heartbeats included), Unix seconds.
+    pub audit_last_record: Gauge<f64, AtomicU64>,
+    /// `monitor`: whether the kernel's auditing is on (1) or off (0), and its backlog limit.
+    pub audit_enabled: Gauge,
+    pub audit_backlog_limit: Gauge,
+    /// `monitor`: records whose sender is no manager (not claims).
+    pub not_from_manager: Counter,
 }
 
 impl Default for Metrics {
@@ -66,8 +79,49 @@ impl Default for Metrics {
             lost_events: Family::default(),
             vm_fds: Family::default(),
             decisions: Family::default(),
+            audit_records: Counter::default(),
+            audit_lost: Family::default(),
+            audit_last_record: Gauge::default(),
+            audit_enabled: Gauge::default(),
+            audit_backlog_limit: Gauge::default(),
+            not_from_manager: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "audit_records",
+            "Audit records the monitor read from its source",
+            m.audit_records.clone(),
+        );
+        registry.register(
+            "audit_lost",
+            "Audit records lost before the monitor read them, by cause (enobufs, kernel, serial_gap, too_long; queue_wait counts backpressure)",
+            m.audit_lost.clone(),
+        );
+        registry.register(
+            "audit_last_record_timestamp_seconds",
+            "The kernel stamp of the last audit record the monitor read (its own heartbeats included)",
+            m.audit_last_record.clone(),
+        );
+        registry.register(
+            "audit_enabled",
+            "Whether the kernel's auditing is on (1) or off (0), as the monitor last read it",
+            m.audit_enabled.clone(),
+        );
+        registry.register(
+            "audit_backlog_limit",
+            "The kernel's audit backlog limit, as the monitor last read it",
+            m.audit_backlog_limit.clone(),
+        );
+        registry.register(
+            "records_not_from_manager",
+            "Audit records whose sender is no manager: never claims",
+            m.not_from_manager.clone(),
+        );
+        for cause in ["enobufs", "kernel", "serial_gap", "too_long", "queue_wait"] {
+            m.audit_lost.get_or_create_owned(&CauseLabel {
+                cause: cause.to_owned(),
+            });
+        }
         registry.register(
             "claims",
             "Claims (audit records) the verifier took up, by kind",

@@ -110,8 +110,8 @@ pub fn serve_observers(addr: &str, observers: &mut Observers) -> Result<Server, 
     let addr = parse_addr(addr)?;
     let server = start(addr, Hub::new())?;
     observers.push(server.hub().clone());
-    eprintln!(
-        "vmaudit: serving http://{}/ (metrics at /metrics)",
+    crate::notice!(
+        "serving http://{}/ (metrics at /metrics)",
         server.local_addr()
     );
     Ok(server)

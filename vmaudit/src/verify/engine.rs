@@ -8,10 +8,11 @@
 //! (the journal's fsync never holds a judgement up); violations also go to stderr as they
 //! happen, and to the observers.
 
-use std::{thread::JoinHandle, time::Duration};
+use std::{collections::HashMap, path::PathBuf, thread::JoinHandle, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use vmaudit_core::{
+    audit::JournalEntry,
     claim::{Claim, ClaimKind},
     ledger::{Ledger, LedgerStats, Loss},
     verdict::{Status, Totals, Verdict},
@@ -20,7 +21,7 @@ use vmaudit_core::{
 use super::{
     host::HostView,
     observer::{Observer, Observers, VmInfo},
-    publish::{Publish, PublishError, Publisher},
+    publish::{Line, Publish, PublishError, Publisher},
 };
 use crate::{
     cgroup::{DecisionStream, Layout},
@@ -30,7 +31,8 @@ use crate::{
 
 /// What the verifier is told.
 pub enum Msg {
-    Claim(Box<Claim>),
+    /// A claim, with (`monitor`) the record that made it, to journal.
+    Claim(Box<Claim>, Option<Box<JournalEntry>>),
     /// The record source has read its past (`monitor --from-start`).
     CaughtUp,
     /// A VM cgroup's decision stream (cgroup v2, vmaudit's own program).
@@ -40,6 +42,12 @@ pub enum Msg {
     },
     /// The manager is stopping the emulator `pid` (its releases from now on are the stop's).
     Stopping(u32),
+    /// Audit records were lost between these arrival times (CLOCK_MONOTONIC).
+    RecordLoss {
+        from_ns: u64,
+        to_ns: u64,
+        lost: u64,
+    },
     Finish,
 }
 
@@ -55,6 +63,9 @@ pub struct EngineConfig {
     pub watch: Vec<u32>,
     /// The processes whose records are claims (and whose opens name the devices).
     pub managers: Vec<u32>,
+    /// Executables whose processes are managers too, found when they start (a restarted
+    /// libvirtd, a virtqemud started on demand) and followed from then on.
+    pub manager_exes: Vec<PathBuf>,
 }
 
 /// What a verification ends with.
@@ -62,6 +73,16 @@ pub struct EngineConfig {
 pub struct Outcome {
     pub totals: Totals,
     pub ledger: LedgerStats,
+    pub managers: ManagerStats,
+}
+
+/// Whose records were claims.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ManagerStats {
+    /// Managers found running their executable after the start (restarts, new instances).
+    pub followed: u64,
+    /// Records whose sender is no manager: not claims.
+    pub not_from_manager: u64,
 }
 
 /// Why the verifier stopped short.
@@ -128,7 +149,7 @@ impl Engine {
     }
 
     pub fn claim(&self, c: Claim) -> Result<(), EngineError> {
-        self.send(Msg::Claim(Box::new(c)))
+        self.send(Msg::Claim(Box::new(c), None))
     }
 
     /// A sender for another thread (the record reader of `monitor`).
@@ -189,12 +210,19 @@ struct Verifier {
     ledger: Ledger,
     decisions: Vec<(String, Box<DecisionStream>)>,
     out: Vec<Verdict>,
+    /// Lines waiting for the publisher, in order: records, then the verdicts judged after them.
+    lines: Vec<Line>,
     totals: Totals,
     obs: Observers,
     vtx: watch::Sender<u64>,
     publisher: Publisher,
     /// When losses were last checked and none found: a loss found next lies after it.
     clean_ns: u64,
+    manager_exes: Vec<PathBuf>,
+    managers: ManagerStats,
+    /// Processes seen exited, and when: their tables go once nothing can ask for them.
+    exited: HashMap<u32, u64>,
+    deadline_ns: u64,
 }
 
 /// How often pending claims and findings are looked at when no event arrives.
@@ -231,11 +259,16 @@ impl Verifier {
             ledger: Ledger::new(cfg.deadline.as_nanos() as u64, cfg.managers.iter().copied()),
             decisions: Vec::new(),
             out: Vec::new(),
+            lines: Vec::new(),
             totals: Totals::default(),
             obs: cfg.observers.clone(),
             vtx,
             publisher,
             clean_ns: monotonic_ns(),
+            manager_exes: cfg.manager_exes.clone(),
+            managers: ManagerStats::default(),
+            exited: HashMap::new(),
+            deadline_ns: cfg.deadline.as_nanos() as u64,
         })
     }
 
@@ -266,6 +299,8 @@ impl Verifier {
                     self.tick();
                 }
                 _ = recheck.tick() => {
+                    self.follow_managers();
+                    self.forget_exited();
                     let view = HostView::new(self.w.tables(), &self.layout);
                     self.ledger.recheck(&view, monotonic_ns(), &mut self.out);
                 }
@@ -279,20 +314,47 @@ impl Verifier {
     fn take(&mut self, batch: Vec<Msg>) -> bool {
         for m in batch {
             match m {
-                Msg::Claim(c) => self.claim(*c),
+                Msg::Claim(c, record) => self.claim(*c, record),
                 Msg::CaughtUp => {
                     let view = HostView::new(self.w.tables(), &self.layout);
                     self.ledger.caught_up(&view, monotonic_ns(), &mut self.out);
                 }
                 Msg::Decisions { uuid, stream } => self.decisions.push((uuid, stream)),
                 Msg::Stopping(pid) => self.ledger.on_stopping(pid),
+                Msg::RecordLoss {
+                    from_ns,
+                    to_ns,
+                    lost,
+                } => self.ledger.on_record_loss(from_ns, to_ns, lost),
                 Msg::Finish => return true,
             }
         }
         false
     }
 
-    fn claim(&mut self, c: Claim) {
+    fn claim(&mut self, c: Claim, record: Option<Box<JournalEntry>>) {
+        let from_manager = self.sent_by_manager(&c);
+        if let Some(mut r) = record {
+            r.claim_id = from_manager.then_some(c.id);
+            if !from_manager {
+                r.extra.insert(
+                    "vmaudit-not-a-claim".into(),
+                    "its sender is no manager".into(),
+                );
+            }
+            self.lines.push(Line::Record(*r));
+        }
+        if !from_manager {
+            self.managers.not_from_manager += 1;
+            log::warn!(
+                "not a claim: a {} record for VM {} sent by pid {}, which is no manager",
+                c.kind.name(),
+                c.vm_name,
+                c.sender.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            );
+            self.obs.not_from_manager(&c);
+            return;
+        }
         if let ClaimKind::VmStart { pid } = c.kind
             && self.w.tables().get(pid).is_none()
             && std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -312,6 +374,88 @@ impl Verifier {
         let view = HostView::new(self.w.tables(), &self.layout);
         self.ledger
             .on_claim(c, &view, monotonic_ns(), &mut self.out);
+    }
+
+    /// Whether a record's sender is a manager: one followed, or a process running a manager's
+    /// executable (followed from now on). A past record whose sender is gone cannot be checked,
+    /// and is taken.
+    fn sent_by_manager(&mut self, c: &Claim) -> bool {
+        let Some(sender) = c.sender else {
+            return false;
+        };
+        if self.ledger.managers().contains(&sender) {
+            return true;
+        }
+        let procfs = ProcFs::default();
+        if c.historic && !procfs.exists(sender) {
+            return true;
+        }
+        let manager = procfs
+            .exe(sender)
+            .is_some_and(|x| self.manager_exes.contains(&x));
+        if manager {
+            self.follow(sender);
+        }
+        manager
+    }
+
+    /// Drops the tables of processes that exited long enough ago (a few deadlines: every claim
+    /// that could ask for them is judged by then).
+    fn forget_exited(&mut self) {
+        let now = monotonic_ns();
+        let exited: Vec<u32> = self
+            .w
+            .tables()
+            .pids()
+            .filter(|p| self.w.tables().get(*p).is_some_and(|t| t.exited))
+            .collect();
+        for pid in exited {
+            let since = *self.exited.entry(pid).or_insert(now);
+            if now.saturating_sub(since) > 3 * self.deadline_ns {
+                self.w.forget_exited(pid);
+                self.exited.remove(&pid);
+            }
+        }
+    }
+
+    /// Follows manager processes that started since the last look, and forgets those gone.
+    fn follow_managers(&mut self) {
+        if self.manager_exes.is_empty() {
+            return;
+        }
+        let running = ProcFs::default().running(&self.manager_exes);
+        let gone: Vec<u32> = self
+            .ledger
+            .managers()
+            .iter()
+            .copied()
+            .filter(|p| !running.contains(p) && self.w.tables().get(*p).is_none_or(|t| t.exited))
+            .collect();
+        for pid in gone {
+            log::warn!("manager pid {pid} is gone");
+            self.ledger.remove_manager(pid);
+        }
+        for pid in running {
+            if !self.ledger.managers().contains(&pid) {
+                self.follow(pid);
+            }
+        }
+    }
+
+    fn follow(&mut self, pid: u32) {
+        let obs = &self.obs;
+        match self.w.add(pid, true, &mut |o: Output| {
+            if let Output::Fd(r) = &o {
+                obs.fd(r);
+            }
+        }) {
+            Ok(()) => {
+                self.ledger.add_manager(pid);
+                self.managers.followed += 1;
+                log::warn!("following manager pid {pid}");
+            }
+            Err(e) => log::warn!("cannot follow manager pid {pid}: {e}"),
+        }
     }
 
     /// Applies every kernel event and loss available now, in order.
@@ -358,24 +502,30 @@ impl Verifier {
         self.ledger.on_tick(&view, monotonic_ns(), &mut self.out);
     }
 
-    /// The verdicts judged so far: totals, the stderr line of each violation, the observers,
+    /// The verdicts judged so far: totals, a stderr line for each (violations at error level,
+    /// unknown and unconfirmed ones as warnings), the observers,
     /// then the publisher.
     fn publish(&mut self) {
-        if self.out.is_empty() {
+        if self.out.is_empty() && self.lines.is_empty() {
             return;
         }
         for v in &self.out {
             self.totals.add(v.status);
-            if v.status == Status::Violated {
-                eprintln!(
-                    "vmaudit: VIOLATION: {} [{} claim {}]",
-                    v.reason, v.claim.kind, v.claim.id
-                );
-                self.vtx.send_replace(self.totals.violated);
+            let (kind, id) = (&v.claim.kind, v.claim.id);
+            match v.status {
+                Status::Violated => {
+                    log::error!("VIOLATION: {} [{kind} claim {id}]", v.reason);
+                    self.vtx.send_replace(self.totals.violated);
+                }
+                Status::Unknown | Status::Unconfirmed => {
+                    log::warn!("{}: {} [{kind} claim {id}]", v.status.as_str(), v.reason);
+                }
+                Status::Confirmed => log::debug!("confirmed: {} [{kind} claim {id}]", v.reason),
             }
             self.obs.verdict(v);
         }
-        self.publisher.send(std::mem::take(&mut self.out));
+        self.lines.extend(self.out.drain(..).map(Line::Verdict));
+        self.publisher.send(std::mem::take(&mut self.lines));
     }
 
     /// Judges everything left, writes it, and waits for the publisher.
@@ -389,6 +539,7 @@ impl Verifier {
         Ok(Outcome {
             totals: self.totals,
             ledger: self.ledger.stats.clone(),
+            managers: self.managers,
         })
     }
 }

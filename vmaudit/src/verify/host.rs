@@ -7,13 +7,13 @@ use std::{
     fs::{File, OpenOptions},
     io::Read as _,
     os::{fd::AsFd as _, unix::fs::OpenOptionsExt as _},
-    path::{Component, Path},
+    path::{Component, Path, PathBuf},
 };
 
 use vmaudit_core::{
     acl::{Acl, DevTypes, DeviceRule},
-    fd::ProcTable,
-    view::{DevicePolicy, Enforcer, FdRef, KernelView, NetFd, ProcessInfo},
+    fd::{DevNum, ProcTable},
+    view::{DevicePolicy, Enforcer, FdRef, FileId, Holder, KernelView, NetFd, ProcessInfo},
 };
 
 use crate::{
@@ -124,6 +124,10 @@ impl KernelView for HostView<'_> {
         self.tables.resolver().identity(at.pid, at.fd).ok()?.iface
     }
 
+    fn identity(&self, at: FdRef) -> Option<vmaudit_core::fd::FdIdentity> {
+        self.tables.resolver().identity(at.pid, at.fd).ok()
+    }
+
     fn iface_address(&self, iface: &str) -> Option<String> {
         // A name from the kernel, but never a path of its own.
         if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
@@ -148,8 +152,54 @@ impl KernelView for HostView<'_> {
         process_info(&self.roots, pid)
     }
 
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(self.roots.pid_dir(pid).join("cgroup")).ok()?;
+        cgroup_dir(&text, self.layout)
+    }
+
     fn net_fds(&self) -> Vec<NetFd> {
         net_fds(&self.roots)
+    }
+
+    fn stat(&self, path: &Path) -> Result<FileId, String> {
+        super::files::stat(path)
+    }
+
+    fn pty_index(&self, at: FdRef) -> Option<u32> {
+        let text = std::fs::read_to_string(self.roots.fdinfo(at.pid, at.fd)).ok()?;
+        super::files::tty_index(&text)
+    }
+
+    fn unix_sockets_at(&self, path: &Path) -> Vec<u64> {
+        let table = std::fs::read_to_string(self.roots.proc.join("net/unix")).unwrap_or_default();
+        super::files::unix_sockets_at(&table, path)
+    }
+
+    fn holders(&self, files: &[(DevNum, u64)]) -> Vec<Holder> {
+        super::files::holders(&self.roots, files)
+    }
+
+    fn host_device(&self, bus: &str, address: &str) -> Result<std::path::PathBuf, String> {
+        super::files::host_device(&self.roots, bus, address)
+    }
+}
+
+/// The cgroup directory `/proc/PID/cgroup` names: its v2 one (`0::/path`) under the v2 mount,
+/// else its v1 devices one (`N:devices:/path`) under that mount.
+fn cgroup_dir(text: &str, layout: &Layout) -> Option<PathBuf> {
+    let under = |root: &Option<PathBuf>, rel: &str| {
+        root.as_ref().map(|r| r.join(rel.trim_start_matches('/')))
+    };
+    let line = |ctrl: &str| {
+        text.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, c, path) = (parts.next()?, parts.next()?, parts.next()?);
+            (c == ctrl || c.split(',').any(|x| x == ctrl)).then_some(path)
+        })
+    };
+    match line("") {
+        Some(rel) if layout.v2.is_some() => under(&layout.v2, rel),
+        _ => under(&layout.v1_devices, line("devices")?),
     }
 }
 
@@ -233,9 +283,28 @@ fn is_net_path(p: &OsStr) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
+
+    #[test]
+    fn a_process_cgroup_is_read_under_its_mount() {
+        let layout = Layout {
+            v2: Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            v1_devices: Some(PathBuf::from("/sys/fs/cgroup/devices")),
+        };
+        let text = "12:devices:/machine/a\n0::/machine/qemu-1-vm.libvirt-qemu/emulator\n";
+        assert_eq!(
+            cgroup_dir(text, &layout),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/unified/machine/qemu-1-vm.libvirt-qemu/emulator"
+            ))
+        );
+        let v1_only = Layout { v2: None, ..layout };
+        assert_eq!(
+            cgroup_dir(text, &v1_only),
+            Some(PathBuf::from("/sys/fs/cgroup/devices/machine/a"))
+        );
+        assert_eq!(cgroup_dir("", &v1_only), None);
+    }
 
     #[test]
     fn this_process_is_read_from_proc() {

@@ -4,11 +4,13 @@
 //!
 //! - [`engine`]: the verification loop, for `run` and `monitor` alike.
 //! - [`host`]: the real [`vmaudit_core::view::KernelView`].
+//! - [`files`]: its reads for the resource claims (stat without opening, sockets, sysfs).
 //! - [`publish`]: verdicts to the journal and stdout, on a thread of their own.
 //! - [`observer`]: hooks for whoever shows what the verifier sees (dashboard, metrics).
 //! - [`report`]: `vmaudit verify JOURNAL`.
 
 pub mod engine;
+pub mod files;
 pub mod host;
 pub mod observer;
 pub mod publish;

@@ -23,6 +23,19 @@ pub struct VmInfo {
     pub state: &'static str,
 }
 
+/// What the monitor learns of the audit stream itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AuditEvent {
+    /// A record arrived, stamped at this Unix time (seconds).
+    Record { stamp: f64 },
+    /// Records lost: `enobufs` (the multicast socket overran), `kernel` (the kernel's lost
+    /// counter), `serial_gap` (serial numbers skipped), `too_long` (a line longer than any
+    /// record), `queue_wait` (the reader waited for room: backpressure, nothing lost).
+    Lost { cause: &'static str, count: u64 },
+    /// The kernel's audit status: whether auditing is on, and its backlog limit.
+    Status { enabled: bool, backlog_limit: u32 },
+}
+
 /// Called for each thing the verifier sees. Every method has an empty default.
 pub trait Observer: Send + Sync {
     /// A VM started, stopped, or was first heard of.
@@ -37,6 +50,10 @@ pub trait Observer: Send + Sync {
     fn gap(&self, _gap: &GapRecord) {}
     /// One decision of a VM cgroup's device program.
     fn decision(&self, _decision: &Decision) {}
+    /// A record whose sender is no manager: not taken as a claim.
+    fn not_from_manager(&self, _claim: &Claim) {}
+    /// The audit stream (`monitor`).
+    fn audit(&self, _event: &AuditEvent) {}
 }
 
 /// A list of observers, called in order.
@@ -77,5 +94,11 @@ impl Observer for Observers {
     }
     fn decision(&self, decision: &Decision) {
         self.0.iter().for_each(|o| o.decision(decision));
+    }
+    fn not_from_manager(&self, claim: &Claim) {
+        self.0.iter().for_each(|o| o.not_from_manager(claim));
+    }
+    fn audit(&self, event: &AuditEvent) {
+        self.0.iter().for_each(|o| o.audit(event));
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{io::Write as _, thread::JoinHandle};
 
-use vmaudit_core::verdict::Verdict;
+use vmaudit_core::{audit::JournalEntry, verdict::Verdict};
 
 use crate::audit::{Journal, JournalError};
 
@@ -22,25 +22,56 @@ pub enum PublishError {
     Panicked,
 }
 
-/// Writes batches of verdicts, in order.
-pub trait Publish: Send {
-    fn publish(&mut self, batch: &[Verdict]) -> Result<(), PublishError>;
+/// One journal line the verifier writes: a verdict, or (`monitor`) the record it judged.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // batched in a Vec; boxing would add an allocation per line
+pub enum Line {
+    Verdict(Verdict),
+    Record(JournalEntry),
 }
 
-/// The journal (if any), then stdout (if asked): a JSON line per verdict each.
+/// Writes batches of lines, in order.
+pub trait Publish: Send {
+    fn publish(&mut self, batch: &[Line]) -> Result<(), PublishError>;
+}
+
+/// The journal (if any), then stdout (if asked, verdicts only): a JSON line each. With
+/// `reopen`, the journal is opened again by its path before the next batch once the flag is
+/// set (SIGHUP, after logrotate moved it).
 pub struct Lines {
     pub journal: Option<Journal>,
     pub echo: bool,
+    pub reopen: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Lines {
+    fn reopen_if_asked(&mut self) -> Result<(), PublishError> {
+        let asked = self
+            .reopen
+            .as_ref()
+            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::Relaxed));
+        if let (true, Some(j)) = (asked, self.journal.as_mut()) {
+            let path = j.path().to_owned();
+            *j = Journal::open(&path)?;
+            log::warn!("journal {} reopened", path.display());
+        }
+        Ok(())
+    }
 }
 
 impl Publish for Lines {
-    fn publish(&mut self, batch: &[Verdict]) -> Result<(), PublishError> {
+    fn publish(&mut self, batch: &[Line]) -> Result<(), PublishError> {
+        self.reopen_if_asked()?;
         if let Some(j) = self.journal.as_mut() {
             j.append_all(batch)?;
         }
         if self.echo {
             let mut out = std::io::stdout().lock();
-            for v in batch {
+            for v in batch.iter().filter_map(|l| match l {
+                Line::Verdict(v) => Some(v),
+                Line::Record(_) => None,
+            }) {
                 serde_json::to_writer(&mut out, v).map_err(|e| PublishError::Stdout(e.into()))?;
                 out.write_all(b"\n").map_err(PublishError::Stdout)?;
             }
@@ -52,13 +83,13 @@ impl Publish for Lines {
 
 /// The writing thread.
 pub struct Publisher {
-    tx: Option<std::sync::mpsc::Sender<Vec<Verdict>>>,
+    tx: Option<std::sync::mpsc::Sender<Vec<Line>>>,
     thread: Option<JoinHandle<Result<(), PublishError>>>,
 }
 
 impl Publisher {
     pub fn start(mut p: Box<dyn Publish>) -> Result<Self, PublishError> {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<Verdict>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Line>>();
         let thread = std::thread::Builder::new()
             .name("vmaudit-verdicts".into())
             .spawn(move || {
@@ -75,7 +106,7 @@ impl Publisher {
     }
 
     /// Queues a batch. After a failure the writer is gone; [`Publisher::finish`] says why.
-    pub fn send(&self, batch: Vec<Verdict>) {
+    pub fn send(&self, batch: Vec<Line>) {
         if let Some(tx) = &self.tx
             && tx.send(batch).is_err()
         {

@@ -6,7 +6,10 @@ use serde::Serialize;
 
 use super::{Status, Totals, Verdict};
 use crate::{
-    audit::chain::{self, ChainReport, EVENT_TYPE},
+    audit::{
+        chain::{self, ChainReport, EVENT_TYPE},
+        journal::Line,
+    },
     exit,
 };
 
@@ -18,6 +21,10 @@ pub struct Row {
     pub text: String,
     /// The worst verdict it got (violated > unknown > unconfirmed > confirmed); None: no verdict.
     pub status: Option<Status>,
+    /// Why the record is no claim (`monitor`: its sender is no manager); such a row expects no
+    /// verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_a_claim: Option<String>,
     pub reasons: Vec<String>,
 }
 
@@ -77,35 +84,37 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
     let (lines, _torn) = chain::split(&text);
     let mut rows: Vec<Row> = Vec::new();
     let mut index: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut by_claim = crate::search::load::ClaimLines::default();
     let mut verdicts = Vec::new();
     let mut events = Vec::new();
     let mut skipped = 0;
     for (i, line) in lines.iter().enumerate() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        // A line that is not JSON is a break of the chain (counted there), not a failure.
+        if serde_json::from_str::<serde_json::Value>(line).is_err() {
             continue;
-        };
-        match v["type"].as_str() {
-            Some("verdict") => match serde_json::from_value::<Verdict>(v) {
-                Ok(verdict) => verdicts.push(verdict),
-                Err(_) => skipped += 1,
-            },
-            Some(EVENT_TYPE) => events.push(EventRow {
+        }
+        match Line::parse(line) {
+            Ok(Line::Verdict(v)) => verdicts.push((i + 1, *v)),
+            Ok(Line::Run(v)) if v["type"] == EVENT_TYPE => events.push(EventRow {
                 line: i + 1,
                 event: v["event"].as_str().unwrap_or("?").to_owned(),
                 ts: v["ts"].as_str().unwrap_or_default().to_owned(),
             }),
-            Some(kind) if v["text"].is_string() => {
-                let ts_ns = v["ts_ns"].as_u64().unwrap_or(0);
-                index.insert(ts_ns, rows.len());
+            Ok(Line::Run(_)) => {}
+            Ok(Line::Record(e)) => {
+                index.insert(e.ts_ns, rows.len());
+                by_claim.add(e.claim_id, i + 1, rows.len());
                 rows.push(Row {
-                    ts_ns,
-                    kind: kind.to_owned(),
-                    text: v["text"].as_str().unwrap_or_default().to_owned(),
+                    ts_ns: e.ts_ns,
+                    not_a_claim: e.extra.get("vmaudit-not-a-claim").cloned(),
+                    kind: e.kind,
+                    text: e.text,
                     status: None,
                     reasons: Vec::new(),
                 });
             }
-            _ => skipped += 1,
+            // JSON that is no journal line: skipped, and counted.
+            Err(_) => skipped += 1,
         }
     }
     if rows.is_empty() && verdicts.is_empty() && events.is_empty() && chain.lines > 0 {
@@ -115,13 +124,16 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
     }
     let mut totals = Totals::default();
     let mut unclaimed = Vec::new();
-    for v in verdicts {
+    for (line, v) in verdicts {
         totals.add(v.status);
-        match index
-            .get(&v.claim.record_ts_ns)
-            .filter(|_| v.claim.record_ts_ns != 0)
-        {
-            Some(&i) => {
+        let by_id = by_claim.before(v.claim.id, line);
+        match by_id.or_else(|| {
+            index
+                .get(&v.claim.record_ts_ns)
+                .copied()
+                .filter(|_| v.claim.record_ts_ns != 0)
+        }) {
+            Some(i) => {
                 let row = &mut rows[i];
                 if row
                     .status
@@ -134,7 +146,10 @@ pub fn build(path: &Path) -> Result<Report, ReportError> {
             None => unclaimed.push(v),
         }
     }
-    let unverified = rows.iter().filter(|r| r.status.is_none()).count() as u64;
+    let unverified = rows
+        .iter()
+        .filter(|r| r.status.is_none() && r.not_a_claim.is_none())
+        .count() as u64;
     Ok(Report {
         rows,
         unclaimed,

@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     // `qemu-system-x86_64`: a real VM process that opens, holds and closes tap fds.
     "qemu-system-x86",
+    // `qemu-img`: the disk images of the libvirt domains whose disk claims monitor mode judges.
+    "qemu-utils",
     // `ausearch` / `aureport`: read back the VIRT_RESOURCE audit records the tests check;
     // `auditd -n` captures the real libvirt's records into a log file the tests read.
     "auditd",

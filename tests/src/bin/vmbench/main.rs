@@ -8,7 +8,8 @@
 //!   loses as its ring buffer shrinks, and bpftrace printing each event ([`throughput`]);
 //! - `verdict` (c): claim-to-verdict latency of `vmaudit run` ([`verdict`]);
 //! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]);
-//! - `soak` (e): 10,000 attach/detach cycles of `vmaudit run` on the stand-in emulator, fds and
+//! - `lifecycles` (e): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]);
+//! - `soak` (f): 10,000 attach/detach cycles of `vmaudit run` on the stand-in emulator, fds and
 //!   RSS sampled ([`soak`]).
 //!
 //! A new section is a module with a `run(&Bins, &Opts, quick) -> String` and a [`Section`]
@@ -21,6 +22,7 @@
 //! A section that cannot be set up (a tracer that does not attach, a count that does not add
 //! up) fails the whole run loudly: no table is written from nonsense.
 
+mod lifecycles;
 mod overhead;
 mod report;
 mod scale;
@@ -40,15 +42,17 @@ enum Section {
     Throughput,
     Verdict,
     Scale,
+    Lifecycles,
     Soak,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 6] = [
         Self::Overhead,
         Self::Throughput,
         Self::Verdict,
         Self::Scale,
+        Self::Lifecycles,
         Self::Soak,
     ];
 
@@ -58,6 +62,7 @@ impl Section {
             Self::Throughput => "throughput",
             Self::Verdict => "verdict",
             Self::Scale => "scale",
+            Self::Lifecycles => "lifecycles",
             Self::Soak => "soak",
         }
     }
@@ -155,6 +160,7 @@ fn main() {
             Section::Throughput => throughput::run(&bins, &o.throughput, o.quick),
             Section::Verdict => verdict::run(&bins, &o.verdict, o.quick),
             Section::Scale => scale::run(&bins, &o.scale, o.quick),
+            Section::Lifecycles => lifecycles::run(&bins, o.quick),
             Section::Soak => soak::run(&bins, &o.soak, o.quick),
         };
         // Each section is written as soon as it is measured: a later failure keeps it.

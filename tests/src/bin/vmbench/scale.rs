@@ -92,7 +92,7 @@ fn run_one(bins: &Bins, vms: usize) -> Outcome {
         for l in BufReader::new(stderr).lines().map_while(Result::ok) {
             if l.contains("monitoring manager pid") {
                 let _ = ready_tx.send(());
-            } else if !l.starts_with("vmaudit: ") {
+            } else if l.starts_with("vmaudit: warning: ") {
                 eprintln!("[monitor] {l}");
             }
         }

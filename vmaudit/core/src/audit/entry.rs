@@ -86,6 +86,9 @@ pub struct JournalEntry {
     pub vm_pid: Option<i64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
+    /// The claim this record made in the journal's run (its verdicts name the same id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_id: Option<u64>,
 }
 
 impl JournalEntry {
@@ -127,6 +130,51 @@ impl JournalEntry {
             acl: f.acl.clone(),
             vm_pid: f.vm_pid,
             extra: f.extra.iter().cloned().collect(),
+            claim_id: None,
+        }
+    }
+
+    /// The line for another manager's record, as read (`monitor`): the kernel's stamp is its
+    /// time, its fields those the record carries.
+    pub fn of_record(p: &super::parse::Parsed) -> Self {
+        let v = p.virt();
+        let ts_ns = p.stamp.unix_ns();
+        Self {
+            ts: rfc3339_ms(ts_ns),
+            ts_ns,
+            kind: p.kind.clone(),
+            type_id: p.type_id().unwrap_or(0),
+            result: match v.success {
+                Some(true) => "success",
+                Some(false) => "failed",
+                None => "?",
+            }
+            .to_owned(),
+            text: p.text.clone(),
+            kernel: "read".to_owned(),
+            virt: v.virt,
+            vm: v.vm,
+            uuid: v.uuid,
+            resrc: v.resrc,
+            op: v.op,
+            reason: v.reason,
+            mac: v.mac,
+            path: v.path,
+            rdev: v.rdev.map(|d| d.to_string()),
+            fd: None,
+            emulator_fd: None,
+            cgroup: v.cgroup,
+            class: v.class,
+            category: v.category,
+            maj: v.maj,
+            acl: v.acl,
+            vm_pid: v.vm_pid,
+            extra: p
+                .sender_pid()
+                .map(|pid| ("vmaudit-sender-pid".to_owned(), pid.to_string()))
+                .into_iter()
+                .collect(),
+            claim_id: None,
         }
     }
 }

@@ -127,7 +127,15 @@ fn is_encoded(name: &str) -> bool {
         Some(resrc) => !numeric(resrc),
         None => matches!(
             name,
-            "vm" | "path" | "cgroup" | "device" | "exe" | "vm-ctx" | "img-ctx" | "model"
+            "vm" | "path"
+                | "cgroup"
+                | "device"
+                | "disk"
+                | "chardev"
+                | "exe"
+                | "vm-ctx"
+                | "img-ctx"
+                | "model"
         ),
     }
 }

@@ -7,16 +7,19 @@
 //! the evidence what was inferred and from what.
 
 mod record;
+mod resource;
 
 use std::path::PathBuf;
 
 pub use record::{NotAClaim, RecordClaim, claim_of};
+pub use resource::{Resrc, Target};
 
 use crate::{acl::DeviceRule, fd::DevNum, verdict::ClaimRef};
 
 /// The kind names verdicts and metrics use, in one place.
 pub const KINDS: &[&str] = &[
-    NET_OPEN, NET_START, NET_ATTACH, NET_DETACH, CGROUP, VM_START, VM_STOP, UNCLAIMED,
+    NET_OPEN, NET_START, NET_ATTACH, NET_DETACH, CGROUP, VM_START, VM_STOP, DISK, CHARDEV, RNG,
+    HOSTDEV, TPM, SHMEM, EVDEV, UNCLAIMED,
 ];
 pub const NET_OPEN: &str = "net-open";
 pub const NET_START: &str = "net-start";
@@ -25,6 +28,13 @@ pub const NET_DETACH: &str = "net-detach";
 pub const CGROUP: &str = "cgroup";
 pub const VM_START: &str = "vm-start";
 pub const VM_STOP: &str = "vm-stop";
+pub const DISK: &str = "disk";
+pub const CHARDEV: &str = "chardev";
+pub const RNG: &str = "rng";
+pub const HOSTDEV: &str = "hostdev";
+pub const TPM: &str = "tpm";
+pub const SHMEM: &str = "shmem";
+pub const EVDEV: &str = "evdev";
 /// What no claim accounts for (a finding of the kernel's).
 pub const UNCLAIMED: &str = "unclaimed";
 
@@ -90,6 +100,14 @@ pub enum ClaimKind {
     /// VIRT_CONTROL `op=stop`: the emulator (`pid`, when the manager says) is gone, and with it
     /// every fd.
     VmStop { pid: Option<u32>, reason: String },
+    /// Another resource's record: the emulator holds `new` (a start, attach or update) and no
+    /// longer holds `old` (a detach or update).
+    Resource {
+        resrc: Resrc,
+        reason: String,
+        old: Option<Target>,
+        new: Option<Target>,
+    },
 }
 
 impl ClaimKind {
@@ -103,6 +121,7 @@ impl ClaimKind {
             Self::Cgroup { .. } => CGROUP,
             Self::VmStart { .. } => VM_START,
             Self::VmStop { .. } => VM_STOP,
+            Self::Resource { resrc, .. } => resrc.name(),
         }
     }
 

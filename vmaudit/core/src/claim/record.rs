@@ -15,15 +15,15 @@ pub enum NotAClaim {
     /// Not VIRT_CONTROL or VIRT_RESOURCE (VIRT_MACHINE_ID, or not libvirt's at all).
     #[error("not a VIRT_CONTROL or VIRT_RESOURCE record")]
     OtherType,
-    /// A VIRT_* record about something other than devices (mem, vcpu, disk, ...).
-    #[error("resrc={0} is not a device claim")]
+    /// A VIRT_* record about a resource the kernel cannot speak for (mem, vcpu, fs, ...).
+    #[error("resrc={0} is not a claim the kernel can judge")]
     OtherResource(String),
     /// A VIRT_* record missing a field its shape needs, or with a bad value.
     #[error("malformed {kind} record: {why}")]
     Malformed { kind: String, why: String },
 }
 
-fn malformed(kind: AuditType, why: impl Into<String>) -> NotAClaim {
+pub(super) fn malformed(kind: AuditType, why: impl Into<String>) -> NotAClaim {
     NotAClaim::Malformed {
         kind: kind.name().to_owned(),
         why: why.into(),
@@ -85,7 +85,7 @@ pub fn claim_of(p: &Parsed) -> Result<RecordClaim, NotAClaim> {
     })
 }
 
-fn need(p: &Parsed, kind: AuditType, name: &str) -> Result<String, NotAClaim> {
+pub(super) fn need(p: &Parsed, kind: AuditType, name: &str) -> Result<String, NotAClaim> {
     p.get(name)
         .map(str::to_owned)
         .ok_or_else(|| malformed(kind, format!("no {name}")))
@@ -137,7 +137,10 @@ fn resource(p: &Parsed, kind: AuditType) -> Result<ClaimKind, NotAClaim> {
             cgroup: Some(PathBuf::from(need(p, kind, "cgroup")?)),
             change: acl_change(p, kind, &reason)?,
         },
-        (other, _) => return Err(NotAClaim::OtherResource(other.to_owned())),
+        (other, r) => match super::resource::claim(p, kind, other, r)? {
+            Some(k) => k,
+            None => return Err(NotAClaim::OtherResource(other.to_owned())),
+        },
     })
 }
 

@@ -185,9 +185,21 @@ pub(super) fn recheck(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut
             continue;
         };
         program_kept(l, &uuid, &dir, &policy, now, out);
+        if detached(&policy) {
+            // Nothing enforces the ACL any more: that one violation says it all.
+            if let Some(vm) = l.vms.get_mut(&uuid) {
+                vm.rules.iter_mut().for_each(|r| r.reported = true);
+            }
+            continue;
+        }
         rules_kept(l, &uuid, &dir, &policy, now, out);
         nothing_extra(l, &uuid, &dir, &policy, now, out);
     }
+}
+
+/// No device program is attached any more (cgroup v2).
+fn detached(policy: &DevicePolicy) -> bool {
+    matches!(&policy.enforcer, Enforcer::Programs { ids, .. } if ids.is_empty())
 }
 
 fn program_kept(

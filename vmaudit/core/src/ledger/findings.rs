@@ -48,6 +48,19 @@ pub enum Finding {
     },
 }
 
+impl Finding {
+    /// Whether it concerns process `pid` (to forget it with the process).
+    pub fn about(&self, pid: u32) -> bool {
+        match self {
+            Self::Release { at, .. } | Self::Send { at, .. } | Self::Device { at, .. } => {
+                at.pid == pid
+            }
+            Self::Copy { holder, of } => holder.pid == pid || of.pid == pid,
+            Self::Decision { .. } | Self::MapExtra { .. } => false,
+        }
+    }
+}
+
 /// Something to judge once its time comes.
 #[derive(Clone, Debug)]
 pub enum Watch {
@@ -64,6 +77,8 @@ pub enum Watch {
         at: FdRef,
         ts: u64,
         op: Op,
+        /// The fd it duplicates, if a dup.
+        from: Option<i32>,
         file: FdIdentity,
         due: u64,
     },
@@ -122,6 +137,7 @@ pub(super) fn on_change(
                     at,
                     ts: r.ts,
                     op,
+                    from: r.from_fd.filter(|_| op == Op::Dup),
                     file,
                     due,
                 });
@@ -190,6 +206,7 @@ pub(super) fn watch_devices_of(l: &mut Ledger, pid: u32, view: &dyn KernelView, 
                 at: FdRef::new(pid, e.fd),
                 ts: e.since_ns,
                 op: e.via,
+                from: None,
                 file: e.id.clone(),
                 due: now + l.deadline_ns,
             });
@@ -207,8 +224,13 @@ pub(super) fn settle(l: &mut Ledger, view: &dyn KernelView, now: u64, out: &mut 
         match w {
             Watch::Release { fd, ts, op, .. } => release(l, fd, ts, op, view, now, out),
             Watch::Device {
-                at, ts, op, file, ..
-            } => device(l, at, ts, op, &file, now, out),
+                at,
+                ts,
+                op,
+                from,
+                file,
+                ..
+            } => device(l, at, ts, op, from, &file, now, out),
             Watch::Send { at, ts, .. } => send(l, at, ts, now, out),
         }
     }
@@ -249,7 +271,8 @@ fn release(
                 .detail(format!("NIC {mac}'s fd")),
         ],
     )
-    .on([at.pid]);
+    .on([at.pid])
+    .absent_record();
     l.report(Finding::Release { at, ts }, claim, found, ts, now, out);
 }
 
@@ -273,11 +296,13 @@ fn send(l: &mut Ledger, at: FdRef, ts: u64, now: u64, out: &mut Vec<Verdict>) {
     l.report(Finding::Send { at, ts }, claim, found, ts, now, out);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn device(
     l: &mut Ledger,
     at: FdRef,
     ts: u64,
     op: Op,
+    from: Option<i32>,
     file: &FdIdentity,
     now: u64,
     out: &mut Vec<Verdict>,
@@ -285,8 +310,9 @@ fn device(
     let Some(rdev) = file.rdev else {
         return;
     };
-    if l.vms.values().any(|vm| vm.gave(at, ts)) {
-        return; // a claim gave it
+    let copy_of_nic = from.is_some_and(|f| live_nic_fd(l, FdRef::new(at.pid, f), ts).is_some());
+    if copy_of_nic || l.vms.values().any(|vm| vm.gave(at, ts)) {
+        return; // a claim gave it (or the file a claim gave)
     }
     let Some((_, vm)) = l.vm_of_pid(at.pid) else {
         return;
@@ -318,7 +344,8 @@ fn device(
                 .detail(why),
         ],
     )
-    .on([at.pid]);
+    .on([at.pid])
+    .absent_record();
     l.report(
         Finding::Device { at, rdev },
         ClaimRef::unclaimed(text),

@@ -181,7 +181,10 @@ impl KernelLog {
             return Change::Nothing;
         }
         if net {
-            let iface = file.iface.clone().or_else(|| view.iface_of(at));
+            // The process's own fd, read now, before an identity copied from its parent at
+            // fork (the parent's number may have moved on to another file by the time the
+            // tracker named it).
+            let iface = view.iface_of(at).or_else(|| file.iface.clone());
             let address = iface.as_deref().and_then(|i| view.iface_address(i));
             self.net.push(NetFdLife {
                 at,

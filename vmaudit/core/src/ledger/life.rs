@@ -32,21 +32,11 @@ pub(super) fn judge_start(
             "pid {pid} now belongs to a process started after the record: pid reuse"
         )));
     }
-    if let Some(t) = view.table(pid) {
-        let fork = l.log.forks.get(&pid).copied();
-        let mut e =
-            Evidence::new(pid, if fork.is_some() { "fork" } else { "process" }).detail(format!(
-                "{}; holds {} fds",
-                if fork.is_some() {
-                    "followed by the tracker from its fork by the manager"
-                } else {
-                    "watched by the tracker since the record named it"
-                },
-                t.fds.len()
-            ));
-        if let Some(ts) = fork {
-            e = e.at(ts);
-        }
+    if let Some(fork) = l.log.forks.get(&pid).copied() {
+        let held = view.table(pid).map_or(0, |t| t.fds.len());
+        let mut e = Evidence::new(pid, "fork").at(fork).detail(format!(
+            "followed by the tracker from its fork by the manager; holds {held} fds"
+        ));
         if let Some(p) = &process {
             e = e.path(p.exe.clone());
         }
@@ -54,24 +44,73 @@ pub(super) fn judge_start(
             Found::confirmed(format!("the emulator runs as pid {pid}"), vec![e]).on([pid]),
         );
     }
-    match process {
-        Some(p) => Some(Found::confirmed(
-            format!("the emulator runs as pid {pid} ({})", p.exe),
-            vec![
-                Evidence::new(pid, "process")
-                    .path(p.exe.clone())
-                    .detail("read from /proc"),
-            ],
-        )),
-        None => last.then(|| {
+    let Some(p) = process else {
+        let exited = view.table(pid).is_some_and(|t| t.exited);
+        return (last || exited).then(|| {
             Found::violated(
                 format!(
                     "the manager says the emulator runs as pid {pid}, but no such process exists"
                 ),
                 vec![],
             )
-        }),
+        });
+    };
+    let found = match started_by_manager(l, c, pid, view) {
+        Some(how) => Found::confirmed(
+            format!("the emulator runs as pid {pid} ({})", p.exe),
+            vec![
+                Evidence::new(pid, "process")
+                    .path(p.exe.clone())
+                    .detail(how),
+            ],
+        ),
+        None => Found::violated(
+            format!(
+                "vm-pid {pid} ({}) is no process the manager started: not its descendant, not in the VM's cgroup",
+                p.exe
+            ),
+            vec![
+                Evidence::new(pid, "process")
+                    .path(p.exe.clone())
+                    .detail(format!(
+                        "parent pid {}; cgroup {}",
+                        p.ppid,
+                        view.cgroup_of(pid)
+                            .map_or_else(|| "?".to_owned(), |c| c.display().to_string())
+                    )),
+            ],
+        ),
+    };
+    Some(found.on([pid]))
+}
+
+/// How `pid`, started before vmaudit watched, is known to be the manager's: a descendant of
+/// a manager (its parent chain, read now), or in the cgroup the manager set up for the VM.
+fn started_by_manager(l: &Ledger, c: &Claim, pid: u32, view: &dyn KernelView) -> Option<String> {
+    let mut chain = vec![pid];
+    let mut at = pid;
+    while let Some(parent) = view.process(at).map(|p| p.ppid).filter(|p| *p > 1) {
+        chain.push(parent);
+        if l.managers.contains(&parent) {
+            let path: Vec<String> = chain.iter().map(u32::to_string).collect();
+            return Some(format!(
+                "read from /proc: a descendant of the manager (pid {})",
+                path.join(" <- ")
+            ));
+        }
+        if chain.len() > 64 {
+            break;
+        }
+        at = parent;
     }
+    let vm_cgroup = l.vms.get(&c.uuid)?.cgroup.as_ref()?;
+    let cg = view.cgroup_of(pid)?;
+    cg.starts_with(vm_cgroup).then(|| {
+        format!(
+            "read from /proc: in the VM's cgroup {} that the manager set up",
+            cg.display()
+        )
+    })
 }
 
 pub(super) fn judge_stop(

@@ -12,6 +12,8 @@
 //! - [`net`]: the NIC claims (open, start/attach, detach), with what monitor mode infers.
 //! - [`acl`]: the cgroup claims, and holding the device policy to them.
 //! - [`life`]: the VM's start and stop.
+//! - [`resource`]: the other resources' claims (disk, chardev, rng, hostdev, tpm, shmem,
+//!   evdev), and their releases with no detach.
 //! - [`findings`]: what no claim accounts for: releases with no detach, copies of an
 //!   emulator's fds, devices no claim gave it, device decisions the ACL does not explain.
 //! - [`loss`]: lost events and their windows.
@@ -22,6 +24,7 @@ mod kernel;
 mod life;
 pub mod loss;
 mod net;
+mod resource;
 mod vm;
 
 use std::collections::{HashMap, HashSet};
@@ -67,6 +70,9 @@ struct Found {
     from: u64,
     /// The fd the claim turned out to be about (a NIC's first fd), for the verdict's claim.
     fd: Option<i32>,
+    /// It rests on a record not arriving (a detach, a claim giving a device): audit records
+    /// lost in its window make it `unknown`.
+    absence: bool,
 }
 
 impl Found {
@@ -83,6 +89,7 @@ impl Found {
             pids: Vec::new(),
             from,
             fd: None,
+            absence: false,
         }
     }
 
@@ -113,6 +120,12 @@ impl Found {
         self.fd = fd;
         self
     }
+
+    /// It rests on a record not arriving.
+    fn absent_record(mut self) -> Self {
+        self.absence = true;
+        self
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -129,8 +142,11 @@ pub struct Ledger {
     vms: HashMap<String, Vm>,
     log: KernelLog,
     losses: Losses,
+    /// Windows in which audit records were lost (arrival time, CLOCK_MONOTONIC).
+    record_losses: Losses,
     pending: Vec<Pending>,
     watches: Vec<findings::Watch>,
+    resources: resource::Resources,
     reported: HashSet<Finding>,
     historic: Vec<Claim>,
     /// Emulators the manager is stopping: their releases from now on are the stop's.
@@ -150,8 +166,10 @@ impl Ledger {
             vms: HashMap::new(),
             log: KernelLog::default(),
             losses: Losses::default(),
+            record_losses: Losses::default(),
             pending: Vec::new(),
             watches: Vec::new(),
+            resources: Default::default(),
             reported: HashSet::new(),
             historic: Vec::new(),
             stopping: HashSet::new(),
@@ -166,6 +184,16 @@ impl Ledger {
 
     pub fn add_manager(&mut self, pid: u32) {
         self.managers.insert(pid);
+    }
+
+    /// A manager is gone: its pid may be reused by anything.
+    pub fn remove_manager(&mut self, pid: u32) {
+        self.managers.remove(&pid);
+    }
+
+    /// VMs the ledger holds state for (evicted once their stop is judged).
+    pub fn vms(&self) -> usize {
+        self.vms.len()
     }
 
     /// The emulator pids of running VMs.
@@ -194,11 +222,24 @@ impl Ledger {
         self.losses.add(loss);
     }
 
+    /// Audit records lost between `from_ns` and `to_ns` (their arrival times): what rests on a
+    /// record not arriving in that window is `unknown`.
+    pub fn on_record_loss(&mut self, from_ns: u64, to_ns: u64, lost: u64) {
+        self.dirty = true;
+        self.record_losses.add(Loss {
+            pid: 0,
+            from_ns,
+            to_ns,
+            lost,
+        });
+    }
+
     /// One fd record of a watched process, in kernel order.
     pub fn on_fd(&mut self, r: &FdRecord, view: &dyn KernelView, out: &mut Vec<Verdict>) {
         self.dirty = true;
         let change = self.log.apply(r, &self.managers, view);
         findings::on_change(self, change, r, view, out);
+        resource::on_fd(self, r);
     }
 
     /// The manager is stopping emulator `pid`: what it releases from now on is the stop's.
@@ -264,6 +305,7 @@ impl Ledger {
             ClaimKind::NetDetach { mac, fds, .. } if c.success => {
                 net::note_detach(self, &c.uuid, mac, fds.as_deref());
             }
+            ClaimKind::Resource { .. } if c.success => resource::note(self, c),
             _ => {}
         }
     }
@@ -278,6 +320,7 @@ impl Ledger {
             ClaimKind::Cgroup { .. } => acl::judge(self, c, view, last),
             ClaimKind::VmStart { .. } => life::judge_start(self, c, view, last),
             ClaimKind::VmStop { .. } => life::judge_stop(self, c, view, last),
+            ClaimKind::Resource { .. } => resource::judge(self, c, view, last),
         }?;
         Some(self.seal(c.claim_ref(), found, c.made_ns, now))
     }
@@ -327,6 +370,19 @@ impl Ledger {
             );
             return Verdict::new(claim, Status::Unknown, reason, evidence);
         }
+        let gone = if f.absence {
+            self.record_losses.within(&[], from, now)
+        } else {
+            Vec::new()
+        };
+        if !gone.is_empty() && f.status != Status::Unknown {
+            let n: u64 = gone.iter().map(|l| l.lost).sum();
+            let reason = format!(
+                "audit records were lost ({n}) in this finding's window, and it rests on a record that did not arrive: nothing can be said (it would have been {}: {})",
+                f.status, f.reason
+            );
+            return Verdict::new(claim, Status::Unknown, reason, f.evidence);
+        }
         let confirmed = f.status == Status::Confirmed;
         let mut v = Verdict::new(claim, f.status, f.reason, f.evidence);
         if confirmed {
@@ -359,6 +415,7 @@ impl Ledger {
             }
         }
         findings::settle(self, view, now, out);
+        resource::settle(self, view, now, out);
     }
 
     /// Judges the pending claims of VM `uuid` now (none is final before its deadline).
@@ -412,15 +469,19 @@ impl Ledger {
         if let Some(pid) = pid {
             findings::release_all(self, pid);
             self.log.forget(&[pid]);
+            self.reported.retain(|f| !f.about(pid));
         }
+        // Nothing of the VM is judged any more: its state goes (a restart makes it anew).
+        self.vms.remove(uuid);
     }
 
     /// The log's past has been read: claims a later record superseded are `unknown` (their
     /// moment is gone); the others are judged against what the kernel holds now.
     pub fn caught_up(&mut self, view: &dyn KernelView, now: u64, out: &mut Vec<Verdict>) {
         let past = std::mem::take(&mut self.historic);
-        for (i, c) in past.iter().enumerate() {
-            match superseded_by(c, &past[i + 1..]) {
+        let later = superseders(&past);
+        for (c, l) in past.iter().zip(later) {
+            match l.map(|i| &past[i]) {
                 Some(l) => out.push(Verdict::new(
                     c.claim_ref(),
                     Status::Unknown,
@@ -453,6 +514,7 @@ impl Ledger {
         self.dirty = true;
         self.on_tick(view, now, out);
         findings::settle(self, view, u64::MAX, out);
+        resource::settle(self, view, u64::MAX, out);
         let uuids: Vec<String> = self.vms.keys().cloned().collect();
         for uuid in uuids {
             net::judge_unpassed(self, &uuid, view, now, out);
@@ -489,21 +551,45 @@ impl Ledger {
     }
 }
 
-/// The later record that makes a past claim's moment gone: a stop ends everything of that boot,
-/// a later start the earlier start, a detach the NIC's open and start.
-fn superseded_by<'a>(c: &Claim, later: &'a [Claim]) -> Option<&'a Claim> {
-    later.iter().find(|l| {
-        l.uuid == c.uuid
-            && match (&c.kind, &l.kind) {
-                (_, ClaimKind::VmStop { .. })
-                | (ClaimKind::VmStart { .. }, ClaimKind::VmStart { .. }) => true,
-                (
-                    ClaimKind::NetUp { mac, .. } | ClaimKind::NetOpen { mac, .. },
-                    ClaimKind::NetDetach { mac: m, .. },
-                ) => mac == m,
-                _ => false,
+/// For each past claim, the index of the first later record that makes its moment gone: a stop
+/// ends everything of that boot, a later start the earlier start, a detach the NIC's open and
+/// start. One pass from the end, so a long past costs linear time.
+fn superseders(past: &[Claim]) -> Vec<Option<usize>> {
+    let mut stop: HashMap<&str, usize> = HashMap::new();
+    let mut start: HashMap<&str, usize> = HashMap::new();
+    let mut detach: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut out = vec![None; past.len()];
+    for (i, c) in past.iter().enumerate().rev() {
+        let uuid = c.uuid.as_str();
+        let by_stop = stop.get(uuid).copied();
+        out[i] = match &c.kind {
+            ClaimKind::VmStart { .. } => min_some(by_stop, start.get(uuid).copied()),
+            ClaimKind::NetUp { mac, .. } | ClaimKind::NetOpen { mac, .. } => {
+                min_some(by_stop, detach.get(&(uuid, mac.as_str())).copied())
             }
-    })
+            _ => by_stop,
+        };
+        match &c.kind {
+            ClaimKind::VmStop { .. } => {
+                stop.insert(uuid, i);
+            }
+            ClaimKind::VmStart { .. } => {
+                start.insert(uuid, i);
+            }
+            ClaimKind::NetDetach { mac, .. } => {
+                detach.insert((uuid, mac.as_str()), i);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn min_some(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[cfg(test)]

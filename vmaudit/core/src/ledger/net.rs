@@ -55,6 +55,8 @@ pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found>
     };
     o.named = Some(c.id);
     let o = o.clone();
+    // Named, it is the NIC's now; the list keeps only opens still to be named.
+    l.log.opens.retain(|x| x.named.is_none());
     let mut e = o.evidence();
     if fd.is_none() {
         e = e.detail(
@@ -91,7 +93,7 @@ pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found>
 }
 
 fn judge_failed_open(
-    l: &Ledger,
+    l: &mut Ledger,
     c: &Claim,
     path: &str,
     managers: &[u32],
@@ -103,8 +105,8 @@ fn judge_failed_open(
         .iter()
         .rev()
         .find(|f| managers.contains(&f.pid) && f.path == path && f.ts <= c.made_ns);
-    match failed {
-        Some(f) => Some(
+    if let Some(f) = failed {
+        return Some(
             Found::confirmed(
                 format!("the kernel refused to open {path} ({})", f.errno),
                 vec![
@@ -115,14 +117,49 @@ fn judge_failed_open(
                 ],
             )
             .on([f.pid]),
-        ),
-        None => last.then(|| {
-            Found::unconfirmed(format!(
-                "the kernel saw no failed open of {path} by the manager"
-            ))
-            .on(managers.to_vec())
-        }),
+        );
     }
+    if let Some(found) = opened_then_released(l, c, path, managers) {
+        return Some(found);
+    }
+    last.then(|| {
+        Found::unconfirmed(format!(
+            "the kernel saw no failed open of {path} by the manager"
+        ))
+        .on(managers.to_vec())
+    })
+}
+
+/// A device whose open succeeded but whose set-up failed (a tap's TUNSETIFF, as libvirt also
+/// audits it): the manager opened it and released it before the record, and nothing was
+/// passed.
+fn opened_then_released(l: &mut Ledger, c: &Claim, path: &str, managers: &[u32]) -> Option<Found> {
+    let releases = &l.log.releases;
+    let o = l.log.opens.iter_mut().find(|o| {
+        o.named.is_none()
+            && managers.contains(&o.at.pid)
+            && o.path == path
+            && releases
+                .get(&o.at)
+                .is_some_and(|(ts, _)| *ts >= o.ts && *ts <= c.made_ns)
+    })?;
+    o.named = Some(c.id);
+    let o = o.clone();
+    l.log.opens.retain(|x| x.named.is_none());
+    let (ts, op) = l.log.releases[&o.at];
+    Some(
+        Found::confirmed(
+            format!(
+                "the manager (pid {}) opened {path} as fd {} and released it before the record: the device was not set up, nothing was passed",
+                o.at.pid, o.at.fd
+            ),
+            vec![
+                o.evidence(),
+                Evidence::new(o.at.pid, op.name()).fd(o.at.fd).at(ts),
+            ],
+        )
+        .on([o.at.pid]),
+    )
 }
 
 /// One of the emulator's fds for a NIC, as found.
@@ -221,8 +258,14 @@ fn up_verdict(
     if found.is_empty() {
         return last.then(|| not_held(l, c, emu, mac, attach, view));
     }
-    let list = fd_list(found.iter().map(|f| f.at.fd));
-    if let Some(gone) = found.iter().find(|f| !f.held) {
+    // The manager's exact list must be held fd by fd; an inferred NIC is held while any of its
+    // fds is (a copy the emulator made and closed is no release of the NIC).
+    let gone = if handed.is_empty() {
+        found.iter().all(|f| !f.held).then(|| &found[0])
+    } else {
+        found.iter().find(|f| !f.held)
+    };
+    if let Some(gone) = gone {
         return Some(
             Found::violated(
                 format!(
@@ -234,6 +277,8 @@ fn up_verdict(
             .on([emu]),
         );
     }
+    let found: Vec<NicFd> = found.into_iter().filter(|f| f.held).collect();
+    let list = fd_list(found.iter().map(|f| f.at.fd));
     register_held(l, c, mac, &found, handed);
     let first = found.first().map(|f| f.at.fd);
     let same = if handed.is_empty() {
@@ -324,7 +369,7 @@ fn candidates(l: &Ledger, emu: u32, since: u64, view: &dyn KernelView) -> Vec<Ne
             if out.iter().any(|n| n.at == at && n.released.is_none()) {
                 continue;
             }
-            let iface = e.id.iface.clone().or_else(|| view.iface_of(at));
+            let iface = view.iface_of(at).or_else(|| e.id.iface.clone());
             out.push(NetFdLife {
                 at,
                 since: e.since_ns,
