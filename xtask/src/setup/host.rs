@@ -48,6 +48,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "logrotate",
     // `setpriv`: the installed monitor runs with exactly the capabilities its unit grants.
     "util-linux",
+    // `rsyslogd`: the receiver `vmaudit forward` is tested against, over UDP, TCP and a unix
+    // socket (tests/tests/forward.rs).
+    "rsyslog",
 ];
 
 /// Groups libvirt's QEMU driver needs (Debian builds it to run qemu as `libvirt-qemu`, and
