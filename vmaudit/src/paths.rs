@@ -47,6 +47,11 @@ pub const SELF_STATUS: &str = "/proc/self/status";
 /// Where vmaudit mounts tracefs when it is not mounted anywhere.
 pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
 
+/// Where vmaudit mounts bpffs when it is not mounted anywhere.
+pub const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+/// vmaudit's directory in bpffs: `<bpffs>/vmaudit/<name>/devcg-link` pins a VM's device program.
+pub const BPFFS_DIR: &str = "vmaudit";
+
 /// Per-VM runtime state of `vmaudit run` (QMP socket, pid file): `/run/vmaudit/<name>`.
 pub const RUN_DIR: &str = "/run/vmaudit";
 /// Default journal of `vmaudit run`: `/var/log/vmaudit/<name>.jsonl`.

@@ -57,6 +57,10 @@ pub const NO_MATCH: u8 = 19;
 /// kernel's audit multicast group cannot be joined), or the source failed while read.
 pub const AUDIT_SOURCE: u8 = 20;
 
+/// `run`: the VM is already running under vmaudit (another `vmaudit run` of it holds its lock),
+/// or what a dead run of it left cannot be removed.
+pub const VM_RUNNING: u8 = 21;
+
 /// `forward`: the `--to` address does not parse or resolve, or the `--state` file cannot be
 /// read (or is not one) or written.
 pub const FORWARD: u8 = 22;
@@ -107,6 +111,10 @@ pub const TABLE: &[(u8, &str)] = &[
     (SERVE, "--serve: bad address, or it cannot be listened on"),
     (NO_MATCH, "search: nothing matched"),
     (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
+    (
+        VM_RUNNING,
+        "run: the VM already runs under vmaudit, or a dead run's leftovers cannot be removed",
+    ),
     (
         FORWARD,
         "forward: bad --to address, or the --state file cannot be read or written",
