@@ -57,20 +57,33 @@ impl GuestImage {
 
     /// qemu's arguments (without the program) that boot the guest: TCG, a `pc` machine (ACPI
     /// PCI hot-plug), 128 MiB, no default devices, the console on ttyS0 written to
-    /// `serial_log`, QMP listening on `qmp` without waiting for a client. Usable as they are
-    /// as a vmaudit spec's `[emulator] args` (see [`GuestImage::emulator_toml`]): vmaudit
-    /// appends its `-netdev`/`-device` arguments.
+    /// `serial_log`, QMP listening on `qmp` without waiting for a client: qemu run directly.
+    /// Under `vmaudit run` see [`GuestImage::emulator_toml`] (vmaudit binds QMP's socket).
     ///
     /// Panics if a path holds a comma: qemu would split `-serial` or `-qmp` there.
     pub fn qemu_args(&self, serial_log: &Path, qmp: &Path) -> Vec<String> {
         let text = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
-        for p in [serial_log, qmp] {
-            assert!(
-                !text(p).contains(','),
-                "{}: qemu option values cannot hold a comma",
-                p.display()
-            );
-        }
+        let mut args = self.boot_args(serial_log);
+        assert!(
+            !text(qmp).contains(','),
+            "{}: qemu option values cannot hold a comma",
+            qmp.display()
+        );
+        args.extend([
+            "-qmp".to_owned(),
+            format!("unix:{},server=on,wait=off", text(qmp)),
+        ]);
+        args
+    }
+
+    /// Everything but QMP: the machine, the guest, its console written to `serial_log`.
+    fn boot_args(&self, serial_log: &Path) -> Vec<String> {
+        let text = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+        assert!(
+            !text(serial_log).contains(','),
+            "{}: qemu option values cannot hold a comma",
+            serial_log.display()
+        );
         [
             "-accel",
             "tcg",
@@ -89,19 +102,26 @@ impl GuestImage {
             "console=ttyS0",
             "-serial",
             &format!("file:{}", text(serial_log)),
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", text(qmp)),
         ]
         .map(str::to_owned)
         .to_vec()
     }
 
-    /// A spec's `[emulator]` table that boots the guest under `vmaudit run`
-    /// ([`GuestImage::qemu_args`] as `args`; qemu from PATH).
-    pub fn emulator_toml(&self, serial_log: &Path, qmp: &Path) -> String {
+    /// A spec's `[emulator]` table that boots the guest under `vmaudit run` (qemu from PATH):
+    /// the boot arguments, and QMP on the socket vmaudit hands over (`{qmp-fd}`).
+    pub fn emulator_toml(&self, serial_log: &Path) -> String {
+        let mut args = self.boot_args(serial_log);
+        args.extend(
+            [
+                "-chardev",
+                "socket,id=qmp,fd={qmp-fd},server=on,wait=off",
+                "-mon",
+                "chardev=qmp,mode=control",
+            ]
+            .map(str::to_owned),
+        );
         // A JSON string is a TOML basic string for everything a path holds.
-        let args: Vec<String> = self
-            .qemu_args(serial_log, qmp)
+        let args: Vec<String> = args
             .iter()
             .map(|a| serde_json::to_string(a).expect("a string"))
             .collect();
@@ -164,13 +184,23 @@ mod tests {
 
     #[test]
     fn gives_a_spec_emulator_table() {
-        let toml = image().emulator_toml(Path::new("/t/s.log"), Path::new("/t/q.sock"));
+        let toml = image().emulator_toml(Path::new("/t/s.log"));
         let text = format!("name = \"g\"\nuuid = \"0b0b0b0b-1c1c-4d2d-8e3e-4f4f4f4f4f4f\"\n{toml}");
         let spec = vmaudit::runtime::spec::Spec::parse(Path::new("g.toml"), &text)
             .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(spec.has_qmp());
+        let args = spec.emulator.args.unwrap();
+        let direct = image().qemu_args(Path::new("/t/s.log"), Path::new("/t/q.sock"));
+        // The same boot arguments; QMP on vmaudit's socket instead of a path.
+        assert_eq!(args[..17], direct[..17]);
         assert_eq!(
-            spec.emulator.args,
-            Some(image().qemu_args(Path::new("/t/s.log"), Path::new("/t/q.sock")))
+            args[17..],
+            [
+                "-chardev",
+                "socket,id=qmp,fd={qmp-fd},server=on,wait=off",
+                "-mon",
+                "chardev=qmp,mode=control"
+            ]
         );
     }
 

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod bpf;
 pub mod guest;
+pub mod hardening;
 pub mod libvirt;
 pub mod manager;
 pub mod vmrun;
@@ -407,14 +408,17 @@ impl Drop for VethGuard {
     }
 }
 
-/// A temporary directory removed on drop.
+/// A temporary directory removed on drop. Mode 1777, as /tmp's: the emulator `vmaudit run`
+/// starts runs as an unprivileged user and writes its files (a console log, a ready file) here.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
         let p = std::env::temp_dir().join(format!("vmaudit-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("mkdir");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
         Self(p)
     }
 }

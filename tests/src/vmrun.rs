@@ -41,6 +41,11 @@ impl Deref for Kept {
 }
 
 impl Kept {
+    /// The run's directory, for a run after it ([`VmRun::start_in`]).
+    pub fn into_dir(self) -> TempDir {
+        self._dir
+    }
+
     /// Every journal line (records and verdicts).
     pub fn lines(&self) -> Vec<Value> {
         journal_lines(&self.journal)
@@ -60,7 +65,19 @@ impl VmRun {
     /// `vmaudit run --audit journal` of the spec `name = NAME`, `uuid = UUID`, then `body`,
     /// with extra `flags`.
     pub fn start(bins: &Bins, name: &str, uuid: &str, body: &str, flags: &[&str]) -> Self {
-        let dir = TempDir::new(name);
+        Self::start_in(bins, TempDir::new(name), name, uuid, body, flags)
+    }
+
+    /// [`VmRun::start`] in `dir` (whose journal, if one is there, is appended to): a VM run
+    /// again after an earlier run of it ended or died.
+    pub fn start_in(
+        bins: &Bins,
+        dir: TempDir,
+        name: &str,
+        uuid: &str,
+        body: &str,
+        flags: &[&str],
+    ) -> Self {
         let spec = dir.0.join("vm.toml");
         std::fs::write(
             &spec,

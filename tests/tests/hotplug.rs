@@ -203,11 +203,7 @@ fn two_hundred_cycles_with_a_real_guest_leak_nothing_and_are_all_confirmed() {
     let guest = vmaudit_tests::guest::GuestImage::find();
     let logs = TempDir::new("hp-guest");
     let serial = logs.0.join("serial.log");
-    let mut vm = start(
-        &bins,
-        "vmaudit-hp3",
-        &guest.emulator_toml(&serial, Path::new("{qmp}")),
-    );
+    let mut vm = start(&bins, "vmaudit-hp3", &guest.emulator_toml(&serial));
     let emu = vm.emulator_pid();
     vmaudit_tests::guest::wait_ready(&serial);
     let vmaudit_pid = vm.pid();
@@ -264,7 +260,7 @@ fn a_command_qemu_refuses_is_rolled_back_and_audited() {
     require_root();
     let bins = bins!();
     // No boot interface: a microvm has no PCI bus for one.
-    let body = "[emulator]\nargs = [\"-M\", \"microvm\", \"-nodefaults\", \"-display\", \"none\", \"-S\", \"-qmp\", \"unix:{qmp},server=on,wait=off\"]\n";
+    let body = "[emulator]\nargs = [\"-M\", \"microvm\", \"-nodefaults\", \"-display\", \"none\", \"-S\", \"-chardev\", \"socket,id=qmp,fd={qmp-fd},server=on,wait=off\", \"-mon\", \"chardev=qmp,mode=control\"]\n";
     let mut vm = VmRun::start(&bins, "vmaudit-hp4", UUID, body, &[]);
     let emulator = vm.emulator_pid();
     let held = proc_fds(emulator);

@@ -3,7 +3,7 @@
 //! libvirt wrote: what a user sees, the fd numbers held to the journal's kernel evidence, and
 //! the exit codes.
 
-use std::{collections::BTreeSet, path::Path};
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 use vmaudit_tests::{Bins, TempDir, bins, require_root, run_vmaudit, vmrun::VmRun};
@@ -456,7 +456,7 @@ fn a_confirmed_detach_names_the_fds_the_kernel_saw_closed() {
     let serial = logs.0.join("serial.log");
     let body = format!(
         "{}\n[[interface]]\nmac = \"52:54:00:00:73:01\"\nifname = \"vmsr3-boot\"\n",
-        guest.emulator_toml(&serial, Path::new("{qmp}"))
+        guest.emulator_toml(&serial)
     );
     let mut vm = VmRun::start(&bins, "vmaudit-sr3", UUID, &body, &[]);
     let emu = vm.emulator_pid();

@@ -179,6 +179,8 @@ fn a_passed_fd_sent_to_a_stranger_is_caught() {
     let tmp = TempDir::new("v-stranger");
     let sock = tmp.0.join("stranger.sock");
     let listener = UnixListener::bind(&sock).unwrap();
+    // The emulator runs as an unprivileged user: let it connect.
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let stranger = thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut buf = [0u8; 8];
@@ -210,12 +212,20 @@ fn a_passed_fd_sent_to_a_stranger_is_caught() {
 fn a_network_device_the_emulator_opens_itself_is_caught() {
     require_root();
     let bins = bins!();
-    // The ACL lets it open /dev/net/tun; still, no claim passed it that fd.
+    // The ACL lets it open the tun device; still, no claim passed it that fd. It runs as an
+    // unprivileged user, for whom /dev/net/tun is closed (0600): a node of the same device
+    // (c 10:200) it may open stands in for a host whose /dev/net/tun is open to it.
+    let tmp = TempDir::new("v-tun");
+    let node = tmp.0.join("tun");
+    vmaudit_tests::sh(
+        "mknod",
+        &["-m", "0666", node.to_str().unwrap(), "c", "10", "200"],
+    );
     let mut vm = Vm::start(
         &bins,
         "vmaudit-v-tun",
-        &fake(&bins, &["open-tun"]),
-        "[[acl]]\npath = \"/dev/net/tun\"\n",
+        &fake(&bins, &["open-tun", "--device", node.to_str().unwrap()]),
+        &format!("[[acl]]\npath = \"{}\"\n", node.display()),
         &[],
     );
     vm.emulator_pid();

@@ -6,6 +6,8 @@
 //! - [`procfs`]: fd identities read from /proc (seeding, resyncing, `vmaudit fds`).
 //! - [`kcmp`]: whether two fds in two processes are the same open file description.
 //! - [`exit`]: the documented exit codes.
+//! - [`follow`]: a file followed by name across rotation (audit.log, journals).
+//! - [`forward`]: journals forwarded as RFC 5424 syslog.
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmaudit's syscall tables are x86_64 only for now");
@@ -13,6 +15,8 @@ compile_error!("vmaudit's syscall tables are x86_64 only for now");
 pub mod audit;
 pub mod cgroup;
 pub use vmaudit_core::exit;
+pub mod follow;
+pub mod forward;
 pub mod kcmp;
 pub mod logging;
 pub mod monitor;

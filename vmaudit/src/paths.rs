@@ -51,6 +51,10 @@ pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// The per-boot secret key of open-file-description ids (tmpfs: gone at reboot), mode 0600.
 pub const OFD_KEY: &str = "/run/vmaudit/ofd-key";
+/// Where vmaudit mounts bpffs when it is not mounted anywhere.
+pub const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+/// vmaudit's directory in bpffs: `<bpffs>/vmaudit/<name>/devcg-link` pins a VM's device program.
+pub const BPFFS_DIR: &str = "vmaudit";
 
 /// Per-VM runtime state of `vmaudit run` (QMP socket, pid file): `/run/vmaudit/<name>`.
 pub const RUN_DIR: &str = "/run/vmaudit";

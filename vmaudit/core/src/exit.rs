@@ -29,7 +29,7 @@ pub const UNCONFIRMED: u8 = 8;
 /// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
 pub const SPEC: u8 = 10;
 /// `vmaudit run`: the journal cannot be opened or written; `vmaudit search`: an input (journal
-/// or audit.log) cannot be read, or is not one.
+/// or audit.log) cannot be read, or is not one; `vmaudit forward`: a journal cannot be read.
 pub const JOURNAL: u8 = 11;
 /// `vmaudit run`: a device could not be opened (its failure record was written; everything
 /// opened before it was closed).
@@ -57,6 +57,14 @@ pub const NO_MATCH: u8 = 19;
 /// kernel's audit multicast group cannot be joined), or the source failed while read.
 pub const AUDIT_SOURCE: u8 = 20;
 
+/// `run`: the VM is already running under vmaudit (another `vmaudit run` of it holds its lock),
+/// or what a dead run of it left cannot be removed.
+pub const VM_RUNNING: u8 = 21;
+
+/// `forward`: the `--to` address does not parse or resolve, or the `--state` file cannot be
+/// read (or is not one) or written.
+pub const FORWARD: u8 = 22;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
@@ -83,7 +91,7 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (
         JOURNAL,
-        "run: the audit records cannot be written (journal; kernel with --audit kernel); search: an input cannot be read",
+        "run: the audit records cannot be written (journal; kernel with --audit kernel); search, forward: an input cannot be read",
     ),
     (DEVICE, "run: a device could not be opened"),
     (CGROUP, "run: the VM's cgroup could not be set up"),
@@ -103,4 +111,12 @@ pub const TABLE: &[(u8, &str)] = &[
     (SERVE, "--serve: bad address, or it cannot be listened on"),
     (NO_MATCH, "search: nothing matched"),
     (AUDIT_SOURCE, "monitor: the audit records cannot be read"),
+    (
+        VM_RUNNING,
+        "run: the VM already runs under vmaudit, or a dead run's leftovers cannot be removed",
+    ),
+    (
+        FORWARD,
+        "forward: bad --to address, or the --state file cannot be read or written",
+    ),
 ];

@@ -11,8 +11,10 @@
 //! - [`kernel`]: the kernel audit subsystem over NETLINK_AUDIT: status, enable, send.
 //! - [`reader`]: a multicast [`Reader`] of what the kernel logged.
 //! - [`journal`]: vmaudit's own append-only JSON-lines journal, fsync'd per record.
+//! - [`chain`]: the journal's hash chain (every line's `seq` and `prev`), and its check.
 //! - [`sink`]: where records go ([`AuditMode`]): journal, kernel, or both.
 
+pub mod chain;
 pub mod journal;
 pub mod kernel;
 pub mod reader;

@@ -7,8 +7,18 @@
 //! kernel's verdict, which exists only once the kernel has answered.) When the kernel
 //! drops records (auditing disabled) or refuses them, one warning says so, the first time, and
 //! the journal goes on.
+//!
+//! The kernel side runs on a thread of its own: a send can block (a full audit backlog makes
+//! senders wait), and whoever emits must not. [`AuditSink::emit`] waits at most
+//! [`KERNEL_WAIT`] for the kernel's answer; a record not answered by then is journaled with
+//! `kernel: "queued"`, the kernel gets it in order, and its answer, when it comes, is checked
+//! like any other (a refusal in `kernel` mode fails the next emit, or [`AuditSink::flush`]).
 
-use std::time::SystemTime;
+use std::{
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
 
 use nix::errno::Errno;
 use thiserror::Error;
@@ -84,11 +94,131 @@ pub struct EmitOutcome {
     pub journaled: bool,
 }
 
+/// How long [`AuditSink::emit`] waits for the kernel's answer before it journals the record
+/// as `queued`.
+pub const KERNEL_WAIT: Duration = Duration::from_millis(250);
+
+type Answer = Result<SendStatus, KernelError>;
+
+/// One record for the kernel thread, and where its answer goes.
+struct Job {
+    kind: AuditType,
+    text: String,
+    answer: mpsc::SyncSender<Answer>,
+}
+
+/// The thread that talks to the kernel audit subsystem.
+struct KernelThread {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    /// Records handed over and not answered yet, oldest first.
+    waiting: Vec<(AuditType, mpsc::Receiver<Answer>)>,
+}
+
+impl KernelThread {
+    fn start(mut port: Box<dyn KernelPort>) -> Self {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("vmaudit-audit".into())
+            .spawn(move || {
+                for job in rx {
+                    let answer = port.send(job.kind, &job.text);
+                    // The receiver is gone only when the sink is: nobody is left to tell.
+                    let _ = job.answer.send(answer);
+                }
+            });
+        match thread {
+            Ok(t) => Self {
+                jobs: Some(jobs),
+                thread: Some(t),
+                waiting: Vec::new(),
+            },
+            Err(e) => {
+                log::error!("cannot start the kernel audit thread: {e}");
+                Self {
+                    jobs: None,
+                    thread: None,
+                    waiting: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Hands a record over; its answer if it comes within `wait` and nothing older is still
+    /// unanswered (otherwise it is queued behind them).
+    fn send(&mut self, kind: AuditType, text: &str, wait: Duration) -> Option<Answer> {
+        let (answer, rx) = mpsc::sync_channel(1);
+        let job = Job {
+            kind,
+            text: text.to_owned(),
+            answer,
+        };
+        let Some(jobs) = &self.jobs else {
+            return Some(Err(KernelError::Timeout {
+                op: "the kernel audit thread",
+                timeout: Duration::ZERO,
+            }));
+        };
+        if jobs.send(job).is_err() {
+            return Some(Err(KernelError::Timeout {
+                op: "the kernel audit thread (gone)",
+                timeout: Duration::ZERO,
+            }));
+        }
+        if !self.waiting.is_empty() {
+            self.waiting.push((kind, rx));
+            return None;
+        }
+        match rx.recv_timeout(wait) {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.waiting.push((kind, rx));
+                None
+            }
+        }
+    }
+
+    /// The answers that came for queued records, oldest first, waiting at most `wait` for the
+    /// first one still missing.
+    fn answered(&mut self, wait: Duration) -> Vec<(AuditType, Answer)> {
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + wait;
+        while let Some((kind, rx)) = self.waiting.first() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(a) => {
+                    out.push((*kind, a));
+                    self.waiting.remove(0);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.waiting.remove(0);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for KernelThread {
+    fn drop(&mut self) {
+        self.jobs = None;
+        // A thread blocked in the kernel is left to end with the process: joining it would
+        // make whoever drops the sink wait on the kernel too.
+        if self.waiting.is_empty()
+            && let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            log::error!("the kernel audit thread panicked");
+        }
+    }
+}
+
 /// The configured destination of records.
 pub struct AuditSink {
     mode: AuditMode,
     journal: Option<Journal>,
-    kernel: Result<Box<dyn KernelPort>, Errno>,
+    kernel: Result<KernelThread, Errno>,
     warned: bool,
 }
 
@@ -126,12 +256,61 @@ impl AuditSink {
         if mode != AuditMode::Kernel && journal.is_none() {
             return Err(SinkError::NoJournal { mode });
         }
+        let kernel = match (mode, kernel) {
+            (AuditMode::Journal, _) => Err(Errno::ENOTSUP),
+            (_, Ok(port)) => Ok(KernelThread::start(port)),
+            (_, Err(e)) => Err(e),
+        };
         Ok(Self {
             mode,
             journal,
             kernel,
             warned: false,
         })
+    }
+
+    /// The journal records go to, if any.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// Waits (at most `wait`) for the kernel's answers to queued records; in `kernel` mode a
+    /// refusal among them is the error.
+    pub fn flush(&mut self, wait: Duration) -> Result<(), SinkError> {
+        let answers = match &mut self.kernel {
+            Ok(k) => k.answered(wait),
+            Err(_) => return Ok(()),
+        };
+        self.check_late(answers)?;
+        match &self.kernel {
+            Ok(k) if !k.waiting.is_empty() => {
+                log::warn!(
+                    "{} audit record(s) still wait for the kernel after {wait:?}",
+                    k.waiting.len()
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers to records journaled as `queued`: a refusal fails `kernel` mode, and is warned
+    /// about (once) otherwise.
+    fn check_late(&mut self, answers: Vec<(AuditType, Answer)>) -> Result<(), SinkError> {
+        for (kind, a) in answers {
+            match a {
+                Ok(SendStatus::Accepted) => {}
+                Ok(SendStatus::Disabled) => self.warn_once(kind, &KernelOutcome::Disabled),
+                Err(source) if self.mode == AuditMode::Kernel => {
+                    return Err(SinkError::Kernel { kind, source });
+                }
+                Err(e) => self.warn_once(
+                    kind,
+                    &KernelOutcome::Refused(e.errno().unwrap_or(Errno::EPROTO)),
+                ),
+            }
+        }
+        Ok(())
     }
 
     pub fn mode(&self) -> AuditMode {
@@ -166,21 +345,41 @@ impl AuditSink {
     }
 
     fn send_kernel(&mut self, record: &Record) -> Result<KernelOutcome, SinkError> {
-        let outcome = match &mut self.kernel {
-            Ok(k) => match k.send(record.kind, &record.text) {
-                Ok(SendStatus::Accepted) => KernelOutcome::Sent,
-                Ok(SendStatus::Disabled) => KernelOutcome::Disabled,
-                Err(source) if self.mode == AuditMode::Kernel => {
-                    return Err(SinkError::Kernel {
-                        kind: record.kind,
-                        source,
-                    });
-                }
-                Err(e) => KernelOutcome::Refused(e.errno().unwrap_or(Errno::EPROTO)),
-            },
-            Err(errno) => KernelOutcome::Refused(*errno),
+        let (answer, late) = match &mut self.kernel {
+            Ok(k) => {
+                let late = k.answered(Duration::ZERO);
+                (k.send(record.kind, &record.text, KERNEL_WAIT), late)
+            }
+            Err(errno) => (
+                Some(Err(KernelError::Refused {
+                    op: "open",
+                    errno: *errno,
+                })),
+                Vec::new(),
+            ),
         };
-        if outcome != KernelOutcome::Sent && !self.warned {
+        self.check_late(late)?;
+        let outcome = match answer {
+            None => KernelOutcome::Queued,
+            Some(Ok(SendStatus::Accepted)) => KernelOutcome::Sent,
+            Some(Ok(SendStatus::Disabled)) => KernelOutcome::Disabled,
+            Some(Err(source)) if self.mode == AuditMode::Kernel => {
+                return Err(SinkError::Kernel {
+                    kind: record.kind,
+                    source,
+                });
+            }
+            Some(Err(e)) => KernelOutcome::Refused(e.errno().unwrap_or(Errno::EPROTO)),
+        };
+        self.warn_once(record.kind, &outcome);
+        Ok(outcome)
+    }
+
+    fn warn_once(&mut self, kind: AuditType, outcome: &KernelOutcome) {
+        if matches!(outcome, KernelOutcome::Sent | KernelOutcome::Queued) {
+            return;
+        }
+        if !self.warned {
             self.warned = true;
             let rest = match self.mode {
                 AuditMode::Kernel => "dropped",
@@ -192,13 +391,11 @@ impl AuditSink {
                      VIRT_* records are {rest}"
                 ),
                 _ => log::warn!(
-                    "the kernel audit subsystem refused a {} record ({outcome}): \
-                     VIRT_* records are {rest}",
-                    record.kind
+                    "the kernel audit subsystem refused a {kind} record ({outcome}): \
+                     VIRT_* records are {rest}"
                 ),
             }
         }
-        Ok(outcome)
     }
 }
 

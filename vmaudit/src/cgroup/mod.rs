@@ -16,6 +16,7 @@
 
 pub mod attached;
 pub mod layout;
+pub mod pin;
 pub mod v1;
 mod v2;
 
@@ -146,6 +147,18 @@ pub enum CgroupError {
     KeyConflict { rule: String, held: String },
     #[error("device map entry {key:#x} = {value:#x} is no rule")]
     MapEntry { key: u64, value: u32 },
+    #[error("mounting {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning the device program's link at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Which cgroup version a [`VmCgroup`] uses.
@@ -198,6 +211,18 @@ impl VmCgroup {
         name: &str,
         rules: &[Rule],
     ) -> Result<(Self, Vec<RuleOutcome>), CgroupError> {
+        Self::create_v2_pinned(parent, name, rules, None)
+    }
+
+    /// [`VmCgroup::create_v2`], with the program's link pinned at `pin` (see [`pin`]): the ACL
+    /// then holds even if this process dies, until the pin is removed. [`VmCgroup::remove`]
+    /// removes it.
+    pub fn create_v2_pinned(
+        parent: &Path,
+        name: &str,
+        rules: &[Rule],
+        pin: Option<&Path>,
+    ) -> Result<(Self, Vec<RuleOutcome>), CgroupError> {
         let dir = make_dir(parent, name, CGROUP2_SUPER_MAGIC, "cgroup2")?;
         let made = (|| {
             let handle = open_dir(&dir)?;
@@ -208,7 +233,7 @@ impl VmCgroup {
                     source,
                 })?
                 .ino();
-            let (program, stream) = DeviceProgram::attach(&handle, &dir)?;
+            let (program, stream) = DeviceProgram::attach(&handle, &dir, pin)?;
             let procs_path = dir.join(CGROUP_PROCS);
             let procs = open_procs(&procs_path)?;
             Ok(Self {
@@ -389,7 +414,7 @@ impl VmCgroup {
         if let Backend::V2(program) = &mut self.backend
             && let Some(p) = program.take()
         {
-            p.detach();
+            p.detach()?;
         }
         Ok(())
     }

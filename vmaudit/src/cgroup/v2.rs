@@ -26,8 +26,11 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CgroupError {
 
 /// The loaded program, attached (with a bpf link) to one cgroup directory.
 pub(super) struct DeviceProgram {
-    /// Owns the program and its link: dropping it detaches the program.
-    ebpf: Ebpf,
+    /// Owns the program and (unpinned) its link: dropping it detaches the program. Held, never
+    /// read.
+    _ebpf: Ebpf,
+    /// A pinned link: its fd, and the pin, removed on detach.
+    pinned: Option<(std::os::fd::OwnedFd, std::path::PathBuf)>,
     rules: HashMap<MapData, u64, u32>,
     losses: PerCpuArray<MapData, u64>,
 }
@@ -38,6 +41,7 @@ impl DeviceProgram {
     pub(super) fn attach(
         dir: &File,
         dir_path: &Path,
+        pin: Option<&Path>,
     ) -> Result<(Self, DecisionStream), CgroupError> {
         let mut ebpf =
             EbpfLoader::new()
@@ -53,12 +57,24 @@ impl DeviceProgram {
             .map_err(|source| CgroupError::Program { name, source })?;
         prog.load()
             .map_err(|source| CgroupError::Program { name, source })?;
-        // Single: no program below this cgroup can override the VM's ACL.
-        prog.attach(dir, CgroupAttachMode::Single)
-            .map_err(|source| CgroupError::Attach {
-                path: dir_path.to_owned(),
-                source,
-            })?;
+        let pinned = match pin {
+            Some(pin) => {
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|source| CgroupError::Program { name, source })?;
+                let link = super::pin::attach_pinned(prog_fd.as_fd(), dir.as_fd(), pin)?;
+                Some((link, pin.to_owned()))
+            }
+            None => {
+                // Single: no program below this cgroup can override the VM's ACL.
+                prog.attach(dir, CgroupAttachMode::Single)
+                    .map_err(|source| CgroupError::Attach {
+                        path: dir_path.to_owned(),
+                        source,
+                    })?;
+                None
+            }
+        };
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(CgroupError::MissingObject { name })
@@ -68,7 +84,8 @@ impl DeviceProgram {
         let ring = RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?;
         Ok((
             Self {
-                ebpf,
+                _ebpf: ebpf,
+                pinned,
                 rules,
                 losses,
             },
@@ -140,9 +157,22 @@ impl DeviceProgram {
         Ok(per_cpu.iter().sum())
     }
 
-    /// Detaches the program (closes its link) and unloads it.
-    pub(super) fn detach(self) {
-        drop(self.ebpf);
+    /// Detaches the program (closes its link, removes its pin) and unloads it.
+    pub(super) fn detach(mut self) -> Result<(), CgroupError> {
+        match self.pinned.take() {
+            Some((_link, pin)) => super::pin::unpin(&pin).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DeviceProgram {
+    fn drop(&mut self) {
+        if let Some((_link, pin)) = self.pinned.take()
+            && let Err(e) = super::pin::unpin(&pin)
+        {
+            log::warn!("{e}");
+        }
     }
 }
 

@@ -88,7 +88,7 @@ fn spec_text(stand_in: bool, guest: Option<&(PathBuf, PathBuf)>, serial: &Path) 
         // Holds the fds it is given and waits; runs no VM. Only for hosts without qemu.
         (true, _) => "[emulator]\npath = \"/bin/sh\"\nargs = [\"-c\", \"exec sleep infinity\", \"vmaudit-stand-in\"]\n\n".to_owned(),
         (false, Some((kernel, initrd))) => format!(
-            "[emulator]\nargs = [\"-accel\", \"tcg\", \"-M\", \"pc\", \"-m\", \"128\", \"-nodefaults\", \"-display\", \"none\", \"-kernel\", \"{}\", \"-initrd\", \"{}\", \"-append\", \"console=ttyS0\", \"-serial\", \"file:{}\", \"-qmp\", \"unix:{{qmp}},server=on,wait=off\"]\n\n",
+            "[emulator]\nargs = [\"-accel\", \"tcg\", \"-M\", \"pc\", \"-m\", \"128\", \"-nodefaults\", \"-display\", \"none\", \"-kernel\", \"{}\", \"-initrd\", \"{}\", \"-append\", \"console=ttyS0\", \"-serial\", \"file:{}\", \"-chardev\", \"socket,id=qmp,fd={{qmp-fd}},server=on,wait=off\", \"-mon\", \"chardev=qmp,mode=control\"]\n\n",
             kernel.display(),
             initrd.display(),
             serial.display()
@@ -144,6 +144,15 @@ pub fn run(args: Args) -> u8 {
     let journal = dir.join("journal.jsonl");
     let guest = guest_image();
     let serial = dir.join("serial.log");
+    // qemu runs as its unprivileged user: the console log it writes is made for it here.
+    let log_made = std::fs::write(&serial, "").and_then(|()| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&serial, std::fs::Permissions::from_mode(0o666))
+    });
+    if let Err(e) = log_made {
+        eprintln!("vmaudit: {}: {e}", serial.display());
+        return exit::INTERNAL;
+    }
     if let Err(e) = std::fs::write(&spec, spec_text(stand_in, guest.as_ref(), &serial)) {
         vmaudit::failure!("writing {}: {e}", spec.display());
         return exit::INTERNAL;

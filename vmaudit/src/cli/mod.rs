@@ -3,6 +3,7 @@
 mod demo;
 mod demo_monitor;
 mod fds;
+mod forward;
 mod generate;
 mod hotplug;
 mod monitor;
@@ -56,6 +57,9 @@ enum Command {
     /// time, status; `search fds` and `search released` answer which fds the emulator holds or
     /// released for a MAC.
     Search(Box<search::Args>),
+    /// Follow journals (across rotation) and send each record, verdict and summary line as
+    /// one RFC 5424 syslog message over UDP, TCP or a unix socket, until SIGINT/SIGTERM.
+    Forward(forward::Args),
     /// Print a process's current fd table (from /proc).
     Fds(fds::Args),
     /// Run the demo: watch a small workload and print its fd events.
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Monitor(a) => monitor::run(a),
         Command::Search(a) => search::run(*a),
+        Command::Forward(a) => forward::run(a),
         Command::AttachNet(a) => hotplug::attach(a),
         Command::DetachNet(a) => hotplug::detach(a),
         Command::Demo(a) => demo::run(a),

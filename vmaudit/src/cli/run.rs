@@ -8,7 +8,7 @@ use vmaudit::{
     serve,
 };
 
-use super::watch::{print_json, shutdown_signal};
+use super::watch::print_json;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> u8 {
             },
             None => None,
         };
-        let shutdown = shutdown_signal();
+        let shutdown = stop_signal();
         run_vm(
             &opts,
             &mut |entry| print_json(entry),
@@ -89,6 +89,34 @@ pub fn run(args: Args) -> u8 {
         }
         Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),
         Err(Failed::Run(e)) => super::fail(&e, e.exit_code()),
+    }
+}
+
+/// Resolves on the first SIGINT, SIGTERM, SIGHUP or SIGQUIT: each stops the VM the same way.
+/// Registered at once, not when first polled: a signal that comes while the VM starts must not
+/// take its default action (ending vmaudit without its clean-up).
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+    ];
+    let handlers: Vec<_> = kinds.into_iter().map(signal).collect();
+    async move {
+        let mut streams = Vec::new();
+        for h in handlers {
+            match h {
+                Ok(s) => streams.push(s),
+                Err(e) => log::warn!("cannot handle a stop signal: {e}"),
+            }
+        }
+        if streams.is_empty() {
+            // Without handlers only the emulator's end stops the VM.
+            std::future::pending::<()>().await;
+        }
+        futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv()))).await;
     }
 }
 

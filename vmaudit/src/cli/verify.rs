@@ -2,7 +2,7 @@
 
 use std::{io::IsTerminal as _, path::PathBuf};
 
-use vmaudit::{exit, verify::report};
+use vmaudit::verify::report;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,8 +16,18 @@ pub struct Args {
 pub fn run(args: Args) -> u8 {
     let r = match report::build(&args.journal) {
         Ok(r) => r,
-        Err(e) => return super::fail(&e, exit::INTERNAL),
+        Err(e) => return super::fail(&e, e.exit_code()),
     };
+    let name = args.journal.display();
+    if let Some(b) = &r.chain.first_break {
+        eprintln!(
+            "vmaudit: journal {name}: the hash chain is broken ({} break(s)); the first: {}",
+            r.chain.breaks, b.message
+        );
+    }
+    if r.chain.torn > 0 {
+        eprintln!("vmaudit: journal {name}: a torn last line (a write cut short) is skipped");
+    }
     if args.json || !std::io::stdout().is_terminal() {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
     } else {

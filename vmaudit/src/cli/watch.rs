@@ -1,11 +1,14 @@
-//! `vmaudit watch`: stream a process's fd events from the kernel.
+//! `vmaudit watch`: stream a process's fd events from the kernel, and with `--serve` show
+//! them on the dashboard.
 
-use std::io::Write as _;
+use std::{io::Write as _, sync::Arc};
 
 use vmaudit::{
     exit,
-    observe::{Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions},
+    observe::{ObserveError, Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions},
     procfs::ProcFs,
+    serve::{self, Hub, ServeError},
+    verify::observer::Observer as _,
 };
 
 #[derive(Debug, clap::Args)]
@@ -19,6 +22,12 @@ pub struct Args {
     /// Size of the kernel's event ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = vmaudit_common::DEFAULT_RING_BYTES, value_parser = parse_ring)]
     ring_buffer_bytes: u32,
+    /// Serve the dashboard of the watched processes (their fd tables, fd events and lost
+    /// events per second), /metrics (Prometheus), /api/state and /events (SSE) over HTTP on
+    /// ADDR (IP:PORT, or a PORT on 127.0.0.1; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = super::run::DEFAULT_SERVE)]
+    serve: Option<String>,
 }
 
 pub fn parse_ring(s: &str) -> Result<u32, String> {
@@ -60,6 +69,38 @@ impl Sink for JsonLines {
     }
 }
 
+/// A sink that also tells the dashboard's hub.
+struct Tee<'a> {
+    sink: &'a mut dyn Sink,
+    hub: Option<Arc<Hub>>,
+}
+
+impl Sink for Tee<'_> {
+    fn record(&mut self, out: Output) {
+        match (&self.hub, &out) {
+            (Some(hub), Output::Fd(r)) => hub.fd(r),
+            (Some(hub), Output::Gap(g)) => hub.gap(g),
+            (None, _) => {}
+        }
+        self.sink.record(out);
+    }
+    fn flush(&mut self) {
+        self.sink.flush();
+    }
+}
+
+enum Failed {
+    Serve(ServeError),
+    Watch(ObserveError),
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ObserveError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ObserveError::Poll { source })
+}
+
 pub fn run(args: Args) -> u8 {
     let opts = WatchOptions {
         pids: args.pid.clone(),
@@ -70,7 +111,22 @@ pub fn run(args: Args) -> u8 {
         ignore_tids: Vec::new(),
     };
     let mut sink = JsonLines::stdout();
-    let result = watch(&opts, &mut sink);
+    let result = runtime().map_err(Failed::Watch).and_then(|rt| {
+        rt.block_on(async {
+            // Bound before the tracker loads: a bad address leaves nothing behind.
+            let server = match &args.serve {
+                Some(addr) => {
+                    Some(serve::serve(addr, Hub::for_processes()).map_err(Failed::Serve)?)
+                }
+                None => None,
+            };
+            let mut tee = Tee {
+                sink: &mut sink,
+                hub: server.as_ref().map(|s| s.hub().clone()),
+            };
+            watch_on(&opts, &mut tee).await.map_err(Failed::Watch)
+        })
+    });
     sink.flush();
     match result {
         Ok(summary) => {
@@ -83,34 +139,31 @@ pub fn run(args: Args) -> u8 {
                 exit::OK
             }
         }
-        Err(e) => super::fail(&e, e.exit_code()),
+        Err(Failed::Serve(e)) => super::fail(&e, e.exit_code()),
+        Err(Failed::Watch(e)) => super::fail(&e, e.exit_code()),
     }
 }
 
 /// Starts the watcher, says so on stderr, and runs it until SIGINT/SIGTERM or the end of
 /// every watched process.
-pub fn watch(
-    opts: &WatchOptions,
-    sink: &mut dyn Sink,
-) -> Result<Summary, vmaudit::observe::ObserveError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| vmaudit::observe::ObserveError::Poll { source })?;
-    rt.block_on(async {
-        let shutdown = shutdown_signal();
-        let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
-        sink.flush();
-        let held: usize = opts
-            .pids
-            .iter()
-            .filter_map(|p| watcher.tables().get(*p))
-            .map(|t| t.fds.len())
-            .sum();
-        // Tests and scripts wait for this line before making the watched process act.
-        vmaudit::notice!("watching pid {:?} ({held} fds)", opts.pids);
-        watcher.run(sink, shutdown).await
-    })
+pub fn watch(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, ObserveError> {
+    runtime()?.block_on(watch_on(opts, sink))
+}
+
+/// [`watch`] on the current tokio runtime.
+async fn watch_on(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, ObserveError> {
+    let shutdown = shutdown_signal();
+    let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
+    sink.flush();
+    let held: usize = opts
+        .pids
+        .iter()
+        .filter_map(|p| watcher.tables().get(*p))
+        .map(|t| t.fds.len())
+        .sum();
+    // Tests and scripts wait for this line before making the watched process act.
+    vmaudit::notice!("watching pid {:?} ({held} fds)", opts.pids);
+    watcher.run(sink, shutdown).await
 }
 
 /// Resolves on the first SIGINT or SIGTERM. Call it inside the runtime.

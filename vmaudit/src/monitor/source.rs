@@ -2,9 +2,7 @@
 //! auditd), or an audit.log followed across rotation.
 
 use std::{
-    fs::File,
-    io::{self, BufRead as _, BufReader, Read as _, Seek as _, SeekFrom},
-    os::unix::fs::MetadataExt as _,
+    io,
     path::PathBuf,
     sync::{
         Arc,
@@ -15,7 +13,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::audit::{kernel::KernelError, reader::Reader};
+use crate::{
+    audit::{kernel::KernelError, reader::Reader},
+    follow::{Follow, TooLong},
+};
 
 /// What the source thread sends.
 #[derive(Debug)]
@@ -101,11 +102,12 @@ pub fn open(source: &Source) -> Result<Reading, SourceError> {
             }))
         }
         Source::File { path, from_start } => {
-            let mut f =
-                Follow::open(path.clone(), *from_start).map_err(|source| SourceError::Log {
+            let mut f = Follow::open(path.clone(), *from_start, MAX_LINE).map_err(|source| {
+                SourceError::Log {
                     path: path.clone(),
                     source,
-                })?;
+                }
+            })?;
             Ok(Box::new(move |tx, stop| {
                 let mut caught_up = false;
                 while !stop.load(Ordering::Relaxed) {
@@ -121,7 +123,7 @@ pub fn open(source: &Source) -> Result<Reading, SourceError> {
                             continue;
                         }
                         Err(e) => {
-                            tx.send(Line::Failed(format!("{}: {e}", f.path.display())));
+                            tx.send(Line::Failed(format!("{}: {e}", f.path().display())));
                             return;
                         }
                     };
@@ -144,143 +146,4 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
-}
-
-/// An audit.log followed by name: when the file at the path is replaced (rotated) or
-/// truncated, the rest of the old one is read, then the new one from its start.
-struct Follow {
-    path: PathBuf,
-    reader: BufReader<File>,
-    ino: u64,
-    pos: u64,
-    partial: String,
-    /// Skipping the rest of a line longer than [`MAX_LINE`].
-    too_long: bool,
-}
-
-/// A line longer than any audit record, skipped.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooLong;
-
-impl Follow {
-    fn open(path: PathBuf, from_start: bool) -> io::Result<Self> {
-        let mut file = File::open(&path)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        let pos = if from_start {
-            0
-        } else {
-            file.seek(SeekFrom::End(0))?
-        };
-        Ok(Self {
-            path,
-            reader: BufReader::new(file),
-            ino: meta.ino(),
-            pos,
-            partial: String::new(),
-            too_long: false,
-        })
-    }
-
-    /// The next whole line (or that it was longer than any record), or None when there is
-    /// none yet. A line's memory is bounded: past [`MAX_LINE`] the rest of it is skipped.
-    fn next_line(&mut self) -> io::Result<Option<Result<String, TooLong>>> {
-        loop {
-            let mut buf = Vec::new();
-            let n = (&mut self.reader)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut buf)?;
-            self.pos += n as u64;
-            if n > 0 {
-                let whole = buf.ends_with(b"\n");
-                if self.too_long || self.partial.len() + buf.len() > MAX_LINE {
-                    self.partial.clear();
-                    self.too_long = !whole;
-                    if whole {
-                        return Ok(Some(Err(TooLong)));
-                    }
-                    continue;
-                }
-                self.partial.push_str(&String::from_utf8_lossy(&buf));
-                if whole {
-                    let line = std::mem::take(&mut self.partial);
-                    return Ok(Some(Ok(line.trim_end_matches('\n').to_owned())));
-                }
-                continue;
-            }
-            // At the end: has the path moved on (rotation) or been truncated?
-            match std::fs::metadata(&self.path) {
-                Ok(m) if m.ino() != self.ino => {
-                    let file = File::open(&self.path)?;
-                    self.ino = file.metadata()?.ino();
-                    self.reader = BufReader::new(file);
-                    self.pos = 0;
-                    if !self.partial.is_empty() {
-                        // The old file ended without a newline: that line is whole.
-                        let line = std::mem::take(&mut self.partial);
-                        return Ok(Some(Ok(line)));
-                    }
-                    continue;
-                }
-                Ok(m) if m.len() < self.pos => {
-                    self.reader.seek(SeekFrom::Start(0))?;
-                    self.pos = 0;
-                    self.partial.clear();
-                    continue;
-                }
-                // Gone for now (between a rename and the new file's creation): wait.
-                _ => return Ok(None),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write as _;
-
-    #[test]
-    fn a_followed_log_is_read_across_rotation_and_truncation() {
-        let dir = std::env::temp_dir().join(format!("vmaudit-follow-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("audit.log");
-        std::fs::write(&log, "old\n").unwrap();
-        let mut f = Follow::open(log.clone(), false).unwrap();
-        assert_eq!(f.next_line().unwrap(), None, "starts at the end");
-        let mut w = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        w.write_all(b"one\ntw").unwrap();
-        assert_eq!(f.next_line().unwrap(), Some(Ok("one".into())));
-        assert_eq!(f.next_line().unwrap(), None, "a partial line waits");
-        w.write_all(b"o\n").unwrap();
-        assert_eq!(f.next_line().unwrap(), Some(Ok("two".into())));
-        // Rotation: the old file renamed, a new one created at the path.
-        w.write_all(b"three\n").unwrap();
-        std::fs::rename(&log, dir.join("audit.log.1")).unwrap();
-        std::fs::write(&log, "four\n").unwrap();
-        assert_eq!(f.next_line().unwrap(), Some(Ok("three".into())));
-        assert_eq!(f.next_line().unwrap(), Some(Ok("four".into())));
-        // Truncation in place.
-        std::fs::write(&log, "").unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log)
-            .unwrap()
-            .write_all(b"5\n")
-            .unwrap();
-        assert_eq!(f.next_line().unwrap(), Some(Ok("5".into())));
-        // A line longer than any record is skipped, and the next one read.
-        let mut w = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        w.write_all(&vec![b'x'; 3 * MAX_LINE]).unwrap();
-        w.write_all(b"\nsix\n").unwrap();
-        assert_eq!(f.next_line().unwrap(), Some(Err(TooLong)));
-        assert_eq!(f.next_line().unwrap(), Some(Ok("six".into())));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }

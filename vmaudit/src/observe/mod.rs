@@ -133,7 +133,7 @@ impl ObserveError {
     }
 }
 
-/// A gap: events lost for a process, after which its table was read again from /proc.
+/// A gap: events lost for a process, after which its table was read again from the kernel (the task_file iterator).
 ///
 /// What the process did in `[since_ns, ts]` (kernel CLOCK_MONOTONIC) is not known event by
 /// event: verdicts that depend on that window are `unknown`.
@@ -152,9 +152,12 @@ pub struct GapRecord {
     pub lost: u64,
     /// Events lost on the whole host since the last check, per cause.
     pub causes: BTreeMap<&'static str, u64>,
-    /// fds found in /proc that the table did not have.
+    /// The loss check that found it, numbered from 1: the gaps of one check share its
+    /// `causes`, which a consumer counts once.
+    pub check: u64,
+    /// fds found in the kernel's table that the table did not have.
     pub added: Vec<i32>,
-    /// fds the table had that /proc did not.
+    /// fds the table had that the kernel's did not.
     pub removed: Vec<i32>,
 }
 
@@ -269,6 +272,7 @@ pub struct Watcher {
     batch: Vec<FdRecord>,
     /// Whether the last drain found events (the consumer then lingers before it waits).
     busy: bool,
+    loss_checks: u64,
     events: u64,
     records: u64,
     gaps: u64,
@@ -333,6 +337,7 @@ impl Watcher {
             last_losses,
             batch: Vec::with_capacity(4096),
             busy: false,
+            loss_checks: 0,
             events: 0,
             records: 0,
             gaps: 0,
@@ -573,6 +578,7 @@ impl Watcher {
         }
         let lost_any = now != self.last_losses;
         self.last_losses = now;
+        self.loss_checks += 1;
         // Drain first: events delivered before the loss must be applied before the resync.
         self.drain(sink);
         let per_pid = if lost_any {
@@ -638,6 +644,7 @@ impl Watcher {
             pid,
             lost,
             causes,
+            check: self.loss_checks,
             added: pick(Op::ResyncAdd),
             removed: pick(Op::ResyncRemove),
         }));
@@ -676,6 +683,8 @@ impl Watcher {
             };
             let diffs = check::differences(table, &snapshot_map(recs));
             if let Some(since_ns) = self.checker.judge(pid, t0, diffs) {
+                // A check of its own: its cause is not the last loss check's.
+                self.loss_checks += 1;
                 self.gap(pid, since_ns, 0, BTreeMap::from([("missed", 1)]), sink);
             }
         }

@@ -1,16 +1,42 @@
 //! The control socket of a running `vmaudit run` (`/run/vmaudit/<name>/control.sock`, mode
-//! 0600): one JSON request per connection, one JSON answer.
+//! 0600 in the 0700 run directory): one JSON request per connection, one JSON answer.
+//!
+//! The run loop never waits on a client. Each connection is served by a task of its own: the
+//! peer's credentials are checked (SO_PEERCRED: root, or the spec's `control.owner`), the
+//! request is read within [`READ_TIMEOUT`] and [`MAX_REQUEST`] bytes, parsed and checked field
+//! by field before anything is made; only then is it handed to the run loop as a [`Job`], whose
+//! answer the task writes back within [`WRITE_TIMEOUT`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
 
-use super::spec::Backend;
+use super::spec::{Backend, Interface, Mac};
+use crate::exit;
+
+/// How long a client has to send its request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to take its answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request line.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// The longest a detach may wait for the guest.
+pub const MAX_DETACH_TIMEOUT_MS: u64 = 60_000;
+/// Requests queued for the run loop at most (more are refused as busy).
+pub const QUEUE: usize = 8;
 
 /// What a client asks.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     AttachNet {
         mac: String,
@@ -41,6 +67,51 @@ fn five_s() -> u64 {
     5000
 }
 
+/// A request checked field by field.
+#[derive(Clone, Debug)]
+pub enum Checked {
+    Attach(Interface),
+    Detach { mac: Mac, timeout: Duration },
+}
+
+impl Request {
+    /// Checks every field; the error names the field.
+    pub fn check(self) -> Result<Checked, String> {
+        let mac = |m: &str| m.parse::<Mac>().map_err(|e| format!("mac: {e}"));
+        match self {
+            Request::AttachNet {
+                mac: m,
+                backend,
+                parent,
+                ifname,
+                queues,
+            } => {
+                let iface = Interface {
+                    mac: mac(&m)?,
+                    backend,
+                    ifname,
+                    parent,
+                    vhost: false,
+                    queues,
+                };
+                iface.check().map_err(|(f, m)| format!("{f}: {m}"))?;
+                Ok(Checked::Attach(iface))
+            }
+            Request::DetachNet { mac: m, timeout_ms } => {
+                if timeout_ms == 0 || timeout_ms > MAX_DETACH_TIMEOUT_MS {
+                    return Err(format!(
+                        "timeout_ms: 1 to {MAX_DETACH_TIMEOUT_MS} (it was {timeout_ms})"
+                    ));
+                }
+                Ok(Checked::Detach {
+                    mac: mac(&m)?,
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+            }
+        }
+    }
+}
+
 /// The answer.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Response {
@@ -59,7 +130,7 @@ impl Response {
             ok: true,
             message: message.into(),
             emulator_fds,
-            code: crate::exit::OK,
+            code: exit::OK,
         }
     }
     pub fn err(code: u8, message: impl Into<String>) -> Self {
@@ -72,42 +143,133 @@ impl Response {
     }
 }
 
+/// A checked request for the run loop, and where its answer goes.
+pub struct Job {
+    pub request: Checked,
+    pub answer: oneshot::Sender<Response>,
+}
+
 /// The control socket's path for VM `name`.
 pub fn socket_path(name: &str) -> PathBuf {
     crate::paths::vm_run_dir(name).join("control.sock")
 }
 
-/// Binds the control socket, readable and writable by its owner only.
-pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    let _ = std::fs::remove_file(path);
-    let l = tokio::net::UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt as _;
+/// Binds the control socket (mode 0600 whatever the umask; its directory is 0700).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let l = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
 
-/// Reads one request from a connection.
-pub async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<Request, String> {
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream);
-    reader
-        .read_line(&mut line)
-        .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+/// Serves the socket until the run loop's receiver is gone: one task per connection.
+pub async fn serve(listener: UnixListener, owner: Option<u32>, jobs: mpsc::Sender<Job>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                continue;
+            }
+        };
+        if jobs.is_closed() {
+            return;
+        }
+        tokio::spawn(connection(stream, owner, jobs.clone()));
+    }
 }
 
-/// Writes the answer.
-pub async fn write_response(stream: &mut tokio::net::UnixStream, r: &Response) {
-    let mut line = serde_json::to_string(r).unwrap_or_default();
+/// One connection, start to end.
+async fn connection(mut stream: UnixStream, owner: Option<u32>, jobs: mpsc::Sender<Job>) {
+    let answer = match take(&mut stream, owner, &jobs).await {
+        Ok(rx) => rx.await.unwrap_or_else(|_| {
+            Response::err(exit::REQUEST_FAILED, "the VM is stopping: nothing was done")
+        }),
+        Err(r) => r,
+    };
+    let mut line = serde_json::to_string(&answer).expect("a response serialises");
     line.push('\n');
-    let _ = stream.write_all(line.as_bytes()).await;
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("control socket: the client left before its answer: {e}"),
+        Err(_) => {
+            log::warn!("control socket: the client did not take its answer in {WRITE_TIMEOUT:?}")
+        }
+    }
+}
+
+/// Checks the peer, reads and checks its request, and queues it for the run loop.
+async fn take(
+    stream: &mut UnixStream,
+    owner: Option<u32>,
+    jobs: &mpsc::Sender<Job>,
+) -> Result<oneshot::Receiver<Response>, Response> {
+    let uid = stream
+        .peer_cred()
+        .map_err(|e| Response::err(exit::PRIVILEGES, format!("peer credentials: {e}")))?
+        .uid();
+    if uid != 0 && Some(uid) != owner {
+        return Err(Response::err(
+            exit::PRIVILEGES,
+            format!("permission denied: uid {uid} is neither root nor this VM's control owner"),
+        ));
+    }
+    let request = tokio::time::timeout(READ_TIMEOUT, read_request(stream))
+        .await
+        .map_err(|_| {
+            Response::err(
+                exit::REQUEST_FAILED,
+                format!("no request within {READ_TIMEOUT:?}"),
+            )
+        })?
+        .map_err(|e| Response::err(exit::REQUEST_FAILED, e))?;
+    let request = request
+        .check()
+        .map_err(|e| Response::err(exit::REQUEST_FAILED, format!("bad request: {e}")))?;
+    let (answer, rx) = oneshot::channel();
+    jobs.try_send(Job { request, answer })
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Response::err(
+                exit::REQUEST_FAILED,
+                format!("busy: {QUEUE} requests are already waiting"),
+            ),
+            mpsc::error::TrySendError::Closed(_) => {
+                Response::err(exit::REQUEST_FAILED, "the VM is stopping: nothing was done")
+            }
+        })?;
+    Ok(rx)
+}
+
+/// Reads one request line of at most [`MAX_REQUEST`] bytes.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "bad request: not UTF-8".to_owned())?;
+    if text.trim().is_empty() {
+        return Err("bad request: empty".to_owned());
+    }
+    serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))
+}
+
+/// How long the client waits for an answer: the longest the server may take.
+fn client_timeout(req: &Request) -> Duration {
+    let detach = match req {
+        Request::DetachNet { timeout_ms, .. } => Duration::from_millis(*timeout_ms),
+        Request::AttachNet { .. } => Duration::ZERO,
+    };
+    detach + Duration::from_secs(60)
 }
 
 /// Client side: sends `req` to VM `name` and returns the answer.
 pub async fn request(name: &str, req: &Request) -> Result<Response, String> {
     let path = socket_path(name);
-    let mut s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+    let mut s = UnixStream::connect(&path).await.map_err(|e| {
         format!(
             "no VM named {name:?} runs under vmaudit ({}: {e})",
             path.display()
@@ -115,14 +277,56 @@ pub async fn request(name: &str, req: &Request) -> Result<Response, String> {
     })?;
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    // A request refused before it is read (the peer check) is answered and the connection
+    // closed: the write may then fail, and the answer is still there to read.
+    let wrote = s.write_all(line.as_bytes()).await;
     let mut answer = String::new();
-    BufReader::new(s)
-        .read_line(&mut answer)
+    let mut reader = BufReader::new(s);
+    let read = tokio::time::timeout(client_timeout(req), reader.read_line(&mut answer))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| {
+            format!(
+                "no answer from vmaudit run within {:?}",
+                client_timeout(req)
+            )
+        })?;
+    match (read, wrote) {
+        (Ok(_), _) if !answer.is_empty() => {}
+        (_, Err(e)) => return Err(format!("sending the request: {e}")),
+        (Err(e), Ok(())) => return Err(format!("reading the answer: {e}")),
+        (Ok(_), Ok(())) => return Err("vmaudit run closed the connection without an answer".into()),
+    }
     serde_json::from_str(&answer)
         .map_err(|e| format!("bad answer from vmaudit run: {e}: {answer:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(json: &str) -> Result<Checked, String> {
+        serde_json::from_str::<Request>(json)
+            .map_err(|e| e.to_string())?
+            .check()
+    }
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        assert!(check(r#"{"op":"attach-net","mac":"52:54:00:00:00:01"}"#).is_ok());
+        let e =
+            check(r#"{"op":"attach-net","mac":"52:54:00:00:00:01","ifname":"sixteen-bytes-xx"}"#)
+                .unwrap_err();
+        assert!(e.starts_with("ifname: "), "{e}");
+        let e = check(r#"{"op":"attach-net","mac":"52:54:00:00:00:01","queues":99}"#).unwrap_err();
+        assert_eq!(e, "queues: must be 1 to 16");
+        let e = check(r#"{"op":"attach-net","mac":"nope"}"#).unwrap_err();
+        assert!(e.starts_with("mac: "), "{e}");
+        let e =
+            check(r#"{"op":"attach-net","mac":"52:54:00:00:00:01","parent":"eth0"}"#).unwrap_err();
+        assert!(e.starts_with("parent: "), "{e}");
+        let e = check(r#"{"op":"detach-net","mac":"52:54:00:00:00:01","timeout_ms":3600000}"#)
+            .unwrap_err();
+        assert!(e.starts_with("timeout_ms: "), "{e}");
+        assert!(check(r#"{"op":"attach-net","mac":"52:54:00:00:00:01","x":1}"#).is_err());
+    }
 }

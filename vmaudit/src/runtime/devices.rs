@@ -76,6 +76,34 @@ pub enum DeviceError {
         #[source]
         source: nix::Error,
     },
+    #[error("interface name `{0}` is longer than 15 bytes")]
+    NameTooLong(String),
+    #[error("noting what is about to be made")]
+    Note(#[source] super::rundir::RunDirError),
+}
+
+/// Something about to be made for an interface, told before it is made (the run keeps a note
+/// of it, so that the next run can remove it should this one die).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Made {
+    /// A macvtap link: its name, parent and MAC.
+    Link {
+        name: String,
+        parent: String,
+        mac: String,
+    },
+    /// A device node (`/dev/tapN`).
+    Node(PathBuf),
+    /// A tap interface, named once the kernel has.
+    Tap(String),
+}
+
+/// What `open_interface` reports as it goes.
+pub struct Hooks<'a> {
+    /// Each open attempt, success or failure, before the next step (its audit record).
+    pub record: &'a mut dyn FnMut(OpenAttempt<'_>),
+    /// Each thing about to be made.
+    pub note: &'a mut dyn FnMut(&Made) -> Result<(), super::rundir::RunDirError>,
 }
 
 /// An interface's devices, open. Dropping it closes every fd, deletes a macvtap link vmaudit
@@ -97,6 +125,22 @@ impl NetDevice {
     }
     pub fn vhosts(&self) -> impl Iterator<Item = &DeviceFd> {
         self.fds.iter().filter(|f| f.role == Role::Vhost)
+    }
+
+    /// What vmaudit made for this interface, as it was noted ([`Made`]).
+    pub fn made(&self) -> Vec<Made> {
+        let mut out = Vec::new();
+        match &self.link {
+            Some(l) => out.push(Made::Link {
+                name: l.name.clone(),
+                parent: String::new(),
+                mac: self.mac.to_string(),
+            }),
+            None if self.backend == Backend::Tap => out.push(Made::Tap(self.ifname.clone())),
+            None => {}
+        }
+        out.extend(self.node_made.clone().map(Made::Node));
+        out
     }
 
     /// Closes the fds and removes what vmaudit created for this interface.
@@ -146,18 +190,29 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
+/// Fail with EBUSY rather than attach to a tap that already exists (another VM's).
+const IFF_TUN_EXCL: i16 = -0x8000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// TUNSETIFF: attaches a /dev/net/tun fd to tap `name` (a `%d` template lets the kernel
-/// number it). Returns the interface's name.
-fn tun_set_iff(fd: &OwnedFd, name: &str, multi_queue: bool) -> io::Result<String> {
+/// number it). `new`: the tap must not exist yet (IFF_TUN_EXCL); otherwise this fd is one more
+/// queue of the multiqueue tap `name`. Returns the interface's name.
+fn tun_set_iff(fd: &OwnedFd, name: &str, multi_queue: bool, new: bool) -> io::Result<String> {
     // struct ifreq: char ifr_name[IFNAMSIZ = 16]; short ifr_flags; padded to 40 bytes.
     let mut ifr = [0u8; 40];
-    let n = name.len().min(15);
-    ifr[..n].copy_from_slice(&name.as_bytes()[..n]);
+    if name.len() > super::names::IFNAME_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name `{name}` is longer than 15 bytes"),
+        ));
+    }
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
     let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
     if multi_queue {
         flags |= IFF_MULTI_QUEUE;
+    }
+    if new {
+        flags |= IFF_TUN_EXCL;
     }
     ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: `fd` is an open /dev/net/tun fd and `ifr` a writable 40-byte struct ifreq,
@@ -170,14 +225,19 @@ fn tun_set_iff(fd: &OwnedFd, name: &str, multi_queue: bool) -> io::Result<String
     Ok(String::from_utf8_lossy(&ifr[..end]).into_owned())
 }
 
-/// Opens every device of one interface. `record` is called for each open attempt, success or
-/// failure, before the next step (the runtime writes its audit record there). On an error
-/// every fd opened so far is closed and every link or node made is removed.
+/// Opens every device of one interface. `hooks.record` is called for each open attempt,
+/// success or failure, before the next step (the runtime writes its audit record there);
+/// `hooks.note` before each thing is made. On an error every fd opened so far is closed and
+/// every link or node made is removed.
 pub async fn open_interface(
     iface: &Interface,
     default_name: &str,
-    record: &mut dyn FnMut(OpenAttempt<'_>),
+    hooks: Hooks<'_>,
 ) -> Result<NetDevice, DeviceError> {
+    let Hooks { record, note } = hooks;
+    if default_name.len() > super::names::IFNAME_MAX {
+        return Err(DeviceError::NameTooLong(default_name.to_owned()));
+    }
     let mut dev = NetDevice {
         mac: iface.mac,
         backend: iface.backend,
@@ -193,25 +253,46 @@ pub async fn open_interface(
     match iface.backend {
         Backend::Tap => {
             let path = Path::new(TUN_PATH);
-            let ifname = dev.ifname.clone();
+            let asked = dev.ifname.clone();
+            // The first queue makes the tap (the kernel numbers a template); the others join
+            // that very tap, by the name it got.
+            let mut made: Option<String> = None;
+            let mut noted = Ok(());
             let opened = open_queues(&mut dev, path, Role::Tap, iface.queues, record, |p| {
                 let fd = open_rw(p)?;
-                let name = tun_set_iff(&fd, &ifname, multi)?;
-                Ok((fd, Some(name)))
+                let got = tun_set_iff(
+                    &fd,
+                    made.as_deref().unwrap_or(&asked),
+                    multi,
+                    made.is_none(),
+                )?;
+                if made.is_none() {
+                    noted = note(&Made::Tap(got.clone()));
+                    made = Some(got.clone());
+                }
+                Ok((fd, Some(got)))
             });
+            noted.map_err(DeviceError::Note)?;
             opened.map_err(|(path, source)| DeviceError::SetIff {
                 path,
-                ifname,
+                ifname: asked,
                 source,
             })?;
         }
         Backend::Macvtap => {
             let parent = iface.parent.as_deref().unwrap_or_default();
+            note(&Made::Link {
+                name: dev.ifname.clone(),
+                parent: parent.to_owned(),
+                mac: iface.mac.to_string(),
+            })
+            .map_err(DeviceError::Note)?;
             let link = MacvtapLink::create(&dev.ifname, parent, iface.mac.0).await?;
             let node = link.node();
             let link_dev = link.dev;
             dev.link = Some(link);
             if !node.exists() {
+                note(&Made::Node(node.clone())).map_err(DeviceError::Note)?;
                 // No udev on such hosts: make the node from sysfs's numbers, and remove it later.
                 let devnum = libc::makedev(link_dev.major, link_dev.minor);
                 nix::sys::stat::mknod(

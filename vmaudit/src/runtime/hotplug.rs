@@ -10,20 +10,52 @@
 //! never acknowledges, vmaudit claims no detach: the answer says so, and which fds qemu still
 //! holds.
 
-use std::{os::fd::AsFd as _, time::Duration};
+use std::{cell::RefCell, os::fd::AsFd as _, time::Duration};
 
 use super::{
-    control::{Request, Response},
-    devices::{self, NetDevice, OpenAttempt},
+    control::{Checked, Response},
+    devices::{self, Hooks, Made, NetDevice, OpenAttempt},
     qmp::Qmp,
-    run::Trail,
+    rundir::{LinkNote, RunDir},
     spec::{Interface, Mac},
+    trail::Trail,
 };
 use crate::{
     audit::record::{NetChange, Record},
     exit,
     verify::{ClaimKind, Handed},
 };
+
+/// Takes what an interface made out of the run directory's state once it is gone (a state
+/// that cannot be written is logged: the interface is gone either way).
+pub fn forget_made(dir: &RefCell<RunDir>, dev: &NetDevice) {
+    let made = dev.made();
+    let forgotten = dir.borrow_mut().note(|s| {
+        for m in &made {
+            match m {
+                Made::Link { name, .. } => s.links.retain(|l| &l.name != name),
+                Made::Node(p) => s.nodes.retain(|n| n != p),
+                Made::Tap(t) => s.taps.retain(|x| x != t),
+            }
+        }
+    });
+    if let Err(e) = forgotten {
+        log::error!("{}", chain(&e));
+    }
+}
+
+/// Notes what is about to be made in the run directory's state.
+pub fn note_made(dir: &RefCell<RunDir>, m: &Made) -> Result<(), super::rundir::RunDirError> {
+    dir.borrow_mut().note(|s| match m {
+        Made::Link { name, parent, mac } => s.links.push(LinkNote {
+            name: name.clone(),
+            parent: parent.clone(),
+            mac: mac.clone(),
+        }),
+        Made::Node(p) => s.nodes.push(p.clone()),
+        Made::Tap(t) => s.taps.push(t.clone()),
+    })
+}
 
 /// An interface the VM has now.
 pub struct Nic {
@@ -59,39 +91,26 @@ impl Live {
         self.nics.iter_mut().filter_map(|n| n.dev.take()).collect()
     }
 
-    pub async fn handle(&mut self, trail: &mut Trail<'_>, req: Request) -> Response {
+    /// Carries out a checked request; everything it writes goes to `trail`, everything it
+    /// is about to make is noted in `dir` first.
+    pub async fn handle(
+        &mut self,
+        trail: &Trail<'_>,
+        dir: &RefCell<RunDir>,
+        req: Checked,
+    ) -> Response {
         match req {
-            Request::AttachNet {
-                mac,
-                backend,
-                parent,
-                ifname,
-                queues,
-            } => {
-                let Ok(mac) = mac.parse::<Mac>() else {
-                    return Response::err(
-                        exit::REQUEST_FAILED,
-                        format!("{mac:?} is not a MAC address"),
-                    );
-                };
-                let iface = Interface {
-                    mac,
-                    backend,
-                    ifname,
-                    parent,
-                    vhost: false,
-                    queues: queues.clamp(1, 16),
-                };
-                self.attach(trail, iface).await
-            }
-            Request::DetachNet { mac, timeout_ms } => {
-                self.detach(trail, &mac, Duration::from_millis(timeout_ms))
-                    .await
-            }
+            Checked::Attach(iface) => self.attach(trail, dir, iface).await,
+            Checked::Detach { mac, timeout } => self.detach(trail, dir, &mac, timeout).await,
         }
     }
 
-    async fn attach(&mut self, trail: &mut Trail<'_>, iface: Interface) -> Response {
+    async fn attach(
+        &mut self,
+        trail: &Trail<'_>,
+        dir: &RefCell<RunDir>,
+        iface: Interface,
+    ) -> Response {
         if self.qmp.is_none() {
             return Response::err(
                 exit::REQUEST_FAILED,
@@ -102,6 +121,18 @@ impl Live {
             return Response::err(
                 exit::REQUEST_FAILED,
                 format!("the VM already has an interface with MAC {}", iface.mac),
+            );
+        }
+        if let Some(name) = &iface.ifname
+            && (self
+                .nics
+                .iter()
+                .any(|n| n.dev.as_ref().is_some_and(|d| &d.ifname == name))
+                || std::path::Path::new("/sys/class/net").join(name).exists())
+        {
+            return Response::err(
+                exit::REQUEST_FAILED,
+                format!("ifname: an interface named {name} exists already"),
             );
         }
         let mac = iface.mac.to_string();
@@ -116,24 +147,28 @@ impl Live {
         };
         // Open, with one record (and claim) per fd.
         let mut failed: Option<String> = None;
-        let opened = devices::open_interface(&iface, &default_name, &mut |a: OpenAttempt<'_>| {
-            if failed.is_some() {
-                return;
-            }
-            if let Err(e) = trail.record_open(&mac, &a, false) {
-                failed = Some(e.to_string());
-            }
-        })
-        .await;
+        let hooks = Hooks {
+            record: &mut |a: OpenAttempt<'_>| {
+                if failed.is_some() {
+                    return;
+                }
+                if let Err(e) = trail.record_open(&mac, &a, false) {
+                    failed = Some(chain(&e));
+                }
+            },
+            note: &mut |m: &Made| note_made(dir, m),
+        };
+        let opened = devices::open_interface(&iface, &default_name, hooks).await;
         let mut dev = match opened {
             Ok(d) => d,
             Err(e) => {
                 return self
-                    .attach_failed(trail, &mac, "open", &e.to_string(), &[])
+                    .attach_failed(trail, &mac, "open", &chain(&e), &[])
                     .await;
             }
         };
         if let Some(e) = failed {
+            forget_made(dir, &dev);
             dev.teardown().await;
             return Response::err(exit::JOURNAL, e);
         }
@@ -156,33 +191,43 @@ impl Live {
         {
             step_err = Some(("netdev_add", chain(&e)));
         }
+        let mut undone = vec![];
         if step_err.is_none()
             && let Err(e) = qmp.device_add_nic(&device_id, &netdev_id, &mac).await
         {
-            let _ = qmp.netdev_del(&netdev_id).await;
-            given.clear(); // netdev_del closed them
+            match qmp.netdev_del(&netdev_id).await {
+                // netdev_del closed the fds it took.
+                Ok(()) => {
+                    given.clear();
+                    undone.push(format!("netdev_del {netdev_id}"));
+                }
+                Err(d) => undone.push(format!("netdev_del {netdev_id} failed: {}", chain(&d))),
+            }
             step_err = Some(("device_add", chain(&e)));
         }
         if let Some((step, msg)) = step_err {
             let qmp = self.qmp.as_mut().expect("checked above");
-            let mut undone = vec![];
             for name in &given {
-                if qmp.closefd(name).await.is_ok() {
-                    undone.push(format!("closefd {name}"));
+                match qmp.closefd(name).await {
+                    Ok(()) => undone.push(format!("closefd {name}")),
+                    Err(e) => undone.push(format!("closefd {name} failed: {}", chain(&e))),
                 }
             }
-            if step == "device_add" {
-                undone.push(format!("netdev_del {netdev_id}"));
-            }
+            forget_made(dir, &dev);
             dev.teardown().await;
             return self.attach_failed(trail, &mac, step, &msg, &undone).await;
         }
         // Which fds qemu now holds for it: the same open files as ours, by kcmp.
         let pid = self.emulator_pid;
         let me = std::process::id();
-        let qemu_fds = crate::procfs::ProcFs::default()
-            .fd_numbers(pid)
-            .unwrap_or_default();
+        let qemu_fds = match crate::procfs::ProcFs::default().fd_numbers(pid) {
+            Ok(f) => f,
+            Err(e) => {
+                // The record then names no emulator fd (-1), and the verifier says what it saw.
+                log::warn!("the emulator's fds (pid {pid}): {e}");
+                Vec::new()
+            }
+        };
         let passed: Vec<Handed> = dev
             .taps()
             .map(|f| {
@@ -216,7 +261,7 @@ impl Live {
             handed: passed,
         };
         if let Err(e) = trail.emit_claim(b, claim) {
-            return Response::err(exit::JOURNAL, e.to_string());
+            return Response::err(exit::JOURNAL, chain(&e));
         }
         dev.fds.clear();
         self.nics.push(Nic {
@@ -234,7 +279,7 @@ impl Live {
 
     async fn attach_failed(
         &mut self,
-        trail: &mut Trail<'_>,
+        trail: &Trail<'_>,
         mac: &str,
         step: &str,
         msg: &str,
@@ -246,19 +291,26 @@ impl Live {
         if !undone.is_empty() {
             b = b.extra("vmaudit-rollback", &undone.join(","));
         }
-        let _ = trail.emit(b);
-        Response::err(
-            exit::REQUEST_FAILED,
-            format!("attach {mac} failed at {step}: {msg}"),
-        )
+        let failed = format!("attach {mac} failed at {step}: {msg}");
+        match trail.emit(b) {
+            Ok(_) => Response::err(exit::REQUEST_FAILED, failed),
+            Err(e) => Response::err(
+                exit::JOURNAL,
+                format!("{failed}; and its failure record: {}", chain(&e)),
+            ),
+        }
     }
 
-    async fn detach(&mut self, trail: &mut Trail<'_>, mac: &str, timeout: Duration) -> Response {
-        let Some(i) = self
-            .nics
-            .iter()
-            .position(|n| n.mac.to_string().eq_ignore_ascii_case(mac))
-        else {
+    async fn detach(
+        &mut self,
+        trail: &Trail<'_>,
+        dir: &RefCell<RunDir>,
+        mac: &Mac,
+        timeout: Duration,
+    ) -> Response {
+        let mac_text = mac.to_string();
+        let mac = mac_text.as_str();
+        let Some(i) = self.nics.iter().position(|n| n.mac.to_string() == mac) else {
             return Response::err(
                 exit::REQUEST_FAILED,
                 format!("the VM has no interface with MAC {mac}"),
@@ -274,21 +326,27 @@ impl Live {
         let (device_id, netdev_id) = (nic.device_id.clone(), nic.netdev_id.clone());
         let fds = nic.emulator_fds.clone();
         let list = fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
-        let fail = |trail: &mut Trail<'_>, why: &str| {
+        // A failed detach is audited; a failure to write that record is the answer's error.
+        let fail = |why: &str, mut r: Response| {
             let b = Record::net(&trail.vm, NetChange::Detach, mac)
                 .success(false)
                 .extra("vmaudit-emulator-fds", &list)
                 .extra("vmaudit-why", why);
-            let _ = trail.emit(b);
+            if let Err(e) = trail.emit(b) {
+                r.code = exit::JOURNAL;
+                r.message = format!("{}; and its failure record: {}", r.message, chain(&e));
+            }
+            r
         };
         if let Err(e) = qmp.device_del(&device_id).await {
-            fail(trail, "device_del refused");
-            return Response::err(exit::REQUEST_FAILED, format!("detach {mac}: {}", chain(&e)));
+            return fail(
+                "device_del refused",
+                Response::err(exit::REQUEST_FAILED, format!("detach {mac}: {}", chain(&e))),
+            );
         }
         if !qmp.wait_deleted(&device_id, timeout).await {
             // No guest acknowledged the unplug: the NIC is still there and qemu holds its fds.
             // vmaudit does not claim a detach it cannot prove.
-            fail(trail, "the guest did not acknowledge the unplug");
             let mut r = Response::err(
                 exit::DETACH_UNACKNOWLEDGED,
                 format!(
@@ -296,13 +354,15 @@ impl Live {
                 ),
             );
             r.emulator_fds = fds;
-            return r;
+            return fail("the guest did not acknowledge the unplug", r);
         }
         if let Err(e) = qmp.netdev_del(&netdev_id).await {
-            fail(trail, "netdev_del refused");
-            return Response::err(
-                exit::REQUEST_FAILED,
-                format!("detach {mac}: the device is gone but {e}"),
+            return fail(
+                "netdev_del refused",
+                Response::err(
+                    exit::REQUEST_FAILED,
+                    format!("detach {mac}: the device is gone but {}", chain(&e)),
+                ),
             );
         }
         let b = Record::net(&trail.vm, NetChange::Detach, mac).extra("vmaudit-emulator-fds", &list);
@@ -314,17 +374,18 @@ impl Live {
         let recorded = trail.emit_claim(b, claim);
         let nic = self.nics.remove(i);
         if let Some(dev) = nic.dev {
+            forget_made(dir, &dev);
             dev.teardown().await;
         }
         match recorded {
             Ok(_) => Response::ok(format!("detached {mac}: qemu released fd {list}"), fds),
-            Err(e) => Response::err(exit::JOURNAL, e.to_string()),
+            Err(e) => Response::err(exit::JOURNAL, chain(&e)),
         }
     }
 }
 
 /// An error and its causes, on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(c) = source {

@@ -206,3 +206,27 @@ pub async fn set_up(name: &str) -> Result<(), LinkError> {
             source,
         })
 }
+
+/// Whether `name` is a macvtap link on `parent` with MAC `mac` (read from sysfs): how a dead
+/// run's link is told from someone else's link of the same name.
+pub fn is_macvtap_of(name: &str, parent: &str, mac: &str) -> bool {
+    let base = PathBuf::from("/sys/class/net").join(name);
+    let address = std::fs::read_to_string(base.join("address")).unwrap_or_default();
+    address.trim().eq_ignore_ascii_case(mac)
+        && base.join("macvtap").is_dir()
+        && base.join(format!("lower_{parent}")).exists()
+}
+
+/// Deletes the link `name`.
+pub async fn delete(name: &str) -> Result<(), LinkError> {
+    let h = handle().await?;
+    let index = index_of(&h, name).await?;
+    h.link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|source| LinkError::Query {
+            name: name.to_owned(),
+            source,
+        })
+}

@@ -154,6 +154,12 @@ impl Qmp {
                 path: path.display().to_string(),
                 source,
             })?;
+        Self::from_stream(sock).await
+    }
+
+    /// Negotiates capabilities on a connected socket (one connected before qemu even started:
+    /// the greeting comes once qemu accepts it).
+    pub async fn from_stream(sock: UnixStream) -> Result<Self, QmpError> {
         let half = Half {
             sock: Arc::new(sock),
             pending_fd: Arc::new(Mutex::new(None)),
@@ -168,14 +174,23 @@ impl Qmp {
             .map_err(io_err("qmp_capabilities"))?;
         let (service, events) = stream.into_parts();
         let (tx, deleted) = mpsc::unbounded_channel();
-        let _ = events.release();
+        // Events are read by the task below instead of queued for `execute`.
+        if let Err(e) = events.release() {
+            return Err(QmpError::Io {
+                command: "events",
+                source: io::Error::other(format!("{e:?}")),
+            });
+        }
         let events = tokio::spawn(async move {
             let mut events = events;
             while let Some(ev) = events.next().await {
                 match ev {
                     Ok(qmp::Event::DEVICE_DELETED { data, .. }) => {
-                        if let Some(id) = data.device {
-                            let _ = tx.send(id);
+                        if let Some(id) = data.device
+                            && tx.send(id).is_err()
+                        {
+                            // The connection's owner is gone.
+                            return;
                         }
                     }
                     Ok(_) => {}

@@ -11,6 +11,9 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use super::{identity::Identity, names};
+use crate::cgroup::{Acl, DevKind, Rule};
+
 /// A spec that cannot be used, naming the field at fault.
 #[derive(Debug, Error)]
 pub enum SpecError {
@@ -100,6 +103,30 @@ pub struct Interface {
     /// Queues (fds per device); above 1 the tap is multiqueue.
     #[serde(default = "one")]
     pub queues: u32,
+}
+
+impl Interface {
+    /// The interface's own fields (the field at fault, and why): backend and parent, queues,
+    /// names. Shared by the spec and hot-plug requests.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.queues == 0 || self.queues > 16 {
+            return Err(("queues", "must be 1 to 16".into()));
+        }
+        match (self.backend, &self.parent) {
+            (Backend::Macvtap, None) => {
+                return Err(("parent", "macvtap needs a parent link".into()));
+            }
+            (Backend::Tap, Some(_)) => {
+                return Err(("parent", "only a macvtap interface has a parent".into()));
+            }
+            (_, Some(p)) => names::ifname(p).map_err(|m| ("parent", m))?,
+            _ => {}
+        }
+        if let Some(n) = &self.ifname {
+            names::ifname(n).map_err(|m| ("ifname", m))?;
+        }
+        Ok(())
+    }
 }
 
 fn default_backend() -> Backend {
@@ -195,6 +222,12 @@ pub struct EmulatorSpec {
     /// qemu machine type. Default `pc` (PCI hot-plug).
     #[serde(default = "default_machine")]
     pub machine: String,
+    /// The unprivileged user the emulator runs as (never root). Default `vmaudit-qemu`.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Its group. Default: the user's primary group.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl Default for EmulatorSpec {
@@ -205,9 +238,28 @@ impl Default for EmulatorSpec {
             accel: Accel::default(),
             memory_mib: default_memory(),
             machine: default_machine(),
+            user: default_user(),
+            group: None,
         }
     }
 }
+
+fn default_user() -> String {
+    super::identity::DEFAULT_USER.to_owned()
+}
+
+/// Who may use the VM's control socket besides root.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSpec {
+    /// A user (name or uid) whose connections are taken too (checked with SO_PEERCRED).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// The placeholder of custom emulator arguments for the QMP socket's fd, which vmaudit binds
+/// (mode 0600, in its 0700 run directory) and hands to the emulator.
+pub const QMP_FD: &str = "{qmp-fd}";
 
 fn default_emulator() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
@@ -253,6 +305,21 @@ pub struct Spec {
     pub acl: Vec<AclEntry>,
     #[serde(default)]
     pub cgroup: CgroupSpec,
+    #[serde(default)]
+    pub control: ControlSpec,
+}
+
+/// What the spec resolves to on this host, checked before anything is created.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// The emulator's program, found.
+    pub program: PathBuf,
+    /// Who the emulator runs as.
+    pub identity: Identity,
+    /// The control socket's owner besides root.
+    pub control_owner: Option<u32>,
+    /// The spec's extra ACL rules, resolved (device nodes stat'ed).
+    pub rules: Vec<Rule>,
 }
 
 fn de_uuid<'de, D: Deserializer<'de>>(d: D) -> Result<uuid::Uuid, D::Error> {
@@ -273,15 +340,24 @@ pub fn find_program(p: &Path) -> Option<PathBuf> {
 }
 
 impl Spec {
-    /// Reads, parses and validates a spec file.
-    pub fn load(path: &Path) -> Result<Self, SpecError> {
+    /// Reads, parses and validates a spec file, and resolves it on this host.
+    pub fn load(path: &Path) -> Result<(Self, Host), SpecError> {
         let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
             path: path.to_owned(),
             source,
         })?;
         let spec = Self::parse(path, &text)?;
-        spec.validate_host(path, Path::new("/sys/class/net"))?;
-        Ok(spec)
+        let host = spec.validate_host(path, Path::new("/sys/class/net"))?;
+        Ok((spec, host))
+    }
+
+    /// Whether vmaudit hands the emulator a QMP socket: always with its default command line,
+    /// with custom arguments when one names [`QMP_FD`].
+    pub fn has_qmp(&self) -> bool {
+        self.emulator
+            .args
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|x| x.contains(QMP_FD)))
     }
 
     /// Parses and validates a spec's text (no look at the host).
@@ -304,20 +380,48 @@ impl Spec {
     }
 
     fn validate(&self, path: &Path) -> Result<(), SpecError> {
-        let ok_name = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && !s.contains(['/', '\'', '\0'])
-                && s != "."
-                && s != ".."
-        };
-        if !ok_name(&self.name) {
-            return Err(Self::field(
-                path,
-                "name",
-                "must be 1-64 characters, without `/`, quotes or NUL",
-            ));
+        let field = |f: &str, r: Result<(), String>| r.map_err(|m| Self::field(path, f, m));
+        field("name", names::vm_name(&self.name))?;
+        self.validate_emulator(path)?;
+        self.validate_interfaces(path)?;
+        self.extra_majors(path)?;
+        field("cgroup.parent", names::cgroup_parent(&self.cgroup.parent))?;
+        if let Some(o) = &self.control.owner {
+            field("control.owner", names::account(o))?;
         }
+        Ok(())
+    }
+
+    fn validate_emulator(&self, path: &Path) -> Result<(), SpecError> {
+        let e = &self.emulator;
+        let field = |f: &str, r: Result<(), String>| r.map_err(|m| Self::field(path, f, m));
+        field("emulator.machine", names::machine(&e.machine))?;
+        field("emulator.user", names::account(&e.user))?;
+        if let Some(g) = &e.group {
+            field("emulator.group", names::account(g))?;
+        }
+        field("emulator.path", names::argument(&e.path.to_string_lossy()))?;
+        if !(16..=1 << 20).contains(&e.memory_mib) {
+            return Err(Self::field(path, "emulator.memory_mib", "16 to 1048576"));
+        }
+        for (i, a) in e.args.iter().flatten().enumerate() {
+            let f = format!("emulator.args[{i}]");
+            field(&f, names::argument(a))?;
+            if a.contains("{qmp}") {
+                return Err(Self::field(
+                    path,
+                    f,
+                    "`{qmp}` is gone: the emulator cannot create a socket in vmaudit's run \
+                     directory; name the socket vmaudit binds by its fd: \
+                     \"-chardev\", \"socket,id=qmp,fd={qmp-fd},server=on,wait=off\", \
+                     \"-mon\", \"chardev=qmp,mode=control\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_interfaces(&self, path: &Path) -> Result<(), SpecError> {
         let mut macs = BTreeSet::new();
         let mut ifnames = BTreeSet::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
@@ -329,50 +433,51 @@ impl Spec {
                     format!("duplicate MAC {}", iface.mac),
                 ));
             }
-            if iface.queues == 0 || iface.queues > 16 {
-                return Err(Self::field(path, f("queues"), "must be 1 to 16"));
-            }
-            match (iface.backend, &iface.parent) {
-                (Backend::Macvtap, None) => {
-                    return Err(Self::field(
-                        path,
-                        f("parent"),
-                        "macvtap needs a parent link",
-                    ));
-                }
-                (Backend::Tap, Some(_)) => {
-                    return Err(Self::field(
-                        path,
-                        f("parent"),
-                        "only a macvtap interface has a parent",
-                    ));
-                }
-                _ => {}
-            }
-            if let Some(n) = &iface.ifname {
-                if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', ':', '\0']) {
-                    return Err(Self::field(
-                        path,
-                        f("ifname"),
-                        format!("`{n}` is not a valid interface name (1-15 characters)"),
-                    ));
-                }
-                if !ifnames.insert(n.clone()) {
-                    return Err(Self::field(
-                        path,
-                        f("ifname"),
-                        format!("duplicate interface name {n}"),
-                    ));
-                }
+            iface.check().map_err(|(k, m)| Self::field(path, f(k), m))?;
+            if let Some(n) = &iface.ifname
+                && !ifnames.insert(n.clone())
+            {
+                return Err(Self::field(
+                    path,
+                    f("ifname"),
+                    format!("duplicate interface name {n}"),
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// The spec's ACL entries as rules: whole majors checked now (their category too), device
+    /// nodes only once `stat` can look at them ([`Spec::validate_host`]).
+    fn extra_majors(&self, path: &Path) -> Result<(), SpecError> {
+        self.rules(path, |_, _| Ok(None)).map(|_| ())
+    }
+
+    fn rules(
+        &self,
+        path: &Path,
+        mut node: impl FnMut(&Path, Acl) -> Result<Option<Rule>, String>,
+    ) -> Result<Vec<Rule>, SpecError> {
+        let mut out = Vec::new();
         for (i, a) in self.acl.iter().enumerate() {
             let f = |k: &str| format!("acl[{i}].{k}");
+            let err = |k: &str, e: &dyn std::fmt::Display| Self::field(path, f(k), e.to_string());
             if a.acl.is_empty() || !a.acl.chars().all(|c| "rwm".contains(c)) {
                 return Err(Self::field(
                     path,
                     f("acl"),
-                    format!("`{}` is not a subset of rwm", a.acl),
+                    format!("`{}` is not a subset of rwm", a.acl.escape_debug()),
+                ));
+            }
+            let acl: Acl = a.acl.parse().map_err(|e| err("acl", &e))?;
+            if let Some(k) = &a.kind
+                && k != "char"
+                && k != "block"
+            {
+                return Err(Self::field(
+                    path,
+                    f("type"),
+                    format!("`{}` is neither char nor block", k.escape_debug()),
                 ));
             }
             match (&a.path, a.major) {
@@ -383,49 +488,48 @@ impl Spec {
                         "give either `path` or `major`",
                     ));
                 }
-                (Some(p), None) if !p.is_absolute() => {
-                    return Err(Self::field(
-                        path,
-                        f("path"),
-                        format!("`{}` is not an absolute path", p.display()),
-                    ));
+                (Some(p), None) => {
+                    if !p.is_absolute() {
+                        return Err(Self::field(
+                            path,
+                            f("path"),
+                            format!("`{}` is not an absolute path", p.display()),
+                        ));
+                    }
+                    names::argument(&p.to_string_lossy()).map_err(|m| err("path", &m))?;
+                    if let Some(r) = node(p, acl).map_err(|e| err("path", &e))? {
+                        out.push(r);
+                    }
                 }
-                (None, Some(_)) if a.category.is_none() => {
-                    return Err(Self::field(
-                        path,
-                        f("category"),
-                        "a major needs a category (e.g. pty)",
-                    ));
+                (None, Some(major)) => {
+                    if major > 4095 {
+                        return Err(Self::field(path, f("major"), "0 to 4095"));
+                    }
+                    let Some(category) = &a.category else {
+                        return Err(Self::field(
+                            path,
+                            f("category"),
+                            "a major needs a category (e.g. pty)",
+                        ));
+                    };
+                    let kind = if a.kind.as_deref() == Some("block") {
+                        DevKind::Block
+                    } else {
+                        DevKind::Char
+                    };
+                    out.push(
+                        Rule::major(kind, major, category, acl).map_err(|e| err("category", &e))?,
+                    );
                 }
-                _ => {}
-            }
-            if let Some(k) = &a.kind
-                && k != "char"
-                && k != "block"
-            {
-                return Err(Self::field(
-                    path,
-                    f("type"),
-                    format!("`{k}` is neither char nor block"),
-                ));
             }
         }
-        if self.cgroup.parent.split('/').any(|c| c == "..") || self.cgroup.parent.starts_with('/') {
-            return Err(Self::field(
-                path,
-                "cgroup.parent",
-                "must be relative, without `..`",
-            ));
-        }
-        if self.emulator.memory_mib < 16 {
-            return Err(Self::field(path, "emulator.memory_mib", "at least 16"));
-        }
-        Ok(())
+        Ok(out)
     }
 
-    /// Checks what the host must have: the emulator, each macvtap parent, each ACL path.
-    pub fn validate_host(&self, path: &Path, sys_class_net: &Path) -> Result<(), SpecError> {
-        if find_program(&self.emulator.path).is_none() {
+    /// Checks what the host must have and resolves it: the emulator, its user and group,
+    /// the control socket's owner, each macvtap parent, each ACL device node.
+    pub fn validate_host(&self, path: &Path, sys_class_net: &Path) -> Result<Host, SpecError> {
+        let Some(program) = find_program(&self.emulator.path) else {
             return Err(Self::field(
                 path,
                 "emulator.path",
@@ -434,7 +538,22 @@ impl Spec {
                     self.emulator.path.display()
                 ),
             ));
-        }
+        };
+        let identity = Identity::resolve(&self.emulator.user, self.emulator.group.as_deref())
+            .map_err(|m| {
+                let f = if m.contains("group") && self.emulator.group.is_some() {
+                    "emulator.group"
+                } else {
+                    "emulator.user"
+                };
+                Self::field(path, f, m)
+            })?;
+        let control_owner = match &self.control.owner {
+            Some(o) => Some(
+                super::identity::uid_of(o).map_err(|m| Self::field(path, "control.owner", m))?,
+            ),
+            None => None,
+        };
         for (i, iface) in self.interfaces.iter().enumerate() {
             if let Some(parent) = &iface.parent
                 && !sys_class_net.join(parent).exists()
@@ -446,18 +565,18 @@ impl Spec {
                 ));
             }
         }
-        for (i, a) in self.acl.iter().enumerate() {
-            if let Some(p) = &a.path
-                && !p.exists()
-            {
-                return Err(Self::field(
-                    path,
-                    format!("acl[{i}].path"),
-                    format!("`{}` does not exist", p.display()),
-                ));
+        let rules = self.rules(path, |p, acl| {
+            if !p.exists() {
+                return Err(format!("`{}` does not exist", p.display()));
             }
-        }
-        Ok(())
+            Rule::path(p, acl).map(Some).map_err(|e| e.to_string())
+        })?;
+        Ok(Host {
+            program,
+            identity,
+            control_owner,
+            rules,
+        })
     }
 }
 
@@ -571,6 +690,49 @@ acl = "rw"
     }
 
     #[test]
+    fn what_reaches_qemu_or_a_path_is_checked_at_parse() {
+        let uuid = "uuid = \"c7a5fdbd-cdaf-9455-926a-d65c16db1809\"\n";
+        let with = |body: &str| err(&format!("name = \"x\"\n{uuid}{body}"));
+        assert_eq!(
+            err(&format!("name = \"a,b\"\n{uuid}")),
+            "spec vm.toml: name: `a,b` holds `,`"
+        );
+        assert!(
+            with("[emulator]\nmachine = \"pc,accel=kvm\"\n")
+                .starts_with("spec vm.toml: emulator.machine: ")
+        );
+        assert!(
+            with("[emulator]\nargs = [\"-qmp\", \"unix:{qmp},server=on\"]\n")
+                .starts_with("spec vm.toml: emulator.args[1]: `{qmp}` is gone")
+        );
+        assert!(with("[emulator]\nuser = \"a b\"\n").starts_with("spec vm.toml: emulator.user: "));
+        assert!(
+            with("[[acl]]\nmajor = 136\ncategory = \"p t\"\n")
+                .starts_with("spec vm.toml: acl[0].category: ")
+        );
+        assert!(
+            with("[[acl]]\nmajor = 5000\ncategory = \"x\"\n")
+                .starts_with("spec vm.toml: acl[0].major: ")
+        );
+        assert!(
+            with("[cgroup]\nparent = \"a/../..\"\n").starts_with("spec vm.toml: cgroup.parent: ")
+        );
+        assert!(
+            with("[[interface]]\nmac = \"52:54:00:00:00:01\"\nifname = \"sixteen-bytes-xx\"\n")
+                .starts_with("spec vm.toml: interface[0].ifname: ")
+        );
+        assert!(
+            with("[[interface]]\nmac = \"52:54:00:00:00:01\"\nifname = \"tap%d\"\n")
+                .starts_with("spec vm.toml: interface[0].ifname: ")
+        );
+        assert!(with("[control]\nowner = \"\"\n").starts_with("spec vm.toml: control.owner: "));
+        assert!(
+            with("[emulator]\nmemory_mib = 999999999\n")
+                .starts_with("spec vm.toml: emulator.memory_mib: ")
+        );
+    }
+
+    #[test]
     fn host_checks_name_the_field() {
         let s = parse(GOOD).unwrap();
         let dir = std::env::temp_dir().join(format!("vmaudit-spec-{}", std::process::id()));
@@ -586,6 +748,8 @@ acl = "rw"
             "{e}"
         );
         s2.emulator.path = PathBuf::from("/bin/sh");
+        // A user every Debian host has (the default, vmaudit-qemu, is made by the setup).
+        s2.emulator.user = "nobody".into();
         let e = s2
             .validate_host(Path::new("vm.toml"), &dir)
             .unwrap_err()

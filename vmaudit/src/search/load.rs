@@ -12,6 +12,7 @@ use thiserror::Error;
 use super::{Event, libvirt_part};
 use crate::{
     audit::{
+        chain,
         journal::Line,
         parse::{LogScan, Parsed, Stamp, parse_text},
         virt::VirtRecord,
@@ -117,18 +118,20 @@ impl ClaimLines {
     }
 }
 
-/// A journal of `vmaudit run` or `vmaudit monitor`: records and verdicts. A last line cut short (no newline) is a
-/// write that never completed and is left out, as `vmaudit verify` does; any other line
-/// that is not a journal line makes the file unreadable as a journal.
+/// A journal of `vmaudit run` or `vmaudit monitor`: records and verdicts. A last line cut short
+/// (no newline) is a write that never completed: it is counted in a note and left out, as
+/// `vmaudit verify` does. Lines about the run (vmaudit's own events, summaries) are not records
+/// and are left out; any other line that is not a journal line makes the file unreadable as a
+/// journal.
 pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
     let text = read(path)?;
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let (lines, torn) = chain::split(&text);
     let name = path.display();
     let mut events: Vec<Event> = Vec::new();
     let mut by_ts: BTreeMap<u64, usize> = BTreeMap::new();
     let mut by_claim = ClaimLines::default();
     let mut verdicts: Vec<(usize, Verdict)> = Vec::new();
-    for (i, line) in complete.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -199,7 +202,15 @@ pub fn journal(path: &Path) -> Result<Loaded, LoadError> {
     give_emulator_pids(&mut events);
     Ok(Loaded {
         events,
-        notes: Vec::new(),
+        notes: torn
+            .map(|t| {
+                format!(
+                    "{name}: 1 torn last line skipped ({} bytes: a write cut short)",
+                    t.len()
+                )
+            })
+            .into_iter()
+            .collect(),
     })
 }
 

@@ -2,11 +2,11 @@
 //!
 //! - `/`: the dashboard (with `/dashboard.js`, `/dashboard.css`), embedded in the binary.
 //! - `/metrics`: Prometheus metrics, OpenMetrics text.
-//! - `/api/state`: a JSON snapshot (VMs, fd tables, recent verdicts, totals) with the
-//!   sequence number of the last event it includes.
+//! - `/api/state`: a JSON snapshot (VMs or processes, fd tables, recent verdicts, totals, the
+//!   history) with the sequence number of the last event it includes.
 //! - `/events`: server-sent events, one JSON object each (`type`: `vm`, `fd`, `claim`,
-//!   `verdict`, `gap`, `decision`); an event named `resync` tells a client that fell behind to read the
-//!   state again.
+//!   `verdict`, `gap`, `decision`); an event named `resync` tells a client that fell behind to
+//!   read the state again.
 
 use std::{convert::Infallible, sync::Arc};
 

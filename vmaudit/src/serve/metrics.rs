@@ -42,6 +42,11 @@ pub struct VmLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PidLabel {
+    pub pid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -55,6 +60,8 @@ pub struct Metrics {
     pub fd_events: Family<OpLabel, Counter>,
     pub lost_events: Family<CauseLabel, Counter>,
     pub vm_fds: Family<VmLabels, Gauge>,
+    /// `watch`: fds each watched process holds now.
+    pub process_fds: Family<PidLabel, Gauge>,
     pub decisions: Family<ResultLabel, Counter>,
     /// `monitor`: records read from the audit source.
     pub audit_records: Counter,
@@ -78,6 +85,7 @@ impl Default for Metrics {
             fd_events: Family::default(),
             lost_events: Family::default(),
             vm_fds: Family::default(),
+            process_fds: Family::default(),
             decisions: Family::default(),
             audit_records: Counter::default(),
             audit_lost: Family::default(),
@@ -146,6 +154,11 @@ impl Default for Metrics {
             "vm_fds",
             "fds each VM's emulator holds now",
             m.vm_fds.clone(),
+        );
+        registry.register(
+            "process_fds",
+            "fds each watched process holds now (watch)",
+            m.process_fds.clone(),
         );
         registry.register(
             "cgroup_decisions",

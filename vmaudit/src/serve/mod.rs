@@ -1,16 +1,21 @@
 //! `--serve`: what the verifier sees, over HTTP, for people and for Prometheus.
 //!
-//! - [`hub`]: the [`Hub`], an observer of the verifier that keeps the live state (VMs, fd
-//!   tables with the claim behind each fd, recent verdicts) and the metrics.
+//! - [`hub`]: the [`Hub`], an observer of the verifier (or of `watch`'s tracker) that keeps
+//!   the live state (VMs or processes, fd tables with the claim behind each fd, recent
+//!   verdicts), the history and the metrics.
+//! - [`history`]: the bounded per-second history the dashboard plots.
+//! - [`view`]: the JSON of the snapshot and of the events.
 //! - [`metrics`]: the Prometheus metrics (prometheus-client).
 //! - [`http`]: the endpoints (axum): `/` the dashboard, `/metrics`, `/api/state`, `/events`.
 //!
 //! The server runs on the caller's tokio runtime. It is bound before anything else starts, so
 //! that a bad address or a port in use stops a command before it has done anything.
 
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod view;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -103,17 +108,23 @@ pub fn start(addr: SocketAddr, hub: Arc<Hub>) -> Result<Server, ServeError> {
     })
 }
 
-/// A command's `--serve [ADDR]`: parses the address, binds it, adds a new hub to `observers`
-/// and says on stderr where it serves. Call it before the command starts anything, on the
-/// tokio runtime the command runs on; keep the [`Server`] for as long as it should serve.
-pub fn serve_observers(addr: &str, observers: &mut Observers) -> Result<Server, ServeError> {
+/// A command's `--serve [ADDR]`: parses the address, binds it, serves `hub` and says on
+/// stderr where. Call it before the command starts anything, on the tokio runtime the command
+/// runs on; keep the [`Server`] for as long as it should serve.
+pub fn serve(addr: &str, hub: Arc<Hub>) -> Result<Server, ServeError> {
     let addr = parse_addr(addr)?;
-    let server = start(addr, Hub::new())?;
-    observers.push(server.hub().clone());
+    let server = start(addr, hub)?;
     crate::notice!(
         "serving http://{}/ (metrics at /metrics)",
         server.local_addr()
     );
+    Ok(server)
+}
+
+/// [`serve`] for a command whose verifier tells `observers`: a new hub of VMs joins them.
+pub fn serve_observers(addr: &str, observers: &mut Observers) -> Result<Server, ServeError> {
+    let server = serve(addr, Hub::new())?;
+    observers.push(server.hub().clone());
     Ok(server)
 }
 

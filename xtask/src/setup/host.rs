@@ -48,6 +48,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "logrotate",
     // `setpriv`: the installed monitor runs with exactly the capabilities its unit grants.
     "util-linux",
+    // `rsyslogd`: the receiver `vmaudit forward` is tested against, over UDP, TCP and a unix
+    // socket (tests/tests/forward.rs).
+    "rsyslog",
 ];
 
 /// Groups libvirt's QEMU driver needs (Debian builds it to run qemu as `libvirt-qemu`, and
@@ -55,10 +58,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
 /// `libvirt-daemon-system`, needs systemd, which these machines do not run.
 const LIBVIRT_GROUPS: &[&str] = &["kvm", "libvirt", "libvirt-qemu"];
 
-/// The system user qemu runs as under libvirt: (name, primary group, supplementary groups,
-/// home), as `libvirt-daemon-system` would create it.
-const LIBVIRT_USER: (&str, &str, &str, &str) =
-    ("libvirt-qemu", "libvirt-qemu", "kvm", "/var/lib/libvirt");
+/// A system user to create: name, primary group, supplementary groups, home.
+type SystemUser = (&'static str, &'static str, &'static str, &'static str);
+
+/// The system user qemu runs as under libvirt, as `libvirt-daemon-system` would create it.
+const LIBVIRT_USER: SystemUser = ("libvirt-qemu", "libvirt-qemu", "kvm", "/var/lib/libvirt");
+
+/// The unprivileged user `vmaudit run` runs the emulator as unless a spec names another
+/// (`vmaudit::runtime::identity::DEFAULT_USER`): in group `kvm` for /dev/kvm; it needs no
+/// access to /dev/net/tun, whose fds it is handed.
+const EMULATOR_USER: SystemUser = ("vmaudit-qemu", "vmaudit-qemu", "kvm", "/nonexistent");
 
 /// KVM's device node. udev gives it `root:kvm 0660`; without udev it is `root:root 0600`.
 const KVM_DEVICE: &str = "/dev/kvm";
@@ -69,6 +78,7 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 pub fn run() -> Result<()> {
     debian_packages()?;
     libvirt_accounts()?;
+    system_user(EMULATOR_USER)?;
     kvm_device()?;
     tracefs()
 }
@@ -115,7 +125,16 @@ fn libvirt_accounts() -> Result<()> {
         need_root(&format!("`groupadd --system {group}`"))?;
         sh::run(Command::new("groupadd").args(["--system", group]))?;
     }
-    let (user, group, groups, home) = LIBVIRT_USER;
+    system_user(LIBVIRT_USER)
+}
+
+/// Creates a system user (and its primary group) when missing.
+fn system_user((user, group, groups, home): SystemUser) -> Result<()> {
+    if !account_exists("group", group) {
+        println!("installing: group {group}");
+        need_root(&format!("`groupadd --system {group}`"))?;
+        sh::run(Command::new("groupadd").args(["--system", group]))?;
+    }
     if account_exists("passwd", user) {
         println!("ok: user {user}");
         return Ok(());

@@ -1,4 +1,4 @@
-//! (e) Monitor mode over many VM lifecycles: does its memory stay flat?
+//! (g) Monitor mode over many VM lifecycles: does its memory stay flat?
 //!
 //! One `vmaudit monitor --audit-log` follows this process as the manager. VMs come and go in
 //! batches: for each, a tap (TUNSETIFF, libvirt's host-side address) inherited by a stand-in

@@ -8,7 +8,11 @@
 //!   loses as its ring buffer shrinks, and bpftrace printing each event ([`throughput`]);
 //! - `verdict` (c): claim-to-verdict latency of `vmaudit run` ([`verdict`]);
 //! - `scale` (d): monitor mode with 10, 100 and 1000 stand-in emulators ([`scale`]);
-//! - `lifecycles` (e): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]).
+//! - `lifecycles` (e): monitor mode over 10,000 VM lifecycles, its memory ([`lifecycles`]);
+//! - `soak` (f): 10,000 attach/detach cycles of `vmaudit run` on the stand-in emulator, fds and
+//!   RSS sampled ([`soak`]);
+//! - `dashboard` (g): the dashboard's update and render time at 1,000 VMs × 4 fds, in headless
+//!   Chromium ([`dashboard`]).
 //!
 //! A new section is a module with a `run(&Bins, &Opts, quick) -> String` and a [`Section`]
 //! variant.
@@ -16,14 +20,16 @@
 //! Usage (as root; `cargo xtask bench -- ARGS` builds and runs it):
 //! `vmbench [--quick] [--only SECTION[,SECTION...]] [--write BENCHMARKS.md] [--rounds R]
 //! [--iterations N] [--throughput-pairs N] [--throughput-runs R] [--verdict-runs R]
-//! [--vms N,N,...]`.
+//! [--vms N,N,...] [--cycles N]`.
 //! A section that cannot be set up (a tracer that does not attach, a count that does not add
 //! up) fails the whole run loudly: no table is written from nonsense.
 
+mod dashboard;
 mod lifecycles;
 mod overhead;
 mod report;
 mod scale;
+mod soak;
 mod throughput;
 mod tracers;
 mod verdict;
@@ -40,15 +46,19 @@ enum Section {
     Verdict,
     Scale,
     Lifecycles,
+    Soak,
+    Dashboard,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 7] = [
         Self::Overhead,
         Self::Throughput,
         Self::Verdict,
         Self::Scale,
         Self::Lifecycles,
+        Self::Soak,
+        Self::Dashboard,
     ];
 
     fn name(self) -> &'static str {
@@ -58,6 +68,8 @@ impl Section {
             Self::Verdict => "verdict",
             Self::Scale => "scale",
             Self::Lifecycles => "lifecycles",
+            Self::Soak => "soak",
+            Self::Dashboard => "dashboard",
         }
     }
 
@@ -80,6 +92,7 @@ struct Opts {
     throughput: throughput::Opts,
     verdict: verdict::Opts,
     scale: scale::Opts,
+    soak: soak::Opts,
 }
 
 fn parse() -> Opts {
@@ -108,6 +121,9 @@ fn parse() -> Opts {
                 vec![10, 100, 1000]
             },
         },
+        soak: soak::Opts {
+            cycles: if quick { 500 } else { 10_000 },
+        },
     };
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
@@ -129,6 +145,7 @@ fn parse() -> Opts {
                     .map(|s| s.parse().expect("--vms N,N,..."))
                     .collect()
             }
+            "--cycles" => o.soak.cycles = val().parse().expect("--cycles N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -150,6 +167,8 @@ fn main() {
             Section::Verdict => verdict::run(&bins, &o.verdict, o.quick),
             Section::Scale => scale::run(&bins, &o.scale, o.quick),
             Section::Lifecycles => lifecycles::run(&bins, o.quick),
+            Section::Soak => soak::run(&bins, &o.soak, o.quick),
+            Section::Dashboard => dashboard::run(&bins, o.quick),
         };
         // Each section is written as soon as it is measured: a later failure keeps it.
         if let Some(path) = &o.write {

@@ -140,7 +140,11 @@ fn stop_child(
             Err(e) => break Err(e),
         }
     };
-    let cpu = out.is_ok().then(|| zombie_cpu_ns(pid)).flatten().unwrap_or(0);
+    let cpu = out
+        .is_ok()
+        .then(|| zombie_cpu_ns(pid))
+        .flatten()
+        .unwrap_or(0);
     let _ = guard.0.kill();
     let _ = guard.0.wait();
     let mut out = out.unwrap_or_else(|e| {

@@ -20,6 +20,9 @@ pub enum KernelOutcome {
     Disabled,
     /// Refused (or the socket could not be used), with the errno.
     Refused(nix::errno::Errno),
+    /// Handed to the sender but not answered in time: the kernel gets it in order, and a
+    /// refusal is reported when it comes.
+    Queued,
     /// The mode does not send to the kernel.
     NotRequested,
 }
@@ -30,6 +33,7 @@ impl fmt::Display for KernelOutcome {
             Self::Sent => f.write_str("sent"),
             Self::Disabled => f.write_str("disabled"),
             Self::Refused(e) => write!(f, "refused: {e:?}"),
+            Self::Queued => f.write_str("queued"),
             Self::NotRequested => f.write_str("not-requested"),
         }
     }

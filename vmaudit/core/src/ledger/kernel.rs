@@ -218,6 +218,12 @@ impl KernelLog {
             .filter(move |n| n.at.pid == pid && n.released.is_none_or(|(ts, _)| ts >= since))
     }
 
+    /// Forgets the network fds released before `before`.
+    pub fn prune_released(&mut self, before: u64) {
+        self.net
+            .retain(|n| n.released.is_none_or(|(ts, _)| ts >= before));
+    }
+
     /// Forgets what is about processes in `pids` (a VM's processes, once it is judged gone).
     pub fn forget(&mut self, pids: &[u32]) {
         self.net.retain(|n| !pids.contains(&n.at.pid));

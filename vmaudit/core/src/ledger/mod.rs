@@ -303,7 +303,7 @@ impl Ledger {
                 }
             }
             ClaimKind::NetDetach { mac, fds, .. } if c.success => {
-                net::note_detach(self, &c.uuid, mac, fds.as_deref());
+                net::note_detach(self, (c.id, c.made_ns), &c.uuid, mac, fds.as_deref());
             }
             ClaimKind::Resource { .. } if c.success => resource::note(self, c),
             _ => {}
@@ -416,6 +416,51 @@ impl Ledger {
         }
         findings::settle(self, view, now, out);
         resource::settle(self, view, now, out);
+        self.prune(view, now);
+    }
+
+    /// Drops what no claim can consult any more, so that a long run stays flat: the NICs
+    /// detached with every fd released and nothing of their VM pending, and the network fds
+    /// released before the window of the oldest pending claim.
+    fn prune(&mut self, view: &dyn KernelView, now: u64) {
+        let oldest = self.pending.iter().map(|p| p.claim.made_ns).min();
+        let horizon = oldest.unwrap_or(now).saturating_sub(2 * self.deadline_ns);
+        self.log.prune_released(horizon);
+        let waiting: HashSet<&str> = self.pending.iter().map(|p| p.claim.uuid.as_str()).collect();
+        let held_now = |h: &vm::HeldFd| {
+            view.table(h.at.pid)
+                .and_then(|t| t.fds.get(&h.at.fd))
+                .is_some_and(|e| e.since_ns == h.since)
+        };
+        for (uuid, vm) in &mut self.vms {
+            if waiting.contains(uuid.as_str()) {
+                continue;
+            }
+            vm.nics.retain(|_, n| !n.done(horizon, held_now));
+            for n in vm.nics.values_mut() {
+                n.held
+                    .retain(|h| !h.released || h.since >= horizon || held_now(h));
+            }
+        }
+    }
+
+    /// How much the ledger holds: (VMs, NICs, network fd lives, pending claims, watches).
+    pub fn footprint(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.vms.len(),
+            self.vms.values().map(|v| v.nics.len()).sum(),
+            self.log.net.len(),
+            self.pending.len(),
+            self.watches.len(),
+        )
+    }
+
+    /// Whether a start or attach of NIC `mac` of VM `uuid` waits for its evidence.
+    fn up_pending(&self, uuid: &str, mac: &str) -> bool {
+        self.pending.iter().any(|p| {
+            p.claim.uuid == uuid
+                && matches!(&p.claim.kind, ClaimKind::NetUp { mac: m, .. } if m == mac)
+        })
     }
 
     /// Judges the pending claims of VM `uuid` now (none is final before its deadline).

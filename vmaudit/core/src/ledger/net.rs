@@ -350,6 +350,16 @@ fn up_verdict(
         found.iter().find(|f| !f.held)
     };
     if let Some(gone) = gone {
+        if let Some(detach) = detached_after(l, c, mac) {
+            return Some(held_until_detach(l, c, emu, mac, &found, handed, detach));
+        }
+        // Its detach record may follow within the deadline (libvirt closes the tap, then
+        // writes it; a hot-unplug right after the attach is judged after both).
+        if !last {
+            return None;
+        }
+        // The claim did give these fds: their arrival is no device no claim gave.
+        register_held(l, c, mac, &found, handed, true);
         return Some(
             Found::violated(
                 format!(
@@ -363,7 +373,7 @@ fn up_verdict(
     }
     let found: Vec<NicFd> = found.into_iter().filter(|f| f.held).collect();
     let list = fd_list(found.iter().map(|f| f.at.fd));
-    register_held(l, c, mac, &found, handed);
+    register_held(l, c, mac, &found, handed, false);
     let first = found.first().map(|f| f.at.fd);
     let same = if handed.is_empty() {
         ""
@@ -378,6 +388,47 @@ fn up_verdict(
         .on([emu])
         .about(first),
     )
+}
+
+/// The id of a successful detach of NIC `mac` claimed after claim `c`.
+fn detached_after(l: &Ledger, c: &Claim, mac: &str) -> Option<u64> {
+    l.vms
+        .get(&c.uuid)?
+        .nics
+        .get(mac)?
+        .detach
+        .map(|(id, _)| id)
+        .filter(|id| *id > c.id)
+}
+
+/// The NIC's fds arrived and were released, and a detach claimed after this claim explains
+/// the release: the emulator held them. They are registered released, for the detach.
+fn held_until_detach(
+    l: &mut Ledger,
+    c: &Claim,
+    emu: u32,
+    mac: &str,
+    found: &[NicFd],
+    handed: &[Handed],
+    detach: u64,
+) -> Found {
+    let mut evidence = Vec::new();
+    for f in found {
+        if let Some(&(ts, op)) = l.log.gains.get(&f.at) {
+            evidence.push(Evidence::new(emu, op.name()).fd(f.at.fd).at(ts));
+        }
+        evidence.push(f.evidence.clone());
+    }
+    register_held(l, c, mac, found, handed, true);
+    Found::confirmed(
+        format!(
+            "the emulator (pid {emu}) held fd {} of NIC {mac} until it released it for the detach (claim {detach}) that followed",
+            fd_list(found.iter().map(|f| f.at.fd))
+        ),
+        evidence,
+    )
+    .on([emu])
+    .about(found.first().map(|f| f.at.fd))
 }
 
 /// The NIC's fds, as the manager handed them; None while one is neither held nor released.
@@ -435,9 +486,23 @@ fn infer_nic_fds(l: &Ledger, c: &Claim, emu: u32, mac: &str, view: &dyn KernelVi
         .and_then(|v| v.nics.get(mac))
         .map(|n| n.opens.iter().map(|o| o.at).collect())
         .unwrap_or_default();
+    let earlier: Vec<(FdRef, u64)> = l
+        .vms
+        .get(&c.uuid)
+        .and_then(|v| v.nics.get(mac))
+        .map(|n| {
+            n.held
+                .iter()
+                .filter(|h| h.claim.id < c.id)
+                .map(|h| (h.at, h.since))
+                .collect()
+        })
+        .unwrap_or_default();
     let since = c.made_ns.saturating_sub(l.deadline_ns);
     candidates(l, emu, since, view)
         .into_iter()
+        // An fd an earlier start or attach of the NIC accounts for is not this claim's.
+        .filter(|life| !earlier.contains(&(life.at, life.since)))
         .filter_map(|life| nic_fd(&life, mac, &opens, view))
         .collect()
 }
@@ -538,9 +603,16 @@ fn not_held(
     .on([emu])
 }
 
-/// The NIC's fds become held (their release is now watched), and the opens they are marked
-/// passed.
-fn register_held(l: &mut Ledger, c: &Claim, mac: &str, found: &[NicFd], handed: &[Handed]) {
+/// The NIC's fds become held (their release is now watched, unless `released`: a detach
+/// already explains it), and the opens they are marked passed.
+fn register_held(
+    l: &mut Ledger,
+    c: &Claim,
+    mac: &str,
+    found: &[NicFd],
+    handed: &[Handed],
+    released: bool,
+) {
     let mut claim = c.claim_ref();
     claim.fd = found.first().map(|f| f.at.fd);
     let nic = l
@@ -550,14 +622,16 @@ fn register_held(l: &mut Ledger, c: &Claim, mac: &str, found: &[NicFd], handed: 
         .nics
         .entry(mac.to_owned())
         .or_default();
-    nic.detached = false;
     for f in found {
-        nic.held.retain(|h| h.at != f.at);
+        // A new fd at the number replaces the old one, unless a claim released the old one (it
+        // still answers for its own arrival until it is pruned).
+        nic.held
+            .retain(|h| h.at != f.at || (h.released && h.since != f.since));
         nic.held.push(HeldFd {
             at: f.at,
             since: f.since,
             claim: claim.clone(),
-            released: false,
+            released,
         });
     }
     for o in nic.opens.iter_mut() {
@@ -567,14 +641,21 @@ fn register_held(l: &mut Ledger, c: &Claim, mac: &str, found: &[NicFd], handed: 
     }
 }
 
-/// A detach claim releases the NIC's fds: their release is no violation from now on.
-pub(super) fn note_detach(l: &mut Ledger, uuid: &str, mac: &str, fds: Option<&[i32]>) {
+/// A detach claim (its id, when it was made) releases the NIC's fds: their release is no
+/// violation from now on.
+pub(super) fn note_detach(
+    l: &mut Ledger,
+    claim: (u64, u64),
+    uuid: &str,
+    mac: &str,
+    fds: Option<&[i32]>,
+) {
     let Some(vm) = l.vms.get_mut(uuid) else {
         return;
     };
     let pid = vm.pid;
     let nic = vm.nics.entry(mac.to_owned()).or_default();
-    nic.detached = true;
+    nic.detach = Some(claim);
     for h in nic.held.iter_mut() {
         if fds.is_none_or(|f| f.contains(&h.at.fd)) && pid.is_none_or(|p| p == h.at.pid) {
             h.released = true;
@@ -609,6 +690,10 @@ pub(super) fn judge_detach(
         Some(f) => f.clone(),
         None => nic_fds_known(l, c, emu, mac),
     };
+    if fds.is_empty() && !last && l.up_pending(&c.uuid, mac) {
+        // The start or attach that names the fds is still waiting for its evidence.
+        return None;
+    }
     if fds.is_empty() {
         return Some(Found::unknown(format!(
             "which fds NIC {mac} had is not known (no start or attach of it was confirmed)"

@@ -370,6 +370,9 @@ fn a_handed_fd_the_emulator_closed_before_the_claim_is_violated_with_the_close()
     t.fd(rec(EMU, Op::Inherit, 7, t.now, tun(None)));
     t.fd(rec(EMU, Op::Close, 7, t.now + 5, tun(None)));
     t.at(1).claim(up(Some(EMU), vec![handed(7, Some(true))]));
+    // A detach may still explain the close, until the deadline.
+    t.none();
+    t.at(200).tick();
     let v = t.one();
     assert_eq!(v.status, Status::Violated, "{}", v.reason);
     assert_eq!(
@@ -453,6 +456,9 @@ fn a_libvirt_start_whose_emulator_closed_the_tap_right_away_is_violated_with_the
     // The tap vanished with its last fd: its address is no longer readable.
     t.k.addresses.clear();
     t.at(1).claim(up(None, vec![]));
+    t.none();
+    t.at(200).tick();
+    t.out.retain(|v| v.claim.kind != "vm-start");
     let v = t.one();
     assert_eq!(v.status, Status::Violated, "{}", v.reason);
     assert_eq!(
@@ -531,6 +537,169 @@ fn a_release_with_no_detach_is_violated_with_the_close_at_the_deadline() {
     assert_eq!(v.claim.kind, "net-start");
     let e = &v.evidence[0];
     assert_eq!((e.pid, e.fd, e.ts), (EMU, Some(7), Some(close_ts)));
+}
+
+/// A hot-unplug right after the attach: the kernel's close is applied before the attach claim
+/// is judged, and the detach record comes after it.
+#[test]
+fn an_attach_whose_fd_the_detach_after_it_released_is_confirmed_with_gain_and_close() {
+    let mut t = T::new();
+    t.k.processes.insert(EMU, child_of_manager());
+    t.claim(ClaimKind::VmStart { pid: EMU });
+    t.out.clear();
+    let gain = t.now;
+    t.fd(rec(EMU, Op::RecvFd, 7, gain, tun(None)));
+    t.fd(rec(EMU, Op::Close, 7, gain + MS, tun(None)));
+    let mut attach = up(Some(EMU), vec![handed(7, Some(true))]);
+    if let ClaimKind::NetUp { attach: a, .. } = &mut attach {
+        *a = true;
+    }
+    t.at(2).claim(attach);
+    t.none();
+    t.claim(detach(Some(vec![7])));
+    t.at(3).tick();
+    let mut v = std::mem::take(&mut t.out);
+    v.sort_by_key(|v| v.claim.id);
+    let st: Vec<Status> = v.iter().map(|v| v.status).collect();
+    assert_eq!(st, [Status::Confirmed; 2], "{v:#?}");
+    let whats: Vec<(&str, Option<u64>)> = v[0]
+        .evidence
+        .iter()
+        .map(|e| (e.what.as_str(), e.ts))
+        .collect();
+    assert_eq!(
+        whats,
+        [("recv_fd", Some(gain)), ("close", Some(gain + MS))],
+        "{:#?}",
+        v[0]
+    );
+    t.at(1000).tick();
+    t.none();
+}
+
+/// The same in monitor mode: the detach names no fds; it waits for the attach, which names
+/// them.
+#[test]
+fn a_libvirt_attach_released_before_it_was_judged_is_confirmed_and_so_is_its_detach() {
+    let mut t = T::new();
+    t.libvirt_vm();
+    t.k.addresses
+        .insert("vnet1".into(), "fe:54:00:00:00:02".into());
+    let mac2 = "52:54:00:00:00:02";
+    t.fd(rec(EMU, Op::RecvFd, 8, t.now, tun(Some("vnet1"))));
+    t.fd(rec(EMU, Op::Close, 8, t.now + MS, tun(Some("vnet1"))));
+    t.at(2).claim(ClaimKind::NetUp {
+        mac: mac2.into(),
+        attach: true,
+        emulator_pid: None,
+        handed: vec![],
+    });
+    t.none();
+    t.claim(ClaimKind::NetDetach {
+        mac: mac2.into(),
+        emulator_pid: None,
+        fds: None,
+    });
+    t.at(3).tick();
+    let v = std::mem::take(&mut t.out);
+    let st: Vec<(&str, Status)> = v
+        .iter()
+        .map(|v| (v.claim.kind.as_str(), v.status))
+        .collect();
+    assert_eq!(
+        st,
+        [
+            ("net-attach", Status::Confirmed),
+            ("net-detach", Status::Confirmed)
+        ],
+        "{v:#?}"
+    );
+    t.at(1000).tick();
+    t.none();
+}
+
+/// A detach of an earlier attach of the NIC explains no release after a later attach.
+#[test]
+fn an_earlier_detach_does_not_explain_a_later_attachs_release() {
+    let mut t = T::new();
+    t.libvirt_vm();
+    t.claim(detach(None));
+    t.fd(rec(EMU, Op::Close, 7, t.now + MS, tun(None)));
+    t.at(2).tick();
+    assert_eq!(t.one().status, Status::Confirmed);
+    t.fd(rec(EMU, Op::RecvFd, 7, t.now, tun(Some("vnet0"))));
+    t.fd(rec(EMU, Op::Close, 7, t.now + MS, tun(Some("vnet0"))));
+    t.at(3).claim(ClaimKind::NetUp {
+        mac: MAC.into(),
+        attach: true,
+        emulator_pid: None,
+        handed: vec![],
+    });
+    t.none();
+    t.at(300).tick();
+    let v = t.one();
+    assert_eq!(v.status, Status::Violated, "{v:#?}");
+    assert!(has(&v, "with no detach"), "{}", v.reason);
+}
+
+/// Attach and detach, thousands of times in one VM (half of them with the unplug's close
+/// seen before the attach is judged): every claim confirmed, and what the ledger keeps stays
+/// flat.
+#[test]
+fn thousands_of_attach_detach_cycles_keep_the_ledger_flat() {
+    let mut t = T::new();
+    t.k.processes.insert(EMU, child_of_manager());
+    t.claim(ClaimKind::VmStart { pid: EMU });
+    t.out.clear();
+    let mut sizes = Vec::new();
+    for i in 0..3000u64 {
+        let ms = i * 10;
+        let mac = format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256);
+        t.at(ms);
+        t.fd(rec(MGR, Op::Open, 40, t.now, tun(None)));
+        t.claim(ClaimKind::NetOpen {
+            mac: mac.clone(),
+            path: "/dev/net/tun".into(),
+            rdev: Some(TUN),
+            fd: Some(40),
+        });
+        t.fd(rec(EMU, Op::RecvFd, 7, t.now, tun(None)));
+        t.fd(rec(MGR, Op::Close, 40, t.now, tun(None)));
+        // Every other cycle, the unplug's close is applied before the attach is judged.
+        let raced = i % 2 == 0;
+        if raced {
+            t.fd(rec(EMU, Op::Close, 7, t.now + 1, tun(None)));
+        }
+        t.claim(ClaimKind::NetUp {
+            mac: mac.clone(),
+            attach: true,
+            emulator_pid: Some(EMU),
+            handed: vec![Handed {
+                fd: 40,
+                ..handed(7, Some(true))
+            }],
+        });
+        t.at(ms + 5);
+        if !raced {
+            t.fd(rec(EMU, Op::Close, 7, t.now, tun(None)));
+        }
+        t.claim(ClaimKind::NetDetach {
+            mac,
+            emulator_pid: Some(EMU),
+            fds: Some(vec![7]),
+        });
+        t.tick();
+        assert!(
+            t.out.iter().all(|v| v.status == Status::Confirmed),
+            "{:#?}",
+            t.out
+        );
+        t.out.clear();
+        if i % 1000 == 999 {
+            sizes.push(t.l.footprint());
+        }
+    }
+    assert_eq!(sizes[0], sizes[2], "{sizes:?}");
 }
 
 #[test]

@@ -39,7 +39,19 @@ pub struct NicOpen {
 pub struct Nic {
     pub opens: Vec<NicOpen>,
     pub held: Vec<HeldFd>,
-    pub detached: bool,
+    /// The last successful detach claim of it: its id, and when it was made.
+    pub detach: Option<(u64, u64)>,
+}
+
+impl Nic {
+    /// Nothing of it is left to judge: detached before `horizon` (no finding of its fds is
+    /// still due), every fd released by a claim and gone from the emulator (`held_now` says
+    /// whether it still holds that fd), every open passed.
+    pub fn done(&self, horizon: u64, held_now: impl Fn(&HeldFd) -> bool) -> bool {
+        self.detach.is_some_and(|(_, made)| made < horizon)
+            && self.held.iter().all(|h| h.released && !held_now(h))
+            && self.opens.iter().all(|o| o.passed)
+    }
 }
 
 /// A rule confirmed in the kernel, held to it from then on.

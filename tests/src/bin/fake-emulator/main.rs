@@ -23,8 +23,13 @@ use nix::sys::{
     socket::{ControlMessage, MsgFlags, sendmsg},
 };
 
+mod probe;
+mod qmp;
+
 const USAGE: &str = "\
-usage: fake-emulator [--mode MODE] [--to PATH] [--ready-file PATH] [--] [QEMU ARGS...]
+usage: fake-emulator [--mode MODE] [--to PATH] [--ready-file PATH] [--device PATH]
+                     [--suid PATH] [--qmp-fd N [--greeting-delay-ms MS]
+                     [--device-add-delay-ms MS] [--no-unplug-ack]] [--] [QEMU ARGS...]
 
 A stand-in for qemu. Its own options come first (each `--NAME VALUE`); everything after is
 ignored except the values of `-netdev`, whose fd=N, fds=A:B:..., vhostfd=N and vhostfds=...
@@ -46,10 +51,25 @@ Modes:
                     SIGINT the child is killed and reaped. The child dies with the parent.
   send-stranger     connect to the unix stream socket --to PATH and send it the first passed
                     fd (SCM_RIGHTS, one byte of data), keeping its own copy; key: sent=FD
-  open-tun          open /dev/net/tun itself and keep it; key: extra=FD
+  open-tun          open /dev/net/tun (or --device PATH) itself and keep it; key: extra=FD
   dup-passed        dup2 the first passed fd to fd 100 and keep both; key: dup=100
   ignore-term       keep the fds and ignore SIGTERM and SIGINT: only SIGKILL ends it
   exit-now N        say ready, then exit at once with status N (0-255)
+  linger-term       keep the fds; on SIGTERM say `fake-emulator: term` and keep running: only
+                    SIGKILL ends it (vmaudit is then in its stop phase)
+  probe             try what an emulator must not be able to do and say what happened: open
+                    --device PATH (default /dev/tty), write its pid to the cgroup root's and
+                    its parent cgroup's cgroup.procs, make a cgroup below its own, setuid(0),
+                    raise an ambient capability, run --suid PATH (a set-uid copy of this
+                    program); keys: probe-open= probe-escape-root= probe-escape-parent=
+                    probe-mkdir-cgroup= probe-setuid= probe-ambient= [probe-suid=euid=N,capeff=X]
+                    (ok, or the errno), and open=FD,... (every fd it holds)
+  whoami            print `euid=N,capeff=HEX` on stdout and exit (for probe's --suid)
+
+With --qmp-fd N (vmaudit's listening QMP socket, `{qmp-fd}` in a spec) it serves enough of QMP
+for hot-plug: getfd/closefd, netdev_add/netdev_del of a tap, device_add, and device_del
+acknowledged with DEVICE_DELETED as a guest would (unless --no-unplug-ack); the greeting and
+device_add can be made late (--greeting-delay-ms, --device-add-delay-ms).
 
 Exit status: 0 after SIGTERM/SIGINT, N in exit-now, 2 for a bad command line, 1 when the
 mode's work fails; every error is one line on stderr.
@@ -71,6 +91,9 @@ enum Mode {
     Flood(u64),
     IgnoreTerm,
     ExitNow(u8),
+    LingerTerm,
+    Probe,
+    Whoami,
 }
 
 #[derive(Debug)]
@@ -78,6 +101,13 @@ struct Options {
     mode: Mode,
     to: Option<PathBuf>,
     ready_file: Option<PathBuf>,
+    /// The device `open-tun` and `probe` open.
+    device: Option<String>,
+    /// `probe`: a set-uid copy of this program to run.
+    suid: Option<String>,
+    /// vmaudit's QMP socket, and how its monitor behaves.
+    qmp_fd: Option<RawFd>,
+    qmp: qmp::Behaviour,
     /// The fds named on the `-netdev` values, in order, without repeats.
     passed: Vec<RawFd>,
 }
@@ -99,7 +129,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
         mode: Mode::Hold,
         to: None,
         ready_file: None,
+        device: None,
+        suid: None,
+        qmp_fd: None,
+        qmp: qmp::Behaviour::default(),
         passed: Vec::new(),
+    };
+    let ms = |v: &str, name: &str| -> Result<std::time::Duration, String> {
+        v.parse()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| format!("{name}: bad milliseconds {v:?}"))
     };
     let mut i = 0;
     let value = |i: usize, name: &str| -> Result<&String, String> {
@@ -128,6 +167,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     "open-tun" => Mode::OpenTun,
                     "dup-passed" => Mode::DupPassed,
                     "ignore-term" => Mode::IgnoreTerm,
+                    "linger-term" => Mode::LingerTerm,
+                    "probe" => Mode::Probe,
+                    "whoami" => Mode::Whoami,
                     "flood" => {
                         let n = args.get(i + 2).ok_or("--mode flood needs a count")?;
                         i += 1;
@@ -152,6 +194,33 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--ready-file" => {
                 opts.ready_file = Some(value(i, "--ready-file")?.into());
                 i += 2;
+            }
+            "--device" => {
+                opts.device = Some(value(i, "--device")?.clone());
+                i += 2;
+            }
+            "--suid" => {
+                opts.suid = Some(value(i, "--suid")?.clone());
+                i += 2;
+            }
+            "--qmp-fd" => {
+                let v = value(i, "--qmp-fd")?;
+                opts.qmp_fd = Some(v.parse().map_err(|_| format!("--qmp-fd: bad fd {v:?}"))?);
+                i += 2;
+            }
+            "--greeting-delay-ms" => {
+                opts.qmp.greeting_delay =
+                    ms(value(i, "--greeting-delay-ms")?, "--greeting-delay-ms")?;
+                i += 2;
+            }
+            "--device-add-delay-ms" => {
+                opts.qmp.device_add_delay =
+                    ms(value(i, "--device-add-delay-ms")?, "--device-add-delay-ms")?;
+                i += 2;
+            }
+            "--no-unplug-ack" => {
+                opts.qmp.no_unplug_ack = true;
+                i += 1;
             }
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
@@ -288,6 +357,10 @@ fn leak_child(passed: &[RawFd], waited: &SigSet) -> libc::pid_t {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = parse(&args).unwrap_or_else(|e| fail(2, &e));
+    if opts.mode == Mode::Whoami {
+        println!("{}", probe::whoami());
+        return;
+    }
     if opts.mode == Mode::SendStranger && opts.to.is_none() {
         fail(2, "--mode send-stranger needs --to PATH");
     }
@@ -298,6 +371,10 @@ fn main() {
     waited.add(Signal::SIGINT);
     if opts.mode == Mode::CloseLater {
         waited.add(Signal::SIGUSR1);
+    }
+    if let Some(fd) = opts.qmp_fd {
+        // Before the signal mask below: the monitor's thread inherits it.
+        qmp::spawn(fd, opts.qmp);
     }
     let handler = if opts.mode == Mode::IgnoreTerm {
         SigHandler::SigIgn
@@ -322,7 +399,23 @@ fn main() {
     let mut keys: Vec<String> = Vec::new();
     let mut child: Option<libc::pid_t> = None;
     match opts.mode {
-        Mode::Hold | Mode::CloseLater | Mode::IgnoreTerm | Mode::ExitNow(_) => {}
+        Mode::Hold | Mode::CloseLater | Mode::IgnoreTerm | Mode::ExitNow(_) | Mode::LingerTerm => {}
+        Mode::Whoami => unreachable!("answered first"),
+        Mode::Probe => {
+            keys.extend(probe::run(
+                opts.device.as_deref().unwrap_or("/dev/tty"),
+                opts.suid.as_deref(),
+            ));
+            let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut open: Vec<RawFd> = open.into_iter().filter(|f| is_open(*f)).collect();
+            open.sort_unstable();
+            keys.push(format!("open={}", join(&open)));
+        }
         Mode::Flood(n) => {
             for _ in 0..n {
                 drop(std::fs::File::open("/dev/null"));
@@ -367,8 +460,8 @@ fn main() {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open("/dev/net/tun")
-                .unwrap_or_else(|e| fail(1, &format!("opening /dev/net/tun: {e}")));
+                .open(opts.device.as_deref().unwrap_or("/dev/net/tun"))
+                .unwrap_or_else(|e| fail(1, &format!("opening the device: {e}")));
             // Kept until exit.
             keys.push(format!("extra={}", f.into_raw_fd()));
         }
@@ -422,6 +515,9 @@ fn main() {
             .wait()
             .unwrap_or_else(|e| fail(1, &format!("sigwait: {e}")));
         match sig {
+            Signal::SIGTERM if opts.mode == Mode::LingerTerm => {
+                announce("fake-emulator: term", ready_file);
+            }
             Signal::SIGUSR1 => {
                 if !closed {
                     closed = true;
