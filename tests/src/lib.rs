@@ -127,18 +127,7 @@ pub struct Helper {
 
 impl Helper {
     pub fn spawn(bins: &Bins) -> Self {
-        let mut child = Command::new(&bins.helper)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn fdhelper");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Self {
-            child: ChildGuard(child),
-            stdin,
-            stdout,
-        }
+        Self::spawn_with(bins, |_| {})
     }
 
     pub fn pid(&self) -> u32 {
@@ -452,11 +441,16 @@ impl Helper {
         let mut child = cmd.spawn().expect("spawn fdhelper");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Self {
+        let mut h = Self {
             child: ChildGuard(child),
             stdin,
             stdout,
-        }
+        };
+        // spawn returns when the kernel wakes the vfork parent, which is before the exec
+        // closes the close-on-exec fds the child still shares with this process: a first
+        // answer shows the helper's own table.
+        h.cmd("ping");
+        h
     }
 }
 

@@ -110,7 +110,13 @@ fn a_clean_run_of_real_qemu_is_confirmed_claim_by_claim() {
         .find(|v| v["claim"]["kind"] == "net-start")
         .unwrap();
     let e = &start["evidence"][0];
-    assert!(e["detail"].as_str().unwrap().contains("kcmp"), "{start:#}");
+    // The kernel's open-file-description ids say it is vmaudit's open file; kcmp agrees.
+    let detail = e["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("open-file-description id is the one of the manager's fd")
+            && detail.contains("kcmp at hand-off agrees"),
+        "{start:#}"
+    );
     assert!(
         e["ts"].as_u64().unwrap() > 0 && e["what"] == "inherit",
         "{start:#}"

@@ -36,13 +36,6 @@ fn every_fd_transition_is_reported() {
     let pid = h.pid();
     let before = proc_fds(pid);
     let mut w = Watch::start(&bins, &["--pid", &pid.to_string(), "--follow-children"]);
-    // The seed is exactly what /proc shows.
-    let seeded: BTreeSet<i32> = (0..before.len())
-        .map(|_| 0)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect();
-    drop(seeded);
     for fd in &before {
         w.wait_fd(pid, "seed", *fd);
     }
@@ -50,6 +43,8 @@ fn every_fd_transition_is_reported() {
     // open (openat), with identity: path and rdev.
     let null = h.fd("open /dev/null");
     let r = w.wait_fd(pid, "open", null);
+    // The seed (every record of it precedes the first event) is exactly what /proc showed.
+    assert_eq!(fds_of(&w.seen, pid, "seed"), before);
     assert_eq!(
         (
             r["syscall"].as_str(),
@@ -64,6 +59,19 @@ fn every_fd_transition_is_reported() {
     );
     assert_eq!(r["tid"], pid, "single-threaded helper: tid is the pid");
     assert!(r["ts"].as_u64().unwrap() > 0, "kernel timestamp");
+    // Read by the kernel program from the fd table at the syscall's exit: the inode, its
+    // filesystem, the open flags and the open file description's id.
+    assert_eq!(r["source"], "kernel", "{r}");
+    assert_eq!(
+        r["ino"].as_u64(),
+        Some(ino(std::path::Path::new("/dev/null")))
+    );
+    assert_eq!(r["mode"].as_u64().map(|m| m & 0o170000), Some(0o020000));
+    assert_eq!(
+        r["flags"].as_u64().map(|f| f & 3),
+        Some(libc::O_RDWR as u64)
+    );
+    let null_ofd = r["ofd"].as_u64().expect("an open-file-description id");
 
     // A tap device's fd carries its rdev 10:200.
     let tun = h.fd("open /dev/net/tun cloexec");
@@ -107,6 +115,12 @@ fn every_fd_transition_is_reported() {
         ),
         (Some("dup"), Some(null as i64), Some("/dev/null"))
     );
+    // A dup shares the open file description; another open of the same file does not.
+    assert_eq!(r["ofd"].as_u64(), Some(null_ofd), "{r}");
+    let again = h.fd("open /dev/null");
+    let r2 = w.wait_fd(pid, "open", again);
+    assert_ne!(r2["ofd"].as_u64(), Some(null_ofd), "{r2}");
+    assert_eq!(r2["ino"], r["ino"]);
     let d2 = h.fd(&format!("dup2 {tun} {d}"));
     assert_eq!(d2, d);
     let r = w.wait_fd(pid, "replaced", d);
@@ -160,8 +174,19 @@ fn every_fd_transition_is_reported() {
     );
     // The same open file description in both processes, by kcmp.
     assert!(vmaudit::kcmp::same_file(std::process::id(), passed.as_raw_fd(), pid, got).unwrap());
+    // And by the kernel's id: the helper's pidfd_getfd of the received fd shares it too.
+    let recv_ofd = r["ofd"].as_u64().expect("ofd of the received file");
 
     // pidfd_getfd. The pidfd it goes through comes first (and goes after).
+    let pg_recv = h.fd(&format!("pidfd_getfd {got}"));
+    let pidfd = w.wait_for("pidfd_open", |v| {
+        v["op"] == "new" && v["syscall"] == "pidfd_open"
+    })["fd"]
+        .as_i64()
+        .unwrap() as i32;
+    let r = w.wait_fd(pid, "pidfd_getfd", pg_recv);
+    assert_eq!(r["ofd"].as_u64(), Some(recv_ofd), "{r}");
+    w.wait_fd(pid, "close", pidfd);
     let pg = h.fd(&format!("pidfd_getfd {null}"));
     let r = w.wait_for("pidfd_open", |v| {
         v["op"] == "new" && v["syscall"] == "pidfd_open"
@@ -298,6 +323,12 @@ fn flood_overflows_the_ring_and_resyncs_the_table() {
     let gap = w.wait_for("a gap", |v| v["type"] == "gap");
     assert_eq!(gap["pid"], pid);
     assert!(gap["causes"]["ring_full"].as_u64().unwrap() > 0, "{gap}");
+    // The window the loss may lie in: from the last clean check (or the seed) to the resync.
+    let (since, ts) = (
+        gap["since_ns"].as_u64().unwrap(),
+        gap["ts"].as_u64().unwrap(),
+    );
+    assert!(0 < since && since <= ts, "{gap}");
     // Markers: open /dev/full until one open is reported as an event (the ring has room
     // again), then one more. vmaudit checks for losses after every batch it reads, so once the
     // second marker is reported (as an event, or found by a resync) every loss before the
@@ -473,10 +504,65 @@ fn tap_and_macvtap_fds_name_their_interfaces() {
     h.exit();
     let (code, records) = w.finish();
     assert_eq!(code, 6);
-    // The tap fd's identity at exit carries the interface it had by then.
+    // The tap fd's identity at exit carries the interface it had by then: the kernel program
+    // read it when TUNSETIFF attached the fd.
     let exit_tun = records
         .iter()
         .find(|v| v["op"] == "exit" && v["fd"] == tun)
         .unwrap();
-    assert_eq!(exit_tun["rdev"], "10:200");
+    assert_eq!(
+        (exit_tun["rdev"].as_str(), exit_tun["iface"].as_str()),
+        (Some("10:200"), Some("vmaudit-tap0")),
+        "{exit_tun}"
+    );
+}
+
+#[test]
+fn compat_syscalls_clone_pidfd_and_fd_returning_ioctls_are_followed() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    let mut w = Watch::start(&bins, &["--pid", &pid.to_string(), "--follow-children"]);
+    let null = h.fd("open /dev/null");
+    let r = w.wait_fd(pid, "open", null);
+    let ofd = r["ofd"].as_u64().unwrap();
+
+    // dup through int 0x80: decoded with i386 numbers, the file read from the table.
+    let d = h.fd(&format!("compat_dup {null}"));
+    let r = w.wait_fd(pid, "dup", d);
+    assert_eq!(
+        (
+            r["syscall"].as_str(),
+            r["from_fd"].as_i64(),
+            r["ofd"].as_u64()
+        ),
+        (Some("dup"), Some(null as i64), Some(ofd)),
+        "{r}"
+    );
+
+    // clone(CLONE_PIDFD): the pidfd lands in the parent's table.
+    let pidfd = h.fd("clone_pidfd");
+    let r = w.wait_fd(pid, "new", pidfd);
+    assert_eq!(
+        (r["syscall"].as_str(), r["source"].as_str()),
+        (Some("clone"), Some("kernel"))
+    );
+    assert!(proc_fds(pid).contains(&pidfd), "the pidfd is in the table");
+
+    // TIOCGPTPEER returns an fd: the pty's peer, a char device of the pts major (136).
+    let pair: Vec<i32> = h.cmd("ptpeer").iter().map(|s| s.parse().unwrap()).collect();
+    let r = w.wait_fd(pid, "new", pair[1]);
+    assert_eq!(
+        (r["syscall"].as_str(), r["kind"].as_str()),
+        (Some("ioctl"), Some("char"))
+    );
+    assert!(r["rdev"].as_str().unwrap().starts_with("136:"), "{r}");
+
+    h.exit();
+    let (code, records) = w.finish();
+    assert_eq!(code, 6);
+    let summary = records.last().unwrap();
+    assert_eq!(summary["lost_total"], 0, "{summary}");
+    assert_eq!(summary["gaps"], 0, "nothing missed: {summary}");
 }

@@ -1,19 +1,24 @@
-//! The fd tracker: syscall and sched tracepoints feeding the `EVENTS` ring buffer.
+//! The fd tracker: syscall, sched and io_uring tracepoints feeding the `EVENTS` ring buffer.
 
 use aya_ebpf::{
-    EbpfContext as _,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use vmaudit_common::{
-    DEFAULT_RING_BYTES, EventKind, INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS,
-    MAX_RIGHTS_PER_CMSG, RawEvent, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr,
+    DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
+    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT,
+    PathTail, Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags,
+    nr, uring,
 };
+
+use crate::kfile;
 
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
@@ -41,19 +46,49 @@ static IGNORED_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0);
 
-// x86_64 `struct pt_regs`: the syscall arguments are in di, si, dx, r10 (then r8, r9), the
-// syscall number in orig_ax. A syscall leaves these saved user registers as they were, so the
-// exit sees the arguments of the entry.
+/// Slot 0 is set to 1 by the consumer just before it waits; the next submit wakes it and clears
+/// it. Other submits do not wake anyone, so a busy producer pays no wake-up per event.
+#[map]
+static CONSUMER: Array<u32> = Array::with_max_entries(1, 0);
+
+/// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
+#[map]
+static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
+
+/// seccomp notification id -> the thread it stopped (as SECCOMP_IOCTL_NOTIF_RECV told the
+/// supervisor), until the supervisor answers it: an ADDFD on that id puts an fd in that
+/// thread's table. LRU: a supervisor that never answers cannot fill it.
+#[map]
+static NOTIF_TARGETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// Written by userspace before loading: pending bytes past which a submit wakes the consumer
+/// even when it did not ask.
+#[unsafe(no_mangle)]
+static VMAUDIT_WAKEUP_BYTES: u64 = WAKEUP_BYTES;
+
+/// Written by userspace before loading: the io_uring tracepoints' field offsets.
+#[unsafe(no_mangle)]
+static VMAUDIT_URING: UringOffsets = UringOffsets {
+    submit_req: 0,
+    submit_opcode: 0,
+    complete_req: 0,
+    complete_res: 0,
+};
+
+// x86_64 `struct pt_regs`: a syscall's arguments are in di, si, dx, r10, its number in orig_ax;
+// a 32-bit compat syscall's arguments are in bx, cx, dx, si. A syscall leaves these saved user
+// registers as they were, so the exit sees the arguments of the entry.
 const PT_REGS_ARG_OFF: [u64; 4] = [112, 104, 96, 56];
+const PT_REGS_COMPAT_ARG_OFF: [u64; 4] = [40, 88, 96, 104];
 const PT_REGS_ORIG_AX_OFF: u64 = 120;
+/// `thread_info.status` bit of a task inside a 32-bit syscall (x86).
+const TS_COMPAT: u32 = 0x0002;
 // Classic syscall tracepoint records (events/syscalls/*/format): `int __syscall_nr` at 8, the
 // arguments as 8 bytes each from 16.
 const SYSCALL_NR_OFF: usize = 8;
 const SYSCALL_ARG0_OFF: usize = 16;
-// sched_process_fork: `pid_t child_pid` at 20. sched_process_exec: `__data_loc char[] filename`
-// at 8. sched_process_exit: `bool group_dead` at 32.
+// sched_process_fork: `pid_t child_pid` at 20. sched_process_exit: `bool group_dead` at 32.
 const FORK_CHILD_PID_OFF: usize = 20;
-const EXEC_FILENAME_LOC_OFF: usize = 8;
 const EXIT_GROUP_DEAD_OFF: usize = 32;
 
 // x86_64 `struct msghdr`: msg_control at 32, msg_controllen at 40; `struct mmsghdr` is 64 bytes.
@@ -67,10 +102,34 @@ const SCM_RIGHTS: u64 = 1;
 const F_DUPFD: u64 = 0;
 const F_SETFD: u64 = 2;
 const F_DUPFD_CLOEXEC: u64 = 1030;
+const FD_CLOEXEC: u64 = 1;
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+const EBADF: i64 = 9;
 const CLONE_VM: u64 = 0x100;
+const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_VFORK: u64 = 0x4000;
 const CLONE_THREAD: u64 = 0x10000;
 const SIGCHLD: u64 = 17;
+/// `struct seccomp_notif_addfd`: `id` at 0, `srcfd` at 12, `newfd_flags` at 20.
+const ADDFD_SRCFD_OFF: u64 = 12;
+const ADDFD_NEWFD_FLAGS_OFF: u64 = 20;
+/// `struct seccomp_notif`: `pid` at 8.
+const NOTIF_PID_OFF: u64 = 8;
+const O_CLOEXEC: u32 = 0o2000000;
+/// `struct clone_args`: `pidfd` (a pointer to an int) at 8.
+const CLONE_ARGS_PIDFD_OFF: u64 = 8;
+/// `struct kvm_create_device`: `fd` at 4, `flags` at 8 (KVM_CREATE_DEVICE_TEST creates none).
+const KVM_CREATE_DEVICE_FD_OFF: u64 = 4;
+const KVM_CREATE_DEVICE_FLAGS_OFF: u64 = 8;
+const KVM_CREATE_DEVICE_TEST: u32 = 1;
+/// bpf(2) commands that return a new fd.
+const BPF_FD_CMDS: [u64; 13] = [0, 5, 7, 13, 14, 17, 18, 19, 28, 30, 32, 33, 36];
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
 
 #[inline(always)]
 fn ids() -> (u32, u32) {
@@ -113,57 +172,173 @@ fn lose(cause: LossCause, tgid: u32) {
     }
 }
 
-// Where the `path` of an event comes from. Plain integers, not an enum with payload: a BPF
-// subprogram call must have every argument register initialised, and a payload-less variant
-// leaves one unset.
-const PATH_NONE: u64 = 0;
-const PATH_USER: u64 = 1;
-const PATH_KERNEL: u64 = 2;
-
-struct Emit {
-    kind: EventKind,
-    tgid: u32,
-    tid: u32,
-    nr: u32,
-    ret: i64,
-    args: [u64; 4],
-    fds: [i32; 2],
-    /// One of PATH_NONE, PATH_USER, PATH_KERNEL.
-    path_src: u64,
-    path_ptr: u64,
-}
-
-#[inline(never)]
-fn emit(e: &Emit) {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
-        lose(LossCause::RingFull, e.tgid);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, writable ring-buffer slot of size_of::<RawEvent>();
-    // every field is written before submit.
-    unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).ret = e.ret;
-        (*ev).args = e.args;
-        (*ev).tgid = e.tgid;
-        (*ev).tid = e.tid;
-        (*ev).kind = e.kind as u32;
-        (*ev).nr = e.nr;
-        (*ev).fds = e.fds;
-        (*ev)._pad = 0;
-        (*ev).path_len = 0;
-        let buf = &mut (*ev).path;
-        let got = match e.path_src {
-            PATH_USER => bpf_probe_read_user_str_bytes(e.path_ptr as *const u8, buf).ok(),
-            PATH_KERNEL => bpf_probe_read_kernel_str_bytes(e.path_ptr as *const u8, buf).ok(),
-            _ => None,
-        };
-        if let Some(s) = got {
-            (*ev).path_len = s.len() as u32;
+/// The submit flags: wake the consumer only when it asked (it is about to wait) or when much is
+/// pending.
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if let Some(c) = CONSUMER.get_ptr_mut(0) {
+        // SAFETY: a live array slot of 4 bytes; a racing producer at worst wakes it twice.
+        unsafe {
+            if *c != 0 {
+                *c = 0;
+                return BPF_RB_FORCE_WAKEUP as u64;
+            }
         }
     }
-    entry.submit(0);
+    // SAFETY: a static of the object, replaced by the loader.
+    let threshold = unsafe { core::ptr::read_volatile(&VMAUDIT_WAKEUP_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// What every event of one syscall exit shares.
+struct Head {
+    tgid: u32,
+    tid: u32,
+    nr: u16,
+    flags: u8,
+}
+
+#[inline(always)]
+fn event(h: &Head, kind: EventKind, fd: i32, aux: u64) -> Event {
+    Event {
+        ts_ns: 0,
+        tgid: h.tgid,
+        tid: h.tid,
+        kind: kind as u8,
+        flags: h.flags,
+        nr: h.nr,
+        fd,
+        aux,
+        file: FileInfo::default(),
+    }
+}
+
+/// Sends a 64-byte event.
+#[inline(never)]
+fn send(ev: &Event) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        lose(LossCause::RingFull, ev.tgid);
+        return;
+    };
+    let mut e = *ev;
+    e.ts_ns = now();
+    entry.write(e);
+    entry.submit(wake_flags());
+}
+
+/// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
+/// `walk`, the dentry names of a device file). The walk is verified once per call site, so it
+/// is asked for at one site only (the syscall's single new fd); fds that come in numbers (pipes,
+/// SCM_RIGHTS) go without, and userspace names them.
+#[inline(never)]
+fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
+    let mut ev = event(h, EventKind::Gain, fd, aux);
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let file = match kfile::file_at(task, fd) {
+        None => {
+            lose(LossCause::KernelRead, h.tgid);
+            return;
+        }
+        Some((file, cloexec)) => {
+            if cloexec {
+                ev.flags |= EventFlags::CLOEXEC;
+            }
+            file
+        }
+    };
+    if file != 0 {
+        if kfile::file_info(file, &mut ev.file).is_none() {
+            lose(LossCause::KernelRead, h.tgid);
+            return;
+        }
+        ev.flags |= EventFlags::FILE;
+    }
+    if !walk || file == 0 || !kfile::is_device(ev.file.mode) {
+        send(&ev);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
+        lose(LossCause::RingFull, h.tgid);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    ev.flags |= EventFlags::PATH;
+    ev.ts_ns = now();
+    // SAFETY: `p` points at a reserved, writable ring-buffer slot of size_of::<EventWithPath>();
+    // the event is written whole and the walk writes every field of the tail it reports.
+    unsafe {
+        (*p).event = ev;
+        kfile::walk_path(file, &mut (*p).path);
+        kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
+    }
+    entry.submit(wake_flags());
+}
+
+/// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
+/// read from the kernel.
+#[inline(never)]
+fn attached(h: &Head, fd: i32) {
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let Some((file, _)) = kfile::file_at(task, fd) else {
+        lose(LossCause::KernelRead, h.tgid);
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
+        lose(LossCause::RingFull, h.tgid);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let mut ev = event(h, EventKind::Iface, fd, 0);
+    ev.flags |= EventFlags::PATH;
+    ev.ts_ns = now();
+    let rdev = if file != 0 && kfile::file_info(file, &mut ev.file).is_some() {
+        ev.flags |= EventFlags::FILE;
+        ev.file.rdev
+    } else {
+        0
+    };
+    // SAFETY: as in `gain`; the tail's form, depth and first slot are written before the
+    // interface, so the record is whole.
+    unsafe {
+        (*p).event = ev;
+        (*p).path.form = PathTail::COMPONENTS;
+        (*p).path.depth = 0;
+        (*p).path.complete = 0;
+        kfile::tun_iface(file, rdev, &mut (*p).path.iface);
+    }
+    entry.submit(wake_flags());
+}
+
+/// A failed open-family call: the event and the name the caller gave.
+#[inline(never)]
+fn failed_open(h: &Head, errno: u64, user_path: u64) {
+    let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
+        lose(LossCause::RingFull, h.tgid);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let mut ev = event(h, EventKind::Failed, -1, errno);
+    ev.flags |= EventFlags::PATH;
+    ev.ts_ns = now();
+    // SAFETY: as in `gain`; the string read is bounded by the slots' size.
+    unsafe {
+        (*p).event = ev;
+        (*p).path.form = PathTail::STRING;
+        (*p).path.depth = 0;
+        (*p).path.complete = 1;
+        (*p).path.iface = [0; IFNAMSIZ];
+        let buf = &mut *((&mut (*p).path.slots) as *mut _ as *mut [u8; PATH_SLOT * 6]);
+        if bpf_probe_read_user_str_bytes(user_path as *const u8, buf).is_err() {
+            buf[0] = 0;
+        }
+    }
+    entry.submit(wake_flags());
 }
 
 #[inline(always)]
@@ -176,6 +351,12 @@ fn read_ctx<T>(ctx: &TracePointContext, off: usize) -> Option<T> {
 fn read_user<T>(addr: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_user copies from user memory and fails cleanly on a bad address.
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+#[inline(always)]
+fn read_kernel<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: remembers a watched thread's clone flags for
@@ -201,8 +382,8 @@ pub fn vmaudit_clone_enter(ctx: TracePointContext) -> u32 {
 
 /// `raw_syscalls/sys_exit` (a raw tracepoint: `struct pt_regs *regs, long ret`), run for every
 /// syscall of every process. An unwatched process costs an inlined array read; a watched
-/// process's tracked syscall is reported with its arguments (still in the saved user
-/// registers at exit) and its result.
+/// process's tracked syscall is reported with its result and, for each fd it gained, the file
+/// read from its fd table.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid) = ids();
@@ -210,114 +391,311 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly.
-    let nr = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX_OFF) as *const u64) }
-        .unwrap_or(u64::MAX);
+    let raw_nr = read_kernel::<u64>(regs + PT_REGS_ORIG_AX_OFF).unwrap_or(u64::MAX);
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let compat =
+        read_kernel::<u32>(task + kfile::task_ti_status_off()).is_some_and(|s| s & TS_COMPAT != 0);
+    let (nr, arg_off) = if compat {
+        match nr::i386::to_x86_64(raw_nr) {
+            Some(n) => (n as u64, PT_REGS_COMPAT_ARG_OFF),
+            None => {
+                if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
+                    debug!(
+                        &ctx,
+                        "pid {} made 32-bit syscall {}, not decoded: its table is checked",
+                        tgid,
+                        raw_nr
+                    );
+                    let h = Head {
+                        tgid,
+                        tid,
+                        nr: raw_nr as u16,
+                        flags: EventFlags::COMPAT,
+                    };
+                    send(&event(&h, EventKind::Unseen, -1, Unseen::Compat as u64));
+                }
+                return 0;
+            }
+        }
+    } else {
+        (raw_nr, PT_REGS_ARG_OFF)
+    };
     if !nr::is_traced(nr) || is_watched(tgid).is_none() {
         return 0;
     }
-    // vmaudit's own consumer thread, when vmaudit watches itself: its reads of /proc would
-    // otherwise feed back into the ring forever.
+    // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
+    // feed back into the ring forever.
     // SAFETY: only the presence of the key is read.
     if unsafe { IGNORED_TIDS.get(tid) }.is_some() {
-        return 0;
-    }
-    let nr = nr as u32;
-    if matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK) {
-        // sched_process_fork has used the entry (in the parent); the child has none.
-        let _ = INFLIGHT.remove(tid);
         return 0;
     }
     let mut args = [0u64; 4];
     let mut i = 0;
     while i < 4 {
-        // SAFETY: as above.
-        args[i] = unsafe { bpf_probe_read_kernel((regs + PT_REGS_ARG_OFF[i]) as *const u64) }
-            .unwrap_or(0);
+        args[i] = read_kernel::<u64>(regs + arg_off[i]).unwrap_or(0);
         i += 1;
     }
-    // Filter requests that cannot change the fd table here, not in userspace: qemu issues
-    // millions of ioctls and fcntls.
-    if nr == nr::IOCTL && !nr::ioctl::is_tracked(args[1]) {
-        return 0;
-    }
-    if nr == nr::FCNTL && !matches!(args[1], F_DUPFD | F_DUPFD_CLOEXEC | F_SETFD) {
-        return 0;
-    }
-    let inf = Inflight {
-        nr: nr as u64,
-        args,
-    };
     let ret: i64 = ctx.arg(1);
-    let nr = inf.nr as u32;
-    let mut e = Emit {
-        kind: EventKind::Syscall,
+    let h = Head {
         tgid,
         tid,
-        nr,
-        ret,
-        args: inf.args,
-        fds: [-1, -1],
-        path_src: PATH_NONE,
-        path_ptr: 0,
+        nr: nr as u16,
+        flags: if compat { EventFlags::COMPAT } else { 0 },
     };
+    // One call site of the walking gain (see `gain`).
+    if let Some((fd, aux)) = exit_of(&h, nr as u32, &args, ret) {
+        gain(&h, fd, aux, true);
+    }
+    0
+}
+
+/// Reports what syscall `nr` with `args`, returning `ret`, did to the table; returns the one
+/// new fd (and its `aux`) for the caller to report, if there is exactly one.
+#[inline(never)]
+fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
+    let a = *args;
     match nr {
-        nr::RECVMSG | nr::SENDMSG => {
-            if ret >= 0 {
-                e.kind = if nr == nr::RECVMSG {
-                    EventKind::RecvFd
-                } else {
-                    EventKind::SendFd
-                };
-                scm_rights(&mut e, inf.args[1]);
+        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => {
+            // sched_process_fork has used the entry (in the parent); the child has none.
+            let _ = INFLIGHT.remove(h.tid);
+            if ret > 0 {
+                return clone_pidfd(h, nr, &a);
             }
-            return 0;
+            return None;
         }
+        // Filter requests that cannot change the fd table here, not in userspace: qemu issues
+        // millions of ioctls and fcntls.
+        nr::IOCTL if !nr::ioctl::is_tracked(a[1]) => return None,
+        nr::FCNTL if !matches!(a[1], F_DUPFD | F_DUPFD_CLOEXEC | F_SETFD) => return None,
+        // Only these forms return an fd or change who shares the table.
+        nr::SECCOMP
+            if a[0] != nr::SECCOMP_SET_MODE_FILTER
+                || a[1] & nr::SECCOMP_FILTER_FLAG_NEW_LISTENER == 0 =>
+        {
+            return None;
+        }
+        // With flags, it returns the ABI version or errata, not an fd.
+        nr::LANDLOCK_CREATE_RULESET if a[2] != 0 => return None,
+        nr::UNSHARE if a[0] & nr::CLONE_FILES == 0 => return None,
+        _ => {}
+    }
+    if ret < 0 {
+        failed(h, nr, &a, ret);
+        return None;
+    }
+    match nr {
+        nr::CLOSE => send(&event(h, EventKind::Close, a[0] as i32, 0)),
+        nr::CLOSE_RANGE => {
+            let mut ev = event(
+                h,
+                EventKind::CloseRange,
+                -1,
+                (a[0] & 0xffff_ffff) | (a[1] << 32),
+            );
+            if a[2] & CLOSE_RANGE_CLOEXEC != 0 {
+                ev.flags |= EventFlags::CLOEXEC;
+            }
+            if a[2] & nr::CLOSE_RANGE_UNSHARE != 0 {
+                ev.flags |= EventFlags::UNSHARE;
+            }
+            send(&ev);
+        }
+        nr::UNSHARE => send(&event(h, EventKind::Unshare, -1, a[0])),
+        nr::FCNTL if a[1] == F_SETFD => set_cloexec(h, a[0] as i32, a[2] & FD_CLOEXEC != 0),
+        nr::DUP | nr::FCNTL => return Some((ret as i32, a[0])),
+        nr::DUP2 | nr::DUP3 => {
+            if a[0] != a[1] {
+                return Some((a[1] as i32, a[0]));
+            }
+        }
+        nr::IOCTL => return ioctl(h, &a, ret),
+        nr::RECVMSG | nr::SENDMSG => scm_rights(h, a[1]),
         nr::RECVMMSG | nr::SENDMMSG => {
-            e.kind = if nr == nr::RECVMMSG {
-                EventKind::RecvFd
-            } else {
-                EventKind::SendFd
-            };
             let mut i: u64 = 0;
             while i < MAX_MMSGS as u64 {
                 if (i as i64) >= ret {
                     break;
                 }
-                scm_rights(&mut e, inf.args[1] + i * MMSGHDR_SIZE);
+                scm_rights(h, a[1] + i * MMSGHDR_SIZE);
                 i += 1;
             }
-            return 0;
-        }
-        nr::PIPE | nr::PIPE2 | nr::SOCKETPAIR => {
-            if ret == 0 {
-                let ptr = if nr == nr::SOCKETPAIR {
-                    inf.args[3]
-                } else {
-                    inf.args[0]
-                };
-                match read_user::<[i32; 2]>(ptr) {
-                    Some(fds) => e.fds = fds,
-                    None => lose(LossCause::UserRead, tgid),
-                }
+            if ret > MAX_MMSGS as i64 {
+                lose(LossCause::TooManyFds, h.tgid);
             }
         }
-        nr::OPEN | nr::CREAT => (e.path_src, e.path_ptr) = (PATH_USER, inf.args[0]),
-        nr::OPENAT | nr::OPENAT2 => (e.path_src, e.path_ptr) = (PATH_USER, inf.args[1]),
-        _ => {}
+        nr::PIPE | nr::PIPE2 | nr::SOCKETPAIR => {
+            let ptr = if nr == nr::SOCKETPAIR { a[3] } else { a[0] };
+            match read_user::<[i32; 2]>(ptr) {
+                Some(fds) => {
+                    gain(h, fds[0], u64::MAX, false);
+                    gain(h, fds[1], u64::MAX, false);
+                }
+                None => lose(LossCause::UserRead, h.tgid),
+            }
+        }
+        nr::SIGNALFD | nr::SIGNALFD4 if a[0] as i32 != -1 => {}
+        nr::BPF => {
+            let mut i = 0;
+            while i < BPF_FD_CMDS.len() {
+                if BPF_FD_CMDS[i] == a[0] {
+                    return Some((ret as i32, u64::MAX));
+                }
+                i += 1;
+            }
+        }
+        _ => return Some((ret as i32, u64::MAX)),
     }
-    emit(&e);
-    0
+    None
 }
 
-/// Emits one event (`e.kind`: RecvFd or SendFd) per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`.
+#[inline(always)]
+fn set_cloexec(h: &Head, fd: i32, on: bool) {
+    let mut ev = event(h, EventKind::SetCloexec, fd, 0);
+    if on {
+        ev.flags |= EventFlags::CLOEXEC;
+    }
+    send(&ev);
+}
+
+/// A failed syscall: close still releases the fd unless it was not open (EBADF).
 #[inline(never)]
-fn scm_rights(e: &mut Emit, msg: u64) {
+fn failed(h: &Head, nr: u32, a: &[u64; 4], ret: i64) {
+    let errno = (-ret) as u64;
+    match nr {
+        // A failed unshare gains nothing and leaves the table shared; a failed ioctl that
+        // returns no fd is no attempt to gain one.
+        nr::UNSHARE => {}
+        nr::IOCTL
+            if !nr::ioctl::returns_fd(nr::ioctl::req(a[1]))
+                && nr::ioctl::req(a[1]) != nr::ioctl::KVM_CREATE_DEVICE => {}
+        nr::CLOSE if ret != -EBADF => send(&event(h, EventKind::Close, a[0] as i32, 0)),
+        nr::CLOSE => send(&event(h, EventKind::Failed, a[0] as i32, errno)),
+        nr::DUP2 | nr::DUP3 => send(&event(h, EventKind::Failed, a[1] as i32, errno)),
+        nr::OPEN | nr::CREAT => failed_open(h, errno, a[0]),
+        nr::OPENAT | nr::OPENAT2 => failed_open(h, errno, a[1]),
+        _ => send(&event(h, EventKind::Failed, -1, errno)),
+    }
+}
+
+#[inline(never)]
+fn ioctl(h: &Head, a: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
+    match nr::ioctl::req(a[1]) {
+        nr::ioctl::FIOCLEX => set_cloexec(h, a[0] as i32, true),
+        nr::ioctl::FIONCLEX => set_cloexec(h, a[0] as i32, false),
+        nr::ioctl::KVM_CREATE_DEVICE => {
+            let test = read_user::<u32>(a[2] + KVM_CREATE_DEVICE_FLAGS_OFF)
+                .is_some_and(|f| f & KVM_CREATE_DEVICE_TEST != 0);
+            if test {
+                return None;
+            }
+            match read_user::<u32>(a[2] + KVM_CREATE_DEVICE_FD_OFF) {
+                Some(fd) => return Some((fd as i32, u64::MAX)),
+                None => lose(LossCause::UserRead, h.tgid),
+            }
+        }
+        nr::ioctl::TUNSETIFF | nr::ioctl::TUNSETQUEUE => attached(h, a[0] as i32),
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_RECV => {
+            if let (Some(id), Some(pid)) = (
+                read_user::<u64>(a[2]),
+                read_user::<u32>(a[2] + NOTIF_PID_OFF),
+            ) {
+                let _ = NOTIF_TARGETS.insert(id, pid, 0);
+            }
+        }
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_SEND => {
+            if let Some(id) = read_user::<u64>(a[2]) {
+                let _ = NOTIF_TARGETS.remove(id);
+            }
+        }
+        nr::ioctl::SECCOMP_IOCTL_NOTIF_ADDFD => addfd(h, a[2], ret as i32),
+        _ => return Some((ret as i32, u64::MAX)),
+    }
+    None
+}
+
+/// SECCOMP_IOCTL_NOTIF_ADDFD put the supervisor's `srcfd` at `fd` in the table of the
+/// notification's target: an AddFd event with the file read from the supervisor's table (the
+/// same open file). A notification received before watching began names no target: then the
+/// table it changed is found by the periodic check.
+#[inline(never)]
+fn addfd(h: &Head, arg: u64, fd: i32) {
+    let target = read_user::<u64>(arg).and_then(|id| {
+        // SAFETY: copied out at once.
+        unsafe { NOTIF_TARGETS.get(id) }.copied()
+    });
+    let (Some(target), Some(srcfd), Some(newfd_flags)) = (
+        target,
+        read_user::<u32>(arg + ADDFD_SRCFD_OFF),
+        read_user::<u32>(arg + ADDFD_NEWFD_FLAGS_OFF),
+    ) else {
+        debug!(
+            &(),
+            "pid {} put fd {} into the process of a notification it received before vmaudit watched",
+            h.tgid,
+            fd
+        );
+        send(&event(
+            h,
+            EventKind::Unseen,
+            -1,
+            Unseen::SeccompAddfd as u64 | ((fd as u32 as u64) << 32),
+        ));
+        return;
+    };
+    let mut ev = event(h, EventKind::AddFd, fd, target as u64);
+    if newfd_flags & O_CLOEXEC != 0 {
+        ev.flags |= EventFlags::CLOEXEC;
+    }
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    if let Some((file, _)) = kfile::file_at(task, srcfd as i32)
+        && file != 0
+        && kfile::file_info(file, &mut ev.file).is_some()
+    {
+        ev.flags |= EventFlags::FILE;
+    }
+    send(&ev);
+}
+
+/// clone/clone3 with CLONE_PIDFD put a pidfd of the child in the parent's table.
+#[inline(never)]
+fn clone_pidfd(h: &Head, nr: u32, a: &[u64; 4]) -> Option<(i32, u64)> {
+    let (flags, ptr) = match nr {
+        // clone(flags, stack, parent_tid, child_tid, tls): the pidfd goes where parent_tid points.
+        nr::CLONE => (a[0], a[2]),
+        nr::CLONE3 => match (
+            read_user::<u64>(a[0]),
+            read_user::<u64>(a[0] + CLONE_ARGS_PIDFD_OFF),
+        ) {
+            (Some(f), Some(p)) => (f, p),
+            _ => {
+                lose(LossCause::UserRead, h.tgid);
+                return None;
+            }
+        },
+        _ => return None,
+    };
+    if flags & CLONE_PIDFD == 0 {
+        return None;
+    }
+    let fd = read_user::<i32>(ptr);
+    if fd.is_none() {
+        lose(LossCause::UserRead, h.tgid);
+    }
+    fd.map(|fd| (fd, u64::MAX))
+}
+
+/// One event per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`: a Gain (recvmsg
+/// family, the file read from the table) or a SendFd.
+#[inline(never)]
+fn scm_rights(h: &Head, msg: u64) {
+    let recv = matches!(h.nr as u32, nr::RECVMSG | nr::RECVMMSG);
     let (Some(control), Some(controllen)) = (
         read_user::<u64>(msg + MSGHDR_CONTROL_OFF),
         read_user::<u64>(msg + MSGHDR_CONTROLLEN_OFF),
     ) else {
-        lose(LossCause::UserRead, e.tgid);
+        lose(LossCause::UserRead, h.tgid);
         return;
     };
     let mut off: u64 = 0;
@@ -328,7 +706,7 @@ fn scm_rights(e: &mut Emit, msg: u64) {
             return;
         }
         let Some(hdr) = read_user::<[u64; 2]>(control + off) else {
-            lose(LossCause::UserRead, e.tgid);
+            lose(LossCause::UserRead, h.tgid);
             return;
         };
         let len = hdr[0];
@@ -345,22 +723,20 @@ fn scm_rights(e: &mut Emit, msg: u64) {
                     break;
                 }
                 match read_user::<i32>(control + off + CMSG_HDR_LEN + 4 * i) {
-                    Some(fd) => {
-                        e.fds = [fd, -1];
-                        emit(e);
-                    }
-                    None => lose(LossCause::UserRead, e.tgid),
+                    Some(fd) if recv => gain(h, fd, u64::MAX, false),
+                    Some(fd) => send(&event(h, EventKind::SendFd, fd, 0)),
+                    None => lose(LossCause::UserRead, h.tgid),
                 }
                 i += 1;
             }
             if n > MAX_RIGHTS_PER_CMSG as u64 {
-                lose(LossCause::TooManyFds, e.tgid);
+                lose(LossCause::TooManyFds, h.tgid);
             }
         }
         off += (len + 7) & !7;
     }
     if off + CMSG_HDR_LEN <= controllen {
-        lose(LossCause::TooManyFds, e.tgid);
+        lose(LossCause::TooManyFds, h.tgid);
     }
 }
 
@@ -379,7 +755,8 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: copied out at once.
     let Some(inf) = (unsafe { INFLIGHT.get(tid) }).copied() else {
-        // The clone's entry was not recorded (INFLIGHT full, counted then): the child is lost.
+        // The clone's entry was not recorded (INFLIGHT full, counted then; or a compat clone,
+        // which the per-syscall entry tracepoints do not see): the child is lost.
         lose(LossCause::WatchFull, tgid);
         return 0;
     };
@@ -400,6 +777,7 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some(child) = read_ctx::<i32>(&ctx, FORK_CHILD_PID_OFF) else {
+        lose(LossCause::ForkRead, tgid);
         return 0;
     };
     let child = child as u32;
@@ -407,47 +785,38 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
+    debug!(
+        &ctx,
+        "pid {} forked {} (clone flags {:x}): followed", tgid, child, clone_flags
+    );
     if let Some(slot) = WATCH_FILTER.get_ptr_mut(child % WATCH_FILTER_SLOTS) {
         // SAFETY: a live array slot of 4 bytes; any racing writer also writes 1.
         unsafe { *slot = 1 };
     }
-    let e = Emit {
-        kind: EventKind::Fork,
+    let h = Head {
         tgid,
         tid,
-        nr: inf.nr as u32,
-        ret: 0,
-        args: [child as u64, clone_flags, 0, 0],
-        fds: [-1, -1],
-        path_src: PATH_NONE,
-        path_ptr: 0,
+        nr: inf.nr as u16,
+        flags: 0,
     };
-    emit(&e);
+    send(&event(&h, EventKind::Fork, child as i32, clone_flags));
     0
 }
 
 /// `sched/sched_process_exec`: the exec succeeded and close-on-exec fds are gone.
 #[tracepoint]
-pub fn vmaudit_sched_exec(ctx: TracePointContext) -> u32 {
+pub fn vmaudit_sched_exec(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ids();
     if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
-    let loc = read_ctx::<u32>(&ctx, EXEC_FILENAME_LOC_OFF).unwrap_or(0);
-    let off = (loc & 0xffff) as usize;
-    let e = Emit {
-        kind: EventKind::Exec,
+    let h = Head {
         tgid,
         tid,
         nr: 0,
-        ret: 0,
-        args: [0; 4],
-        fds: [-1, -1],
-        // `off` is the __data_loc offset of the filename inside this record.
-        path_src: if off == 0 { PATH_NONE } else { PATH_KERNEL },
-        path_ptr: ctx.as_ptr() as u64 + off as u64,
+        flags: 0,
     };
-    emit(&e);
+    send(&event(&h, EventKind::Exec, -1, 0));
     0
 }
 
@@ -464,18 +833,81 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = WATCHED.remove(tgid);
-    let e = Emit {
-        kind: EventKind::Exit,
+    let h = Head {
         tgid,
         tid,
         nr: 0,
-        ret: 0,
-        args: [0; 4],
-        fds: [-1, -1],
-        path_src: PATH_NONE,
-        path_ptr: 0,
+        flags: 0,
     };
-    emit(&e);
+    send(&event(&h, EventKind::Exit, -1, 0));
+    0
+}
+
+#[inline(always)]
+fn uring_off() -> UringOffsets {
+    // SAFETY: a static of the object, replaced by the loader.
+    unsafe { core::ptr::read_volatile(&VMAUDIT_URING) }
+}
+
+/// `io_uring/io_uring_submit_req`: remembers a watched process's fd-changing requests.
+#[tracepoint]
+pub fn vmaudit_uring_submit(ctx: TracePointContext) -> u32 {
+    let (tgid, _) = ids();
+    if !maybe_watched(tgid) || is_watched(tgid).is_none() {
+        return 0;
+    }
+    let o = uring_off();
+    let Some(op) = read_ctx::<u8>(&ctx, o.submit_opcode as usize) else {
+        return 0;
+    };
+    if !uring::changes_fds(op) {
+        return 0;
+    }
+    let Some(req) = read_ctx::<u64>(&ctx, o.submit_req as usize) else {
+        return 0;
+    };
+    if URING_REQS
+        .insert(req, ((tgid as u64) << 8) | op as u64, 0)
+        .is_err()
+    {
+        lose(LossCause::InflightFull, tgid);
+    }
+    0
+}
+
+/// `io_uring/io_uring_complete`: an fd-changing request of a watched process completed; the
+/// table is checked against the kernel's (the request's fd is not in the record).
+#[tracepoint]
+pub fn vmaudit_uring_complete(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = ids();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
+    let o = uring_off();
+    let Some(req) = read_ctx::<u64>(&ctx, o.complete_req as usize) else {
+        return 0;
+    };
+    // SAFETY: copied out at once.
+    let Some(v) = (unsafe { URING_REQS.get(req) }).copied() else {
+        return 0;
+    };
+    let _ = URING_REQS.remove(req);
+    let res = read_ctx::<i32>(&ctx, o.complete_res as usize).unwrap_or(0);
+    debug!(
+        &ctx,
+        "pid {}: io_uring opcode {} completed with {}: its table is checked",
+        (v >> 8) as u32,
+        (v & 0xff) as u8,
+        res
+    );
+    let h = Head {
+        tgid: (v >> 8) as u32,
+        tid,
+        nr: 0,
+        flags: 0,
+    };
+    let aux = Unseen::IoUring as u64 | ((v & 0xff) << 8) | ((res as u32 as u64) << 32);
+    send(&event(&h, EventKind::Unseen, -1, aux));
     0
 }
 

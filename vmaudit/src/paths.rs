@@ -47,6 +47,10 @@ pub const SELF_STATUS: &str = "/proc/self/status";
 /// Where vmaudit mounts tracefs when it is not mounted anywhere.
 pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
 
+/// The running kernel's type information (struct layouts for the fd tracker's offsets).
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The per-boot secret key of open-file-description ids (tmpfs: gone at reboot), mode 0600.
+pub const OFD_KEY: &str = "/run/vmaudit/ofd-key";
 /// Where vmaudit mounts bpffs when it is not mounted anywhere.
 pub const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
 /// vmaudit's directory in bpffs: `<bpffs>/vmaudit/<name>/devcg-link` pins a VM's device program.

@@ -4,7 +4,13 @@
 //! Used to seed a table when watching starts, to resync it after lost events, to resolve a new
 //! fd's identity, and by `vmaudit fds`.
 
-use std::{collections::BTreeMap, fs, io, os::unix::fs::MetadataExt as _, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    sync::Mutex,
+};
 
 use crate::paths::Roots;
 
@@ -31,6 +37,8 @@ pub fn identity_from_syscall(path: Option<String>) -> FdIdentity {
         dev: meta.as_ref().map(|m| DevNum::from_raw(m.dev())),
         ino: meta.as_ref().map(|m| m.ino()),
         flags: None,
+        mode: None,
+        ofd: None,
         iface: None,
         source: Source::Syscall,
     }
@@ -61,14 +69,74 @@ pub fn parse_fdinfo(text: &str) -> FdInfo {
 }
 
 /// Reads fd identities from a /proc (and /sys) tree.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct ProcFs {
     pub roots: Roots,
+    /// The interface (or none) of each device number whose major is statically assigned, so
+    /// that naming the millionth /dev/null costs no read of /sys.
+    ifaces: Mutex<HashMap<DevNum, Option<String>>>,
+    /// The kernel programs give a tun fd's interface (or say it has none): fdinfo, read later,
+    /// may describe another file at that number, so it is not read for them.
+    pub tun_from_kernel: bool,
+}
+
+impl Clone for ProcFs {
+    fn clone(&self) -> Self {
+        Self {
+            tun_from_kernel: self.tun_from_kernel,
+            ..Self::new(self.roots.clone())
+        }
+    }
+}
+
+/// Char majors the kernel hands out dynamically (macvtap's among them): their numbers are
+/// reused by other devices, so what they name is never cached.
+fn dynamic_major(major: u32) -> bool {
+    (234..=254).contains(&major) || (384..=511).contains(&major)
 }
 
 impl ProcFs {
     pub fn new(roots: Roots) -> Self {
-        Self { roots }
+        Self {
+            roots,
+            ifaces: Mutex::default(),
+            tun_from_kernel: false,
+        }
+    }
+
+    /// Fills in, for people, what the kernel program does not give: a path for files that are
+    /// not devices (read from the fd's link while it still holds the same inode, else `?`),
+    /// an anonymous inode's type (`anon_inode:[eventfd]`), a device's interface (tun/tap from
+    /// fdinfo, macvtap from /sys).
+    pub fn name(&self, pid: u32, fd: i32, id: &mut FdIdentity) {
+        if id.path.is_empty() {
+            let link = self.roots.fd_link(pid, fd);
+            let same = fs::metadata(&link).is_ok_and(|m| Some(m.ino()) == id.ino);
+            id.path = match fs::read_link(&link) {
+                Ok(t) if same || id.kind == FileKind::Anon => t.to_string_lossy().into_owned(),
+                _ => "?".to_owned(),
+            };
+        }
+        if id.iface.is_some() || id.kind != FileKind::Char {
+            return;
+        }
+        let Some(rdev) = id.rdev else { return };
+        id.iface = if rdev == vmaudit_core::fd::TUN {
+            if self.tun_from_kernel && id.source == Source::Kernel {
+                return;
+            }
+            fs::read_to_string(self.roots.fdinfo(pid, fd))
+                .ok()
+                .and_then(|t| parse_fdinfo(&t).iff)
+        } else if dynamic_major(rdev.major) {
+            self.macvtap_iface(rdev)
+        } else {
+            let mut cache = self.ifaces.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .entry(rdev)
+                .or_insert_with(|| self.macvtap_iface(rdev))
+                .clone()
+        };
     }
 
     /// Whether a process with this pid exists.
@@ -133,6 +201,8 @@ impl ProcFs {
             dev: Some(DevNum::from_raw(meta.dev())),
             ino: Some(meta.ino()),
             flags: info.flags,
+            mode: Some(meta.mode()),
+            ofd: None,
             iface,
             source: Source::Proc,
         })

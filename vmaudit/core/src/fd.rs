@@ -104,6 +104,27 @@ pub enum FileKind {
     Unknown,
 }
 
+/// `S_IFMT` and the file types of an inode's mode.
+const S_IFMT: u32 = 0o170000;
+
+impl FileKind {
+    /// The kind of an inode from its mode, as the kernel has it (an anonymous inode has no
+    /// type bits).
+    pub fn of_mode(mode: u32) -> Self {
+        match mode & S_IFMT {
+            0o020000 => Self::Char,
+            0o060000 => Self::Block,
+            0o100000 => Self::Regular,
+            0o040000 => Self::Dir,
+            0o010000 => Self::Fifo,
+            0o140000 => Self::Socket,
+            0o120000 => Self::Symlink,
+            0 => Self::Anon,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 impl FileKind {
     /// The kind of a file of type `ft` that /proc names `link` (`anon_inode:[...]`).
     pub fn of(ft: std::fs::FileType, link: &str) -> Self {
@@ -140,6 +161,9 @@ pub enum Source {
     /// Only the name the syscall used: the fd was already closed or replaced when vmaudit
     /// looked, so /proc could not be trusted for it.
     Syscall,
+    /// Read by the kernel programs from the task's fd table at the syscall's exit (or by the
+    /// task_file iterator): the file itself, not a name.
+    Kernel,
 }
 
 /// The identity of one fd.
@@ -157,9 +181,18 @@ pub struct FdIdentity {
     pub dev: Option<DevNum>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ino: Option<u64>,
-    /// `flags:` from fdinfo (open flags, octal in /proc), when read.
+    /// Open flags: `flags:` from fdinfo (octal in /proc; with O_CLOEXEC), or the kernel's
+    /// `f_flags` (without it: close-on-exec belongs to the fd, not the file).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flags: Option<u32>,
+    /// The inode's mode (file type and permission bits), from the kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// The open file description's id from the kernel (the `struct file`'s address hashed with
+    /// a per-boot secret): equal in two fds, of one process or two, exactly when they share
+    /// the open file description (what kcmp KCMP_FILE says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ofd: Option<u64>,
     /// The network interface of a tun/tap fd (`iff:` in fdinfo) or of a macvtap device node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iface: Option<String>,
@@ -167,8 +200,32 @@ pub struct FdIdentity {
 }
 
 impl FdIdentity {
+    /// An identity with only a name and a kind, every kernel fact unknown.
+    pub fn named(path: impl Into<String>, kind: FileKind, source: Source) -> Self {
+        Self {
+            path: path.into(),
+            kind,
+            rdev: None,
+            dev: None,
+            ino: None,
+            flags: None,
+            mode: None,
+            ofd: None,
+            iface: None,
+            source,
+        }
+    }
+
+    /// Whether both are the same open file description, when both ids are known.
+    pub fn same_ofd(&self, other: &FdIdentity) -> Option<bool> {
+        Some(self.ofd? == other.ofd?)
+    }
+
     /// Whether the file is the same inode as `other` (identity across resyncs).
     pub fn same_inode(&self, other: &FdIdentity) -> bool {
+        if let Some(same) = self.same_ofd(other) {
+            return same;
+        }
         match (self.ino, other.ino) {
             (Some(a), Some(b)) => a == b && self.dev == other.dev,
             _ => self.path == other.path,
@@ -202,6 +259,8 @@ pub enum Op {
     PidfdGetfd,
     /// Another fd-creating syscall (socket, pipe, eventfd, memfd, kvm ioctls, ...).
     New,
+    /// Put into the table by a seccomp supervisor (SECCOMP_IOCTL_NOTIF_ADDFD).
+    Addfd,
     /// Inherited by a followed child at fork.
     Inherit,
     Close,
@@ -232,6 +291,7 @@ impl Op {
             Self::RecvFd => "recv_fd",
             Self::PidfdGetfd => "pidfd_getfd",
             Self::New => "new",
+            Self::Addfd => "addfd",
             Self::Inherit => "inherit",
             Self::Close => "close",
             Self::Replaced => "replaced",
@@ -269,6 +329,7 @@ impl Op {
                 | Self::RecvFd
                 | Self::PidfdGetfd
                 | Self::New
+                | Self::Addfd
                 | Self::Inherit
                 | Self::ResyncAdd
         )

@@ -3,7 +3,9 @@
 use std::ptr;
 
 use thiserror::Error;
-use vmaudit_common::{EventKind, PATH_CAP, RawEvent, nr};
+use vmaudit_common::{
+    Event as RawEvent, EventFlags, EventKind, FileInfo, PATH_SLOT, PathTail, Unseen, nr,
+};
 
 /// A ring-buffer record that is not a well-formed event.
 #[derive(Debug, Error, PartialEq)]
@@ -11,11 +13,18 @@ pub enum DecodeError {
     #[error("event of {got} bytes, expected {expected}")]
     Length { got: usize, expected: usize },
     #[error("unknown event kind {0}")]
-    Kind(u32),
+    Kind(u8),
 }
 
-/// Copies a [`RawEvent`] out of ring-buffer bytes, which need not be aligned.
-pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+/// What a ring-buffer record holds: the event, and the path that follows it, if any.
+#[derive(Clone, Copy, Debug)]
+pub struct Raw {
+    pub event: RawEvent,
+    pub path: Option<PathTail>,
+}
+
+/// Copies an event (and its path tail) out of ring-buffer bytes, which need not be aligned.
+pub fn parse_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
     if bytes.len() < RawEvent::SIZE {
         return Err(DecodeError::Length {
             got: bytes.len(),
@@ -24,7 +33,47 @@ pub fn parse_raw(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     }
     // SAFETY: the length is checked above; RawEvent is plain old data (every bit pattern is
     // valid) and read_unaligned makes no alignment assumption.
-    Ok(unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+    let event = unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
+    let path = if event.flags & EventFlags::PATH != 0 {
+        let need = RawEvent::SIZE + size_of::<PathTail>();
+        if bytes.len() < need {
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                expected: need,
+            });
+        }
+        // SAFETY: as above, for the tail that follows the event.
+        Some(unsafe { ptr::read_unaligned(bytes[RawEvent::SIZE..].as_ptr().cast::<PathTail>()) })
+    } else {
+        None
+    };
+    Ok(Raw { event, path })
+}
+
+/// The name in a path tail: a device file's dentries joined from the root (`…/` in front when
+/// the walk stopped before it), or the string a caller gave.
+pub fn path_of(tail: &PathTail) -> String {
+    let slot = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    if tail.form == PathTail::STRING {
+        let flat: Vec<u8> = tail.slots.iter().flatten().copied().collect();
+        return slot(&flat);
+    }
+    let depth = (tail.depth as usize).min(tail.slots.len());
+    let mut out = String::with_capacity(depth * 8);
+    if tail.complete == 0 {
+        out.push('…');
+    }
+    for name in tail.slots[..depth].iter().rev() {
+        out.push('/');
+        out.push_str(&slot(&name[..PATH_SLOT]));
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// How an fd was gained.
@@ -36,20 +85,37 @@ pub enum Gain {
     PidfdGetfd,
     /// Any other syscall that returns a new fd (socket, pipe, eventfd, ...).
     New,
+    /// Put there by a seccomp supervisor (SECCOMP_IOCTL_NOTIF_ADDFD).
+    AddFd,
+}
+
+/// The file behind a new fd, as the kernel program read it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelFile {
+    pub info: FileInfo,
+    /// A device file's path (its dentries, read in the kernel).
+    pub path: Option<String>,
+    /// A tun fd's interface, read in the kernel (None: not attached yet, or not a tun fd).
+    pub iface: Option<String>,
+}
+
+/// The interface name in a kernel buffer (NUL-padded), if any.
+pub fn iface_of(raw: &[u8]) -> Option<String> {
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    (end > 0).then(|| String::from_utf8_lossy(&raw[..end]).into_owned())
 }
 
 /// One change to a process's fd table, as decoded from an event.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// `fd` is now open. `cloexec` None: the syscall's arguments do not say (read fdinfo).
-    /// `from`: the fd it duplicates, whose identity it shares. `replaces`: dup2/dup3 closed
-    /// whatever `fd` was before.
+    /// `fd` is now open, holding `file` (None: another thread closed the fd before the program
+    /// could read it). `from`: the fd it duplicates. dup2/dup3 closed whatever `fd` was before.
     Gain {
         fd: i32,
         how: Gain,
-        cloexec: Option<bool>,
+        cloexec: bool,
         from: Option<i32>,
-        path: Option<String>,
+        file: Option<KernelFile>,
     },
     /// `fd` was closed.
     Close { fd: i32 },
@@ -59,10 +125,11 @@ pub enum Change {
     SetCloexec { fd: i32, on: bool },
     /// close-on-exec set on every fd in `first..=last` (close_range CLOSE_RANGE_CLOEXEC).
     CloexecRange { first: u32, last: u32 },
-    /// A followed child was forked; its table starts as a copy of this process's.
+    /// A followed child was forked; its table starts as a copy of this process's (or is the
+    /// same table, with CLONE_FILES).
     Fork { child: u32, clone_flags: u64 },
     /// exec succeeded: every close-on-exec fd is gone.
-    Exec { filename: Option<String> },
+    Exec,
     /// The process exited: every fd is gone.
     Exit,
     /// `fd` was sent to another process through SCM_RIGHTS (the sender keeps it).
@@ -73,8 +140,21 @@ pub enum Change {
         fd: Option<i32>,
         path: Option<String>,
     },
-    /// The syscall changes no fd (a bpf command that returns no fd, signalfd on an existing fd).
-    Nothing,
+    /// The table may have changed in a way no event describes (`reason`: an [`Unseen`] name):
+    /// it is checked against the kernel's.
+    Unseen { reason: &'static str, detail: u64 },
+    /// The process stopped sharing its table (unshare(CLONE_FILES)): it keeps a copy.
+    Unshare,
+    /// Tun fd `fd` was attached to interface `name` (TUNSETIFF, TUNSETQUEUE).
+    Iface { fd: i32, name: Option<String> },
+    /// The process (a seccomp supervisor) put `file` at `fd` in the table of thread `target`
+    /// (its id as the notification gave it) of another process.
+    AddFd {
+        target: u32,
+        fd: i32,
+        cloexec: bool,
+        file: Option<KernelFile>,
+    },
 }
 
 /// A decoded event.
@@ -85,22 +165,11 @@ pub struct Event {
     pub tid: u32,
     /// The syscall (or sched event) that reported it.
     pub source: &'static str,
-    pub changes: Vec<Change>,
+    pub change: Change,
+    /// The process's table was unshared first (close_range's CLOSE_RANGE_UNSHARE): a table it
+    /// shared with other processes is theirs alone from now on.
+    pub unshare: bool,
 }
-
-const O_CLOEXEC: u64 = libc::O_CLOEXEC as u64;
-const SOCK_CLOEXEC: u64 = libc::SOCK_CLOEXEC as u64;
-const MSG_CMSG_CLOEXEC: u64 = libc::MSG_CMSG_CLOEXEC as u64;
-const MFD_CLOEXEC: u64 = libc::MFD_CLOEXEC as u64;
-const FAN_CLOEXEC: u64 = 1;
-const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
-const F_DUPFD: u64 = libc::F_DUPFD as u64;
-const F_DUPFD_CLOEXEC: u64 = libc::F_DUPFD_CLOEXEC as u64;
-const F_SETFD: u64 = libc::F_SETFD as u64;
-const FD_CLOEXEC: u64 = libc::FD_CLOEXEC as u64;
-
-/// bpf(2) commands that return a new fd (every bpf fd is close-on-exec).
-const BPF_FD_CMDS: &[u64] = &[0, 5, 7, 13, 14, 17, 18, 19, 28, 30, 32, 33, 36];
 
 /// The syscall's name, for output.
 pub fn syscall_name(n: u32) -> &'static str {
@@ -111,223 +180,155 @@ pub fn syscall_name(n: u32) -> &'static str {
         .unwrap_or("unknown")
 }
 
-fn path_of(raw: &RawEvent) -> Option<String> {
-    let len = (raw.path_len as usize).min(PATH_CAP);
-    if len == 0 {
-        return None;
+fn how(n: u32) -> Gain {
+    match n {
+        nr::OPEN | nr::OPENAT | nr::OPENAT2 | nr::CREAT | nr::OPEN_BY_HANDLE_AT => Gain::Open,
+        nr::DUP | nr::DUP2 | nr::DUP3 | nr::FCNTL => Gain::Dup,
+        nr::RECVMSG | nr::RECVMMSG => Gain::RecvFd,
+        nr::PIDFD_GETFD => Gain::PidfdGetfd,
+        _ => Gain::New,
     }
-    let bytes = &raw.path[..len];
-    // bpf_probe_read_*_str counts the terminating NUL.
-    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-    Some(String::from_utf8_lossy(bytes).into_owned())
 }
 
-fn flag(args: u64, bit: u64) -> Option<bool> {
-    Some(args & bit != 0)
-}
-
-/// Decodes a raw event into table changes.
-pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
-    let kind = EventKind::try_from(raw.kind).map_err(DecodeError::Kind)?;
-    let a = raw.args;
-    let ret = raw.ret;
-    let path = path_of(raw);
-    let (source, changes) = match kind {
-        EventKind::Fork => (
-            "fork",
-            vec![Change::Fork {
-                child: a[0] as u32,
-                clone_flags: a[1],
-            }],
-        ),
-        EventKind::Exec => ("exec", vec![Change::Exec { filename: path }]),
-        EventKind::Exit => ("exit", vec![Change::Exit]),
-        EventKind::RecvFd => {
-            let flags = if raw.nr == nr::RECVMMSG { a[3] } else { a[2] };
+/// Decodes a raw event into a table change.
+pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
+    let e = &raw.event;
+    let kind = EventKind::try_from(e.kind).map_err(DecodeError::Kind)?;
+    let n = e.nr as u32;
+    let flag = |f: u8| e.flags & f != 0;
+    let (source, change) = match kind {
+        EventKind::Gain => {
+            let file = flag(EventFlags::FILE).then(|| KernelFile {
+                info: e.file,
+                path: raw.path.as_ref().map(path_of),
+                iface: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
+            });
+            let from = (how(n) == Gain::Dup).then_some(e.aux as i32);
             (
-                syscall_name(raw.nr),
-                vec![Change::Gain {
-                    fd: raw.fds[0],
-                    how: Gain::RecvFd,
-                    cloexec: flag(flags, MSG_CMSG_CLOEXEC),
-                    from: None,
-                    path: None,
-                }],
+                syscall_name(n),
+                Change::Gain {
+                    fd: e.fd,
+                    how: how(n),
+                    cloexec: flag(EventFlags::CLOEXEC),
+                    from,
+                    file,
+                },
             )
         }
-        EventKind::SendFd => (
-            syscall_name(raw.nr),
-            vec![Change::SendFd { fd: raw.fds[0] }],
+        EventKind::Close => (syscall_name(n), Change::Close { fd: e.fd }),
+        EventKind::CloseRange => {
+            let (first, last) = (e.aux as u32, (e.aux >> 32) as u32);
+            let change = if flag(EventFlags::CLOEXEC) {
+                Change::CloexecRange { first, last }
+            } else {
+                Change::CloseRange { first, last }
+            };
+            (syscall_name(n), change)
+        }
+        EventKind::SetCloexec => (
+            syscall_name(n),
+            Change::SetCloexec {
+                fd: e.fd,
+                on: flag(EventFlags::CLOEXEC),
+            },
         ),
-        EventKind::Syscall => (
-            syscall_name(raw.nr),
-            decode_syscall(raw.nr, a, ret, raw.fds, path),
+        EventKind::Failed => (
+            syscall_name(n),
+            Change::Failed {
+                errno: e.aux as i32,
+                fd: (e.fd >= 0).then_some(e.fd),
+                path: raw.path.as_ref().map(path_of),
+            },
+        ),
+        EventKind::Fork => (
+            "fork",
+            Change::Fork {
+                child: e.fd as u32,
+                clone_flags: e.aux,
+            },
+        ),
+        EventKind::Unshare => (syscall_name(n), Change::Unshare),
+        EventKind::Iface => (
+            syscall_name(n),
+            Change::Iface {
+                fd: e.fd,
+                name: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
+            },
+        ),
+        EventKind::AddFd => (
+            syscall_name(n),
+            Change::AddFd {
+                target: e.aux as u32,
+                fd: e.fd,
+                cloexec: flag(EventFlags::CLOEXEC),
+                file: flag(EventFlags::FILE).then_some(KernelFile {
+                    info: e.file,
+                    path: None,
+                    iface: None,
+                }),
+            },
+        ),
+        EventKind::Exec => ("exec", Change::Exec),
+        EventKind::Exit => ("exit", Change::Exit),
+        EventKind::SendFd => (syscall_name(n), Change::SendFd { fd: e.fd }),
+        EventKind::Unseen => (
+            if flag(EventFlags::COMPAT) {
+                "compat"
+            } else {
+                syscall_name(n)
+            },
+            Change::Unseen {
+                reason: Unseen::name(e.aux & 0xff),
+                detail: e.aux >> 8,
+            },
         ),
     };
     Ok(Event {
-        ts_ns: raw.ts_ns,
-        tgid: raw.tgid,
-        tid: raw.tid,
+        ts_ns: e.ts_ns,
+        tgid: e.tgid,
+        tid: e.tid,
         source,
-        changes,
+        change,
+        unshare: flag(EventFlags::UNSHARE),
     })
-}
-
-fn decode_syscall(
-    n: u32,
-    a: [u64; 4],
-    ret: i64,
-    fds: [i32; 2],
-    path: Option<String>,
-) -> Vec<Change> {
-    let fd_arg = |i: usize| a[i] as i32;
-    if ret < 0 {
-        let fd = match n {
-            nr::CLOSE | nr::DUP2 | nr::DUP3 => Some(fd_arg(if n == nr::CLOSE { 0 } else { 1 })),
-            _ => None,
-        };
-        // close() releases the fd even when it reports an error, unless the fd was not open.
-        if n == nr::CLOSE && ret != -(libc::EBADF as i64) {
-            return vec![Change::Close { fd: fd_arg(0) }];
-        }
-        return vec![Change::Failed {
-            errno: (-ret) as i32,
-            fd,
-            path,
-        }];
-    }
-    let new = ret as i32;
-    let gain = |how: Gain, cloexec: Option<bool>, from: Option<i32>, path: Option<String>| {
-        vec![Change::Gain {
-            fd: new,
-            how,
-            cloexec,
-            from,
-            path,
-        }]
-    };
-    let pair = |cloexec: bool| {
-        fds.iter()
-            .filter(|fd| **fd >= 0)
-            .map(|&fd| Change::Gain {
-                fd,
-                how: Gain::New,
-                cloexec: Some(cloexec),
-                from: None,
-                path: None,
-            })
-            .collect()
-    };
-    match n {
-        nr::OPEN => gain(Gain::Open, flag(a[1], O_CLOEXEC), None, path),
-        nr::OPENAT => gain(Gain::Open, flag(a[2], O_CLOEXEC), None, path),
-        // openat2's flags are in a struct in user memory; fdinfo tells.
-        nr::OPENAT2 => gain(Gain::Open, None, None, path),
-        nr::CREAT => gain(Gain::Open, Some(false), None, path),
-        nr::OPEN_BY_HANDLE_AT => gain(Gain::Open, flag(a[2], O_CLOEXEC), None, None),
-        nr::DUP => gain(Gain::Dup, Some(false), Some(fd_arg(0)), None),
-        nr::DUP2 | nr::DUP3 => {
-            let (old, target) = (fd_arg(0), fd_arg(1));
-            if old == target {
-                vec![Change::Nothing]
-            } else {
-                let cloexec = if n == nr::DUP3 {
-                    a[2] & O_CLOEXEC != 0
-                } else {
-                    false
-                };
-                vec![Change::Gain {
-                    fd: target,
-                    how: Gain::Dup,
-                    cloexec: Some(cloexec),
-                    from: Some(old),
-                    path: None,
-                }]
-            }
-        }
-        nr::FCNTL => match a[1] {
-            F_DUPFD => gain(Gain::Dup, Some(false), Some(fd_arg(0)), None),
-            F_DUPFD_CLOEXEC => gain(Gain::Dup, Some(true), Some(fd_arg(0)), None),
-            F_SETFD => vec![Change::SetCloexec {
-                fd: fd_arg(0),
-                on: a[2] & FD_CLOEXEC != 0,
-            }],
-            _ => vec![Change::Nothing],
-        },
-        nr::IOCTL => match a[1] & 0xffff_ffff {
-            nr::ioctl::FIOCLEX => vec![Change::SetCloexec {
-                fd: fd_arg(0),
-                on: true,
-            }],
-            nr::ioctl::FIONCLEX => vec![Change::SetCloexec {
-                fd: fd_arg(0),
-                on: false,
-            }],
-            // KVM creates its fds with O_CLOEXEC.
-            _ => gain(Gain::New, Some(true), None, None),
-        },
-        nr::PIDFD_GETFD => gain(Gain::PidfdGetfd, Some(true), None, None),
-        nr::PIDFD_OPEN | nr::IO_URING_SETUP => gain(Gain::New, Some(true), None, None),
-        nr::SOCKET => gain(Gain::New, flag(a[1], SOCK_CLOEXEC), None, None),
-        nr::ACCEPT => gain(Gain::New, Some(false), None, None),
-        nr::ACCEPT4 => gain(Gain::New, flag(a[3], SOCK_CLOEXEC), None, None),
-        nr::SOCKETPAIR => pair(a[1] & SOCK_CLOEXEC != 0),
-        nr::PIPE => pair(false),
-        nr::PIPE2 => pair(a[1] & O_CLOEXEC != 0),
-        nr::EVENTFD | nr::EPOLL_CREATE | nr::INOTIFY_INIT => {
-            gain(Gain::New, Some(false), None, None)
-        }
-        nr::SIGNALFD if fd_arg(0) == -1 => gain(Gain::New, Some(false), None, None),
-        nr::SIGNALFD4 if fd_arg(0) == -1 => gain(Gain::New, flag(a[3], O_CLOEXEC), None, None),
-        nr::SIGNALFD | nr::SIGNALFD4 => vec![Change::Nothing],
-        nr::EVENTFD2 => gain(Gain::New, flag(a[1], O_CLOEXEC), None, None),
-        nr::EPOLL_CREATE1 | nr::INOTIFY_INIT1 | nr::MEMFD_SECRET | nr::USERFAULTFD => {
-            gain(Gain::New, flag(a[0], O_CLOEXEC), None, None)
-        }
-        nr::TIMERFD_CREATE => gain(Gain::New, flag(a[1], O_CLOEXEC), None, None),
-        nr::MEMFD_CREATE => gain(Gain::New, flag(a[1], MFD_CLOEXEC), None, None),
-        nr::FANOTIFY_INIT => gain(Gain::New, flag(a[0], FAN_CLOEXEC), None, None),
-        // PERF_FLAG_FD_CLOEXEC is the fifth argument, which is not captured.
-        nr::PERF_EVENT_OPEN => gain(Gain::New, None, None, None),
-        nr::BPF if BPF_FD_CMDS.contains(&a[0]) => gain(Gain::New, Some(true), None, None),
-        nr::BPF => vec![Change::Nothing],
-        nr::CLOSE => vec![Change::Close { fd: fd_arg(0) }],
-        nr::CLOSE_RANGE => {
-            let (first, last) = (a[0] as u32, a[1] as u32);
-            if a[2] & CLOSE_RANGE_CLOEXEC != 0 {
-                vec![Change::CloexecRange { first, last }]
-            } else {
-                vec![Change::CloseRange { first, last }]
-            }
-        }
-        _ => vec![Change::Nothing],
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use vmaudit_common::{EventWithPath, PATH_SLOTS};
+
     use super::*;
 
-    fn raw(kind: EventKind, n: u32, args: [u64; 4], ret: i64) -> RawEvent {
+    fn raw(kind: EventKind, n: u32, fd: i32, aux: u64, flags: u8) -> RawEvent {
         RawEvent {
             ts_ns: 10,
-            ret,
-            args,
             tgid: 7,
             tid: 8,
-            kind: kind as u32,
-            nr: n,
-            fds: [-1, -1],
-            path_len: 0,
-            _pad: 0,
-            path: [0; PATH_CAP],
+            kind: kind as u8,
+            flags,
+            nr: n as u16,
+            fd,
+            aux,
+            file: FileInfo {
+                ino: 5,
+                ofd: 0xabc,
+                rdev: 10 << 20 | 200,
+                dev: 6,
+                flags: 2,
+                mode: 0o020666,
+                _pad: 0,
+            },
         }
     }
 
-    fn bytes(r: &RawEvent) -> Vec<u8> {
-        // SAFETY: RawEvent is plain old data without padding; the slice covers exactly it.
-        unsafe { std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), RawEvent::SIZE) }
-            .to_vec()
+    fn bytes<T>(r: &T) -> Vec<u8> {
+        // SAFETY: the types passed here are plain old data without padding; the slice covers
+        // exactly the value.
+        unsafe { std::slice::from_raw_parts((r as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    fn dec(r: RawEvent) -> Change {
+        decode(&parse_raw(&bytes(&r)).unwrap()).unwrap().change
     }
 
     #[test]
@@ -377,6 +378,19 @@ mod tests {
             (nr::CLONE3, libc::SYS_clone3),
             (nr::FORK, libc::SYS_fork),
             (nr::VFORK, libc::SYS_vfork),
+            (nr::MQ_OPEN, libc::SYS_mq_open),
+            (nr::SECCOMP, libc::SYS_seccomp),
+            (nr::OPEN_TREE, libc::SYS_open_tree),
+            // libc has no SYS_open_tree_attr (Linux 6.15) yet.
+            (nr::OPEN_TREE_ATTR, 467),
+            (nr::FSOPEN, libc::SYS_fsopen),
+            (nr::FSMOUNT, libc::SYS_fsmount),
+            (nr::FSPICK, libc::SYS_fspick),
+            (
+                nr::LANDLOCK_CREATE_RULESET,
+                libc::SYS_landlock_create_ruleset,
+            ),
+            (nr::UNSHARE, libc::SYS_unshare),
         ];
         for (ours, libc_nr) in pairs {
             assert_eq!(*ours as libc::c_long, *libc_nr, "{}", syscall_name(*ours));
@@ -393,140 +407,141 @@ mod tests {
                 expected: RawEvent::SIZE
             }
         );
-        let mut r = raw(EventKind::Exit, 0, [0; 4], 0);
+        let mut r = raw(EventKind::Exit, 0, -1, 0, 0);
         r.kind = 99;
         let parsed = parse_raw(&bytes(&r)).unwrap();
         assert_eq!(decode(&parsed).unwrap_err(), DecodeError::Kind(99));
+        // A path flag with no tail behind it.
+        let r = raw(EventKind::Gain, nr::OPENAT, 3, 0, EventFlags::PATH);
+        assert!(matches!(
+            parse_raw(&bytes(&r)).unwrap_err(),
+            DecodeError::Length { got: 64, .. }
+        ));
     }
 
     #[test]
-    fn unaligned_bytes_decode() {
-        let mut r = raw(EventKind::Syscall, nr::OPENAT, [0, 0, O_CLOEXEC, 0], 5);
-        r.path[..10].copy_from_slice(b"/dev/null\0");
-        r.path_len = 10;
+    fn a_device_gain_carries_the_kernel_file_and_its_path() {
+        let mut slots = [[0u8; PATH_SLOT]; PATH_SLOTS];
+        for (i, name) in ["tun", "net", "dev"].iter().enumerate() {
+            slots[i][..name.len()].copy_from_slice(name.as_bytes());
+        }
+        let ev = EventWithPath {
+            event: raw(
+                EventKind::Gain,
+                nr::OPENAT,
+                5,
+                u64::MAX,
+                EventFlags::FILE | EventFlags::PATH | EventFlags::CLOEXEC,
+            ),
+            path: PathTail {
+                form: PathTail::COMPONENTS,
+                depth: 3,
+                complete: 1,
+                slots,
+                iface: *b"vmtap0\0\0\0\0\0\0\0\0\0\0",
+            },
+        };
+        // Unaligned, as ring-buffer bytes may be.
         let mut buf = vec![0u8];
-        buf.extend(bytes(&r));
+        buf.extend(bytes(&ev));
         let e = decode(&parse_raw(&buf[1..]).unwrap()).unwrap();
         assert_eq!(e.source, "openat");
-        assert_eq!(
-            e.changes,
-            vec![Change::Gain {
-                fd: 5,
-                how: Gain::Open,
-                cloexec: Some(true),
-                from: None,
-                path: Some("/dev/null".into())
-            }]
-        );
+        let Change::Gain {
+            fd,
+            how,
+            cloexec,
+            from,
+            file,
+        } = e.change
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((fd, how, cloexec, from), (5, Gain::Open, true, None));
+        let file = file.unwrap();
+        assert_eq!(file.path.as_deref(), Some("/dev/net/tun"));
+        assert_eq!(file.iface.as_deref(), Some("vmtap0"));
+        assert_eq!((file.info.ino, file.info.ofd), (5, 0xabc));
     }
 
     #[test]
-    fn failures_and_close_semantics() {
-        let e = decode(&raw(EventKind::Syscall, nr::OPENAT, [0; 4], -2)).unwrap();
-        assert!(matches!(e.changes[0], Change::Failed { errno: 2, .. }));
-        // close with EINTR still released the fd; with EBADF there was none.
-        let e = decode(&raw(
-            EventKind::Syscall,
-            nr::CLOSE,
-            [4, 0, 0, 0],
-            -(libc::EINTR as i64),
-        ))
-        .unwrap();
-        assert_eq!(e.changes, vec![Change::Close { fd: 4 }]);
-        let e = decode(&raw(
-            EventKind::Syscall,
-            nr::CLOSE,
-            [4, 0, 0, 0],
-            -(libc::EBADF as i64),
-        ))
-        .unwrap();
-        assert!(matches!(e.changes[0], Change::Failed { fd: Some(4), .. }));
+    fn an_incomplete_walk_says_so() {
+        let mut slots = [[0u8; PATH_SLOT]; PATH_SLOTS];
+        slots[0][..3].copy_from_slice(b"002");
+        let tail = PathTail {
+            form: PathTail::COMPONENTS,
+            depth: 1,
+            complete: 0,
+            slots,
+            iface: [0; vmaudit_common::IFNAMSIZ],
+        };
+        assert_eq!(path_of(&tail), "…/002");
     }
 
     #[test]
-    fn dups_fcntl_and_ranges() {
-        let d = |n, a, r| decode(&raw(EventKind::Syscall, n, a, r)).unwrap().changes;
-        assert!(matches!(d(nr::DUP2, [3, 3, 0, 0], 3)[0], Change::Nothing));
-        assert_eq!(
-            d(nr::DUP3, [3, 9, O_CLOEXEC, 0], 9),
-            vec![Change::Gain {
+    fn dups_ranges_failures_and_unseen() {
+        assert!(matches!(
+            dec(raw(EventKind::Gain, nr::DUP3, 9, 3, EventFlags::FILE)),
+            Change::Gain {
                 fd: 9,
                 how: Gain::Dup,
-                cloexec: Some(true),
                 from: Some(3),
-                path: None
-            }]
-        );
+                cloexec: false,
+                ..
+            }
+        ));
         assert!(matches!(
-            d(nr::FCNTL, [3, F_DUPFD_CLOEXEC, 10, 0], 10)[0],
+            dec(raw(EventKind::Gain, nr::RECVMSG, 6, u64::MAX, 0)),
             Change::Gain {
-                fd: 10,
-                cloexec: Some(true),
-                from: Some(3),
+                how: Gain::RecvFd,
+                from: None,
+                file: None,
                 ..
             }
         ));
         assert_eq!(
-            d(nr::FCNTL, [3, F_SETFD, 1, 0], 0),
-            vec![Change::SetCloexec { fd: 3, on: true }]
-        );
-        assert_eq!(
-            d(nr::CLOSE_RANGE, [3, u32::MAX as u64, 0, 0], 0),
-            vec![Change::CloseRange {
+            dec(raw(
+                EventKind::CloseRange,
+                nr::CLOSE_RANGE,
+                -1,
+                3 | (u32::MAX as u64) << 32,
+                0
+            )),
+            Change::CloseRange {
                 first: 3,
                 last: u32::MAX
-            }]
+            }
         );
         assert_eq!(
-            d(nr::CLOSE_RANGE, [3, 5, CLOSE_RANGE_CLOEXEC, 0], 0),
-            vec![Change::CloexecRange { first: 3, last: 5 }]
+            dec(raw(
+                EventKind::CloseRange,
+                nr::CLOSE_RANGE,
+                -1,
+                3 | 5 << 32,
+                EventFlags::CLOEXEC
+            )),
+            Change::CloexecRange { first: 3, last: 5 }
         );
-        assert_eq!(d(nr::BPF, [1, 0, 0, 0], 0), vec![Change::Nothing]);
-        assert!(matches!(
-            d(nr::BPF, [5, 0, 0, 0], 6)[0],
-            Change::Gain { fd: 6, .. }
-        ));
-    }
-
-    #[test]
-    fn pipes_and_received_fds() {
-        let mut r = raw(EventKind::Syscall, nr::PIPE2, [0, O_CLOEXEC, 0, 0], 0);
-        r.fds = [4, 5];
-        let e = decode(&r).unwrap();
-        assert_eq!(e.changes.len(), 2);
-        assert!(matches!(
-            e.changes[1],
-            Change::Gain {
-                fd: 5,
-                cloexec: Some(true),
-                ..
-            }
-        ));
-        let mut r = raw(
-            EventKind::RecvFd,
-            nr::RECVMSG,
-            [3, 0, MSG_CMSG_CLOEXEC, 0],
-            10,
-        );
-        r.fds = [6, -1];
-        let e = decode(&r).unwrap();
-        assert_eq!(e.source, "recvmsg");
-        assert!(matches!(
-            e.changes[0],
-            Change::Gain {
-                fd: 6,
-                how: Gain::RecvFd,
-                cloexec: Some(true),
-                ..
-            }
-        ));
-        let e = decode(&raw(EventKind::Fork, nr::CLONE, [99, 17, 0, 0], 0)).unwrap();
         assert_eq!(
-            e.changes,
-            vec![Change::Fork {
+            dec(raw(EventKind::Failed, nr::CLOSE, 4, 9, 0)),
+            Change::Failed {
+                errno: 9,
+                fd: Some(4),
+                path: None
+            }
+        );
+        assert_eq!(
+            dec(raw(EventKind::Fork, nr::CLONE, 99, 17, 0)),
+            Change::Fork {
                 child: 99,
                 clone_flags: 17
-            }]
+            }
+        );
+        assert_eq!(
+            dec(raw(EventKind::Unseen, 0, -1, 1 | 18 << 8 | 7 << 32, 0)),
+            Change::Unseen {
+                reason: "io_uring",
+                detail: 18 | 7 << 24
+            }
         );
     }
 }

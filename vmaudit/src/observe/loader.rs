@@ -2,14 +2,23 @@
 //!
 //! Dropping a [`Tracker`] detaches every program and frees every map: nothing outlives it.
 
+use std::{
+    io::Read as _,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{Iter, RawTracePoint, TracePoint},
 };
-use vmaudit_common::{LossCause, WATCH_FILTER_SLOTS, WatchFlags, maps, programs};
+use vmaudit_common::{
+    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WatchFlags, globals,
+    maps, programs,
+};
 
-use super::ObserveError;
+use super::{ObserveError, btf::Btf, key};
 
 /// Syscalls whose entry is hooked (classic tracepoints) to learn clone flags.
 pub const CLONE_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
@@ -32,8 +41,60 @@ impl Default for TrackerOptions {
     }
 }
 
+impl TrackerOptions {
+    /// Pending bytes past which a submit wakes the consumer even when it did not ask: a
+    /// quarter of the ring, at most [`vmaudit_common::WAKEUP_BYTES`].
+    pub fn wakeup_bytes(&self) -> u64 {
+        (self.ring_bytes as u64 / 4).min(vmaudit_common::WAKEUP_BYTES)
+    }
+}
+
+/// The io_uring tracepoints the tracker uses, and the fields it reads from each.
+const URING_SUBMIT: &str = "io_uring_submit_req";
+const URING_COMPLETE: &str = "io_uring_complete";
+
+/// The offset of `field` in a tracepoint's `format` file text.
+pub fn format_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let decl = l.trim().strip_prefix("field:")?.split(';').next()?;
+        let name = decl.rsplit([' ', '*']).next()?;
+        if name != field {
+            return None;
+        }
+        let off = l.split("offset:").nth(1)?.split(';').next()?;
+        off.trim().parse().ok()
+    })
+}
+
+/// The io_uring tracepoints' field offsets, or None when the kernel has no io_uring events
+/// (then no process can use io_uring, and nothing needs following).
+fn uring_offsets(tracefs: &Path) -> Result<Option<UringOffsets>, ObserveError> {
+    let dir = tracefs.join("events").join("io_uring");
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let read = |event: &str, field: &str| -> Result<u32, ObserveError> {
+        let text = std::fs::read_to_string(dir.join(event).join("format")).unwrap_or_default();
+        format_offset(&text, field).ok_or_else(|| ObserveError::Tracepoint {
+            name: format!("io_uring/{event} (field {field})"),
+        })
+    };
+    Ok(Some(UringOffsets {
+        submit_req: read(URING_SUBMIT, "req")?,
+        submit_opcode: read(URING_SUBMIT, "opcode")?,
+        complete_req: read(URING_COMPLETE, "req")?,
+        complete_res: read(URING_COMPLETE, "res")?,
+    }))
+}
+
 /// The loaded and attached fd tracker.
 pub struct Tracker {
+    /// Whether the programs read a tun fd's interface in the kernel (the kernel has tun's
+    /// types in its BTF).
+    pub tun_named: bool,
+    /// Forwards the programs' aya-log records to `log` (RUST_LOG=debug shows them); it must
+    /// live as long as the programs that log.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Owns the programs and their links; dropped last.
     _ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
@@ -41,6 +102,7 @@ pub struct Tracker {
     losses: PerCpuArray<MapData, u64>,
     lost_tgids: HashMap<MapData, u32, u64>,
     filter: Array<MapData, u32>,
+    consumer: Array<MapData, u32>,
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
@@ -106,14 +168,39 @@ pub fn attach_noop_hook() -> Result<Ebpf, ObserveError> {
 }
 
 impl Tracker {
-    /// Loads the programs and attaches them.
-    pub fn load(opts: &TrackerOptions) -> Result<Self, ObserveError> {
+    /// Loads the programs and attaches them. The kernel's field offsets (from its BTF), the
+    /// per-boot key of open-file-description ids and the io_uring tracepoints' layout are
+    /// written into the programs' read-only data first.
+    pub fn load(opts: &TrackerOptions, tracefs: &Path) -> Result<Self, ObserveError> {
+        let btf = Btf::from_sys_fs().map_err(|source| ObserveError::Btf { source })?;
+        let offsets: KernelOffsets = btf
+            .kernel_offsets()
+            .map_err(|source| ObserveError::Btf { source })?;
+        let key: [u64; 2] = key::ofd_key(Path::new(crate::paths::OFD_KEY))
+            .map_err(|source| ObserveError::Key { source })?;
+        let uring = uring_offsets(tracefs)?;
+        let wakeup = opts.wakeup_bytes();
+        let uring_globals = uring.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
+            .override_global(globals::OFFSETS, &offsets, true)
+            .override_global(globals::OFD_KEY, &key, true)
+            .override_global(globals::WAKEUP_BYTES, &wakeup, true)
+            .override_global(globals::URING, &uring_globals, true)
+            // The programs' log statements below the level `log` shows cost a compare only.
+            .override_global(aya_log::LEVEL, &(log::max_level() as u8), false)
             .load(EBPF_OBJECT)
             .map_err(|source| ObserveError::Load {
                 source: Box::new(source),
             })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            // An object without log statements has no log map: nothing to forward.
+            Err(e) => {
+                log::debug!("eBPF logs not forwarded: {e}");
+                None
+            }
+        };
         // One raw tracepoint sees every syscall's exit, with the arguments still in the saved
         // registers; it keeps only watched processes and tracked syscall numbers. Per-syscall
         // tracepoints would cost a perf buffer per call, and an entry hook a second program run
@@ -131,6 +218,35 @@ impl Tracker {
         ] {
             attach(tracepoint(&mut ebpf, prog)?, "sched", event)?;
         }
+        if uring.is_some() {
+            for (prog, event) in [
+                (programs::URING_SUBMIT, URING_SUBMIT),
+                (programs::URING_COMPLETE, URING_COMPLETE),
+            ] {
+                attach(tracepoint(&mut ebpf, prog)?, "io_uring", event)?;
+            }
+        }
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ObserveError::Btf {
+            source: super::btf::BtfError::Read {
+                path: crate::paths::KERNEL_BTF.into(),
+                message: e.to_string(),
+            },
+        })?;
+        let iter: &mut Iter = ebpf
+            .program_mut(programs::ITER_TASK_FILE)
+            .ok_or(ObserveError::MissingObject {
+                name: programs::ITER_TASK_FILE,
+            })?
+            .try_into()
+            .map_err(|source| ObserveError::Program {
+                name: programs::ITER_TASK_FILE,
+                source,
+            })?;
+        iter.load("task_file", &aya_btf)
+            .map_err(|source| ObserveError::Program {
+                name: programs::ITER_TASK_FILE,
+                source,
+            })?;
         let ring =
             RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
         let watched =
@@ -141,7 +257,12 @@ impl Tracker {
             .map_err(map_err("WATCH_FILTER"))?;
         let lost_tgids = HashMap::try_from(take_map(&mut ebpf, maps::LOST_TGIDS)?)
             .map_err(map_err("LOST_TGIDS"))?;
+        let consumer =
+            Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
         Ok(Self {
+            logger,
+            consumer,
+            tun_named: offsets.tun_ready != 0,
             _ebpf: ebpf,
             ring: Some(ring),
             watched,
@@ -149,6 +270,37 @@ impl Tracker {
             lost_tgids,
             filter,
         })
+    }
+
+    /// Hands the programs' aya-log records that arrived to `log` (diagnostics, read on the
+    /// watcher's tick, never on the event path).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
+    /// Says that the consumer is about to wait: the next event submitted wakes it (others are
+    /// submitted without a wake-up, see `vmaudit_common::WAKEUP_BYTES`).
+    pub fn consumer_waits(&mut self) -> Result<(), ObserveError> {
+        self.consumer.set(0, 1, 0).map_err(map_err("CONSUMER"))
+    }
+
+    /// Every fd of process `tgid` as the kernel has it now, read by the task_file iterator.
+    pub fn snapshot(&self, tgid: u32) -> Result<Vec<IterRecord>, ObserveError> {
+        let prog =
+            self._ebpf
+                .program(programs::ITER_TASK_FILE)
+                .ok_or(ObserveError::MissingObject {
+                    name: programs::ITER_TASK_FILE,
+                })?;
+        let prog_fd = prog.fd().map_err(|source| ObserveError::Program {
+            name: programs::ITER_TASK_FILE,
+            source,
+        })?;
+        let bytes = iter_read(prog_fd.as_fd().as_raw_fd(), tgid)
+            .map_err(|source| ObserveError::Iter { pid: tgid, source })?;
+        Ok(parse_iter(&bytes))
     }
 
     /// Hands the ring buffer to the event loop (once).
@@ -214,5 +366,80 @@ impl Tracker {
             let _ = self.lost_tgids.remove(tgid);
         }
         Ok(out)
+    }
+}
+
+/// `bpf(2)` commands and the attach type the iterator needs (linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix of the size given, filled for `cmd`.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs the task_file iterator program `prog_fd` over process `tgid` only and returns what it
+/// wrote. aya links an iterator over every task; the per-process filter
+/// (`bpf_iter_link_info.task.pid`) is given here with BPF_LINK_CREATE, then BPF_ITER_CREATE
+/// makes the fd to read, both as linux/bpf.h lays out `union bpf_attr`.
+fn iter_read(prog_fd: i32, tgid: u32) -> std::io::Result<Vec<u8>> {
+    // union bpf_iter_link_info { struct { u32 tid; u32 pid; u32 pid_fd; } task; ... } (16 bytes)
+    let mut info = [0u32; 4];
+    info[1] = tgid;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_TRACE_ITER.to_ne_bytes());
+    // link_create.iter_info (a pointer) at 16, iter_info_len at 24.
+    attr[16..24].copy_from_slice(&(info.as_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(size_of_val(&info) as u32).to_ne_bytes());
+    let link = bpf(BPF_LINK_CREATE, &mut attr)?;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    let iter = bpf(BPF_ITER_CREATE, &mut attr)?;
+    let mut out = Vec::with_capacity(64 * size_of::<IterRecord>());
+    std::fs::File::from(iter).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The records of an iterator's output (a trailing partial record is ignored).
+pub fn parse_iter(bytes: &[u8]) -> Vec<IterRecord> {
+    bytes
+        .chunks_exact(size_of::<IterRecord>())
+        .map(|c| {
+            // SAFETY: the chunk is exactly one record's size; IterRecord is plain old data
+            // (every bit pattern valid) and read_unaligned makes no alignment assumption.
+            unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<IterRecord>()) }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracepoint_format_fields() {
+        let format = "name: io_uring_submit_req\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:void * req;\toffset:16;\tsize:8;\tsigned:0;\n\
+            \tfield:u8 opcode;\toffset:32;\tsize:1;\tsigned:0;\n\
+            \tfield:__data_loc char[] op_str;\toffset:52;\tsize:4;\tsigned:0;\n";
+        assert_eq!(format_offset(format, "req"), Some(16));
+        assert_eq!(format_offset(format, "opcode"), Some(32));
+        assert_eq!(format_offset(format, "op_str"), Some(52));
+        assert_eq!(format_offset(format, "res"), None);
+    }
+
+    #[test]
+    fn wakeup_threshold_follows_the_ring() {
+        let o = |ring_bytes| TrackerOptions { ring_bytes }.wakeup_bytes();
+        assert_eq!(o(4096), 1024);
+        assert_eq!(o(1 << 24), vmaudit_common::WAKEUP_BYTES);
     }
 }

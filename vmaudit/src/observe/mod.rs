@@ -6,12 +6,21 @@
 //! is applied in order. When the kernel reports lost events for a process, its table is read
 //! again from /proc (same clock rule) and the gap is reported as a gap.
 
+pub mod btf;
+pub mod check;
 pub mod event;
+pub mod key;
 pub mod loader;
 pub mod preflight;
+mod ringpos;
 pub mod table;
 
-use std::{collections::BTreeMap, io, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
@@ -20,11 +29,14 @@ use tokio::io::unix::AsyncFd;
 use vmaudit_common::LossCause;
 
 use self::{
-    event::{Event, decode, parse_raw},
+    event::{Change, Event, Gain, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
-    table::{FdRecord, Lookahead, Tables},
+    table::{FdRecord, Op, Tables},
 };
-use crate::{exit, procfs::ProcFs};
+use crate::{
+    exit,
+    procfs::{FdIdentity, ProcFs},
+};
 
 /// Why observing could not start or go on.
 #[derive(Debug, Error)]
@@ -46,6 +58,22 @@ pub enum ObserveError {
     Load {
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error("the kernel's type information")]
+    Btf {
+        #[source]
+        source: btf::BtfError,
+    },
+    #[error("the open-file-description key {}", crate::paths::OFD_KEY)]
+    Key {
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the fd table of pid {pid} with the task_file iterator")]
+    Iter {
+        pid: u32,
+        #[source]
+        source: io::Error,
     },
     #[error("eBPF object lacks {name}")]
     MissingObject { name: &'static str },
@@ -93,22 +121,31 @@ impl ObserveError {
                 }
                 _ => exit::INTERNAL,
             },
-            Self::Program { .. } | Self::Attach { .. } => exit::KERNEL_FEATURE,
+            Self::Program { .. } | Self::Attach { .. } | Self::Btf { .. } => exit::KERNEL_FEATURE,
             Self::NoSuchProcess { .. } | Self::NotAProcess { .. } => exit::NO_SUCH_PROCESS,
             Self::MissingObject { .. }
             | Self::Map { .. }
             | Self::Proc { .. }
+            | Self::Key { .. }
+            | Self::Iter { .. }
             | Self::Poll { .. } => exit::INTERNAL,
         }
     }
 }
 
-/// A gap: events lost for a process, after which its table was read again from /proc.
+/// A gap: events lost for a process, after which its table was read again from the kernel (the task_file iterator).
+///
+/// What the process did in `[since_ns, ts]` (kernel CLOCK_MONOTONIC) is not known event by
+/// event: verdicts that depend on that window are `unknown`.
 #[derive(Clone, Debug, Serialize)]
 pub struct GapRecord {
     #[serde(rename = "type")]
     pub ty: &'static str,
+    /// When the table was read again: the end of the window.
     pub ts: u64,
+    /// The kernel time of the last check that found nothing lost for this process (or of its
+    /// seed): the start of the window.
+    pub since_ns: u64,
     pub pid: u32,
     /// Events the kernel side could not deliver for this process since the last check
     /// (a lower bound: see `causes` for the exact totals).
@@ -118,9 +155,9 @@ pub struct GapRecord {
     /// The loss check that found it, numbered from 1: the gaps of one check share its
     /// `causes`, which a consumer counts once.
     pub check: u64,
-    /// fds found in /proc that the table did not have.
+    /// fds found in the kernel's table that the table did not have.
     pub added: Vec<i32>,
-    /// fds the table had that /proc did not.
+    /// fds the table had that the kernel's did not.
     pub removed: Vec<i32>,
 }
 
@@ -196,7 +233,7 @@ pub fn start_tracker(opts: &TrackerOptions) -> Result<Tracker, ObserveError> {
     preflight::check_caps()?;
     let tracefs = preflight::ensure_tracefs()?;
     preflight::check_tracepoints(&tracefs)?;
-    Tracker::load(opts)
+    Tracker::load(opts, &tracefs)
 }
 
 /// `pid` must be a process (a thread group leader), not a thread or nothing.
@@ -208,14 +245,33 @@ fn check_process(procfs: &ProcFs, pid: u32) -> Result<(), ObserveError> {
     }
 }
 
+/// How often each watched table is checked against the kernel's (task_file iterator).
+pub const CHECK_PERIOD: Duration = Duration::from_millis(500);
+
 /// Watches processes and keeps their fd tables exact.
 pub struct Watcher {
     tracker: Tracker,
     ring: AsyncFd<RingBuf<MapData>>,
+    positions: ringpos::RingPositions,
     tables: Tables<ProcFs>,
-    /// Per process: the kernel time its table was last read from /proc; older events are in it.
+    /// Per process: the kernel time its table was last read whole; older events are in it.
     read_at: BTreeMap<u32, u64>,
+    /// Per process: the kernel time of the last loss check that found nothing lost for it (or
+    /// of its seed): where the window of its next gap starts.
+    clean_at: BTreeMap<u32, u64>,
+    /// The periodic check of the tables against the kernel's.
+    checker: check::Checker,
+    /// Processes some of whose threads are ignored: their tables lack those threads' fds by
+    /// design, so they are not checked against the kernel's.
+    partly_ignored: BTreeSet<u32>,
+    /// Processes whose table may have changed in a way no event describes (io_uring, compat
+    /// syscalls, seccomp ADDFD): checked against the kernel's at the next loss check.
+    unseen: BTreeMap<u32, BTreeMap<&'static str, u64>>,
     last_losses: [u64; LossCause::COUNT as usize],
+    /// Records of the current batch, reused: no allocation per event.
+    batch: Vec<FdRecord>,
+    /// Whether the last drain found events (the consumer then lingers before it waits).
+    busy: bool,
     loss_checks: u64,
     events: u64,
     records: u64,
@@ -223,21 +279,44 @@ pub struct Watcher {
     malformed: u64,
 }
 
+/// How long a consumer that just drained events lets more gather before it waits for a wake-up
+/// (the producer then wakes nobody: see `vmaudit_common::WAKEUP_BYTES`).
+const LINGER: Duration = Duration::from_micros(200);
+
+/// A kernel snapshot as the tables take it: fd -> (identity, close-on-exec).
+fn snapshot_map(recs: Vec<vmaudit_common::IterRecord>) -> BTreeMap<i32, (FdIdentity, bool)> {
+    recs.into_iter()
+        .filter(|r| r.fd >= 0)
+        .map(|r| {
+            (
+                r.fd,
+                (
+                    table::kernel_identity(&r.file, None, event::iface_of(&r.iface)),
+                    r.cloexec != 0,
+                ),
+            )
+        })
+        .collect()
+}
+
 impl Watcher {
     /// Loads the tracker, starts watching `opts.pids` and seeds their tables. The seed
     /// records go to `sink`.
     pub fn start(
         opts: &WatchOptions,
-        procfs: ProcFs,
+        mut procfs: ProcFs,
         sink: &mut dyn Sink,
     ) -> Result<Self, ObserveError> {
         for &pid in &opts.pids {
             check_process(&procfs, pid)?;
         }
         let mut tracker = start_tracker(&opts.tracker)?;
+        procfs.tun_from_kernel = tracker.tun_named;
         let ring = tracker
             .take_ring()
             .ok_or(ObserveError::MissingObject { name: "EVENTS" })?;
+        let positions = ringpos::RingPositions::new(std::os::fd::AsFd::as_fd(&ring))
+            .map_err(|source| ObserveError::Poll { source })?;
         // SAFETY: the RingBuf owns its map fd, which stays open and the same for as long as
         // the RingBuf lives, and the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -248,9 +327,16 @@ impl Watcher {
         let mut w = Self {
             tracker,
             ring,
+            positions,
             tables: Tables::new(procfs),
             read_at: BTreeMap::new(),
+            clean_at: BTreeMap::new(),
+            checker: check::Checker::default(),
+            partly_ignored: BTreeSet::new(),
+            unseen: BTreeMap::new(),
             last_losses,
+            batch: Vec::with_capacity(4096),
+            busy: false,
             loss_checks: 0,
             events: 0,
             records: 0,
@@ -258,7 +344,7 @@ impl Watcher {
             malformed: 0,
         };
         for &tid in &opts.ignore_tids {
-            w.tracker.ignore_tid(tid)?;
+            w.ignore_tid(tid)?;
         }
         for &pid in &opts.pids {
             w.watch_and_seed(pid, opts.follow_children, sink)?;
@@ -267,8 +353,8 @@ impl Watcher {
     }
 
     /// Starts watching one more process (and, with `follow_children`, what it forks), seeding
-    /// its table from /proc; the seed records go to `sink`. A process already watched is left
-    /// as it is.
+    /// its table from the kernel; the seed records go to `sink`. A process already watched is
+    /// left as it is.
     pub fn add(
         &mut self,
         pid: u32,
@@ -282,8 +368,8 @@ impl Watcher {
         self.watch_and_seed(pid, follow_children, sink)
     }
 
-    /// Puts `pid` in the kernel's watch set, then reads its table from /proc (events after the
-    /// read are applied on top); the seed records go to `sink`.
+    /// Puts `pid` in the kernel's watch set, then reads its table with the task_file iterator
+    /// (events after the read are applied on top); the seed records go to `sink`.
     fn watch_and_seed(
         &mut self,
         pid: u32,
@@ -292,27 +378,45 @@ impl Watcher {
     ) -> Result<(), ObserveError> {
         self.tracker.watch(pid, follow_children)?;
         let t0 = monotonic_ns();
-        let seed = self
-            .tables
-            .seed(pid)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => ObserveError::NoSuchProcess { pid },
-                _ => ObserveError::Proc { pid, source },
-            })?;
+        let snap = self.tracker.snapshot(pid)?;
+        if snap.is_empty() && !self.tables.resolver().exists(pid) {
+            return Err(ObserveError::NoSuchProcess { pid });
+        }
+        let seed = self.tables.seed_from(pid, snapshot_map(snap));
         self.read_at.insert(pid, t0);
+        self.clean_at.insert(pid, t0);
+        self.checker.agreed(pid, t0);
         for r in seed {
             self.emit(sink, Output::Fd(r));
         }
         Ok(())
     }
 
-    /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]).
+    /// Stops reporting the syscalls of thread `tid` (see [`Tracker::ignore_tid`]); its
+    /// process's table is no longer checked against the kernel's.
     pub fn ignore_tid(&mut self, tid: u32) -> Result<(), ObserveError> {
+        let proc_root = &self.tables.resolver().roots.proc;
+        let tgid =
+            preflight::tgid_of(proc_root, tid).ok_or(ObserveError::NoSuchProcess { pid: tid })?;
+        self.partly_ignored.insert(tgid);
         self.tracker.ignore_tid(tid)
     }
 
-    /// Waits until the ring buffer has events (then [`Watcher::drain`] them).
+    /// Waits until the ring buffer has events (then [`Watcher::drain`] them). After a drain
+    /// that found events it first lets more gather for a moment; before it sleeps it asks the
+    /// kernel side for a wake-up, which the next event sends (the others send none).
     pub async fn readable(&mut self) -> Result<(), ObserveError> {
+        if self.busy {
+            tokio::time::sleep(LINGER).await;
+            if self.has_events() {
+                return Ok(());
+            }
+        }
+        self.tracker.consumer_waits()?;
+        // An event submitted between the last drain and the request woke nobody: look again.
+        if self.has_events() {
+            return Ok(());
+        }
         let mut guard = self
             .ring
             .readable_mut()
@@ -320,6 +424,11 @@ impl Watcher {
             .map_err(|source| ObserveError::Poll { source })?;
         guard.clear_ready();
         Ok(())
+    }
+
+    /// Whether the ring buffer holds an event now (no syscall: its pages are mapped).
+    fn has_events(&mut self) -> bool {
+        self.positions.pending()
     }
 
     pub fn tables(&self) -> &Tables<ProcFs> {
@@ -341,53 +450,123 @@ impl Watcher {
 
     /// Reads every event available now and applies it. Returns whether any arrived.
     pub fn drain(&mut self, sink: &mut dyn Sink) -> bool {
-        let mut raws = Vec::new();
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match parse_raw(&item) {
-                Ok(raw) => raws.push(raw),
+        let mut n = 0u64;
+        let mut batch = std::mem::take(&mut self.batch);
+        loop {
+            let decoded = {
+                let Some(item) = self.ring.get_mut().next() else {
+                    break;
+                };
+                n += 1;
+                parse_raw(&item).and_then(|raw| decode(&raw))
+            };
+            match decoded {
+                Ok(ev) => self.apply(&ev, &mut batch, sink),
                 Err(e) => {
                     log::warn!("malformed ring-buffer record: {e}");
                     self.malformed += 1;
                 }
             }
-        }
-        let mut events: Vec<Event> = Vec::with_capacity(raws.len());
-        for raw in &raws {
-            match decode(raw) {
-                Ok(e) => events.push(e),
-                Err(e) => {
-                    log::warn!("undecodable event: {e}");
-                    self.malformed += 1;
+            // Hand records over in bounded batches: memory stays flat however long the drain.
+            if batch.len() >= 4096 {
+                for r in batch.drain(..) {
+                    self.emit(sink, Output::Fd(r));
                 }
             }
         }
-        self.events += raws.len() as u64;
-        let lookahead = Lookahead::new(&events);
-        self.tables.begin_batch();
-        for (i, ev) in events.iter().enumerate() {
-            if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
-                continue;
-            }
-            if self.tables.get(ev.tgid).is_none() {
-                // A process whose fork event was lost: start its table from /proc.
-                self.resync_one(ev.tgid, 0, sink);
-            }
-            let records = self
-                .tables
-                .apply(ev, &|fd| lookahead.touched_after(i, ev.tgid, fd));
-            for r in records {
-                self.emit(sink, Output::Fd(r));
-            }
+        for r in batch.drain(..) {
+            self.emit(sink, Output::Fd(r));
         }
-        !raws.is_empty()
+        self.batch = batch;
+        self.events += n;
+        self.busy = n > 0;
+        n > 0
     }
 
-    /// Compares the kernel's loss counters with the last look; on new losses resyncs the
-    /// affected tables from /proc and reports each as a gap.
+    fn apply(&mut self, ev: &Event, batch: &mut Vec<FdRecord>, sink: &mut dyn Sink) {
+        if let Change::AddFd {
+            target,
+            fd,
+            cloexec,
+            ref file,
+        } = ev.change
+        {
+            match self.addfd_target(ev.tgid, target) {
+                Some(pid) => {
+                    let gain = Event {
+                        tgid: pid,
+                        change: Change::Gain {
+                            fd,
+                            how: Gain::AddFd,
+                            cloexec,
+                            from: None,
+                            file: file.clone(),
+                        },
+                        ..ev.clone()
+                    };
+                    self.apply(&gain, batch, sink);
+                }
+                None => log::debug!(
+                    "pid {} put fd {fd} into thread {target}, not a process vmaudit follows in its pid namespace",
+                    ev.tgid
+                ),
+            }
+            return;
+        }
+        if self.read_at.get(&ev.tgid).is_some_and(|t0| ev.ts_ns < *t0) {
+            return;
+        }
+        if self.tables.get(ev.tgid).is_none() {
+            // A process whose fork event was lost: start its table from the kernel.
+            for r in batch.drain(..) {
+                self.emit(sink, Output::Fd(r));
+            }
+            self.resync_one(ev.tgid, sink);
+        }
+        // Processes sharing the table see the change too (the tables apply it to each).
+        let peers: Vec<u32> = self.tables.peers(ev.tgid).collect();
+        for pid in std::iter::once(ev.tgid).chain(peers) {
+            if let Change::Unseen { reason, .. } = ev.change {
+                *self
+                    .unseen
+                    .entry(pid)
+                    .or_default()
+                    .entry(reason)
+                    .or_default() += 1;
+            }
+            match ev.change {
+                Change::Exit if pid == ev.tgid => self.checker.forget(pid),
+                _ => self.checker.touch(pid, &ev.change),
+            }
+        }
+        self.tables.apply(ev, batch);
+    }
+
+    /// The followed process whose table an ADDFD changed: thread `tid` as the notification named
+    /// it, which is vmaudit's numbering only when the supervisor is in vmaudit's pid namespace.
+    fn addfd_target(&self, supervisor: u32, tid: u32) -> Option<u32> {
+        let proc_root = &self.tables.resolver().roots.proc;
+        if preflight::pid_namespace_depth(proc_root, supervisor) != Some(1) {
+            return None;
+        }
+        if self.tables.get(tid).is_some() {
+            return Some(tid);
+        }
+        preflight::tgid_of(proc_root, tid).filter(|p| self.tables.get(*p).is_some())
+    }
+
+    /// Compares the kernel's loss counters with the last look; on new losses (or events that
+    /// say a table changed unseen) resyncs the affected tables from the kernel's task_file
+    /// iterator and reports each as a gap.
     pub fn check_losses(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
+        // Read the clock before the counters: a loss counted after this reading belongs to the
+        // next window.
+        let checked_at = monotonic_ns();
         let now = self.tracker.losses()?;
-        if now == self.last_losses {
+        if now == self.last_losses && self.unseen.is_empty() {
+            for t in self.clean_at.values_mut() {
+                *t = checked_at;
+            }
             return Ok(());
         }
         let mut causes = BTreeMap::new();
@@ -397,57 +576,60 @@ impl Watcher {
                 causes.insert(cause.name(), d);
             }
         }
+        let lost_any = now != self.last_losses;
         self.last_losses = now;
         self.loss_checks += 1;
         // Drain first: events delivered before the loss must be applied before the resync.
         self.drain(sink);
-        let per_pid = self.tracker.take_lost_tgids()?;
-        let targets: Vec<(u32, u64)> = if per_pid.is_empty() {
-            // The per-process map could not say who lost events: resync everyone.
-            self.tables.pids().map(|p| (p, 0)).collect()
+        let per_pid = if lost_any {
+            self.tracker.take_lost_tgids()?
         } else {
-            per_pid
+            Vec::new()
         };
-        for (pid, lost) in targets {
+        let mut targets: BTreeMap<u32, (u64, BTreeMap<&'static str, u64>)> =
+            if lost_any && per_pid.is_empty() {
+                // The per-process map could not say who lost events: resync everyone.
+                self.tables
+                    .pids()
+                    .map(|p| (p, (0, causes.clone())))
+                    .collect()
+            } else {
+                per_pid
+                    .into_iter()
+                    .map(|(p, n)| (p, (n, causes.clone())))
+                    .collect()
+            };
+        for (pid, reasons) in std::mem::take(&mut self.unseen) {
+            targets.entry(pid).or_default().1.extend(reasons);
+        }
+        for (pid, t) in self.clean_at.iter_mut() {
+            if !targets.contains_key(pid) {
+                *t = checked_at;
+            }
+        }
+        for (pid, (lost, causes)) in targets {
             if self.tables.get(pid).is_none_or(|t| t.exited) {
                 continue;
             }
-            let (added, removed, records) = self.resync_one(pid, lost, sink);
-            self.gaps += 1;
-            sink.record(Output::Gap(GapRecord {
-                ty: "gap",
-                ts: *self.read_at.get(&pid).unwrap_or(&0),
-                pid,
-                lost,
-                causes: causes.clone(),
-                check: self.loss_checks,
-                added,
-                removed,
-            }));
-            for r in records {
-                self.emit(sink, Output::Fd(r));
-            }
+            let since_ns = self.clean_at.get(&pid).copied().unwrap_or(0);
+            self.gap(pid, since_ns, lost, causes, sink);
         }
         Ok(())
     }
 
-    fn resync_one(
+    /// Resyncs `pid` from the kernel and reports the gap: `[since_ns, ts]` is what is unknown.
+    fn gap(
         &mut self,
         pid: u32,
-        _lost: u64,
+        since_ns: u64,
+        lost: u64,
+        causes: BTreeMap<&'static str, u64>,
         sink: &mut dyn Sink,
-    ) -> (Vec<i32>, Vec<i32>, Vec<FdRecord>) {
-        let t0 = monotonic_ns();
-        self.read_at.insert(pid, t0);
-        let records = if self.tables.get(pid).is_none() {
-            let seeded = self.tables.seed(pid).unwrap_or_default();
-            for r in seeded {
-                self.emit(sink, Output::Fd(r));
-            }
-            Vec::new()
-        } else {
-            self.tables.resync(pid, t0)
-        };
+    ) {
+        let records = self.resync_one(pid, sink);
+        let ts = *self.read_at.get(&pid).unwrap_or(&0);
+        self.clean_at.insert(pid, ts);
+        self.gaps += 1;
         let pick = |op| {
             records
                 .iter()
@@ -455,11 +637,80 @@ impl Watcher {
                 .filter_map(|r| r.fd)
                 .collect::<Vec<_>>()
         };
-        (
-            pick(table::Op::ResyncAdd),
-            pick(table::Op::ResyncRemove),
-            records,
-        )
+        sink.record(Output::Gap(GapRecord {
+            ty: "gap",
+            ts,
+            since_ns,
+            pid,
+            lost,
+            causes,
+            check: self.loss_checks,
+            added: pick(Op::ResyncAdd),
+            removed: pick(Op::ResyncRemove),
+        }));
+        for r in records {
+            self.emit(sink, Output::Fd(r));
+        }
+    }
+
+    /// Checks live tables against the kernel's (the task_file iterator, [`check::PER_PERIOD`]
+    /// processes per call, in turn): what the probes missed shows as a difference, which, once
+    /// confirmed (see [`check`]), is reported as a gap (cause `missed`) and repaired. Call it
+    /// about every [`CHECK_PERIOD`].
+    pub fn check_tables(&mut self, sink: &mut dyn Sink) -> Result<(), ObserveError> {
+        // Losses first: a table that lost events is read again and the gap says why.
+        self.drain(sink);
+        self.check_losses(sink)?;
+        let live: Vec<u32> = self
+            .tables
+            .pids()
+            .filter(|p| self.tables.get(*p).is_some_and(|t| !t.exited))
+            .filter(|p| !self.partly_ignored.contains(p))
+            .collect();
+        for pid in self.checker.round(live) {
+            let t0 = monotonic_ns();
+            // An error: the process is gone (its exit event comes).
+            let Ok(recs) = self.tracker.snapshot(pid) else {
+                continue;
+            };
+            self.drain(sink);
+            self.check_losses(sink)?;
+            if self.read_at.get(&pid).is_some_and(|t| *t >= t0) {
+                continue;
+            }
+            let Some(table) = self.tables.get(pid).filter(|t| !t.exited) else {
+                continue;
+            };
+            let diffs = check::differences(table, &snapshot_map(recs));
+            if let Some(since_ns) = self.checker.judge(pid, t0, diffs) {
+                // A check of its own: its cause is not the last loss check's.
+                self.loss_checks += 1;
+                self.gap(pid, since_ns, 0, BTreeMap::from([("missed", 1)]), sink);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `pid`'s table again from the kernel (events before the read are skipped);
+    /// returns the differences as records (a table not seen before is seeded).
+    fn resync_one(&mut self, pid: u32, sink: &mut dyn Sink) -> Vec<FdRecord> {
+        let t0 = monotonic_ns();
+        self.read_at.insert(pid, t0);
+        self.clean_at.entry(pid).or_insert(t0);
+        self.checker.agreed(pid, t0);
+        let snap = self
+            .tracker
+            .snapshot(pid)
+            .ok()
+            .filter(|s| !s.is_empty() || self.tables.resolver().exists(pid))
+            .map(snapshot_map);
+        if self.tables.get(pid).is_none() {
+            for r in self.tables.seed_from(pid, snap.unwrap_or_default()) {
+                self.emit(sink, Output::Fd(r));
+            }
+            return Vec::new();
+        }
+        self.tables.resync_from(pid, t0, snap)
     }
 
     /// Waits for kernel events and applies them until `shutdown` resolves or every watched
@@ -472,23 +723,27 @@ impl Watcher {
         tokio::pin!(shutdown);
         // Losses that wake nobody (no event reached the ring) are found on this tick.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        let mut check = tokio::time::interval(CHECK_PERIOD);
         let ended = loop {
             if self.tables.all_exited() {
                 break "exited";
             }
             tokio::select! {
                 _ = &mut shutdown => break "signal",
-                ready = self.ring.readable_mut() => {
-                    let mut guard = ready.map_err(|source| ObserveError::Poll { source })?;
-                    // Clear before draining: a wake-up that lands after the drain then stays.
-                    guard.clear_ready();
+                ready = self.readable() => {
+                    ready?;
                     self.drain(sink);
                     self.check_losses(sink)?;
                     sink.flush();
                 }
                 _ = tick.tick() => {
+                    self.tracker.flush_logs();
                     self.drain(sink);
                     self.check_losses(sink)?;
+                    sink.flush();
+                }
+                _ = check.tick() => {
+                    self.check_tables(sink)?;
                     sink.flush();
                 }
             }

@@ -132,6 +132,16 @@ pub fn check_tracepoints(tracefs: &Path) -> Result<(), ObserveError> {
     Ok(())
 }
 
+/// How many pid namespaces `pid` has a number in, from the one of `proc_root` down to its own
+/// (`NSpid:`): 1 when it is in that namespace itself.
+pub fn pid_namespace_depth(proc_root: &Path, pid: u32) -> Option<usize> {
+    let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|v| v.split_whitespace().count())
+}
+
 /// The thread-group id of `pid` from /proc/PID/status, or None if no such process.
 pub fn tgid_of(proc_root: &Path, pid: u32) -> Option<u32> {
     let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;

@@ -1,24 +1,33 @@
 //! Per-process fd tables, kept exact by applying decoded kernel events in order.
 //!
 //! Every change yields [`FdRecord`]s (one per fd gained, lost or changed), which are what
-//! `vmaudit watch` prints. Identities come from the table itself (dup, fork), from /proc
-//! through a [`Resolver`] (new fds), or from the syscall's own arguments when /proc can no
-//! longer be trusted for that fd.
+//! `vmaudit watch` prints. A new fd's identity is the file the kernel program read from the
+//! task's fd table at the syscall's exit; a table's seed and its resyncs come from the kernel's
+//! task_file iterator. /proc (through a [`Resolver`]) only names things for people: the path
+//! of a file that is not a device, an anonymous inode's type, a tun/tap fd's interface.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
 };
 
-use super::event::{Change, Event, Gain};
+use vmaudit_common::{FileInfo, kdev_split, nr};
+
+use super::event::{Change, Event, Gain, KernelFile};
 pub use vmaudit_core::fd::{FdEntry, FdRecord, Op, Outcome, ProcTable};
 
-use crate::procfs::{FdIdentity, O_CLOEXEC, ProcFs, Source, identity_from_syscall};
+use crate::procfs::{
+    DevNum, FdIdentity, FileKind, O_CLOEXEC, ProcFs, Source, identity_from_syscall,
+};
 
-/// Where identities of fds come from: /proc in production, a fake in unit tests.
+/// Where identities of fds come from when the kernel does not give them (/proc in production,
+/// a fake in unit tests), and names for people.
 pub trait Resolver {
     fn identity(&self, pid: u32, fd: i32) -> io::Result<FdIdentity>;
     fn snapshot(&self, pid: u32) -> io::Result<BTreeMap<i32, FdIdentity>>;
+    /// Fills in what people read and the kernel program did not give (`path`, `iface`) of fd
+    /// `fd` of `pid`, which holds the file `id` describes now.
+    fn name(&self, _pid: u32, _fd: i32, _id: &mut FdIdentity) {}
 }
 
 impl Resolver for ProcFs {
@@ -28,15 +37,58 @@ impl Resolver for ProcFs {
     fn snapshot(&self, pid: u32) -> io::Result<BTreeMap<i32, FdIdentity>> {
         ProcFs::snapshot(self, pid)
     }
+    fn name(&self, pid: u32, fd: i32, id: &mut FdIdentity) {
+        ProcFs::name(self, pid, fd, id)
+    }
+}
+
+/// An fd's identity from what the kernel program read (`path`: a device's, from its dentries).
+pub fn kernel_identity(info: &FileInfo, path: Option<String>, iface: Option<String>) -> FdIdentity {
+    let kind = FileKind::of_mode(info.mode as u32);
+    let dev = |d: u32| {
+        let (major, minor) = kdev_split(d);
+        DevNum { major, minor }
+    };
+    let name = match kind {
+        FileKind::Fifo => format!("pipe:[{}]", info.ino),
+        FileKind::Socket => format!("socket:[{}]", info.ino),
+        _ => path.unwrap_or_default(),
+    };
+    FdIdentity {
+        path: name,
+        kind,
+        rdev: matches!(kind, FileKind::Char | FileKind::Block).then(|| dev(info.rdev)),
+        dev: Some(dev(info.dev)),
+        ino: Some(info.ino),
+        flags: Some(info.flags),
+        mode: Some(info.mode as u32),
+        ofd: Some(info.ofd),
+        iface,
+        source: Source::Kernel,
+    }
 }
 
 /// The tables of every watched process.
 pub struct Tables<R> {
     resolver: R,
     procs: HashMap<u32, ProcTable>,
-    /// Identities by the name a syscall used, for this batch: a loop opening the same device
-    /// costs one stat per batch, not one per open.
-    path_cache: HashMap<String, FdIdentity>,
+    /// Processes that share one fd table (a child cloned with CLONE_FILES), each mapped to
+    /// every member of its group, itself included. A change any member makes is applied to
+    /// each member's table, so that each reads as the one table the kernel has.
+    peers: HashMap<u32, BTreeSet<u32>>,
+}
+
+/// Whether a change made through one member of a shared table is a change of the others'.
+fn shared_change(c: &Change) -> bool {
+    matches!(
+        c,
+        Change::Gain { .. }
+            | Change::Close { .. }
+            | Change::CloseRange { .. }
+            | Change::SetCloexec { .. }
+            | Change::CloexecRange { .. }
+            | Change::Iface { .. }
+    )
 }
 
 fn cloexec_of(id: &FdIdentity) -> bool {
@@ -48,23 +100,8 @@ impl<R: Resolver> Tables<R> {
         Self {
             resolver,
             procs: HashMap::new(),
-            path_cache: HashMap::new(),
+            peers: HashMap::new(),
         }
-    }
-
-    /// Starts a batch of events: names may now point at other files.
-    pub fn begin_batch(&mut self) {
-        self.path_cache.clear();
-    }
-
-    fn syscall_identity(&mut self, path: &Option<String>) -> FdIdentity {
-        let Some(p) = path else {
-            return identity_from_syscall(None);
-        };
-        self.path_cache
-            .entry(p.clone())
-            .or_insert_with(|| identity_from_syscall(Some(p.clone())))
-            .clone()
     }
 
     pub fn resolver(&self) -> &R {
@@ -119,22 +156,86 @@ impl<R: Resolver> Tables<R> {
         Ok(out)
     }
 
+    /// Starts a table from a kernel snapshot (fd -> identity, close-on-exec). Returns the seed
+    /// records.
+    pub fn seed_from(
+        &mut self,
+        pid: u32,
+        snap: BTreeMap<i32, (FdIdentity, bool)>,
+    ) -> Vec<FdRecord> {
+        let mut table = ProcTable::default();
+        let mut out = Vec::new();
+        for (fd, (mut id, cloexec)) in snap {
+            self.resolver.name(pid, fd, &mut id);
+            let entry = FdEntry {
+                fd,
+                cloexec,
+                id,
+                since_ns: 0,
+                via: Op::Seed,
+            };
+            out.push(record(
+                0,
+                pid,
+                pid,
+                Op::Seed,
+                "iter",
+                Some(fd),
+                Some(&entry),
+            ));
+            table.fds.insert(fd, entry);
+        }
+        self.procs.insert(pid, table);
+        out
+    }
+
     /// Re-reads a table from /proc after events were lost, and reports the difference.
     pub fn resync(&mut self, pid: u32, ts: u64) -> Vec<FdRecord> {
         if self.procs.get(&pid).is_none_or(|t| t.exited) {
             return Vec::new();
         }
         // An error means the process is gone; its exit event may have been among the lost.
-        let (snap, gone) = match self.resolver.snapshot(pid) {
-            Ok(s) => (s, false),
-            Err(_) => (BTreeMap::new(), true),
-        };
+        let snap = self.resolver.snapshot(pid).ok().map(|s| {
+            s.into_iter()
+                .map(|(fd, id)| {
+                    let cloexec = cloexec_of(&id);
+                    (fd, (id, cloexec))
+                })
+                .collect()
+        });
+        self.resync_from(pid, ts, snap)
+    }
+
+    /// Makes a table what a kernel snapshot says (None: the process is gone), and reports the
+    /// difference: fds gone or holding another open file (`resync_remove`), fds new or
+    /// replaced (`resync_add`).
+    pub fn resync_from(
+        &mut self,
+        pid: u32,
+        ts: u64,
+        snap: Option<BTreeMap<i32, (FdIdentity, bool)>>,
+    ) -> Vec<FdRecord> {
+        if self.procs.get(&pid).is_none_or(|t| t.exited) {
+            return Vec::new();
+        }
+        let gone = snap.is_none();
+        let mut snap = snap.unwrap_or_default();
+        for (fd, (id, _)) in snap.iter_mut() {
+            if self
+                .procs
+                .get(&pid)
+                .and_then(|t| t.fds.get(fd))
+                .is_none_or(|e| !e.id.same_inode(id))
+            {
+                self.resolver.name(pid, *fd, id);
+            }
+        }
         let table = self.table(pid);
         let mut out = Vec::new();
         let stale: Vec<i32> = table
             .fds
             .iter()
-            .filter(|(fd, e)| snap.get(fd).is_none_or(|id| !id.same_inode(&e.id)))
+            .filter(|(fd, e)| snap.get(fd).is_none_or(|(id, _)| !id.same_inode(&e.id)))
             .map(|(fd, _)| *fd)
             .collect();
         for fd in stale {
@@ -150,13 +251,14 @@ impl<R: Resolver> Tables<R> {
                 ));
             }
         }
-        for (fd, id) in snap {
-            if table.fds.contains_key(&fd) {
+        for (fd, (id, cloexec)) in snap {
+            if let Some(e) = table.fds.get_mut(&fd) {
+                e.cloexec = cloexec;
                 continue;
             }
             let entry = FdEntry {
                 fd,
-                cloexec: cloexec_of(&id),
+                cloexec,
                 id,
                 since_ns: ts,
                 via: Op::ResyncAdd,
@@ -176,78 +278,69 @@ impl<R: Resolver> Tables<R> {
         out
     }
 
-    /// Applies one event. `stale(fd)` says whether a later event already known to the caller
-    /// touches `fd` in this process, so /proc no longer shows what this event gained.
-    pub fn apply(&mut self, ev: &Event, stale: &dyn Fn(i32) -> bool) -> Vec<FdRecord> {
-        let mut out = Vec::new();
-        for change in &ev.changes {
-            self.apply_one(ev, change, stale, &mut out);
-        }
-        out
+    /// The other processes that share `pid`'s table.
+    pub fn peers(&self, pid: u32) -> impl Iterator<Item = u32> + '_ {
+        self.peers
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |p| *p != pid)
     }
 
-    fn apply_one(
-        &mut self,
-        ev: &Event,
-        change: &Change,
-        stale: &dyn Fn(i32) -> bool,
-        out: &mut Vec<FdRecord>,
-    ) {
+    /// `child` shares `parent`'s table from now on.
+    fn join(&mut self, parent: u32, child: u32) {
+        let mut group = self.peers.get(&parent).cloned().unwrap_or_default();
+        group.extend([parent, child]);
+        for m in &group {
+            self.peers.insert(*m, group.clone());
+        }
+    }
+
+    /// `pid` has a table of its own from now on (unshare, exec, exit); the others keep theirs.
+    fn leave(&mut self, pid: u32) {
+        let Some(mut group) = self.peers.remove(&pid) else {
+            return;
+        };
+        group.remove(&pid);
+        for m in &group {
+            if group.len() == 1 {
+                self.peers.remove(m);
+            } else {
+                self.peers.insert(*m, group.clone());
+            }
+        }
+    }
+
+    /// Applies one event to the table of its process (and of every process sharing it); the
+    /// records go to `out`, each under the process whose table changed.
+    pub fn apply(&mut self, ev: &Event, out: &mut Vec<FdRecord>) {
+        if ev.unshare || matches!(ev.change, Change::Unshare | Change::Exec | Change::Exit) {
+            self.leave(ev.tgid);
+        }
+        self.apply_one(ev, out);
+        if shared_change(&ev.change) && self.peers.contains_key(&ev.tgid) {
+            let peers: Vec<u32> = self.peers(ev.tgid).collect();
+            for peer in peers {
+                let e = Event {
+                    tgid: peer,
+                    ..ev.clone()
+                };
+                self.apply_one(&e, out);
+            }
+        }
+    }
+
+    fn apply_one(&mut self, ev: &Event, out: &mut Vec<FdRecord>) {
         let (pid, tid, ts, sys) = (ev.tgid, ev.tid, ev.ts_ns, ev.source);
-        match change {
+        match &ev.change {
             Change::Gain {
                 fd,
                 how,
                 cloexec,
                 from,
-                path,
-            } => {
-                let via = match how {
-                    Gain::Open => Op::Open,
-                    Gain::Dup => Op::Dup,
-                    Gain::RecvFd => Op::RecvFd,
-                    Gain::PidfdGetfd => Op::PidfdGetfd,
-                    Gain::New => Op::New,
-                };
-                let copied =
-                    from.and_then(|src| self.table(pid).fds.get(&src))
-                        .map(|e| FdIdentity {
-                            source: Source::Table,
-                            ..e.id.clone()
-                        });
-                let proc_id = match copied {
-                    None if !stale(*fd) => self.resolver.identity(pid, *fd).ok(),
-                    _ => None,
-                };
-                let id = match copied.or(proc_id) {
-                    Some(id) => id,
-                    None => self.syscall_identity(path),
-                };
-                let cloexec = cloexec.unwrap_or_else(|| cloexec_of(&id));
-                let table = self.table(pid);
-                if let Some(old) = table.fds.remove(fd) {
-                    out.push(record(
-                        ts,
-                        pid,
-                        tid,
-                        Op::Replaced,
-                        sys,
-                        Some(*fd),
-                        Some(&old),
-                    ));
-                }
-                let entry = FdEntry {
-                    fd: *fd,
-                    id,
-                    cloexec,
-                    since_ns: ts,
-                    via,
-                };
-                let mut r = record(ts, pid, tid, via, sys, Some(*fd), Some(&entry));
-                r.from_fd = *from;
-                out.push(r);
-                table.fds.insert(*fd, entry);
-            }
+                file,
+            } => self.gain(ev, *fd, *how, *cloexec, *from, file.as_ref(), out),
             Change::Close { fd } => {
                 let old = self.table(pid).fds.remove(fd);
                 out.push(record(
@@ -282,7 +375,10 @@ impl<R: Resolver> Tables<R> {
                     }
                 }
             }
-            Change::Fork { child, .. } => {
+            Change::Fork { child, clone_flags } => {
+                if clone_flags & nr::CLONE_FILES != 0 {
+                    self.join(pid, *child);
+                }
                 let parent = self.table(pid).fds.clone();
                 let mut table = ProcTable::default();
                 for (fd, mut e) in parent {
@@ -302,7 +398,7 @@ impl<R: Resolver> Tables<R> {
                 }
                 self.procs.insert(*child, table);
             }
-            Change::Exec { .. } => {
+            Change::Exec => {
                 self.remove_where(pid, tid, ts, sys, Op::ExecCloexec, out, |_, e| e.cloexec);
             }
             Change::Exit => {
@@ -328,8 +424,87 @@ impl<R: Resolver> Tables<R> {
                     entry.as_ref(),
                 ));
             }
-            Change::Nothing => {}
+            // The watcher checks the table against the kernel's; nothing to apply here.
+            Change::Unseen { .. } => {}
+            // `apply` has made the table the process's own; its fds stay as they are.
+            Change::Unshare => {}
+            Change::Iface { fd, name } => {
+                if let Some(e) = self.table(pid).fds.get_mut(fd) {
+                    e.id.iface = name.clone();
+                }
+            }
+            // The watcher applies it as a gain of the target process.
+            Change::AddFd { .. } => {}
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gain(
+        &mut self,
+        ev: &Event,
+        fd: i32,
+        how: Gain,
+        cloexec: bool,
+        from: Option<i32>,
+        file: Option<&KernelFile>,
+        out: &mut Vec<FdRecord>,
+    ) {
+        let (pid, tid, ts, sys) = (ev.tgid, ev.tid, ev.ts_ns, ev.source);
+        let via = match how {
+            Gain::Open => Op::Open,
+            Gain::Dup => Op::Dup,
+            Gain::RecvFd => Op::RecvFd,
+            Gain::PidfdGetfd => Op::PidfdGetfd,
+            Gain::New => Op::New,
+            Gain::AddFd => Op::Addfd,
+        };
+        let source_entry = from.and_then(|src| self.table(pid).fds.get(&src));
+        let id = match file {
+            Some(f) => {
+                let mut id = kernel_identity(&f.info, f.path.clone(), f.iface.clone());
+                // A dup shares the open file: its names are those already known.
+                match source_entry.filter(|e| e.id.same_ofd(&id) == Some(true)) {
+                    Some(e) => {
+                        id.path = e.id.path.clone();
+                        id.iface = e.id.iface.clone();
+                    }
+                    None => self.resolver.name(pid, fd, &mut id),
+                }
+                id
+            }
+            // The fd was closed by another thread before the program read it: a close event
+            // follows. A dup's source still says what it was.
+            None => source_entry.map_or_else(
+                || FdIdentity::named("?", FileKind::Unknown, Source::Kernel),
+                |e| FdIdentity {
+                    source: Source::Table,
+                    ..e.id.clone()
+                },
+            ),
+        };
+        let table = self.table(pid);
+        if let Some(old) = table.fds.remove(&fd) {
+            out.push(record(
+                ts,
+                pid,
+                tid,
+                Op::Replaced,
+                sys,
+                Some(fd),
+                Some(&old),
+            ));
+        }
+        let entry = FdEntry {
+            fd,
+            id,
+            cloexec,
+            since_ns: ts,
+            via,
+        };
+        let mut r = record(ts, pid, tid, via, sys, Some(fd), Some(&entry));
+        r.from_fd = from;
+        out.push(r);
+        table.fds.insert(fd, entry);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -401,59 +576,11 @@ fn record(
     }
 }
 
-/// For a batch of events: whether an event later in the batch touches `fd` of `pid` (closes,
-/// replaces, or may close it), so that /proc, read now, no longer shows what an earlier event
-/// gained. Built once per batch; each question is answered in O(1) (plus the batch's
-/// close_range calls, which are few).
-#[derive(Debug, Default)]
-pub struct Lookahead {
-    /// (pid, fd) -> index of the last event that touches that fd.
-    last_touch: HashMap<(u32, i32), usize>,
-    /// pid -> index of its last exec or exit (which may close any fd).
-    last_all: HashMap<u32, usize>,
-    /// (index, pid, first, last) of each close_range.
-    ranges: Vec<(usize, u32, u32, u32)>,
-}
-
-impl Lookahead {
-    pub fn new(events: &[Event]) -> Self {
-        let mut la = Self::default();
-        for (i, e) in events.iter().enumerate() {
-            for c in &e.changes {
-                match c {
-                    Change::Gain { fd, .. } | Change::Close { fd } => {
-                        la.last_touch.insert((e.tgid, *fd), i);
-                    }
-                    Change::CloseRange { first, last } => {
-                        la.ranges.push((i, e.tgid, *first, *last))
-                    }
-                    Change::Exec { .. } | Change::Exit => {
-                        la.last_all.insert(e.tgid, i);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        la
-    }
-
-    /// Whether an event after index `i` touches `fd` of `pid`.
-    pub fn touched_after(&self, i: usize, pid: u32, fd: i32) -> bool {
-        self.last_touch.get(&(pid, fd)).is_some_and(|&j| j > i)
-            || self.last_all.get(&pid).is_some_and(|&j| j > i)
-            || self
-                .ranges
-                .iter()
-                .any(|&(j, p, first, last)| j > i && p == pid && in_range(fd, first, last))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use crate::procfs::{DevNum, FileKind};
 
     /// A /proc stand-in: what each (pid, fd) looks like "now".
     #[derive(Default)]
@@ -462,9 +589,6 @@ mod tests {
     impl Fake {
         fn put(&self, pid: u32, fd: i32, path: &str, ino: u64) {
             self.0.borrow_mut().insert((pid, fd), ident(path, ino));
-        }
-        fn drop_fd(&self, pid: u32, fd: i32) {
-            self.0.borrow_mut().remove(&(pid, fd));
         }
     }
 
@@ -479,6 +603,8 @@ mod tests {
             dev: Some(DevNum { major: 0, minor: 5 }),
             ino: Some(ino),
             flags: Some(0o2),
+            mode: None,
+            ofd: None,
             iface: None,
             source: Source::Proc,
         }
@@ -502,62 +628,107 @@ mod tests {
                 .map(|((_, f), id)| (*f, id.clone()))
                 .collect())
         }
+        fn name(&self, pid: u32, fd: i32, id: &mut FdIdentity) {
+            if id.path.is_empty()
+                && let Some(p) = self.0.borrow().get(&(pid, fd))
+            {
+                id.path = p.path.clone();
+            }
+        }
     }
 
-    fn ev(pid: u32, source: &'static str, changes: Vec<Change>) -> Event {
+    fn ev(pid: u32, source: &'static str, change: Change) -> Event {
         Event {
             ts_ns: 100,
             tgid: pid,
             tid: pid,
             source,
-            changes,
+            change,
+            unshare: false,
         }
     }
 
-    fn gain(fd: i32, how: Gain, cloexec: Option<bool>, from: Option<i32>) -> Change {
+    /// A file as the kernel program reads it: a character device 10:200 unless `mode` says.
+    fn kfile(ino: u64, ofd: u64, mode: u16, path: Option<&str>) -> KernelFile {
+        KernelFile {
+            info: FileInfo {
+                ino,
+                ofd,
+                rdev: 10 << 20 | 200,
+                dev: 5,
+                flags: 2,
+                mode,
+                _pad: 0,
+            },
+            path: path.map(str::to_owned),
+            iface: None,
+        }
+    }
+
+    const CHR: u16 = 0o020666;
+
+    fn gain(fd: i32, how: Gain, cloexec: bool, from: Option<i32>, file: KernelFile) -> Change {
         Change::Gain {
             fd,
             how,
             cloexec,
             from,
-            path: Some("/dev/net/tun".into()),
+            file: Some(file),
         }
+    }
+
+    fn apply(t: &mut Tables<&Fake>, e: Event) -> Vec<FdRecord> {
+        let mut out = Vec::new();
+        t.apply(&e, &mut out);
+        out
     }
 
     fn fds(t: &Tables<&Fake>, pid: u32) -> Vec<i32> {
         t.get(pid).unwrap().fds.keys().copied().collect()
     }
 
-    const NEVER: &dyn Fn(i32) -> bool = &|_| false;
-
     #[test]
-    fn open_dup_close_exec_exit() {
+    fn open_dup_close_exec_exit_from_kernel_files() {
         let fake = Fake::default();
         fake.put(1, 0, "/dev/null", 1);
         let mut t = Tables::new(&fake);
         assert_eq!(t.seed(1).unwrap().len(), 1);
 
-        fake.put(1, 3, "/dev/net/tun", 9);
-        let r = t.apply(
-            &ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
-            NEVER,
+        let tun = kfile(9, 0xa1, CHR, Some("/dev/net/tun"));
+        let r = apply(
+            &mut t,
+            ev(1, "openat", gain(3, Gain::Open, false, None, tun.clone())),
         );
         assert_eq!(r[0].op, Op::Open);
-        assert_eq!(r[0].file.as_ref().unwrap().source, Source::Proc);
+        let f = r[0].file.as_ref().unwrap();
+        assert_eq!(
+            (f.source, f.path.as_str(), f.rdev, f.ofd),
+            (
+                Source::Kernel,
+                "/dev/net/tun",
+                Some(DevNum::new(10, 200)),
+                Some(0xa1)
+            )
+        );
 
-        // dup takes the source's identity from the table, whatever /proc says.
-        let r = t.apply(
-            &ev(1, "fcntl", vec![gain(4, Gain::Dup, Some(true), Some(3))]),
-            NEVER,
+        // A dup holds the same open file: the kernel says so, the name comes from the table.
+        let mut dup = tun.clone();
+        dup.path = None;
+        let r = apply(
+            &mut t,
+            ev(1, "fcntl", gain(4, Gain::Dup, true, Some(3), dup)),
         );
         assert_eq!(r[0].from_fd, Some(3));
-        assert_eq!(r[0].file.as_ref().unwrap().ino, Some(9));
-        assert_eq!(r[0].file.as_ref().unwrap().source, Source::Table);
+        let f = r[0].file.as_ref().unwrap();
+        assert_eq!(
+            (f.path.as_str(), f.ofd, r[0].cloexec),
+            ("/dev/net/tun", Some(0xa1), Some(true))
+        );
 
         // dup2 onto an open fd reports the implicit close first.
-        let r = t.apply(
-            &ev(1, "dup2", vec![gain(0, Gain::Dup, Some(false), Some(3))]),
-            NEVER,
+        let r = apply(
+            &mut t,
+            ev(1, "dup2", gain(0, Gain::Dup, false, Some(3), tun.clone())),
         );
         assert_eq!(
             r.iter().map(|r| r.op).collect::<Vec<_>>(),
@@ -565,36 +736,63 @@ mod tests {
         );
         assert_eq!(fds(&t, 1), vec![0, 3, 4]);
 
-        let r = t.apply(&ev(1, "exec", vec![Change::Exec { filename: None }]), NEVER);
+        let r = apply(&mut t, ev(1, "exec", Change::Exec));
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].op, r[0].fd), (Op::ExecCloexec, Some(4)));
-        assert_eq!(fds(&t, 1), vec![0, 3]);
 
-        let r = t.apply(&ev(1, "close", vec![Change::Close { fd: 3 }]), NEVER);
+        let r = apply(&mut t, ev(1, "close", Change::Close { fd: 3 }));
         assert_eq!(r[0].file.as_ref().unwrap().path, "/dev/net/tun");
 
-        let r = t.apply(&ev(1, "exit", vec![Change::Exit]), NEVER);
+        let r = apply(&mut t, ev(1, "exit", Change::Exit));
         assert_eq!(r.len(), 1);
         assert!(t.get(1).unwrap().exited && t.all_exited());
     }
 
     #[test]
-    fn stale_gain_uses_syscall_name_not_proc() {
+    fn pipes_and_sockets_are_named_from_the_kernel_and_others_by_the_resolver() {
         let fake = Fake::default();
         fake.put(1, 0, "/dev/null", 1);
+        fake.put(1, 6, "/tmp/data", 77);
         let mut t = Tables::new(&fake);
         t.seed(1).unwrap();
-        // /proc shows fd 3 as something else already (closed and reused).
-        fake.put(1, 3, "/etc/passwd", 77);
-        let r = t.apply(
-            &ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
-            &|fd| fd == 3,
+        let r = apply(
+            &mut t,
+            ev(
+                1,
+                "pipe2",
+                gain(5, Gain::New, true, None, kfile(42, 1, 0o010600, None)),
+            ),
         );
         let f = r[0].file.as_ref().unwrap();
         assert_eq!(
-            (f.path.as_str(), f.source),
-            ("/dev/net/tun", Source::Syscall)
+            (f.kind, f.path.as_str(), f.rdev),
+            (FileKind::Fifo, "pipe:[42]", None)
         );
+        let r = apply(
+            &mut t,
+            ev(
+                1,
+                "openat",
+                gain(6, Gain::Open, false, None, kfile(77, 2, 0o100600, None)),
+            ),
+        );
+        assert_eq!(r[0].file.as_ref().unwrap().path, "/tmp/data");
+        // The slot was empty again when the program looked: unknown, and a close follows.
+        let r = apply(
+            &mut t,
+            ev(
+                1,
+                "openat",
+                Change::Gain {
+                    fd: 7,
+                    how: Gain::Open,
+                    cloexec: false,
+                    from: None,
+                    file: None,
+                },
+            ),
+        );
+        assert_eq!(r[0].file.as_ref().unwrap().path, "?");
     }
 
     #[test]
@@ -605,51 +803,95 @@ mod tests {
         }
         let mut t = Tables::new(&fake);
         t.seed(1).unwrap();
-        t.apply(
-            &ev(1, "fcntl", vec![Change::SetCloexec { fd: 1, on: true }]),
-            NEVER,
+        apply(
+            &mut t,
+            ev(1, "fcntl", Change::SetCloexec { fd: 1, on: true }),
         );
-        let r = t.apply(
-            &ev(
-                1,
-                "close_range",
-                vec![Change::CloexecRange { first: 4, last: 4 }],
-            ),
-            NEVER,
+        let r = apply(
+            &mut t,
+            ev(1, "close_range", Change::CloexecRange { first: 4, last: 4 }),
         );
         assert_eq!(r.len(), 1);
-        let r = t.apply(
-            &ev(
+        let r = apply(
+            &mut t,
+            ev(
                 1,
                 "fork",
-                vec![Change::Fork {
+                Change::Fork {
                     child: 2,
                     clone_flags: 17,
-                }],
+                },
             ),
-            NEVER,
         );
         assert_eq!(r.len(), 6);
         assert!(r.iter().all(|r| r.pid == 2 && r.op == Op::Inherit));
-        let r = t.apply(
-            &ev(
+        let r = apply(
+            &mut t,
+            ev(
                 2,
                 "close_range",
-                vec![Change::CloseRange {
+                Change::CloseRange {
                     first: 3,
                     last: u32::MAX,
-                }],
+                },
             ),
-            NEVER,
         );
         assert_eq!(
             r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        let r = t.apply(&ev(2, "exec", vec![Change::Exec { filename: None }]), NEVER);
+        let r = apply(&mut t, ev(2, "exec", Change::Exec));
         assert_eq!(r.iter().map(|r| r.fd.unwrap()).collect::<Vec<_>>(), vec![1]);
         assert_eq!(fds(&t, 2), vec![0, 2]);
         assert_eq!(fds(&t, 1).len(), 6, "the parent's table is its own");
+    }
+
+    #[test]
+    fn a_table_shared_by_clone_files_changes_for_every_member() {
+        let fake = Fake::default();
+        for fd in 0..3 {
+            fake.put(1, fd, "/dev/null", fd as u64);
+        }
+        let mut t = Tables::new(&fake);
+        t.seed(1).unwrap();
+        let fork = |child| Change::Fork {
+            child,
+            clone_flags: nr::CLONE_FILES | 17,
+        };
+        apply(&mut t, ev(1, "clone", fork(2)));
+        apply(&mut t, ev(2, "clone", fork(3)));
+        // The child's open is the parent's and the grandchild's too, each under its own pid.
+        let r = apply(
+            &mut t,
+            ev(
+                2,
+                "openat",
+                gain(5, Gain::Open, false, None, kfile(9, 90, CHR, None)),
+            ),
+        );
+        let mut pids: Vec<(u32, u32)> = r.iter().map(|r| (r.pid, r.tid)).collect();
+        pids.sort();
+        assert_eq!(pids, vec![(1, 2), (2, 2), (3, 2)]);
+        assert!(r.iter().all(|r| r.op == Op::Open && r.fd == Some(5)));
+        assert_eq!(fds(&t, 1), vec![0, 1, 2, 5]);
+        // The grandchild unshares (close_range with CLOSE_RANGE_UNSHARE): its close is its own.
+        let mut e = ev(3, "close_range", Change::CloseRange { first: 0, last: 2 });
+        e.unshare = true;
+        let r = apply(&mut t, e);
+        assert!(r.iter().all(|r| r.pid == 3), "{r:?}");
+        assert_eq!((fds(&t, 3), fds(&t, 1)), (vec![5], vec![0, 1, 2, 5]));
+        // The child's exec gives it its own table: the parent keeps fd 5 and nothing is shared.
+        apply(&mut t, ev(2, "exec", Change::Exec));
+        assert_eq!(t.peers(1).count(), 0);
+        let r = apply(&mut t, ev(1, "close", Change::Close { fd: 5 }));
+        assert_eq!(r.len(), 1);
+        assert_eq!((fds(&t, 1), fds(&t, 2)), (vec![0, 1, 2], vec![0, 1, 2, 5]));
+        // A plain fork copies; unshare(CLONE_FILES) leaves a group.
+        apply(&mut t, ev(1, "clone", fork(4)));
+        apply(&mut t, ev(4, "unshare", Change::Unshare));
+        let r = apply(&mut t, ev(4, "close", Change::Close { fd: 0 }));
+        assert_eq!(r.len(), 1);
+        assert_eq!(fds(&t, 1), vec![0, 1, 2]);
     }
 
     #[test]
@@ -658,17 +900,17 @@ mod tests {
         fake.put(1, 0, "/dev/null", 1);
         let mut t = Tables::new(&fake);
         t.seed(1).unwrap();
-        let r = t.apply(
-            &ev(
+        let r = apply(
+            &mut t,
+            ev(
                 1,
                 "openat",
-                vec![Change::Failed {
+                Change::Failed {
                     errno: libc::ENOENT,
                     fd: None,
                     path: Some("/nope".into()),
-                }],
+                },
             ),
-            NEVER,
         );
         assert_eq!(
             (r[0].op, r[0].result.to_string().as_str()),
@@ -679,17 +921,29 @@ mod tests {
     }
 
     #[test]
-    fn resync_reports_the_gap_both_ways() {
+    fn resync_reports_the_gap_both_ways_by_open_file() {
         let fake = Fake::default();
-        fake.put(1, 0, "/dev/null", 1);
-        fake.put(1, 5, "/dev/null", 5);
         let mut t = Tables::new(&fake);
-        t.seed(1).unwrap();
-        // Lost: close(5), open(7), and fd 0 replaced by another file.
-        fake.drop_fd(1, 5);
-        fake.put(1, 7, "/dev/net/tun", 7);
-        fake.put(1, 0, "/dev/zero", 2);
-        let r = t.resync(1, 500);
+        let k = |ino, ofd| {
+            (
+                kernel_identity(
+                    &kfile(ino, ofd, CHR, Some("/dev/x")).info,
+                    Some("/dev/x".into()),
+                    None,
+                ),
+                false,
+            )
+        };
+        t.seed_from(
+            1,
+            BTreeMap::from([(0, k(1, 10)), (5, k(5, 50)), (6, k(6, 60))]),
+        );
+        // Lost: close(5), open(7), fd 0 replaced by another open of the same inode, fd 6 made
+        // close-on-exec.
+        let mut six = k(6, 60);
+        six.1 = true;
+        let snap = BTreeMap::from([(0, k(1, 11)), (6, six), (7, k(7, 70))]);
+        let r = t.resync_from(1, 500, Some(snap));
         let mut got: Vec<(Op, i32)> = r.iter().map(|r| (r.op, r.fd.unwrap())).collect();
         got.sort_by_key(|(_, fd)| *fd);
         assert_eq!(
@@ -701,31 +955,11 @@ mod tests {
                 (Op::ResyncAdd, 7)
             ]
         );
-        assert_eq!(fds(&t, 1), vec![0, 7]);
-    }
-
-    #[test]
-    fn lookahead_sees_later_closes() {
-        let batch = vec![
-            ev(1, "openat", vec![gain(3, Gain::Open, Some(false), None)]),
-            ev(1, "close", vec![Change::Close { fd: 3 }]),
-            ev(2, "close", vec![Change::Close { fd: 4 }]),
-            ev(
-                1,
-                "close_range",
-                vec![Change::CloseRange {
-                    first: 10,
-                    last: 20,
-                }],
-            ),
-            ev(3, "exit", vec![Change::Exit]),
-        ];
-        let la = Lookahead::new(&batch);
-        assert!(la.touched_after(0, 1, 3));
-        assert!(!la.touched_after(1, 1, 3), "the close is not after itself");
-        assert!(!la.touched_after(0, 1, 4), "another process's fd 4");
-        assert!(la.touched_after(0, 1, 15) && !la.touched_after(0, 1, 21));
-        assert!(la.touched_after(0, 3, 99), "exit may close anything");
-        assert!(!la.touched_after(4, 3, 99));
+        assert_eq!(fds(&t, 1), vec![0, 6, 7]);
+        assert!(t.get(1).unwrap().fds[&6].cloexec);
+        // The process is gone: everything is removed and it is marked exited.
+        let r = t.resync_from(1, 600, None);
+        assert_eq!(r.len(), 3);
+        assert!(t.get(1).unwrap().exited);
     }
 }

@@ -216,8 +216,6 @@ struct Verifier {
     obs: Observers,
     vtx: watch::Sender<u64>,
     publisher: Publisher,
-    /// When losses were last checked and none found: a loss found next lies after it.
-    clean_ns: u64,
     manager_exes: Vec<PathBuf>,
     managers: ManagerStats,
     /// Processes seen exited, and when: their tables go once nothing can ask for them.
@@ -227,8 +225,9 @@ struct Verifier {
 
 /// How often pending claims and findings are looked at when no event arrives.
 const TICK: Duration = Duration::from_millis(10);
-/// How often the device policies and every process's network fds are read again.
-const RECHECK: Duration = Duration::from_millis(500);
+/// How often the device policies and every process's network fds are read again, and every
+/// followed table is checked against the kernel's.
+const RECHECK: Duration = crate::observe::CHECK_PERIOD;
 /// Claims taken after one drain of the tracker, at most.
 const BATCH: usize = 4096;
 
@@ -264,7 +263,6 @@ impl Verifier {
             obs: cfg.observers.clone(),
             vtx,
             publisher,
-            clean_ns: monotonic_ns(),
             manager_exes: cfg.manager_exes.clone(),
             managers: ManagerStats::default(),
             exited: HashMap::new(),
@@ -301,6 +299,7 @@ impl Verifier {
                 _ = recheck.tick() => {
                     self.follow_managers();
                     self.forget_exited();
+                    self.check_tables()?;
                     let view = HostView::new(self.w.tables(), &self.layout);
                     self.ledger.recheck(&view, monotonic_ns(), &mut self.out);
                 }
@@ -461,11 +460,24 @@ impl Verifier {
     /// Applies every kernel event and loss available now, in order.
     fn drain(&mut self) -> Result<(), ObserveError> {
         let mut outputs: Vec<Output> = Vec::new();
-        let checked = monotonic_ns();
         self.w.drain(&mut |o: Output| outputs.push(o));
         self.w.check_losses(&mut |o: Output| outputs.push(o))?;
+        self.apply(outputs);
+        Ok(())
+    }
+
+    /// Checks every followed table against the kernel's (what no probe saw becomes a gap).
+    fn check_tables(&mut self) -> Result<(), ObserveError> {
+        let mut outputs: Vec<Output> = Vec::new();
+        self.w.check_tables(&mut |o: Output| outputs.push(o))?;
+        self.apply(outputs);
+        Ok(())
+    }
+
+    /// Hands the tracker's outputs to the observers and the ledger; a gap makes what its
+    /// process did in the gap's window unknown.
+    fn apply(&mut self, outputs: Vec<Output>) {
         let view = HostView::new(self.w.tables(), &self.layout);
-        let mut lost = false;
         for o in outputs {
             match o {
                 Output::Fd(r) => {
@@ -474,20 +486,15 @@ impl Verifier {
                 }
                 Output::Gap(g) => {
                     self.obs.gap(&g);
-                    lost = true;
                     self.ledger.on_loss(Loss {
                         pid: g.pid,
-                        from_ns: self.clean_ns,
-                        to_ns: g.ts.max(checked),
+                        from_ns: g.since_ns,
+                        to_ns: g.ts,
                         lost: g.lost,
                     });
                 }
             }
         }
-        if !lost {
-            self.clean_ns = checked;
-        }
-        Ok(())
     }
 
     fn tick(&mut self) {

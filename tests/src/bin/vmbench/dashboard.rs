@@ -87,8 +87,10 @@ fn record(vm: u32, op: Op, i: usize) -> FdRecord {
             dev: None,
             ino: None,
             flags: None,
+            mode: None,
+            ofd: None,
             iface: (i == 0).then(|| format!("vmtap{vm}")),
-            source: Source::Proc,
+            source: Source::Kernel,
         }),
     }
 }

@@ -41,6 +41,11 @@ pub fn header(what: &str, machine: &str, took: Duration, quick: bool) -> String 
     t
 }
 
+/// How a goal came out in this run.
+pub fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "missed" }
+}
+
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);

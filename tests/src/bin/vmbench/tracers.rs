@@ -31,6 +31,9 @@ pub struct Captured {
     pub kept: Vec<String>,
     /// The last complete line.
     pub last: String,
+    /// The child's CPU time (user + system, ns) when it ended, read from its zombie's
+    /// /proc/PID/stat before it was reaped (0 when unreadable).
+    pub cpu_ns: u64,
 }
 
 /// Reads `from` to its end in large chunks: counts lines, keeps the last one and those that
@@ -117,6 +120,9 @@ impl Reader {
 
 /// Sends `signal` to the guarded child and waits (bounded) until its stdout closes, then
 /// reaps it. A child that does not exit is killed and the benchmark fails, naming it.
+///
+/// The signal is sent again while nothing comes: bpftrace has been seen to miss a SIGINT that
+/// arrives while its output is busy. The child's CPU time in all is read from its zombie.
 fn stop_child(
     guard: &mut ChildGuard,
     reader: &Reader,
@@ -124,14 +130,59 @@ fn stop_child(
     what: &str,
 ) -> Captured {
     let pid = guard.0.id() as i32;
-    // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
-    unsafe { libc::kill(pid, signal) };
-    let out = reader.0.recv_timeout(START_PATIENCE);
+    let deadline = Instant::now() + START_PATIENCE;
+    let out = loop {
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(pid, signal) };
+        match reader.0.recv_timeout(RESIGNAL) {
+            Ok(out) => break Ok(out),
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let cpu = out
+        .is_ok()
+        .then(|| zombie_cpu_ns(pid))
+        .flatten()
+        .unwrap_or(0);
     let _ = guard.0.kill();
     let _ = guard.0.wait();
-    out.unwrap_or_else(|e| {
+    let mut out = out.unwrap_or_else(|e| {
         panic!("{what} did not exit within {START_PATIENCE:?} of signal {signal} ({e})")
-    })
+    });
+    out.cpu_ns = cpu;
+    out
+}
+
+/// How long a stopping child may stay silent before it is signalled again.
+const RESIGNAL: Duration = Duration::from_secs(5);
+
+/// The CPU time a child that closed its stdout used in all, read once it is a zombie (it is
+/// not reaped here); None if it does not exit within a moment.
+fn zombie_cpu_ns(pid: i32) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child; WNOWAIT leaves it to be reaped, WNOHANG returns at
+        // once; it writes `info` only.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state (0 otherwise).
+        if r == 0 && unsafe { info.si_pid() } == pid {
+            return read_cpu_ns(pid as u32);
+        }
+        if r != 0 || Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A running `vmaudit` subcommand, its stdout read by a thread.
@@ -381,6 +432,23 @@ impl Bpftrace {
     }
 }
 
+/// A bpftrace program that sends to its reader, for every exit of syscall `gains` or `close` by
+/// `pid`, what vmaudit's event carries: the time, pid, tid, syscall and result, and for a new fd
+/// the file read from the task's fd table (inode, rdev, the superblock's dev, mode, flags, and
+/// the file's address where vmaudit sends a keyed hash of it). `close(-1)` prints `mark`.
+pub fn bpftrace_emit(pid: u32, gains: i64, close: i64, mark: &str) -> String {
+    format!(
+        "tracepoint:raw_syscalls:sys_exit /pid == {pid} && (args->id == {gains} || args->id == \
+         {close})/ {{ if (args->id == {close} && args->ret == -9) {{ printf(\"{mark}\\n\"); }} \
+         else if (args->id == {gains} && args->ret >= 0) {{ \
+         $f = *(curtask->files->fdt->fd + args->ret); \
+         printf(\"%lu %d %d %ld %ld %lu %u %u %u %u %lu\\n\", nsecs, pid, tid, args->id, \
+         args->ret, $f->f_inode->i_ino, $f->f_inode->i_rdev, $f->f_inode->i_sb->s_dev, \
+         $f->f_inode->i_mode, $f->f_flags, $f); }} \
+         else {{ printf(\"%lu %d %d %ld %ld\\n\", nsecs, pid, tid, args->id, args->ret); }} }}"
+    )
+}
+
 /// Ids of every BPF program loaded on the host.
 pub fn bpf_program_ids() -> BTreeSet<u32> {
     aya::programs::loaded_programs()
@@ -419,15 +487,19 @@ pub fn prog_stats(select: impl Fn(u32, Option<&str>) -> bool) -> ProgStats {
 
 /// CPU time (user + system) a process has used so far, in ns, from /proc/PID/stat.
 pub fn cpu_ns(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    read_cpu_ns(pid).expect("read /proc/PID/stat")
+}
+
+fn read_cpu_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command (which may hold spaces) start after the last ')': state is
     // field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    ticks * 1_000_000_000 / hz
+    Some(ticks * 1_000_000_000 / hz)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! (c) Claim-to-verdict latency: `vmaudit run` of a VM with 16 tap interfaces and the stand-in
-//! emulator (which is up at once), stopped as soon as it runs, several times; every verdict's
-//! `latency_ns` (from the moment both the claim and the kernel event that decided it existed,
-//! to the verdict) collected from the journals.
+//! (c) Claim-to-verdict latency, measured from outside: `vmaudit run` of a VM with 16 tap
+//! interfaces and the stand-in emulator (which is up at once), stopped as soon as it runs,
+//! several times, while this process follows the journal (inotify) and notes when each line
+//! appears. A verdict's latency is from the later of its record's line appearing and the
+//! kernel event that decided it (the evidence's kernel time) to its verdict's line appearing.
+//! vmaudit's own `latency_ns` is shown beside it.
 
 use std::{
     collections::BTreeMap,
@@ -41,7 +43,10 @@ const JOURNAL_DIRS: [(&str, &str); 2] = [
 /// The latencies of one configuration.
 #[derive(Default)]
 struct Latencies {
+    /// Measured from outside (see the module's text).
     all: Vec<u64>,
+    /// vmaudit's own `latency_ns` of the same verdicts.
+    inside: Vec<u64>,
     verdicts: usize,
     // By claim kind, and by which came last: the claim (it waited for the verifier thread)
     // or the kernel event (the verifier waited for it to be read from the ring).
@@ -53,23 +58,136 @@ struct Latencies {
 }
 
 impl Latencies {
-    fn add_journal(&mut self, text: &str, offset: i128) {
-        for l in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(l).expect("journal line");
-            if v["type"] != "verdict" {
+    /// Adds the verdicts of one run's journal, each with the times its lines appeared.
+    fn add_journal(&mut self, lines: &[Seen], offset: i128) {
+        let mut record_seen = std::collections::HashMap::new();
+        for l in lines {
+            if l.line["type"] != "verdict" {
+                if let Some(ts) = l.line["ts_ns"].as_u64() {
+                    record_seen.insert(ts, l.at);
+                }
                 continue;
             }
             self.verdicts += 1;
-            if let Some(n) = v["latency_ns"].as_u64() {
-                self.all.push(n);
-                let kind = v["claim"]["kind"].as_str().unwrap_or("?").to_owned();
-                self.by_kind.entry(kind).or_default().push(n);
-                self.by_last
-                    .entry(last_came(&v, offset))
-                    .or_default()
-                    .push(n);
-            }
+            let v = &l.line;
+            // Only verdicts a kernel event decided (vmaudit gives those a latency).
+            let Some(inside) = v["latency_ns"].as_u64() else {
+                continue;
+            };
+            let record = v["claim"]["record_ts_ns"]
+                .as_u64()
+                .and_then(|ts| record_seen.get(&ts))
+                .copied()
+                .expect("a verdict whose record line was not seen before it");
+            let event = v["evidence"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["ts"].as_u64())
+                .max()
+                .unwrap_or(0);
+            let from = record.max(event);
+            let n = l.at.saturating_sub(from);
+            self.all.push(n);
+            self.inside.push(inside);
+            let kind = v["claim"]["kind"].as_str().unwrap_or("?").to_owned();
+            self.by_kind.entry(kind).or_default().push(n);
+            self.by_last
+                .entry(last_came(v, offset))
+                .or_default()
+                .push(n);
         }
+    }
+}
+
+/// A journal line and when this process saw it appear (CLOCK_MONOTONIC ns, the kernel's
+/// event clock).
+struct Seen {
+    at: u64,
+    line: serde_json::Value,
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Follows a file as it grows: a thread woken by inotify reads each new line and notes when
+/// it appeared, until told to stop.
+struct Tail {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Seen>>,
+}
+
+impl Tail {
+    fn follow(path: &std::path::Path) -> Self {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        std::fs::File::create(path).expect("create the journal");
+        // SAFETY: inotify_init1 takes flags only.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the fd was just created and is owned here.
+        let ino = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a live inotify fd.
+        let wd =
+            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), cpath.as_ptr(), libc::IN_MODIFY) };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut file = std::fs::File::open(path).expect("open the journal");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut out = Vec::new();
+            let mut partial = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                // Read what is there, then wait for more (bounded, so that a stop is seen).
+                loop {
+                    let n = file.read(&mut buf).expect("read the journal");
+                    if n == 0 {
+                        break;
+                    }
+                    let at = monotonic_ns();
+                    partial.extend_from_slice(&buf[..n]);
+                    while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=nl).collect();
+                        let line = serde_json::from_slice(&line).expect("a journal line");
+                        out.push(Seen { at, line });
+                    }
+                }
+                if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return out;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: ino.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+                    let mut ev = [0u8; 4096];
+                    // SAFETY: reads inotify events into a buffer owned here (their content
+                    // does not matter: the file is read again).
+                    unsafe { libc::read(ino.as_raw_fd(), ev.as_mut_ptr().cast(), ev.len()) };
+                }
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// Every line seen, once the file is complete.
+    fn finish(self) -> Vec<Seen> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().expect("the journal tail")
     }
 }
 
@@ -111,7 +229,8 @@ fn one_run(
     bins: &Bins,
     spec: &std::path::Path,
     journal: &std::path::Path,
-) -> (String, Option<(u64, u64)>) {
+) -> (Vec<Seen>, Option<(u64, u64)>) {
+    let tail = Tail::follow(journal);
     let mut child = Command::new(&bins.vmaudit)
         .arg("run")
         .arg(spec)
@@ -141,8 +260,7 @@ fn one_run(
     // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
     unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
     let _ = guard.0.wait();
-    let text = std::fs::read_to_string(journal).expect("read the run's journal");
-    (text, sched)
+    (tail.finish(), sched)
 }
 
 pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
@@ -170,8 +288,8 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
         // Interleaved, so that drift on the machine hits both alike.
         for (dir, l) in dirs.iter().zip(&mut lat) {
             let journal = dir.0.join(format!("j{run}.jsonl"));
-            let (text, sched) = one_run(bins, &spec_path, &journal);
-            l.add_journal(&text, offset);
+            let (lines, sched) = one_run(bins, &spec_path, &journal);
+            l.add_journal(&lines, offset);
             if let Some((wait, ran)) = sched {
                 l.run_delay_ns += wait;
                 l.slices += ran;
@@ -184,6 +302,7 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
             "{what}: no verdict carried a latency: the journals are not what this benchmark reads"
         );
         l.all.sort_unstable();
+        l.inside.sort_unstable();
     }
     let disk = &lat[0];
     let mut t = header(
@@ -199,19 +318,27 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     );
     let _ = writeln!(
         t,
-        "| kernel event to verdict, µs | {} | {} | goal |",
+        "| µs, from the later of the record's line and the kernel event to the verdict's line | {} | {} | vmaudit's own `latency_ns`, journal on disk | goal |",
         JOURNAL_DIRS[0].0, JOURNAL_DIRS[1].0
     );
-    let _ = writeln!(t, "|---|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|");
     for (q, what, goal) in [(0.5, "p50", ""), (0.99, "p99", "≤ 1000"), (1.0, "max", "")] {
-        let us = |l: &Latencies| quantile(&l.all, q) as f64 / 1e3;
+        let us = |v: &[u64]| quantile(v, q) as f64 / 1e3;
         let _ = writeln!(
             t,
-            "| {what} | {:.0} | {:.0} | {goal} |",
-            us(&lat[0]),
-            us(&lat[1])
+            "| {what} | {:.0} | {:.0} | {:.0} | {goal} |",
+            us(&lat[0].all),
+            us(&lat[1].all),
+            us(&lat[0].inside)
         );
     }
+    let p99 = quantile(&lat[0].all, 0.99);
+    let _ = writeln!(
+        t,
+        "\nGoal in this run (p99 ≤ 1 ms measured from outside, journal on disk): {:.0} µs: {}.",
+        p99 as f64 / 1e3,
+        crate::report::goal(p99 <= 1_000_000)
+    );
     for (l, (what, _)) in lat.iter().zip(JOURNAL_DIRS) {
         let _ = writeln!(
             t,

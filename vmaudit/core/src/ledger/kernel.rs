@@ -18,6 +18,8 @@ pub struct MgrOpen {
     pub ts: u64,
     pub path: String,
     pub rdev: Option<DevNum>,
+    /// The kernel's id of the open file description (see [`FdIdentity::ofd`]), when known.
+    pub ofd: Option<u64>,
     /// The id of the open claim it was found for.
     pub named: Option<u64>,
 }
@@ -175,6 +177,7 @@ impl KernelLog {
                     ts: r.ts,
                     path: file.path.clone(),
                     rdev: file.rdev,
+                    ofd: file.ofd,
                     named: None,
                 });
             }

@@ -15,9 +15,78 @@ use super::{
 };
 use crate::{
     claim::{Claim, ClaimKind, Handed},
+    fd::FdEntry,
     verdict::{Evidence, Verdict},
     view::{FdRef, KernelView},
 };
+
+/// Whether an fd the emulator holds is the very open file the manager handed it: the kernel's
+/// open-file-description ids of the manager's open and of the emulator's fd (primary), and
+/// kcmp at hand-off (the cross-check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Handoff {
+    ofd: Option<bool>,
+    kcmp: Option<bool>,
+}
+
+impl Handoff {
+    /// For fd `h` of NIC `mac` of the claim's VM: the manager's open of it is the one the NIC's
+    /// open claim named, or one not named yet.
+    fn of(
+        l: &Ledger,
+        c: &Claim,
+        mac: &str,
+        managers: &[u32],
+        h: &Handed,
+        held: Option<&FdEntry>,
+    ) -> Self {
+        let mine = |at: FdRef| at.fd == h.fd && managers.contains(&at.pid);
+        let named = l
+            .vms
+            .get(&c.uuid)
+            .and_then(|v| v.nics.get(mac))
+            .and_then(|n| n.opens.iter().rev().find(|o| mine(o.at)))
+            .map(|o| o.ofd);
+        let mgr = named
+            .or_else(|| l.log.opens.iter().rev().find(|o| mine(o.at)).map(|o| o.ofd))
+            .flatten();
+        let emu = held.and_then(|e| e.id.ofd);
+        Self {
+            ofd: mgr.zip(emu).map(|(a, b)| a == b),
+            kcmp: h.same_at_handoff,
+        }
+    }
+
+    /// The same file: by the ids when known, else by kcmp; a disagreement is not.
+    fn same(self) -> Option<bool> {
+        match (self.ofd, self.kcmp) {
+            (Some(a), Some(b)) if a != b => Some(false),
+            (Some(a), _) => Some(a),
+            (None, k) => k,
+        }
+    }
+
+    /// What decided it, for the evidence.
+    fn detail(self, mgr_fd: i32) -> String {
+        let kcmp = match (self.kcmp, self.ofd) {
+            (Some(k), Some(o)) if k == o => "kcmp at hand-off agrees",
+            (Some(_), Some(_)) => "kcmp at hand-off disagrees",
+            (None, Some(_)) => "no kcmp at hand-off",
+            (Some(true), None) => "kcmp at hand-off: the same open file description",
+            (Some(false), None) => "kcmp at hand-off: not the same open file description",
+            (None, None) => "nothing says it is the same open file description",
+        };
+        match self.ofd {
+            Some(true) => format!(
+                "the kernel's open-file-description id is the one of the manager's fd {mgr_fd}; {kcmp}"
+            ),
+            Some(false) => format!(
+                "the kernel's open-file-description id is not the one of the manager's fd {mgr_fd}; {kcmp}"
+            ),
+            None => format!("{kcmp} as the manager's fd {mgr_fd}"),
+        }
+    }
+}
 
 pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found> {
     let ClaimKind::NetOpen {
@@ -72,6 +141,7 @@ pub(super) fn judge_open(l: &mut Ledger, c: &Claim, last: bool) -> Option<Found>
             at: o.at,
             ts: o.ts,
             path: o.path.clone(),
+            ofd: o.ofd,
             claim: {
                 let mut r = c.claim_ref();
                 r.fd = Some(o.at.fd);
@@ -217,17 +287,30 @@ pub(super) fn judge_up(
             ))
         });
     }
-    if let Some(bad) = handed.iter().find(|h| h.same_at_handoff == Some(false)) {
+    let managers = l.managers_of(c);
+    let table = view.table(emu);
+    let bad = handed.iter().find_map(|h| {
+        let held = table.and_then(|t| t.fds.get(&h.emulator_fd));
+        let how = Handoff::of(l, c, mac, &managers, h, held);
+        (how.same() == Some(false)).then_some((h, how))
+    });
+    if let Some((bad, how)) = bad {
+        let by = if how.ofd.is_some() {
+            "the kernel's open-file-description ids"
+        } else {
+            "kcmp at hand-off"
+        };
         return Some(
             Found::violated(
                 format!(
-                    "the emulator's fd {} is not the open file the manager opened as fd {} (kcmp at hand-off)",
+                    "the emulator's fd {} is not the open file the manager opened as fd {} ({by})",
                     bad.emulator_fd, bad.fd
                 ),
-                vec![Evidence::new(emu, "kcmp").fd(bad.emulator_fd).detail(format!(
-                    "kcmp(KCMP_FILE) of the manager's fd {} and the emulator's fd {}: different",
-                    bad.fd, bad.emulator_fd
-                ))],
+                vec![
+                    Evidence::new(emu, "handoff")
+                        .fd(bad.emulator_fd)
+                        .detail(how.detail(bad.fd)),
+                ],
             )
             .on([emu]),
         );
@@ -235,7 +318,8 @@ pub(super) fn judge_up(
     let found = if handed.is_empty() {
         infer_nic_fds(l, c, emu, mac, view)
     } else {
-        match handed_fds(l, emu, handed, view) {
+        let how = |h: &Handed, held: Option<&FdEntry>| Handoff::of(l, c, mac, &managers, h, held);
+        match handed_fds(l, emu, handed, view, how) {
             Some(f) => f,
             None => return last.then(|| not_held(l, c, emu, mac, *attach, view)),
         }
@@ -353,6 +437,7 @@ fn handed_fds(
     emu: u32,
     handed: &[Handed],
     view: &dyn KernelView,
+    handoff: impl Fn(&Handed, Option<&FdEntry>) -> Handoff,
 ) -> Option<Vec<NicFd>> {
     let table = view.table(emu)?;
     handed
@@ -363,8 +448,9 @@ fn handed_fds(
                 .fds
                 .get(&h.emulator_fd)
                 .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev);
+            let how = handoff(h, held);
             match (held, l.log.releases.get(&at)) {
-                (Some(e), _) if h.same_at_handoff == Some(true) => Some(NicFd {
+                (Some(e), _) if how.same() == Some(true) => Some(NicFd {
                     at,
                     since: e.since_ns,
                     held: true,
@@ -373,10 +459,7 @@ fn handed_fds(
                         .at(e.since_ns)
                         .path(e.id.path.clone())
                         .rdev(e.id.rdev)
-                        .detail(format!(
-                            "kcmp: the same open file description as the manager's fd {}",
-                            h.fd
-                        )),
+                        .detail(how.detail(h.fd)),
                 }),
                 (None, Some(&(ts, op))) => Some(NicFd {
                     at,

@@ -26,6 +26,8 @@ fn tun(iface: Option<&str>) -> FdIdentity {
         dev: None,
         ino: Some(1),
         flags: None,
+        mode: None,
+        ofd: None,
         iface: iface.map(str::to_owned),
         source: Source::Proc,
     }
@@ -299,6 +301,67 @@ fn a_handed_fd_that_kcmp_found_different_is_violated() {
     let v = t.one();
     assert_eq!(v.status, Status::Violated);
     assert!(has(&v, "not the open file"), "{}", v.reason);
+}
+
+/// A tun fd whose open file description the kernel names `ofd`.
+fn tun_ofd(ofd: u64) -> FdIdentity {
+    FdIdentity {
+        ofd: Some(ofd),
+        ..tun(None)
+    }
+}
+
+/// The manager opened fd 5 (kernel id 42), and its open record named it (as in `run`); the
+/// emulator holds fd 7 with kernel id `emu_ofd`.
+fn handoff(emu_ofd: u64, kcmp: Option<bool>) -> Verdict {
+    let mut t = T::new();
+    t.fd(rec(MGR, Op::Open, 5, t.now, tun_ofd(42)));
+    t.claim(open(Some(5)));
+    assert_eq!(t.one().status, Status::Confirmed);
+    t.out.clear();
+    t.fd(rec(EMU, Op::Inherit, 7, t.now, tun_ofd(emu_ofd)));
+    t.claim(up(
+        Some(EMU),
+        vec![Handed {
+            emulator_fd: 7,
+            ..handed(5, kcmp)
+        }],
+    ));
+    t.one()
+}
+
+#[test]
+fn a_handed_fd_is_the_managers_open_by_the_kernels_id_kcmp_cross_checking() {
+    let v = handoff(42, Some(true));
+    assert_eq!(v.status, Status::Confirmed, "{}", v.reason);
+    let d = v.evidence[0].detail.clone().unwrap();
+    assert!(
+        d.contains("id is the one of the manager's fd 5; kcmp at hand-off agrees"),
+        "{d}"
+    );
+    // Without kcmp, the ids alone decide.
+    let v = handoff(42, None);
+    assert_eq!(v.status, Status::Confirmed, "{}", v.reason);
+    assert!(v.evidence[0].detail.as_deref().unwrap().contains("no kcmp"));
+}
+
+#[test]
+fn a_handed_fd_whose_kernel_id_differs_or_that_kcmp_contradicts_is_violated() {
+    let v = handoff(43, Some(true));
+    assert_eq!(v.status, Status::Violated, "{}", v.reason);
+    assert!(has(&v, "open-file-description ids"), "{}", v.reason);
+    assert!(
+        v.evidence[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("kcmp at hand-off disagrees"),
+        "{:?}",
+        v.evidence
+    );
+    // The ids say the same file and kcmp says not: the kernel's two answers disagree.
+    let v = handoff(42, Some(false));
+    assert_eq!(v.status, Status::Violated, "{}", v.reason);
 }
 
 #[test]

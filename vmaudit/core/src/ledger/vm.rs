@@ -28,6 +28,8 @@ pub struct NicOpen {
     pub at: FdRef,
     pub ts: u64,
     pub path: String,
+    /// The kernel's id of its open file description, when known.
+    pub ofd: Option<u64>,
     pub claim: ClaimRef,
     /// The emulator got this very file (kcmp, or the handed list says so).
     pub passed: bool,

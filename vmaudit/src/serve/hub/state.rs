@@ -102,6 +102,7 @@ pub(super) fn apply_fd(
         | Op::RecvFd
         | Op::PidfdGetfd
         | Op::New
+        | Op::Addfd
         | Op::Inherit
         | Op::ResyncAdd => {
             let file = r.file.as_ref();

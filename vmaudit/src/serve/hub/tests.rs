@@ -35,6 +35,8 @@ fn record(op: Op, fd: i32, path: &str) -> FdRecord {
             dev: None,
             ino: None,
             flags: None,
+            mode: None,
+            ofd: None,
             iface: Some("vmtap0".into()),
             source: Source::Proc,
         }),
@@ -254,6 +256,7 @@ fn gap(check: u64, pid: u32, ring_full: u64) -> GapRecord {
     GapRecord {
         ty: "gap",
         ts: 9,
+        since_ns: 1,
         pid,
         lost: 1,
         causes: BTreeMap::from([("ring_full", ring_full)]),

@@ -37,6 +37,8 @@ fn ident(path: &str, f: FileId) -> FdIdentity {
         dev: Some(f.dev),
         ino: Some(f.ino),
         flags: None,
+        mode: None,
+        ofd: None,
         iface: None,
         source: Source::Proc,
     }

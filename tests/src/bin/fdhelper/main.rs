@@ -19,6 +19,8 @@ use nix::{
     sys::socket::{ControlMessageOwned, MsgFlags, recvmsg},
 };
 
+mod paths;
+
 fn main() {
     // After an exec of ourselves, say so: the test waits for it.
     if std::env::args().nth(1).as_deref() == Some("--after-exec") {
@@ -41,7 +43,7 @@ fn main() {
     }
 }
 
-fn int(words: &[&str], i: usize) -> Result<i64, String> {
+pub(crate) fn int(words: &[&str], i: usize) -> Result<i64, String> {
     words
         .get(i)
         .ok_or_else(|| format!("missing argument {i}"))?
@@ -49,7 +51,7 @@ fn int(words: &[&str], i: usize) -> Result<i64, String> {
         .map_err(|e| format!("{e}"))
 }
 
-fn check(r: libc::c_long) -> Result<i64, String> {
+pub(crate) fn check(r: libc::c_long) -> Result<i64, String> {
     if r < 0 {
         Err(std::io::Error::last_os_error().to_string())
     } else {
@@ -57,7 +59,7 @@ fn check(r: libc::c_long) -> Result<i64, String> {
     }
 }
 
-fn cpath(words: &[&str], i: usize) -> Result<CString, String> {
+pub(crate) fn cpath(words: &[&str], i: usize) -> Result<CString, String> {
     CString::new(*words.get(i).ok_or("missing path")?).map_err(|e| e.to_string())
 }
 
@@ -283,15 +285,18 @@ fn run(
         }
         "flood_dup" => {
             // Many dup/close pairs of stdin as fast as one thread can go: the cheapest way to
-            // gain and lose an fd (no path lookup).
+            // gain and lose an fd (no path lookup). The reply is the fd events made: each dup
+            // that succeeded and each close that did.
             let n = int(words, 1)?;
+            let mut events = 0;
             for _ in 0..n {
                 // SAFETY: see above.
                 let fd = unsafe { libc::syscall(libc::SYS_dup, 0) };
                 // SAFETY: see above.
-                unsafe { libc::syscall(libc::SYS_close, fd) };
+                let closed = unsafe { libc::syscall(libc::SYS_close, fd) };
+                events += i64::from(fd >= 0) + i64::from(closed == 0);
             }
-            n
+            events
         }
         "hold" => {
             // Open `n` fds on /dev/zero and keep them: state the resync must find.
@@ -315,8 +320,79 @@ fn run(
             // SAFETY: see above; ifr is a 40-byte struct ifreq owned by this frame.
             check(unsafe { libc::syscall(libc::SYS_ioctl, fd, TUNSETIFF, ifr.as_mut_ptr()) })?
         }
+        "compat_dup" => {
+            // dup(fd) through the 32-bit compat entry (`int 0x80`, i386 number 41).
+            let fd = int(words, 1)?;
+            let ret: i64;
+            // SAFETY: int 0x80 with eax = 41 (i386 dup) and ebx = an fd touches no memory;
+            // the kernel preserves every register but eax. rbx belongs to LLVM, so it is
+            // swapped in and out around the call.
+            unsafe {
+                std::arch::asm!(
+                    "xchg {fd}, rbx",
+                    "int 0x80",
+                    "xchg {fd}, rbx",
+                    fd = inout(reg) fd => _,
+                    inlateout("rax") 41i64 => ret,
+                );
+            }
+            if ret < 0 {
+                return Err(std::io::Error::from_raw_os_error(-ret as i32).to_string());
+            }
+            ret
+        }
+        "clone_pidfd" => {
+            // clone(CLONE_PIDFD | SIGCHLD): the parent gets a pidfd of the child in its table.
+            let mut pidfd: libc::c_int = -1;
+            // SAFETY: a fork-like clone (no CLONE_VM, no new stack); the child only _exits.
+            let pid = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    libc::CLONE_PIDFD as libc::c_ulong | libc::SIGCHLD as libc::c_ulong,
+                    0usize,
+                    &mut pidfd as *mut libc::c_int,
+                    0usize,
+                    0usize,
+                )
+            };
+            match pid {
+                // SAFETY: see above.
+                0 => unsafe { libc::_exit(0) },
+                p if p < 0 => return Err(std::io::Error::last_os_error().to_string()),
+                p => {
+                    let mut status = 0;
+                    // SAFETY: see above.
+                    unsafe { libc::waitpid(p as i32, &mut status, 0) };
+                }
+            }
+            pidfd as i64
+        }
+        "ptpeer" => {
+            // A pty pair: /dev/ptmx, unlocked, and its peer from ioctl(TIOCGPTPEER).
+            let p = CString::new("/dev/ptmx").unwrap();
+            // SAFETY: see above.
+            let master = check(unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    libc::O_RDWR,
+                    0,
+                )
+            })?;
+            let unlock: libc::c_int = 0;
+            // SAFETY: see above; TIOCSPTLCK reads an int.
+            check(unsafe { libc::syscall(libc::SYS_ioctl, master, libc::TIOCSPTLCK, &unlock) })?;
+            const TIOCGPTPEER: libc::c_ulong = 0x5441;
+            // SAFETY: see above.
+            let peer = check(unsafe {
+                libc::syscall(libc::SYS_ioctl, master, TIOCGPTPEER, libc::O_RDWR)
+            })?;
+            return Ok(format!("ok {master} {peer}"));
+        }
+        "ping" => 0,
         "exit" => std::process::exit(0),
-        other => return Err(format!("unknown command {other}")),
+        other => return paths::run(other, words, child),
     };
     Ok(format!("ok {r}"))
 }

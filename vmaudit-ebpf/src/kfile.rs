@@ -1,0 +1,183 @@
+//! Reading the file behind an fd from the kernel: task → files → fdt → fd[] → struct file →
+//! inode and superblock, at field offsets userspace resolved from the running kernel's BTF.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
+use vmaudit_common::{FileInfo, IFNAMSIZ, KernelOffsets, PATH_SLOTS, PathTail, ofd};
+
+/// Written by userspace before loading (`EbpfLoader::set_global`): the kernel's field offsets.
+#[unsafe(no_mangle)]
+static VMAUDIT_OFFSETS: KernelOffsets = KernelOffsets::ZERO;
+
+/// Written by userspace before loading: the per-boot secret key of the open-file-description id.
+#[unsafe(no_mangle)]
+static VMAUDIT_OFD_KEY: [u64; 2] = [0; 2];
+
+const S_IFMT: u16 = 0o170000;
+const S_IFCHR: u16 = 0o020000;
+const S_IFBLK: u16 = 0o060000;
+/// Levels of the dentry walk, mount crossings included.
+const WALK_STEPS: u32 = 12;
+
+/// One offset, read through a volatile load so that the compiler does not fold the zero the
+/// object is built with (the loader replaces it).
+macro_rules! o {
+    ($field:ident) => {
+        // SAFETY: a static of the object; reading it is always valid.
+        (unsafe { core::ptr::read_volatile(&VMAUDIT_OFFSETS.$field) } as u64)
+    };
+}
+
+#[inline(always)]
+fn key() -> [u64; 2] {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&VMAUDIT_OFD_KEY) }
+}
+
+#[inline(always)]
+fn read<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly on a bad address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// Whether a file mode is a character or block device.
+#[inline(always)]
+pub fn is_device(mode: u16) -> bool {
+    matches!(mode & S_IFMT, S_IFCHR | S_IFBLK)
+}
+
+/// The fd table of `task`: (the `fdtable`'s address, its `max_fds`).
+#[inline(always)]
+fn fdtable(task: u64) -> Option<(u64, u32)> {
+    let files: u64 = read(task + o!(task_files))?;
+    let fdt: u64 = read(files + o!(files_fdt))?;
+    let max: u32 = read(fdt + o!(fdt_max_fds))?;
+    Some((fdt, max))
+}
+
+/// The `struct file` at `fd` of `task`'s table and whether the fd is close-on-exec; `Some((0,
+/// _))` when the slot is empty (another thread closed it already).
+#[inline(always)]
+pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
+    if o!(ready) == 0 || fd < 0 {
+        return None;
+    }
+    let (fdt, max) = fdtable(task)?;
+    let fd = fd as u32;
+    if fd >= max {
+        return Some((0, false));
+    }
+    let arr: u64 = read(fdt + o!(fdt_fd))?;
+    let file: u64 = read(arr + 8 * fd as u64)?;
+    let bits: u64 = read(fdt + o!(fdt_close_on_exec))?;
+    let word: u64 = read(bits + 8 * (fd / 64) as u64)?;
+    Some((file, word & (1 << (fd % 64)) != 0))
+}
+
+/// What the kernel says about `file`.
+#[inline(always)]
+pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
+    let inode: u64 = read(file + o!(file_inode))?;
+    info.flags = read(file + o!(file_flags))?;
+    info.mode = read(inode + o!(inode_mode))?;
+    info.ino = read(inode + o!(inode_ino))?;
+    info.rdev = read(inode + o!(inode_rdev))?;
+    let sb: u64 = read(inode + o!(inode_sb))?;
+    info.dev = read(sb + o!(sb_dev))?;
+    info.ofd = ofd::id(key(), file);
+    info._pad = 0;
+    Some(())
+}
+
+/// `i_rdev` of /dev/net/tun (10:200), kernel encoding.
+const TUN_RDEV: u32 = (10 << 20) | 200;
+
+/// Writes the interface a tun fd is attached to into `out` (NUL-padded; left empty for another
+/// device, or a tun fd not attached yet).
+#[inline(always)]
+pub fn tun_iface(file: u64, rdev: u32, out: &mut [u8; IFNAMSIZ]) {
+    *out = [0; IFNAMSIZ];
+    if rdev != TUN_RDEV || o!(tun_ready) == 0 {
+        return;
+    }
+    let Some(tfile) = read::<u64>(file + o!(file_private)) else {
+        return;
+    };
+    let Some(tun) = read::<u64>(tfile + o!(tun_file_tun)) else {
+        return;
+    };
+    let Some(dev) = read::<u64>(tun + o!(tun_dev)) else {
+        return;
+    };
+    if dev != 0 {
+        let name = dev + o!(netdev_name);
+        // SAFETY: copies a NUL-terminated kernel string into `out`, bounded by its size.
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, out) };
+    }
+}
+
+/// Writes the names of `file`'s dentries, leaf first, crossing mounts, into `tail`.
+#[inline(never)]
+pub fn walk_path(file: u64, tail: &mut PathTail) {
+    tail.form = PathTail::COMPONENTS;
+    tail.depth = 0;
+    tail.complete = 0;
+    let (Some(mut dentry), Some(mut vfsmnt)) = (
+        read::<u64>(file + o!(file_dentry)),
+        read::<u64>(file + o!(file_mnt)),
+    ) else {
+        return;
+    };
+    let mut depth: usize = 0;
+    let mut step = 0;
+    while step < WALK_STEPS {
+        step += 1;
+        let mnt = vfsmnt.wrapping_sub(o!(mount_mnt));
+        let Some(root) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
+            return;
+        };
+        if dentry == root {
+            // The top of this mount: go on from where it is mounted in its parent.
+            let Some(parent) = read::<u64>(mnt + o!(mount_parent)) else {
+                return;
+            };
+            if parent == mnt {
+                tail.complete = 1;
+                return;
+            }
+            let Some(point) = read::<u64>(mnt + o!(mount_mountpoint)) else {
+                return;
+            };
+            dentry = point;
+            vfsmnt = parent + o!(mount_mnt);
+            continue;
+        }
+        let Some(parent) = read::<u64>(dentry + o!(dentry_parent)) else {
+            return;
+        };
+        if depth >= PATH_SLOTS {
+            return;
+        }
+        if let Some(name) = read::<u64>(dentry + o!(dentry_name)) {
+            // SAFETY: copies a NUL-terminated kernel string into the slot, bounded by its size.
+            let _ = unsafe {
+                bpf_probe_read_kernel_str_bytes(name as *const u8, &mut tail.slots[depth])
+            };
+        }
+        depth += 1;
+        tail.depth = depth as u16;
+        if parent == dentry {
+            tail.complete = 1;
+            return;
+        }
+        dentry = parent;
+    }
+}
+
+/// Where `thread_info.status` sits in `task_struct`.
+#[inline(always)]
+pub fn task_ti_status_off() -> u64 {
+    o!(task_ti_status)
+}
