@@ -3,7 +3,7 @@
 //! it left nothing: VM cgroups under vmaudit's parent (v2 and v1), network links
 //! (`ip -o link`), `/dev/tap*` nodes, entries under /run/vmaudit and vmaudit's bpffs directory,
 //! loaded BPF programs named like vmaudit's, and processes of the emulator's user; and
-//! [`run_vmaudit_as`], vmaudit run by another user.
+//! [`run_vmaudit_as`] and [`run_vmaudit_unprivileged`], vmaudit run by another user.
 
 use std::{
     collections::BTreeSet,
@@ -19,7 +19,17 @@ use crate::{Bins, PATIENCE, loaded_vmaudit_programs, sh};
 /// into its namespace would be reached): only SO_PEERCRED can refuse it then. Returns (exit
 /// code, stdout, stderr).
 pub fn run_vmaudit_as(bins: &Bins, user: &str, args: &[&str]) -> (i32, String, String) {
-    let caps = "+dac_override,+dac_read_search";
+    run_as(bins, user, "+dac_override,+dac_read_search", args)
+}
+
+/// Runs `vmaudit ARGS` to completion as `user` with CAP_DAC_READ_SEARCH alone (to reach the
+/// binary wherever the checkout is, and the run directory), not CAP_DAC_OVERRIDE: the control
+/// socket's mode 0600 refuses the connection itself. Returns (exit code, stdout, stderr).
+pub fn run_vmaudit_unprivileged(bins: &Bins, user: &str, args: &[&str]) -> (i32, String, String) {
+    run_as(bins, user, "+dac_read_search", args)
+}
+
+fn run_as(bins: &Bins, user: &str, caps: &str, args: &[&str]) -> (i32, String, String) {
     let u = nix::unistd::User::from_name(user)
         .expect("user database")
         .unwrap_or_else(|| panic!("no user {user}"));

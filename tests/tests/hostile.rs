@@ -17,7 +17,7 @@ use vmaudit::audit::{
 };
 use vmaudit_tests::{
     Bins, TempDir, VethGuard, bins,
-    hardening::{Snapshot, run_vmaudit_as},
+    hardening::{Snapshot, run_vmaudit_as, run_vmaudit_unprivileged},
     require_root, run_vmaudit, sh,
     vmrun::VmRun,
 };
@@ -683,6 +683,15 @@ fn hostile_requests_are_refused_with_one_line_and_leave_nothing() {
         &got,
         4,
         "permission denied: uid 1 is neither root nor this VM's control owner",
+    );
+    // Without CAP_DAC_OVERRIDE the socket's mode refuses the connection itself: that is a
+    // refusal too (4), not a missing VM (3).
+    let got = run_vmaudit_unprivileged(&bins, "daemon", &["attach-net", vm_name, "--mac", ok_mac]);
+    one_line(
+        "a plain user's request",
+        &got,
+        4,
+        &format!("permission denied: the control socket of VM \"{vm_name}\" is root's"),
     );
     // The owner passes the check (its bad request then fails on its own merits).
     let got = run_vmaudit_as(&bins, "nobody", &["attach-net", vm_name, "--mac", "bad"]);

@@ -10,7 +10,8 @@ pub const INTERNAL: u8 = 1;
 pub const USAGE: u8 = 2;
 /// The process named by `--pid` does not exist (or is a thread, not a process).
 pub const NO_SUCH_PROCESS: u8 = 3;
-/// Missing privileges (capabilities) for what was asked.
+/// Missing privileges (capabilities) for what was asked; `attach-net`/`detach-net`: the control
+/// socket refused the caller.
 pub const PRIVILEGES: u8 = 4;
 /// The kernel lacks a feature vmaudit needs (tracefs, a tracepoint, BPF program type).
 pub const KERNEL_FEATURE: u8 = 5;
@@ -28,8 +29,9 @@ pub const UNCONFIRMED: u8 = 8;
 /// `vmaudit run`: the spec is malformed or names something the host lacks (the message names
 /// the field): unknown key, bad MAC or uuid, duplicate MAC, missing parent link or emulator.
 pub const SPEC: u8 = 10;
-/// `vmaudit run`: the journal cannot be opened or written; `vmaudit search`: an input (journal
-/// or audit.log) cannot be read, or is not one; `vmaudit forward`: a journal cannot be read.
+/// A journal cannot be read, written or opened, or is not one, whatever the command: `run` and
+/// `monitor` (the journal they write; `run --audit kernel`: the kernel's audit socket), `verify`,
+/// `search` (an input: journal or audit.log) and `forward` (the journals they read).
 pub const JOURNAL: u8 = 11;
 /// `vmaudit run`: a device could not be opened (its failure record was written; everything
 /// opened before it was closed).
@@ -41,8 +43,8 @@ pub const EMULATOR_FAILED: u8 = 14;
 /// `vmaudit run`: the emulator crashed or exited with an error while running.
 pub const EMULATOR_CRASHED: u8 = 15;
 
-/// `attach-net`/`detach-net`: the request was refused (unknown VM or MAC, duplicate MAC, qemu
-/// refused a command or is gone); the failure is audited and nothing is left.
+/// `attach-net`/`detach-net`: the request was refused (unknown MAC, duplicate MAC, qemu refused
+/// a command or is gone), or no answer came; the failure is audited and nothing is left.
 pub const REQUEST_FAILED: u8 = 16;
 /// `detach-net`: the guest did not acknowledge the unplug in time; no detach is claimed and
 /// qemu still holds the interface's fds.
@@ -71,7 +73,10 @@ pub const TABLE: &[(u8, &str)] = &[
     (INTERNAL, "internal error"),
     (USAGE, "malformed command line"),
     (NO_SUCH_PROCESS, "no such process (or the pid is a thread)"),
-    (PRIVILEGES, "missing privileges"),
+    (
+        PRIVILEGES,
+        "missing privileges (attach-net/detach-net: the control socket refused the caller)",
+    ),
     (
         KERNEL_FEATURE,
         "kernel feature missing (tracefs, tracepoint, BPF)",
@@ -91,7 +96,7 @@ pub const TABLE: &[(u8, &str)] = &[
     ),
     (
         JOURNAL,
-        "run: the audit records cannot be written (journal; kernel with --audit kernel); search, forward: an input cannot be read",
+        "a journal cannot be opened, read or written, or is not one (every command; run --audit kernel: the audit socket)",
     ),
     (DEVICE, "run: a device could not be opened"),
     (CGROUP, "run: the VM's cgroup could not be set up"),

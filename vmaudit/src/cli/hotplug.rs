@@ -66,7 +66,7 @@ fn send(vm: &str, req: Request) -> u8 {
         }
         Err(e) => {
             vmaudit::failure!("{e}");
-            exit::NO_SUCH_PROCESS
+            e.exit_code()
         }
     }
 }

@@ -266,15 +266,60 @@ fn client_timeout(req: &Request) -> Duration {
     detach + Duration::from_secs(60)
 }
 
+/// Why a client got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens at the VM's socket (or its run directory does not exist).
+    #[error("no VM named {name:?} runs under vmaudit ({}: {source})", path.display())]
+    NoSuchVm {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The socket (or its 0700 run directory) is not this user's to use.
+    #[error("permission denied: the control socket of VM {name:?} is root's or its control owner's ({}: {source})", path.display())]
+    Refused {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Connected, but the exchange failed (sending, a timeout, no answer, a bad answer).
+    #[error("{0}")]
+    Exchange(String),
+}
+
+impl ClientError {
+    /// The documented exit code: no such VM (3), refused (4), a failed exchange (16).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoSuchVm { .. } => exit::NO_SUCH_PROCESS,
+            Self::Refused { .. } => exit::PRIVILEGES,
+            Self::Exchange(_) => exit::REQUEST_FAILED,
+        }
+    }
+
+    fn connecting(name: &str, path: PathBuf, source: std::io::Error) -> Self {
+        let name = name.to_owned();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            Self::Refused { name, path, source }
+        } else {
+            Self::NoSuchVm { name, path, source }
+        }
+    }
+}
+
 /// Client side: sends `req` to VM `name` and returns the answer.
-pub async fn request(name: &str, req: &Request) -> Result<Response, String> {
+pub async fn request(name: &str, req: &Request) -> Result<Response, ClientError> {
     let path = socket_path(name);
-    let mut s = UnixStream::connect(&path).await.map_err(|e| {
-        format!(
-            "no VM named {name:?} runs under vmaudit ({}: {e})",
-            path.display()
-        )
-    })?;
+    let mut s = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => return Err(ClientError::connecting(name, path, e)),
+    };
+    exchange(&mut s, req).await.map_err(ClientError::Exchange)
+}
+
+/// One request written, one answer read.
+async fn exchange(s: &mut UnixStream, req: &Request) -> Result<Response, String> {
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
     // A request refused before it is read (the peer check) is answered and the connection
