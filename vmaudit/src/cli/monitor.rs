@@ -124,7 +124,11 @@ pub fn run(args: Args) -> u8 {
     let result = rt.block_on(async {
         // Bound before anything starts: a bad address leaves nothing behind.
         let _server = match &args.serve {
-            Some(addr) => match vmaudit::serve::serve_observers(addr, &mut opts.observers) {
+            Some(addr) => match vmaudit::serve::serve_observers(
+                addr,
+                vmaudit::serve::Hub::for_monitor(),
+                &mut opts.observers,
+            ) {
                 Ok(s) => Some(s),
                 Err(e) => return Err(Failed::Serve(e)),
             },

@@ -12,7 +12,7 @@ use super::watch::print_json;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The VM spec (TOML; see the README).
+    /// The VM spec (TOML; see docs/run.md).
     spec: PathBuf,
     /// Where the audit records go: the kernel audit subsystem, the journal, or both.
     #[arg(long, value_enum, default_value_t = AuditMode::Both)]
@@ -66,10 +66,12 @@ pub fn run(args: Args) -> u8 {
     let result = rt.block_on(async {
         // Bound before anything starts: a bad address leaves nothing behind.
         let _server = match &args.serve {
-            Some(addr) => match serve::serve_observers(addr, &mut opts.observers) {
-                Ok(s) => Some(s),
-                Err(e) => return Err(Failed::Serve(e)),
-            },
+            Some(addr) => {
+                match serve::serve_observers(addr, serve::Hub::new(), &mut opts.observers) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Err(Failed::Serve(e)),
+                }
+            }
             None => None,
         };
         let shutdown = stop_signal();

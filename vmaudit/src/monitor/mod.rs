@@ -136,7 +136,7 @@ pub struct ResrcCount {
     pub records: u64,
     /// Records that became claims (each judged).
     pub claims: u64,
-    /// Records the kernel cannot speak for (mem, vcpu, fs, ...; see the README's coverage).
+    /// Records the kernel cannot speak for (mem, vcpu, fs, ...; see docs/verdicts.md, what monitor mode verifies).
     pub not_verifiable: u64,
 }
 

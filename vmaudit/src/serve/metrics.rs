@@ -1,6 +1,6 @@
 //! The Prometheus metrics of `--serve` (prometheus-client, OpenMetrics text at `/metrics`).
 //!
-//! Every name starts with `vmaudit_`; the README lists them. Counters only go up for the
+//! Every name starts with `vmaudit_`; docs/metrics.md lists them. Counters only go up for the
 //! life of the vmaudit process (a restart starts them at 0 again, which Prometheus' `rate`
 //! and `increase` handle).
 
@@ -76,8 +76,10 @@ pub struct Metrics {
     pub not_from_manager: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// Every metric of a hub; with `audit_source` (`monitor`) the audit stream's too, which
+    /// no other command has (a gauge of its last record at 0 would look like a silent stream).
+    pub fn new(audit_source: bool) -> Self {
         let mut registry = Registry::with_prefix("vmaudit");
         let m = Self {
             claims: Family::default(),
@@ -95,41 +97,6 @@ impl Default for Metrics {
             not_from_manager: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "audit_records",
-            "Audit records the monitor read from its source",
-            m.audit_records.clone(),
-        );
-        registry.register(
-            "audit_lost",
-            "Audit records lost before the monitor read them, by cause (enobufs, kernel, serial_gap, too_long; queue_wait counts backpressure)",
-            m.audit_lost.clone(),
-        );
-        registry.register(
-            "audit_last_record_timestamp_seconds",
-            "The kernel stamp of the last audit record the monitor read (its own heartbeats included)",
-            m.audit_last_record.clone(),
-        );
-        registry.register(
-            "audit_enabled",
-            "Whether the kernel's auditing is on (1) or off (0), as the monitor last read it",
-            m.audit_enabled.clone(),
-        );
-        registry.register(
-            "audit_backlog_limit",
-            "The kernel's audit backlog limit, as the monitor last read it",
-            m.audit_backlog_limit.clone(),
-        );
-        registry.register(
-            "records_not_from_manager",
-            "Audit records whose sender is no manager: never claims",
-            m.not_from_manager.clone(),
-        );
-        for cause in ["enobufs", "kernel", "serial_gap", "too_long", "queue_wait"] {
-            m.audit_lost.get_or_create_owned(&CauseLabel {
-                cause: cause.to_owned(),
-            });
-        }
         registry.register(
             "claims",
             "Claims (audit records) the verifier took up, by kind",
@@ -190,11 +157,51 @@ impl Default for Metrics {
                 result: result.to_owned(),
             });
         }
+        if audit_source {
+            m.register_audit(&mut registry);
+        }
         Self { registry, ..m }
     }
-}
 
-impl Metrics {
+    fn register_audit(&self, registry: &mut Registry) {
+        let m = self;
+        registry.register(
+            "audit_records",
+            "Audit records the monitor read from its source",
+            m.audit_records.clone(),
+        );
+        registry.register(
+            "audit_lost",
+            "Audit records lost before the monitor read them, by cause (enobufs, kernel, serial_gap, too_long; queue_wait counts backpressure)",
+            m.audit_lost.clone(),
+        );
+        registry.register(
+            "audit_last_record_timestamp_seconds",
+            "The kernel stamp of the last audit record the monitor read (its own heartbeats included)",
+            m.audit_last_record.clone(),
+        );
+        registry.register(
+            "audit_enabled",
+            "Whether the kernel's auditing is on (1) or off (0), as the monitor last read it",
+            m.audit_enabled.clone(),
+        );
+        registry.register(
+            "audit_backlog_limit",
+            "The kernel's audit backlog limit, as the monitor last read it",
+            m.audit_backlog_limit.clone(),
+        );
+        registry.register(
+            "records_not_from_manager",
+            "Audit records whose sender is no manager: never claims",
+            m.not_from_manager.clone(),
+        );
+        for cause in ["enobufs", "kernel", "serial_gap", "too_long", "queue_wait"] {
+            m.audit_lost.get_or_create_owned(&CauseLabel {
+                cause: cause.to_owned(),
+            });
+        }
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut s = String::new();

@@ -121,9 +121,13 @@ pub fn serve(addr: &str, hub: Arc<Hub>) -> Result<Server, ServeError> {
     Ok(server)
 }
 
-/// [`serve`] for a command whose verifier tells `observers`: a new hub of VMs joins them.
-pub fn serve_observers(addr: &str, observers: &mut Observers) -> Result<Server, ServeError> {
-    let server = serve(addr, Hub::new())?;
+/// [`serve`] for a command whose verifier tells `observers`: `hub` (of VMs) joins them.
+pub fn serve_observers(
+    addr: &str,
+    hub: Arc<Hub>,
+    observers: &mut Observers,
+) -> Result<Server, ServeError> {
+    let server = serve(addr, hub)?;
     observers.push(server.hub().clone());
     Ok(server)
 }

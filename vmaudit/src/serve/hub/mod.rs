@@ -61,21 +61,26 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub of VMs (`run`, `monitor`).
+    /// A hub of VMs (`run`).
     pub fn new() -> Arc<Self> {
-        Self::with_scope(Scope::Vms)
+        Self::with_scope(Scope::Vms, false)
+    }
+
+    /// A hub of VMs whose claims come from an audit stream (`monitor`): with its metrics.
+    pub fn for_monitor() -> Arc<Self> {
+        Self::with_scope(Scope::Vms, true)
     }
 
     /// A hub of watched processes (`watch`).
     pub fn for_processes() -> Arc<Self> {
-        Self::with_scope(Scope::Processes)
+        Self::with_scope(Scope::Processes, false)
     }
 
-    fn with_scope(scope: Scope) -> Arc<Self> {
+    fn with_scope(scope: Scope, audit_source: bool) -> Arc<Self> {
         Arc::new(Self {
             scope,
             state: Mutex::default(),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(audit_source),
             events: broadcast::channel(CHANNEL).0,
         })
     }
