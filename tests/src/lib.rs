@@ -359,6 +359,23 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A persistent tap (`ip tuntap add`) deleted on drop, even when a test fails.
+pub struct TapGuard(pub String);
+
+impl TapGuard {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        sh("ip", &["tuntap", "add", "dev", name, "mode", "tap"]);
+        Self(name.to_owned())
+    }
+}
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
 /// A veth pair (`NAME` and `NAME-p`) deleted on drop, with everything stacked on it.
 pub struct VethGuard(pub String);
 

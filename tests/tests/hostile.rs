@@ -16,9 +16,9 @@ use vmaudit::audit::{
     sink::KernelOutcome,
 };
 use vmaudit_tests::{
-    Bins, TempDir, VethGuard, bins,
+    Bins, TapGuard, TempDir, VethGuard, bins,
     hardening::{Snapshot, run_vmaudit_as, run_vmaudit_unprivileged},
-    require_root, run_vmaudit, sh,
+    require_root, run_vmaudit,
     vmrun::VmRun,
 };
 
@@ -350,7 +350,7 @@ fn hostile_specs_are_refused_with_one_line_and_leave_nothing() {
     // Names the host already has: a macvtap link's (the veth's peer), a tap's (another VM's,
     // persistent here): refused by the kernel (EEXIST; EBUSY with IFF_TUN_EXCL), audited as a
     // failed open, and the other link left as it was.
-    sh("ip", &["tuntap", "add", "dev", "vmhs-other", "mode", "tap"]);
+    let other = TapGuard::new("vmhs-other");
     let taken = [
         (
             "a macvtap name a link has",
@@ -381,7 +381,7 @@ fn hostile_specs_are_refused_with_one_line_and_leave_nothing() {
     }
     assert!(Path::new("/sys/class/net/vmhsv0-p").exists());
     assert!(Path::new("/sys/class/net/vmhs-other").exists());
-    sh("ip", &["tuntap", "del", "dev", "vmhs-other", "mode", "tap"]);
+    drop(other);
     // Journals that cannot be written.
     let spec = tmp.0.join("vm.toml");
     std::fs::write(&spec, format!("{h}[emulator]\npath = \"{fake}\"\n")).unwrap();

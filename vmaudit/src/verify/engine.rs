@@ -479,6 +479,7 @@ impl Verifier {
     fn apply(&mut self, outputs: Vec<Output>) {
         let view = HostView::new(self.w.tables(), &self.layout);
         for o in outputs {
+            log::trace!("{}", serde_json::to_string(&o).unwrap_or_default());
             match o {
                 Output::Fd(r) => {
                     self.obs.fd(&r);

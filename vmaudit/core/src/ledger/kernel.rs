@@ -22,6 +22,8 @@ pub struct MgrOpen {
     pub ofd: Option<u64>,
     /// The id of the open claim it was found for.
     pub named: Option<u64>,
+    /// Its release (time and how): this open's, not a later one of the same number.
+    pub released: Option<(u64, Op)>,
 }
 
 impl MgrOpen {
@@ -140,6 +142,14 @@ impl KernelLog {
 
     fn released(&mut self, at: FdRef, r: &FdRecord) -> Change {
         self.releases.insert(at, (r.ts, r.op));
+        if let Some(o) = self
+            .opens
+            .iter_mut()
+            .rev()
+            .find(|o| o.at == at && o.released.is_none())
+        {
+            o.released = Some((r.ts, r.op));
+        }
         if r.op == Op::Exit {
             self.exits.entry(at.pid).or_insert(r.ts);
         }
@@ -179,6 +189,7 @@ impl KernelLog {
                     rdev: file.rdev,
                     ofd: file.ofd,
                     named: None,
+                    released: None,
                 });
             }
             return Change::Nothing;

@@ -204,19 +204,17 @@ fn judge_failed_open(
 /// audits it): the manager opened it and released it before the record, and nothing was
 /// passed.
 fn opened_then_released(l: &mut Ledger, c: &Claim, path: &str, managers: &[u32]) -> Option<Found> {
-    let releases = &l.log.releases;
     let o = l.log.opens.iter_mut().find(|o| {
         o.named.is_none()
             && managers.contains(&o.at.pid)
             && o.path == path
-            && releases
-                .get(&o.at)
-                .is_some_and(|(ts, _)| *ts >= o.ts && *ts <= c.made_ns)
+            && o.released
+                .is_some_and(|(ts, _)| ts >= o.ts && ts <= c.made_ns)
     })?;
     o.named = Some(c.id);
     let o = o.clone();
     l.log.opens.retain(|x| x.named.is_none());
-    let (ts, op) = l.log.releases[&o.at];
+    let (ts, op) = o.released?;
     Some(
         Found::confirmed(
             format!(

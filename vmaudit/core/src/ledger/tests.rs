@@ -1378,6 +1378,32 @@ fn a_detached_nics_fd_number_reused_by_the_next_attach_is_no_violation() {
 }
 
 #[test]
+fn a_failed_set_up_is_judged_by_its_own_release_when_the_number_is_reused_before_the_claim() {
+    let mut t = T::new();
+    let n = t.now;
+    t.fd(rec(MGR, Op::Open, 9, n, tun(None)));
+    t.fd(rec(MGR, Op::Close, 9, n + 1, tun(None)));
+    // The manager reuses fd 9 for another file after the record, and the tracker delivers
+    // that before the verifier takes the claim up.
+    let mut other = tun(None);
+    other.path = "/run/vmaudit/vm1".into();
+    other.kind = FileKind::Dir;
+    other.rdev = None;
+    t.fd(rec(MGR, Op::Open, 9, n + 10, other.clone()));
+    t.fd(rec(MGR, Op::Close, 9, n + 11, other));
+    t.now = n + 2;
+    t.claim_with(open(None), false);
+    let v = t.one();
+    assert_eq!(v.status, Status::Confirmed, "{}", v.reason);
+    assert_eq!(
+        v.evidence[1].ts,
+        Some(n + 1),
+        "the tun's own close: {:?}",
+        v.evidence
+    );
+}
+
+#[test]
 fn a_failed_device_set_up_is_confirmed_by_the_open_and_its_release() {
     let mut t = T::new();
     t.fd(rec(MGR, Op::Open, 9, t.now, tun(None)));
