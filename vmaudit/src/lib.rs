@@ -20,6 +20,7 @@ pub mod forward;
 pub mod kcmp;
 pub mod logging;
 pub mod monitor;
+pub mod mountinfo;
 pub mod observe;
 pub mod paths;
 pub mod procfs;

@@ -42,8 +42,6 @@ impl Roots {
 
 /// The mount information of this process, to find tracefs and the cgroup layout.
 pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
-/// Our own status (capabilities).
-pub const SELF_STATUS: &str = "/proc/self/status";
 /// Where vmaudit mounts tracefs when it is not mounted anywhere.
 pub const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
 

@@ -3,6 +3,11 @@
 //!
 //! Used to seed a table when watching starts, to resync it after lost events, to resolve a new
 //! fd's identity, and by `vmaudit fds`.
+//!
+//! The fd table is read here, not through the procfs crate: its `Process::fd` opens and
+//! lstat()s each link and gives the link's own mode, while vmaudit needs the open file's stat
+//! (device numbers, inode, mode), which one stat() through the magic link gives, and fdinfo's
+//! `flags:` and `iff:`, which the crate does not read.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -15,6 +20,19 @@ use std::{
 use crate::paths::Roots;
 
 pub use vmaudit_core::fd::{DevNum, FdIdentity, FileKind, O_CLOEXEC, Source};
+
+/// A procfs-crate error as the `io::Error` the same read through `std::fs` gives: a process
+/// or file that is not there is `NotFound` (ENOENT), a refused read `PermissionDenied`
+/// (EACCES), text that does not parse `InvalidData`.
+pub fn io_error(e: ::procfs::ProcError) -> io::Error {
+    use ::procfs::ProcError;
+    match e {
+        ProcError::Io(e, _) => e,
+        ProcError::NotFound(_) => io::Error::from_raw_os_error(libc::ENOENT),
+        ProcError::PermissionDenied(_) => io::Error::from_raw_os_error(libc::EACCES),
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
 
 /// An identity known only by the name a syscall used. An absolute name is stat'ed now, which
 /// gives a device node's numbers (what matters for devices) though not the open file's own
@@ -250,6 +268,16 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    #[test]
+    fn crate_errors_read_as_std_errors() {
+        let gone = ::procfs::process::Process::new_with_root("/proc/4294967295".into());
+        let e = io_error(gone.unwrap_err());
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        let denied = io_error(::procfs::ProcError::PermissionDenied(None));
+        assert_eq!(denied.kind(), io::ErrorKind::PermissionDenied);
+    }
 
     #[test]
     fn fdinfo_flags_are_octal_and_iff_is_read() {

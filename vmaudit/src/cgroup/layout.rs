@@ -4,18 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use thiserror::Error;
-
 use super::CgroupError;
-
-/// A mountinfo line that does not parse.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("line {line}: {reason}")]
-pub struct MountinfoError {
-    /// 1-based.
-    pub line: usize,
-    pub reason: &'static str,
-}
+use crate::mountinfo::{self, Mount, MountinfoError};
 
 /// Directory under a hierarchy's root that holds vmaudit's VM cgroups.
 pub const VM_PARENT: &str = "vmaudit";
@@ -38,33 +28,33 @@ impl Layout {
 
     /// Reads a mountinfo file.
     pub fn from_file(path: &Path) -> Result<Self, CgroupError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|source| CgroupError::Mountinfo {
-            path: path.to_owned(),
-            source,
-        })
+        let mounts = mountinfo::read(path)
+            .map_err(|source| CgroupError::Read {
+                path: path.to_owned(),
+                source,
+            })?
+            .map_err(|source| CgroupError::Mountinfo {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self::of_mounts(&mounts))
     }
 
-    /// Parses mountinfo text (proc(5)): `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS
-    /// [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`. Where a hierarchy is mounted more than
-    /// once, the first mount of its root (ROOT `/`) wins, else its first mount.
+    /// Parses mountinfo text (proc(5)).
     pub fn parse(text: &str) -> Result<Self, MountinfoError> {
-        let mut v2: Option<(bool, PathBuf)> = None;
-        let mut v1: Option<(bool, PathBuf)> = None;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let m = parse_line(line).map_err(|reason| MountinfoError {
-                line: i + 1,
-                reason,
-            })?;
-            let slot = match m.fstype {
+        let mounts: Vec<Mount> = mountinfo::parse(text).collect::<Result<_, _>>()?;
+        Ok(Self::of_mounts(&mounts))
+    }
+
+    /// Where a hierarchy is mounted more than once, the first mount of its root (ROOT `/`)
+    /// wins, else its first mount.
+    pub fn of_mounts(mounts: &[Mount]) -> Self {
+        let mut v2: Option<(bool, &Path)> = None;
+        let mut v1: Option<(bool, &Path)> = None;
+        for m in mounts {
+            let slot = match m.fs_type.as_str() {
                 "cgroup2" => &mut v2,
-                "cgroup" if m.super_options.split(',').any(|o| o == "devices") => &mut v1,
+                "cgroup" if m.has_super_option("devices") => &mut v1,
                 _ => continue,
             };
             let whole = m.root == "/";
@@ -72,13 +62,13 @@ impl Layout {
                 .as_ref()
                 .is_none_or(|(was_whole, _)| whole && !was_whole)
             {
-                *slot = Some((whole, m.mount_point));
+                *slot = Some((whole, &m.mount_point));
             }
         }
-        Ok(Self {
-            v2: v2.map(|(_, p)| p),
-            v1_devices: v1.map(|(_, p)| p),
-        })
+        Self {
+            v2: v2.map(|(_, p)| p.to_owned()),
+            v1_devices: v1.map(|(_, p)| p.to_owned()),
+        }
     }
 
     /// `<v2 mount>/vmaudit`: the default parent of VM cgroups on cgroup v2.
@@ -90,54 +80,6 @@ impl Layout {
     pub fn vm_parent_v1(&self) -> Option<PathBuf> {
         self.v1_devices.as_ref().map(|p| p.join(VM_PARENT))
     }
-}
-
-struct Mount<'a> {
-    root: String,
-    mount_point: PathBuf,
-    fstype: &'a str,
-    super_options: &'a str,
-}
-
-fn parse_line(line: &str) -> Result<Mount<'_>, &'static str> {
-    let (head, tail) = line
-        .split_once(" - ")
-        .ok_or("no ' - ' separator before the filesystem type")?;
-    let head: Vec<&str> = head.split(' ').collect();
-    if head.len() < 6 {
-        return Err("fewer than 6 fields before the separator");
-    }
-    let mut tail = tail.split(' ');
-    let (Some(fstype), Some(_source), Some(super_options)) =
-        (tail.next(), tail.next(), tail.next())
-    else {
-        return Err("fewer than 3 fields after the separator");
-    };
-    Ok(Mount {
-        root: unescape(head[3])?,
-        mount_point: PathBuf::from(unescape(head[4])?),
-        fstype,
-        super_options,
-    })
-}
-
-/// Undoes the kernel's `\ooo` octal escapes (space, tab, newline, backslash) in a path field.
-fn unescape(field: &str) -> Result<String, &'static str> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            let oct = bytes.get(i + 1..i + 4).ok_or("truncated escape")?;
-            let s = std::str::from_utf8(oct).map_err(|_| "bad escape")?;
-            out.push(u8::from_str_radix(s, 8).map_err(|_| "bad escape")?);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "path is not UTF-8")
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use thiserror::Error;
 
 use self::v2::DeviceProgram;
 pub use self::{
-    layout::{Layout, MountinfoError, VM_PARENT},
+    layout::{Layout, VM_PARENT},
     v2::DecisionStream,
 };
 // The ACL's types are the core's: what the runtime applies and what the verifier judges.
@@ -66,7 +66,7 @@ pub enum CgroupError {
     Mountinfo {
         path: PathBuf,
         #[source]
-        source: layout::MountinfoError,
+        source: crate::mountinfo::MountinfoError,
     },
     #[error(
         "no cgroup hierarchy with device control is mounted (neither cgroup2 nor the v1 devices controller)"

@@ -12,23 +12,20 @@ use std::{
 };
 
 use super::CgroupError;
-use crate::{observe::preflight::mounts_of_type, paths};
+use crate::{mountinfo, paths};
 
 /// bpffs: where it is mounted, mounting it at `/sys/fs/bpf` when it is nowhere.
 pub fn bpffs() -> Result<PathBuf, CgroupError> {
-    let mountinfo =
-        fs::read_to_string(paths::SELF_MOUNTINFO).map_err(|source| CgroupError::Read {
+    let mounts = mountinfo::read_lenient(Path::new(paths::SELF_MOUNTINFO)).map_err(|source| {
+        CgroupError::Read {
             path: paths::SELF_MOUNTINFO.into(),
             source,
-        })?;
+        }
+    })?;
     let default = Path::new(paths::BPFFS_DEFAULT);
-    let mounted = mounts_of_type(&mountinfo, "bpf");
-    if let Some(m) = mounted
-        .iter()
-        .find(|m| *m == default)
-        .or_else(|| mounted.first())
-    {
-        return Ok(m.clone());
+    let mounted: Vec<&Path> = mountinfo::mount_points(&mounts, "bpf").collect();
+    if let Some(m) = mounted.iter().find(|m| **m == default).or(mounted.first()) {
+        return Ok(m.to_path_buf());
     }
     nix::mount::mount(
         Some("bpf"),

@@ -1,12 +1,11 @@
 //! Checks before loading anything, each failing with a message a person can act on.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
+
+use ::procfs::process::{Process, Status};
 
 use super::ObserveError;
-use crate::paths;
+use crate::{mountinfo, paths};
 
 /// Capability numbers (linux/capability.h).
 const CAP_SYS_PTRACE: u32 = 19;
@@ -14,12 +13,11 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Parses `CapEff:` from /proc/self/status text.
-pub fn effective_caps(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+/// This process's effective capabilities (`CapEff:` of /proc/self/status); none if unreadable.
+fn effective_caps() -> u64 {
+    Process::myself()
+        .and_then(|p| p.status())
+        .map_or(0, |s| s.capeff)
 }
 
 /// The capabilities missing from `caps` for loading and attaching the tracker and reading
@@ -42,8 +40,7 @@ pub fn missing_caps(caps: u64) -> Vec<&'static str> {
 
 /// Fails unless this process may load and attach the tracker.
 pub fn check_caps() -> Result<(), ObserveError> {
-    let status = fs::read_to_string(paths::SELF_STATUS).unwrap_or_default();
-    let missing = missing_caps(effective_caps(&status).unwrap_or(0));
+    let missing = missing_caps(effective_caps());
     if missing.is_empty() {
         Ok(())
     } else {
@@ -53,47 +50,13 @@ pub fn check_caps() -> Result<(), ObserveError> {
     }
 }
 
-/// The mount points of filesystems of type `fstype` in mountinfo text.
-pub fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let ty = right.split(' ').next()?;
-            (ty == fstype).then(|| PathBuf::from(unescape_mount(mount_point)))
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal `\040` etc.
-fn unescape_mount(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Makes sure tracefs is mounted where aya looks for it (`/sys/kernel/tracing`), mounting it
 /// when absent. Returns the mount point.
 pub fn ensure_tracefs() -> Result<PathBuf, ObserveError> {
     let default = Path::new(paths::TRACEFS_DEFAULT);
-    let mountinfo = fs::read_to_string(paths::SELF_MOUNTINFO).unwrap_or_default();
-    let mounted = mounts_of_type(&mountinfo, "tracefs");
-    if mounted.iter().any(|m| m == default) {
+    // Unreadable, mountinfo shows no tracefs, and the mount below makes one.
+    let mounts = mountinfo::read_lenient(Path::new(paths::SELF_MOUNTINFO)).unwrap_or_default();
+    if mountinfo::mount_points(&mounts, "tracefs").any(|m| m == default) {
         return Ok(default.to_owned());
     }
     nix::mount::mount(
@@ -132,36 +95,33 @@ pub fn check_tracepoints(tracefs: &Path) -> Result<(), ObserveError> {
     Ok(())
 }
 
+/// `/proc/PID/status` of `pid` under `proc_root`, or None if no such process.
+fn status_of(proc_root: &Path, pid: u32) -> Option<Status> {
+    Process::new_with_root(proc_root.join(pid.to_string()))
+        .and_then(|p| p.status())
+        .ok()
+}
+
 /// How many pid namespaces `pid` has a number in, from the one of `proc_root` down to its own
 /// (`NSpid:`): 1 when it is in that namespace itself.
 pub fn pid_namespace_depth(proc_root: &Path, pid: u32) -> Option<usize> {
-    let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .map(|v| v.split_whitespace().count())
+    status_of(proc_root, pid)?.nspid.map(|ns| ns.len())
 }
 
 /// The thread-group id of `pid` from /proc/PID/status, or None if no such process.
 pub fn tgid_of(proc_root: &Path, pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
+    u32::try_from(status_of(proc_root, pid)?.tgid).ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
-    fn caps_parse_and_missing() {
-        let status = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(
-            missing_caps(effective_caps(status).unwrap()),
-            Vec::<&str>::new()
-        );
+    fn missing_caps_are_named() {
+        assert_eq!(missing_caps(0x1ff_ffff_ffff), Vec::<&str>::new());
         assert_eq!(
             missing_caps(0),
             vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]
@@ -200,17 +160,23 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_finds_tracefs_and_unescapes() {
-        let mi = "22 1 0:20 / /sys rw - sysfs sysfs rw\n\
-                  40 22 0:12 / /sys/kernel/tracing rw,nosuid - tracefs nodev rw\n\
-                  41 22 0:13 / /mnt/with\\040space rw shared:5 - tracefs nodev rw\n";
-        assert_eq!(
-            mounts_of_type(mi, "tracefs"),
-            vec![
-                PathBuf::from("/sys/kernel/tracing"),
-                PathBuf::from("/mnt/with space")
-            ]
-        );
-        assert!(mounts_of_type(mi, "bpf").is_empty());
+    fn this_process_and_its_thread_are_read_from_proc() {
+        let root = Path::new("/proc");
+        let me = std::process::id();
+        assert_eq!(tgid_of(root, me), Some(me));
+        assert!(pid_namespace_depth(root, me).is_some_and(|d| d >= 1));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = u32::try_from(tid_rx.recv().unwrap()).unwrap();
+        assert_ne!(tid, me);
+        assert_eq!(tgid_of(root, tid), Some(me));
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+        assert_eq!(tgid_of(root, u32::MAX), None);
+        assert_eq!(pid_namespace_depth(root, u32::MAX), None);
     }
 }

@@ -66,20 +66,16 @@ impl ProcessId {
 
     /// The process and its state letter (`R`, `S`, `Z`, ...).
     fn read(pid: u32) -> io::Result<(Self, char)> {
-        let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // The command name (field 2) is in parentheses and may hold anything: count from the
-        // last `)`.
-        let rest = text
-            .rfind(')')
-            .map(|i| &text[i + 1..])
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ) in stat"))?;
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let start = fields
-            .nth(18)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))?;
-        Ok((Self { pid, start }, state))
+        let stat = ::procfs::process::Process::new_with_root(paths::Roots::default().pid_dir(pid))
+            .and_then(|p| p.stat())
+            .map_err(crate::procfs::io_error)?;
+        Ok((
+            Self {
+                pid,
+                start: stat.starttime,
+            },
+            stat.state,
+        ))
     }
 
     /// Whether this very process still runs (not merely a process with its pid, nor a zombie

@@ -65,7 +65,8 @@ pub fn tty_index(fdinfo: &str) -> Option<u32> {
 }
 
 /// The inodes of the sockets bound to `path` in a `/proc/net/unix` table (`Num RefCount
-/// Protocol Flags Type St Inode Path`).
+/// Protocol Flags Type St Inode Path`). Parsed here: the procfs crate cuts a path at its first
+/// blank and fails the whole table on a path that is not UTF-8.
 pub fn unix_sockets_at(table: &str, path: &Path) -> Vec<u64> {
     let want = path.as_os_str().as_bytes();
     table
@@ -79,7 +80,8 @@ pub fn unix_sockets_at(table: &str, path: &Path) -> Vec<u64> {
         .collect()
 }
 
-/// Every fd of every process whose file is one of `files` (device, inode).
+/// Every fd of every process whose file is one of `files` (device, inode). Walked here: the
+/// procfs crate's fd listing gives no stat of the open file.
 pub fn holders(roots: &Roots, files: &[(DevNum, u64)]) -> Vec<Holder> {
     use std::os::unix::fs::MetadataExt as _;
     let mut out = Vec::new();

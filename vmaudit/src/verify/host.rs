@@ -10,6 +10,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
+use ::procfs::{FromReadSI as _, KernelStats, ProcessCGroup, process::Process};
 use vmaudit_core::{
     acl::{Acl, DevTypes, DeviceRule},
     fd::{DevNum, ProcTable},
@@ -153,8 +154,8 @@ impl KernelView for HostView<'_> {
     }
 
     fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
-        let text = std::fs::read_to_string(self.roots.pid_dir(pid).join("cgroup")).ok()?;
-        cgroup_dir(&text, self.layout)
+        let process = Process::new_with_root(self.roots.pid_dir(pid)).ok()?;
+        cgroup_dir(&process.cgroups().ok()?.0, self.layout)
     }
 
     fn net_fds(&self) -> Vec<NetFd> {
@@ -186,58 +187,46 @@ impl KernelView for HostView<'_> {
 
 /// The cgroup directory `/proc/PID/cgroup` names: its v2 one (`0::/path`) under the v2 mount,
 /// else its v1 devices one (`N:devices:/path`) under that mount.
-fn cgroup_dir(text: &str, layout: &Layout) -> Option<PathBuf> {
+fn cgroup_dir(groups: &[ProcessCGroup], layout: &Layout) -> Option<PathBuf> {
     let under = |root: &Option<PathBuf>, rel: &str| {
         root.as_ref().map(|r| r.join(rel.trim_start_matches('/')))
     };
-    let line = |ctrl: &str| {
-        text.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, c, path) = (parts.next()?, parts.next()?, parts.next()?);
-            (c == ctrl || c.split(',').any(|x| x == ctrl)).then_some(path)
-        })
-    };
-    match line("") {
-        Some(rel) if layout.v2.is_some() => under(&layout.v2, rel),
-        _ => under(&layout.v1_devices, line("devices")?),
+    let v2 = groups.iter().find(|g| g.controllers.is_empty());
+    match v2 {
+        Some(g) if layout.v2.is_some() => under(&layout.v2, &g.pathname),
+        _ => {
+            let v1 = groups
+                .iter()
+                .find(|g| g.controllers.iter().any(|c| c == "devices"))?;
+            under(&layout.v1_devices, &v1.pathname)
+        }
     }
 }
 
 /// A process from /proc: start time, exe, comm, parent.
 fn process_info(roots: &Roots, pid: u32) -> Option<ProcessInfo> {
-    let dir = roots.pid_dir(pid);
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(stat.find('(')? + 1..close)?.to_owned();
-    let rest: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
-    let ppid = rest.get(1)?.parse().ok()?;
-    let ticks: u64 = rest.get(19)?.parse().ok()?;
+    let process = Process::new_with_root(roots.pid_dir(pid)).ok()?;
+    let stat = process.stat().ok()?;
     Some(ProcessInfo {
-        start_unix_ns: boot_time_ns(roots)? + ticks * 1_000_000_000 / clock_ticks(),
-        exe: std::fs::read_link(dir.join("exe"))
+        start_unix_ns: boot_time_ns(roots)?
+            + stat.starttime * 1_000_000_000 / ::procfs::ticks_per_second().max(1),
+        exe: process
+            .exe()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        comm,
-        ppid,
+        comm: stat.comm,
+        ppid: u32::try_from(stat.ppid).ok()?,
     })
-}
-
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(hz).unwrap_or(100).max(1)
 }
 
 /// The boot time (Unix ns), `btime` of /proc/stat.
 fn boot_time_ns(roots: &Roots) -> Option<u64> {
-    let stat = std::fs::read_to_string(roots.proc.join("stat")).ok()?;
-    let secs: u64 = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
-    Some(secs * 1_000_000_000)
+    let stat = KernelStats::from_file(roots.proc.join("stat"), ::procfs::current_system_info());
+    Some(stat.ok()?.btime * 1_000_000_000)
 }
 
-/// Every tun/tap, vhost-net and macvtap fd of every process.
+/// Every tun/tap, vhost-net and macvtap fd of every process. One readlink per fd: the procfs
+/// crate's `Process::fd` would add an open and an lstat per fd of every process on the host.
 fn net_fds(roots: &Roots) -> Vec<NetFd> {
     let mut out = Vec::new();
     let Ok(procs) = std::fs::read_dir(&roots.proc) else {
@@ -287,11 +276,13 @@ mod tests {
 
     #[test]
     fn a_process_cgroup_is_read_under_its_mount() {
+        use ::procfs::{FromBufRead as _, ProcessCGroups};
         let layout = Layout {
             v2: Some(PathBuf::from("/sys/fs/cgroup/unified")),
             v1_devices: Some(PathBuf::from("/sys/fs/cgroup/devices")),
         };
         let text = "12:devices:/machine/a\n0::/machine/qemu-1-vm.libvirt-qemu/emulator\n";
+        let text = &ProcessCGroups::from_buf_read(text.as_bytes()).unwrap().0;
         assert_eq!(
             cgroup_dir(text, &layout),
             Some(PathBuf::from(
@@ -303,7 +294,7 @@ mod tests {
             cgroup_dir(text, &v1_only),
             Some(PathBuf::from("/sys/fs/cgroup/devices/machine/a"))
         );
-        assert_eq!(cgroup_dir("", &v1_only), None);
+        assert_eq!(cgroup_dir(&[], &v1_only), None);
     }
 
     #[test]
