@@ -288,7 +288,9 @@ pub(super) fn judge_up(
     let managers = l.managers_of(c);
     let table = view.table(emu);
     let bad = handed.iter().find_map(|h| {
-        let held = table.and_then(|t| t.fds.get(&h.emulator_fd));
+        let held = table
+            .and_then(|t| t.fds.get(&h.emulator_fd))
+            .filter(|e| arrived_for(e, c));
         let how = Handoff::of(l, c, mac, &managers, h, held);
         (how.same() == Some(false)).then_some((h, how))
     });
@@ -317,7 +319,7 @@ pub(super) fn judge_up(
         infer_nic_fds(l, c, emu, mac, view)
     } else {
         let how = |h: &Handed, held: Option<&FdEntry>| Handoff::of(l, c, mac, &managers, h, held);
-        match handed_fds(l, emu, handed, view, how) {
+        match handed_fds(l, c, emu, handed, view, how) {
             Some(f) => f,
             None => return last.then(|| not_held(l, c, emu, mac, *attach, view)),
         }
@@ -430,8 +432,16 @@ fn held_until_detach(
 }
 
 /// The NIC's fds, as the manager handed them; None while one is neither held nor released.
+/// Whether the emulator's fd can be the one claim `c` is about: it arrived before the record
+/// was made. A later one at the same number is a later hand-off's (the claim, waiting for its
+/// detach, is judged after the fd went and its number came back).
+fn arrived_for(e: &FdEntry, c: &Claim) -> bool {
+    e.since_ns <= c.made_ns
+}
+
 fn handed_fds(
     l: &Ledger,
+    c: &Claim,
     emu: u32,
     handed: &[Handed],
     view: &dyn KernelView,
@@ -445,7 +455,8 @@ fn handed_fds(
             let held = table
                 .fds
                 .get(&h.emulator_fd)
-                .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev);
+                .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev)
+                .filter(|e| arrived_for(e, c));
             let how = handoff(h, held);
             match (held, l.log.releases.get(&at)) {
                 (Some(e), _) if how.same() == Some(true) => Some(NicFd {

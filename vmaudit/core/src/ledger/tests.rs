@@ -346,6 +346,43 @@ fn a_handed_fd_is_the_managers_open_by_the_kernels_id_kcmp_cross_checking() {
 }
 
 #[test]
+fn a_later_hand_off_at_the_same_number_is_not_the_claims_fd() {
+    // fd 7 arrives (the manager's open, id 42), goes with its detach, and the number comes back
+    // with the next attach's file (id 43) before the verifier takes the first attach up.
+    let mut t = T::new();
+    let now = t.at(0).now;
+    t.fd(rec(MGR, Op::Open, 5, now, tun_ofd(42)));
+    t.claim(open(Some(5)));
+    assert_eq!(t.one().status, Status::Confirmed);
+    let now = t.at(1).now;
+    t.fd(rec(EMU, Op::RecvFd, 7, now, tun_ofd(42)));
+    let made = t.at(2).now;
+    let now = t.at(3).now;
+    t.fd(rec(EMU, Op::Close, 7, now, tun_ofd(42)));
+    let now = t.at(5).now;
+    t.fd(rec(MGR, Op::Open, 5, now, tun_ofd(43)));
+    let now = t.at(6).now;
+    t.fd(rec(EMU, Op::RecvFd, 7, now, tun_ofd(43)));
+    t.now = made;
+    let mut attach = up(
+        Some(EMU),
+        vec![Handed {
+            emulator_fd: 7,
+            ..handed(5, None)
+        }],
+    );
+    if let ClaimKind::NetUp { attach: a, .. } = &mut attach {
+        *a = true;
+    }
+    t.claim(attach);
+    assert!(
+        t.out.iter().all(|v| v.status != Status::Violated),
+        "{:#?}",
+        t.out
+    );
+}
+
+#[test]
 fn a_handed_fd_whose_kernel_id_differs_or_that_kcmp_contradicts_is_violated() {
     let v = handoff(43, Some(true));
     assert_eq!(v.status, Status::Violated, "{}", v.reason);
