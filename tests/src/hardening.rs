@@ -175,7 +175,9 @@ impl Snapshot {
             && self.run_entries == before.run_entries
             && self.pins == before.pins
             && self.programs <= before.programs
-            && self.emulator_processes.is_subset(&before.emulator_processes)
+            && self
+                .emulator_processes
+                .is_subset(&before.emulator_processes)
     }
 
     /// Fails, saying what differs, unless the host is back to this snapshot. BPF programs and
