@@ -172,10 +172,13 @@ fn lose(cause: LossCause, tgid: u32) {
     }
 }
 
-/// The submit flags: wake the consumer only when it asked (it is about to wait) or when much is
-/// pending.
+/// The submit flags for a record of `size` bytes: wake the consumer when it asked (it is about
+/// to wait), or when this record takes the pending bytes past the threshold. Only the crossing
+/// wakes: a consumer already behind is awake and draining, and a wake-up per submit above the
+/// threshold (an irq_work self-IPI, a VM exit under virtualisation) would slow the producer and
+/// the consumer alike.
 #[inline(always)]
-fn wake_flags() -> u64 {
+fn wake_flags(size: u64) -> u64 {
     if let Some(c) = CONSUMER.get_ptr_mut(0) {
         // SAFETY: a live array slot of 4 bytes; a racing producer at worst wakes it twice.
         unsafe {
@@ -187,7 +190,9 @@ fn wake_flags() -> u64 {
     }
     // SAFETY: a static of the object, replaced by the loader.
     let threshold = unsafe { core::ptr::read_volatile(&VMAUDIT_WAKEUP_BYTES) };
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    // The pending bytes count this record and its 8-byte ring header.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if pending >= threshold && pending < threshold + size + 8 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -227,7 +232,7 @@ fn send(ev: &Event) {
     let mut e = *ev;
     e.ts_ns = now();
     entry.write(e);
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<Event>() as u64));
 }
 
 /// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
@@ -276,7 +281,7 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
         kfile::walk_path(file, &mut (*p).path);
         kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 /// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
@@ -312,7 +317,7 @@ fn attached(h: &Head, fd: i32) {
         (*p).path.complete = 0;
         kfile::tun_iface(file, rdev, &mut (*p).path.iface);
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 /// A failed open-family call: the event and the name the caller gave.
@@ -338,7 +343,7 @@ fn failed_open(h: &Head, errno: u64, user_path: u64) {
             buf[0] = 0;
         }
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 #[inline(always)]
