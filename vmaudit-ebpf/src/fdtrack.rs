@@ -77,10 +77,15 @@ static VMAUDIT_URING: UringOffsets = UringOffsets {
 
 // x86_64 `struct pt_regs`: a syscall's arguments are in di, si, dx, r10, its number in orig_ax;
 // a 32-bit compat syscall's arguments are in bx, cx, dx, si. A syscall leaves these saved user
-// registers as they were, so the exit sees the arguments of the entry.
-const PT_REGS_ARG_OFF: [u64; 4] = [112, 104, 96, 56];
-const PT_REGS_COMPAT_ARG_OFF: [u64; 4] = [40, 88, 96, 104];
-const PT_REGS_ORIG_AX_OFF: u64 = 120;
+// registers as they were, so the exit sees the arguments of the entry. They are read in one
+// copy of the 8-byte words from bx (at 40) to orig_ax (at 120): one helper call, not six.
+const PT_REGS_WINDOW_OFF: u64 = 40;
+const PT_REGS_WINDOW_WORDS: usize = 11;
+/// Word indices in that window: di (112), si (104), dx (96), r10 (56); bx (40), cx (88), dx,
+/// si; orig_ax (120).
+const PT_REGS_ARG_WORD: [usize; 4] = [9, 8, 7, 2];
+const PT_REGS_COMPAT_ARG_WORD: [usize; 4] = [0, 6, 7, 8];
+const PT_REGS_ORIG_AX_WORD: usize = 10;
 /// `thread_info.status` bit of a task inside a 32-bit syscall (x86).
 const TS_COMPAT: u32 = 0x0002;
 // Classic syscall tracepoint records (events/syscalls/*/format): `int __syscall_nr` at 8, the
@@ -396,14 +401,17 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    let raw_nr = read_kernel::<u64>(regs + PT_REGS_ORIG_AX_OFF).unwrap_or(u64::MAX);
+    let Some(w) = read_kernel::<[u64; PT_REGS_WINDOW_WORDS]>(regs + PT_REGS_WINDOW_OFF) else {
+        return 0;
+    };
+    let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
     let compat =
         read_kernel::<u32>(task + kfile::task_ti_status_off()).is_some_and(|s| s & TS_COMPAT != 0);
-    let (nr, arg_off) = if compat {
+    let nr = if compat {
         match nr::i386::to_x86_64(raw_nr) {
-            Some(n) => (n as u64, PT_REGS_COMPAT_ARG_OFF),
+            Some(n) => n as u64,
             None => {
                 if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
                     debug!(
@@ -424,7 +432,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
             }
         }
     } else {
-        (raw_nr, PT_REGS_ARG_OFF)
+        raw_nr
     };
     if !nr::is_traced(nr) || is_watched(tgid).is_none() {
         return 0;
@@ -435,12 +443,14 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     if unsafe { IGNORED_TIDS.get(tid) }.is_some() {
         return 0;
     }
-    let mut args = [0u64; 4];
-    let mut i = 0;
-    while i < 4 {
-        args[i] = read_kernel::<u64>(regs + arg_off[i]).unwrap_or(0);
-        i += 1;
-    }
+    // Constant indices in each branch: the verifier sees fixed stack offsets.
+    let args = if compat {
+        let i = PT_REGS_COMPAT_ARG_WORD;
+        [w[i[0]], w[i[1]], w[i[2]], w[i[3]]]
+    } else {
+        let i = PT_REGS_ARG_WORD;
+        [w[i[0]], w[i[1]], w[i[2]], w[i[3]]]
+    };
     let ret: i64 = ctx.arg(1);
     let h = Head {
         tgid,
