@@ -47,9 +47,11 @@ static IGNORED_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0);
 
 /// Slot 0 is set to 1 by the consumer just before it waits; the next submit wakes it and clears
-/// it. Other submits do not wake anyone, so a busy producer pays no wake-up per event.
+/// it. Other submits do not wake anyone, so a busy producer pays no wake-up per event. Slot 1 is
+/// set to 1 once `IGNORED_TIDS` has an entry: until then a watched syscall skips that hash
+/// lookup (an array read is inlined, a hash lookup is a call).
 #[map]
-static CONSUMER: Array<u32> = Array::with_max_entries(1, 0);
+static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
 
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
@@ -439,8 +441,9 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     }
     // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
     // feed back into the ring forever.
+    let ignoring = CONSUMER.get(1).is_some_and(|v| *v != 0);
     // SAFETY: only the presence of the key is read.
-    if unsafe { IGNORED_TIDS.get(tid) }.is_some() {
+    if ignoring && unsafe { IGNORED_TIDS.get(tid) }.is_some() {
         return 0;
     }
     // Constant indices in each branch: the verifier sees fixed stack offsets.

@@ -329,7 +329,9 @@ impl Tracker {
         let mut map: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(self.ebpf_map_mut(maps::IGNORED_TIDS)?)
                 .map_err(map_err("IGNORED_TIDS"))?;
-        map.insert(tid, 1, 0).map_err(map_err("IGNORED_TIDS"))
+        map.insert(tid, 1, 0).map_err(map_err("IGNORED_TIDS"))?;
+        // Set after the entry, so that a program that sees the flag finds the entry.
+        self.consumer.set(1, 1, 0).map_err(map_err("CONSUMER"))
     }
 
     fn ebpf_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ObserveError> {
