@@ -108,6 +108,33 @@ pub enum FileKind {
 const S_IFMT: u32 = 0o170000;
 
 impl FileKind {
+    pub const ALL: [Self; 9] = [
+        Self::Char,
+        Self::Block,
+        Self::Regular,
+        Self::Dir,
+        Self::Fifo,
+        Self::Socket,
+        Self::Symlink,
+        Self::Anon,
+        Self::Unknown,
+    ];
+
+    /// The name serde gives it (a test holds them equal).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Char => "char",
+            Self::Block => "block",
+            Self::Regular => "regular",
+            Self::Dir => "dir",
+            Self::Fifo => "fifo",
+            Self::Socket => "socket",
+            Self::Symlink => "symlink",
+            Self::Anon => "anon",
+            Self::Unknown => "unknown",
+        }
+    }
+
     /// The kind of an inode from its mode, as the kernel has it (an anonymous inode has no
     /// type bits).
     pub fn of_mode(mode: u32) -> Self {
@@ -164,6 +191,20 @@ pub enum Source {
     /// Read by the kernel programs from the task's fd table at the syscall's exit (or by the
     /// task_file iterator): the file itself, not a name.
     Kernel,
+}
+
+impl Source {
+    pub const ALL: [Self; 4] = [Self::Proc, Self::Table, Self::Syscall, Self::Kernel];
+
+    /// The name serde gives it (a test holds them equal).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Proc => "proc",
+            Self::Table => "table",
+            Self::Syscall => "syscall",
+            Self::Kernel => "kernel",
+        }
+    }
 }
 
 /// The identity of one fd.
@@ -350,6 +391,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How a success prints.
+    pub const OK: &str = "ok";
+
     /// From a syscall's errno (0: success).
     pub fn from_errno(errno: i32) -> Self {
         if errno == 0 {
@@ -367,7 +411,7 @@ impl Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Ok => f.write_str("ok"),
+            Self::Ok => f.write_str(Self::OK),
             Self::Failed(e) => write!(f, "{e:?}"),
         }
     }
@@ -430,7 +474,7 @@ impl FdRecord {
         out.extend_from_slice(b",\"tid\":");
         json::int(out, *tid);
         out.extend_from_slice(b",\"op\":");
-        json::value(out, op);
+        json::str(out, op.name());
         out.extend_from_slice(b",\"syscall\":");
         json::str(out, syscall);
         out.extend_from_slice(b",\"fd\":");
@@ -439,7 +483,10 @@ impl FdRecord {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"result\":");
-        json::value(out, result);
+        match result {
+            Outcome::Ok => json::str(out, Outcome::OK),
+            Outcome::Failed(_) => json::value(out, result),
+        }
         if let Some(c) = cloexec {
             out.extend_from_slice(b",\"cloexec\":");
             out.extend_from_slice(if *c { b"true" } else { b"false" });
@@ -473,7 +520,7 @@ impl FdIdentity {
         out.extend_from_slice(b",\"path\":");
         json::str(out, path);
         out.extend_from_slice(b",\"kind\":");
-        json::value(out, kind);
+        json::str(out, kind.name());
         if let Some(d) = rdev {
             out.extend_from_slice(b",\"rdev\":");
             json::dev(out, *d);
@@ -503,7 +550,7 @@ impl FdIdentity {
             json::str(out, i);
         }
         out.extend_from_slice(b",\"source\":");
-        json::value(out, source);
+        json::str(out, source.name());
     }
 }
 
@@ -511,8 +558,17 @@ impl FdIdentity {
 mod json {
     use super::DevNum;
 
+    /// A string as serde_json writes it: quoted as it is when nothing in it needs an escape
+    /// (serde_json escapes only `"`, `\` and control characters), through serde otherwise.
     pub fn str(out: &mut Vec<u8>, s: &str) {
-        value(out, s);
+        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.reserve(s.len() + 2);
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        } else {
+            value(out, s);
+        }
     }
 
     pub fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
@@ -574,7 +630,8 @@ mod tests {
             iface: Some("tap0".into()),
             source: Source::Kernel,
         };
-        let bare = FdIdentity::named("pipe:[7]", FileKind::Fifo, Source::Table);
+        // Nothing to escape, but not ASCII only: written as it is.
+        let bare = FdIdentity::named("/tmp/é ~\u{7f}", FileKind::Fifo, Source::Table);
         let full = FdRecord {
             ty: "fd",
             ts: 13630389060217,
@@ -631,6 +688,16 @@ mod tests {
         assert_eq!(DevNum::parse_either("+1:2"), None);
         assert_eq!(DevNum::parse_either("1:2:3"), None);
         assert_eq!(tun.to_string(), "10:200");
+    }
+
+    #[test]
+    fn kind_and_source_names_match_serde() {
+        for k in FileKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap().as_str(), Some(k.name()));
+        }
+        for s in Source::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap().as_str(), Some(s.name()));
+        }
     }
 
     #[test]
