@@ -7,7 +7,7 @@
 //! of a file that is not a device, an anonymous inode's type, a tun/tap fd's interface.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     io,
 };
 
@@ -76,11 +76,11 @@ fn named_kernel_identity(info: &FileInfo, name: String, iface: Option<String>) -
 /// The tables of every watched process.
 pub struct Tables<R> {
     resolver: R,
-    procs: HashMap<u32, ProcTable>,
+    procs: BTreeMap<u32, ProcTable>,
     /// Processes that share one fd table (a child cloned with CLONE_FILES), each mapped to
     /// every member of its group, itself included. A change any member makes is applied to
     /// each member's table, so that each reads as the one table the kernel has.
-    peers: HashMap<u32, BTreeSet<u32>>,
+    peers: BTreeMap<u32, BTreeSet<u32>>,
 }
 
 /// Whether a change made through one member of a shared table is a change of the others'.
@@ -104,8 +104,8 @@ impl<R: Resolver> Tables<R> {
     pub fn new(resolver: R) -> Self {
         Self {
             resolver,
-            procs: HashMap::new(),
-            peers: HashMap::new(),
+            procs: BTreeMap::new(),
+            peers: BTreeMap::new(),
         }
     }
 
@@ -603,7 +603,7 @@ fn record_of_removed(
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
+    use std::{cell::RefCell, collections::HashMap};
 
     use super::*;
 
