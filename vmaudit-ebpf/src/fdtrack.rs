@@ -180,10 +180,10 @@ fn lose(cause: LossCause, tgid: u32) {
 }
 
 /// The submit flags for a record of `size` bytes: wake the consumer when it asked (it is about
-/// to wait), or when this record takes the pending bytes past the threshold. Only the crossing
-/// wakes: a consumer already behind is awake and draining, and a wake-up per submit above the
-/// threshold (an irq_work self-IPI, a VM exit under virtualisation) would slow the producer and
-/// the consumer alike.
+/// to wait), or when this record takes the pending bytes past the threshold (which cuts short
+/// the consumer's pause between drains). Only the crossing wakes: a consumer already past it is
+/// awake and draining, and a wake-up per submit above the threshold (an irq_work self-IPI, a VM
+/// exit under virtualisation) would slow the producer and the consumer alike.
 #[inline(always)]
 fn wake_flags(size: u64) -> u64 {
     if let Some(c) = CONSUMER.get_ptr_mut(0) {

@@ -42,8 +42,8 @@ impl Default for TrackerOptions {
 }
 
 impl TrackerOptions {
-    /// Pending bytes past which a submit wakes the consumer even when it did not ask: a
-    /// quarter of the ring, at most [`vmaudit_common::WAKEUP_BYTES`].
+    /// Pending bytes whose crossing wakes the consumer even when it did not ask: a quarter of
+    /// the ring, at most [`vmaudit_common::WAKEUP_BYTES`].
     pub fn wakeup_bytes(&self) -> u64 {
         (self.ring_bytes as u64 / 4).min(vmaudit_common::WAKEUP_BYTES)
     }
