@@ -702,7 +702,48 @@ mod tests {
 
     #[test]
     fn op_names_match_serde() {
-        for op in [Op::RecvFd, Op::PidfdGetfd, Op::CloseRange, Op::ResyncRemove] {
+        // Every variant: the watch output's writer uses these names for serde's. The match
+        // does not compile when a variant is added, until it is listed in both.
+        let _listed = |op: Op| match op {
+            Op::Seed
+            | Op::Open
+            | Op::Dup
+            | Op::RecvFd
+            | Op::PidfdGetfd
+            | Op::New
+            | Op::Addfd
+            | Op::Inherit
+            | Op::Close
+            | Op::Replaced
+            | Op::CloseRange
+            | Op::ExecCloexec
+            | Op::Exit
+            | Op::CloexecOn
+            | Op::CloexecOff
+            | Op::SendFd
+            | Op::ResyncAdd
+            | Op::ResyncRemove => {}
+        };
+        for op in [
+            Op::Seed,
+            Op::Open,
+            Op::Dup,
+            Op::RecvFd,
+            Op::PidfdGetfd,
+            Op::New,
+            Op::Addfd,
+            Op::Inherit,
+            Op::Close,
+            Op::Replaced,
+            Op::CloseRange,
+            Op::ExecCloexec,
+            Op::Exit,
+            Op::CloexecOn,
+            Op::CloexecOff,
+            Op::SendFd,
+            Op::ResyncAdd,
+            Op::ResyncRemove,
+        ] {
             assert_eq!(
                 serde_json::to_value(op).unwrap().as_str(),
                 Some(op.name()),
