@@ -59,9 +59,10 @@ pub mod programs {
 
 /// Default size of the event ring buffer, in bytes (a power-of-two multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 24;
-/// Bytes pending in the ring buffer past which a submit wakes the consumer. Below it events are
-/// submitted with `BPF_RB_NO_WAKEUP`, and the consumer's periodic drain picks them up: a
-/// busy producer then costs one wake-up per this many bytes, not one per event.
+/// Bytes pending in the ring buffer whose crossing wakes the consumer: the submit that takes the
+/// pending bytes past it wakes the consumer once. Other events are submitted with
+/// `BPF_RB_NO_WAKEUP`, and the consumer's periodic drain picks them up: a busy producer then
+/// costs one wake-up per crossing, not one per event.
 pub const WAKEUP_BYTES: u64 = 64 * 1024;
 /// Entries in the `INFLIGHT` map (threads of watched processes inside a tracked syscall).
 pub const INFLIGHT_ENTRIES: u32 = 16384;

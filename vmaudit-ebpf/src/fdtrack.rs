@@ -47,9 +47,11 @@ static IGNORED_TIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0);
 
 /// Slot 0 is set to 1 by the consumer just before it waits; the next submit wakes it and clears
-/// it. Other submits do not wake anyone, so a busy producer pays no wake-up per event.
+/// it. Other submits do not wake anyone, so a busy producer pays no wake-up per event. Slot 1 is
+/// set to 1 once `IGNORED_TIDS` has an entry: until then a watched syscall skips that hash
+/// lookup (an array read is inlined, a hash lookup is a call).
 #[map]
-static CONSUMER: Array<u32> = Array::with_max_entries(1, 0);
+static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
 
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
@@ -77,10 +79,15 @@ static VMAUDIT_URING: UringOffsets = UringOffsets {
 
 // x86_64 `struct pt_regs`: a syscall's arguments are in di, si, dx, r10, its number in orig_ax;
 // a 32-bit compat syscall's arguments are in bx, cx, dx, si. A syscall leaves these saved user
-// registers as they were, so the exit sees the arguments of the entry.
-const PT_REGS_ARG_OFF: [u64; 4] = [112, 104, 96, 56];
-const PT_REGS_COMPAT_ARG_OFF: [u64; 4] = [40, 88, 96, 104];
-const PT_REGS_ORIG_AX_OFF: u64 = 120;
+// registers as they were, so the exit sees the arguments of the entry. They are read in one
+// copy of the 8-byte words from bx (at 40) to orig_ax (at 120): one helper call, not six.
+const PT_REGS_WINDOW_OFF: u64 = 40;
+const PT_REGS_WINDOW_WORDS: usize = 11;
+/// Word indices in that window: di (112), si (104), dx (96), r10 (56); bx (40), cx (88), dx,
+/// si; orig_ax (120).
+const PT_REGS_ARG_WORD: [usize; 4] = [9, 8, 7, 2];
+const PT_REGS_COMPAT_ARG_WORD: [usize; 4] = [0, 6, 7, 8];
+const PT_REGS_ORIG_AX_WORD: usize = 10;
 /// `thread_info.status` bit of a task inside a 32-bit syscall (x86).
 const TS_COMPAT: u32 = 0x0002;
 // Classic syscall tracepoint records (events/syscalls/*/format): `int __syscall_nr` at 8, the
@@ -172,10 +179,13 @@ fn lose(cause: LossCause, tgid: u32) {
     }
 }
 
-/// The submit flags: wake the consumer only when it asked (it is about to wait) or when much is
-/// pending.
+/// The submit flags for a record of `size` bytes: wake the consumer when it asked (it is about
+/// to wait), or when this record takes the pending bytes past the threshold (which cuts short
+/// the consumer's pause between drains). Only the crossing wakes: a consumer already past it is
+/// awake and draining, and a wake-up per submit above the threshold (an irq_work self-IPI, a VM
+/// exit under virtualisation) would slow the producer and the consumer alike.
 #[inline(always)]
-fn wake_flags() -> u64 {
+fn wake_flags(size: u64) -> u64 {
     if let Some(c) = CONSUMER.get_ptr_mut(0) {
         // SAFETY: a live array slot of 4 bytes; a racing producer at worst wakes it twice.
         unsafe {
@@ -187,7 +197,9 @@ fn wake_flags() -> u64 {
     }
     // SAFETY: a static of the object, replaced by the loader.
     let threshold = unsafe { core::ptr::read_volatile(&VMAUDIT_WAKEUP_BYTES) };
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    // The pending bytes count this record and its 8-byte ring header.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if pending >= threshold && pending < threshold + size + 8 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -227,7 +239,7 @@ fn send(ev: &Event) {
     let mut e = *ev;
     e.ts_ns = now();
     entry.write(e);
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<Event>() as u64));
 }
 
 /// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
@@ -276,7 +288,7 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
         kfile::walk_path(file, &mut (*p).path);
         kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 /// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
@@ -312,7 +324,7 @@ fn attached(h: &Head, fd: i32) {
         (*p).path.complete = 0;
         kfile::tun_iface(file, rdev, &mut (*p).path.iface);
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 /// A failed open-family call: the event and the name the caller gave.
@@ -338,7 +350,7 @@ fn failed_open(h: &Head, errno: u64, user_path: u64) {
             buf[0] = 0;
         }
     }
-    entry.submit(wake_flags());
+    entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
 }
 
 #[inline(always)]
@@ -391,14 +403,17 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    let raw_nr = read_kernel::<u64>(regs + PT_REGS_ORIG_AX_OFF).unwrap_or(u64::MAX);
+    let Some(w) = read_kernel::<[u64; PT_REGS_WINDOW_WORDS]>(regs + PT_REGS_WINDOW_OFF) else {
+        return 0;
+    };
+    let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
     let compat =
         read_kernel::<u32>(task + kfile::task_ti_status_off()).is_some_and(|s| s & TS_COMPAT != 0);
-    let (nr, arg_off) = if compat {
+    let nr = if compat {
         match nr::i386::to_x86_64(raw_nr) {
-            Some(n) => (n as u64, PT_REGS_COMPAT_ARG_OFF),
+            Some(n) => n as u64,
             None => {
                 if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
                     debug!(
@@ -419,23 +434,26 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
             }
         }
     } else {
-        (raw_nr, PT_REGS_ARG_OFF)
+        raw_nr
     };
     if !nr::is_traced(nr) || is_watched(tgid).is_none() {
         return 0;
     }
     // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
     // feed back into the ring forever.
+    let ignoring = CONSUMER.get(1).is_some_and(|v| *v != 0);
     // SAFETY: only the presence of the key is read.
-    if unsafe { IGNORED_TIDS.get(tid) }.is_some() {
+    if ignoring && unsafe { IGNORED_TIDS.get(tid) }.is_some() {
         return 0;
     }
-    let mut args = [0u64; 4];
-    let mut i = 0;
-    while i < 4 {
-        args[i] = read_kernel::<u64>(regs + arg_off[i]).unwrap_or(0);
-        i += 1;
-    }
+    // Constant indices in each branch: the verifier sees fixed stack offsets.
+    let args = if compat {
+        let i = PT_REGS_COMPAT_ARG_WORD;
+        [w[i[0]], w[i[1]], w[i[2]], w[i[3]]]
+    } else {
+        let i = PT_REGS_ARG_WORD;
+        [w[i[0]], w[i[1]], w[i[2]], w[i[3]]]
+    };
     let ret: i64 = ctx.arg(1);
     let h = Head {
         tgid,

@@ -1,7 +1,12 @@
 //! Reading the file behind an fd from the kernel: task → files → fdt → fd[] → struct file →
 //! inode and superblock, at field offsets userspace resolved from the running kernel's BTF.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
+use core::mem::MaybeUninit;
+
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+    generated::bpf_probe_read_kernel as probe_read_raw,
+};
 use vmaudit_common::{FileInfo, IFNAMSIZ, KernelOffsets, PATH_SLOTS, PathTail, ofd};
 
 /// Written by userspace before loading (`EbpfLoader::set_global`): the kernel's field offsets.
@@ -42,6 +47,63 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
+/// The first `N` bytes of a kernel struct, copied in one helper call (each call costs more than
+/// the copy): a field inside them is taken from the copy, one past them is read alone, so a
+/// kernel with another layout is read correctly, only with more calls. `N` stays within the
+/// smallest size the struct has had, so the copy never reaches past the object. The offsets
+/// are constants of the loaded program (read-only data), so the verifier sees fixed stack
+/// offsets and drops the branch not taken.
+struct Window<const N: usize> {
+    base: u64,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Window<N> {
+    #[inline(always)]
+    fn read(base: u64) -> Option<Self> {
+        if base == 0 {
+            return None;
+        }
+        let mut bytes = MaybeUninit::<[u8; N]>::uninit();
+        // SAFETY: copies N bytes of kernel memory into the buffer, failing cleanly on a bad
+        // address; the buffer is used only when the copy succeeded.
+        let ret = unsafe { probe_read_raw(bytes.as_mut_ptr().cast(), N as u32, base as *const _) };
+        if ret != 0 {
+            return None;
+        }
+        Some(Self {
+            base,
+            // SAFETY: the helper wrote all N bytes.
+            bytes: unsafe { bytes.assume_init() },
+        })
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: u64) -> Option<T> {
+        let off = off as usize;
+        if off + size_of::<T>() <= N {
+            // SAFETY: `off..off + size_of::<T>()` lies within the copy; any bit pattern is a
+            // valid integer or address, which is all this reads.
+            Some(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(off).cast()) })
+        } else {
+            read(self.base + off as u64)
+        }
+    }
+}
+
+/// Bytes of `struct fdtable` copied at once (max_fds, fd, close_on_exec lead it; it has been at
+/// least 48 bytes long).
+const FDTABLE_WINDOW: usize = 32;
+/// Bytes of `struct file` copied at once (f_inode, f_flags, private_data, f_path lie within the
+/// first 96 of 6.x kernels; it is over 180 bytes long).
+const FILE_WINDOW: usize = 96;
+/// Bytes of `struct inode` copied at once (i_mode, i_sb, i_ino, i_rdev lie within the first 96;
+/// it is over 500 bytes long).
+const INODE_WINDOW: usize = 96;
+/// Bytes of `struct dentry` copied at once (d_parent and d_name.name lie within the first 48; it
+/// is over 150 bytes long).
+const DENTRY_WINDOW: usize = 48;
+
 /// Whether a file mode is a character or block device.
 #[inline(always)]
 pub fn is_device(mode: u16) -> bool {
@@ -50,11 +112,10 @@ pub fn is_device(mode: u16) -> bool {
 
 /// The fd table of `task`: (the `fdtable`'s address, its `max_fds`).
 #[inline(always)]
-fn fdtable(task: u64) -> Option<(u64, u32)> {
+fn fdtable(task: u64) -> Option<Window<FDTABLE_WINDOW>> {
     let files: u64 = read(task + o!(task_files))?;
     let fdt: u64 = read(files + o!(files_fdt))?;
-    let max: u32 = read(fdt + o!(fdt_max_fds))?;
-    Some((fdt, max))
+    Window::read(fdt)
 }
 
 /// The `struct file` at `fd` of `task`'s table and whether the fd is close-on-exec; `Some((0,
@@ -64,14 +125,15 @@ pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
     if o!(ready) == 0 || fd < 0 {
         return None;
     }
-    let (fdt, max) = fdtable(task)?;
+    let fdt = fdtable(task)?;
+    let max: u32 = fdt.get(o!(fdt_max_fds))?;
     let fd = fd as u32;
     if fd >= max {
         return Some((0, false));
     }
-    let arr: u64 = read(fdt + o!(fdt_fd))?;
+    let arr: u64 = fdt.get(o!(fdt_fd))?;
     let file: u64 = read(arr + 8 * fd as u64)?;
-    let bits: u64 = read(fdt + o!(fdt_close_on_exec))?;
+    let bits: u64 = fdt.get(o!(fdt_close_on_exec))?;
     let word: u64 = read(bits + 8 * (fd / 64) as u64)?;
     Some((file, word & (1 << (fd % 64)) != 0))
 }
@@ -79,12 +141,13 @@ pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
 /// What the kernel says about `file`.
 #[inline(always)]
 pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
-    let inode: u64 = read(file + o!(file_inode))?;
-    info.flags = read(file + o!(file_flags))?;
-    info.mode = read(inode + o!(inode_mode))?;
-    info.ino = read(inode + o!(inode_ino))?;
-    info.rdev = read(inode + o!(inode_rdev))?;
-    let sb: u64 = read(inode + o!(inode_sb))?;
+    let f = Window::<FILE_WINDOW>::read(file)?;
+    let inode = Window::<INODE_WINDOW>::read(f.get(o!(file_inode))?)?;
+    info.flags = f.get(o!(file_flags))?;
+    info.mode = inode.get(o!(inode_mode))?;
+    info.ino = inode.get(o!(inode_ino))?;
+    info.rdev = inode.get(o!(inode_rdev))?;
+    let sb: u64 = inode.get(o!(inode_sb))?;
     info.dev = read(sb + o!(sb_dev))?;
     info.ofd = ofd::id(key(), file);
     info._pad = 0;
@@ -124,22 +187,25 @@ pub fn walk_path(file: u64, tail: &mut PathTail) {
     tail.form = PathTail::COMPONENTS;
     tail.depth = 0;
     tail.complete = 0;
-    let (Some(mut dentry), Some(mut vfsmnt)) = (
-        read::<u64>(file + o!(file_dentry)),
-        read::<u64>(file + o!(file_mnt)),
-    ) else {
+    let Some(f) = Window::<FILE_WINDOW>::read(file) else {
+        return;
+    };
+    let (Some(mut dentry), Some(mut vfsmnt)) =
+        (f.get::<u64>(o!(file_dentry)), f.get::<u64>(o!(file_mnt)))
+    else {
+        return;
+    };
+    // The root of the mount being walked, read again only when the walk crosses into another.
+    let Some(mut root) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
         return;
     };
     let mut depth: usize = 0;
     let mut step = 0;
     while step < WALK_STEPS {
         step += 1;
-        let mnt = vfsmnt.wrapping_sub(o!(mount_mnt));
-        let Some(root) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
-            return;
-        };
         if dentry == root {
             // The top of this mount: go on from where it is mounted in its parent.
+            let mnt = vfsmnt.wrapping_sub(o!(mount_mnt));
             let Some(parent) = read::<u64>(mnt + o!(mount_parent)) else {
                 return;
             };
@@ -152,15 +218,22 @@ pub fn walk_path(file: u64, tail: &mut PathTail) {
             };
             dentry = point;
             vfsmnt = parent + o!(mount_mnt);
+            let Some(r) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
+                return;
+            };
+            root = r;
             continue;
         }
-        let Some(parent) = read::<u64>(dentry + o!(dentry_parent)) else {
+        let Some(d) = Window::<DENTRY_WINDOW>::read(dentry) else {
+            return;
+        };
+        let Some(parent) = d.get::<u64>(o!(dentry_parent)) else {
             return;
         };
         if depth >= PATH_SLOTS {
             return;
         }
-        if let Some(name) = read::<u64>(dentry + o!(dentry_name)) {
+        if let Some(name) = d.get::<u64>(o!(dentry_name)) {
             // SAFETY: copies a NUL-terminated kernel string into the slot, bounded by its size.
             let _ = unsafe {
                 bpf_probe_read_kernel_str_bytes(name as *const u8, &mut tail.slots[depth])

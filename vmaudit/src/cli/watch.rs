@@ -48,24 +48,36 @@ pub fn print_json(value: &impl serde::Serialize) {
 }
 
 /// JSON lines on stdout, buffered and written once per batch of kernel events.
-pub struct JsonLines(std::io::BufWriter<std::io::Stdout>);
+pub struct JsonLines {
+    out: std::io::BufWriter<std::io::Stdout>,
+    /// One line, reused: no allocation per record.
+    line: Vec<u8>,
+}
 
 impl JsonLines {
     pub fn stdout() -> Self {
-        Self(std::io::BufWriter::with_capacity(
-            1 << 16,
-            std::io::stdout(),
-        ))
+        Self {
+            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()),
+            line: Vec::with_capacity(1024),
+        }
     }
 }
 
 impl Sink for JsonLines {
     fn record(&mut self, out: Output) {
-        let _ = serde_json::to_writer(&mut self.0, &out);
-        let _ = self.0.write_all(b"\n");
+        self.line.clear();
+        match &out {
+            // An fd record per kernel event: its direct writer (the same bytes as serde's).
+            Output::Fd(r) => r.write_json(&mut self.line),
+            Output::Gap(_) => {
+                let _ = serde_json::to_writer(&mut self.line, &out);
+            }
+        }
+        self.line.push(b'\n');
+        let _ = self.out.write_all(&self.line);
     }
     fn flush(&mut self) {
-        let _ = self.0.flush();
+        let _ = self.out.flush();
     }
 }
 

@@ -42,8 +42,8 @@ impl Default for TrackerOptions {
 }
 
 impl TrackerOptions {
-    /// Pending bytes past which a submit wakes the consumer even when it did not ask: a
-    /// quarter of the ring, at most [`vmaudit_common::WAKEUP_BYTES`].
+    /// Pending bytes whose crossing wakes the consumer even when it did not ask: a quarter of
+    /// the ring, at most [`vmaudit_common::WAKEUP_BYTES`].
     pub fn wakeup_bytes(&self) -> u64 {
         (self.ring_bytes as u64 / 4).min(vmaudit_common::WAKEUP_BYTES)
     }
@@ -329,7 +329,9 @@ impl Tracker {
         let mut map: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(self.ebpf_map_mut(maps::IGNORED_TIDS)?)
                 .map_err(map_err("IGNORED_TIDS"))?;
-        map.insert(tid, 1, 0).map_err(map_err("IGNORED_TIDS"))
+        map.insert(tid, 1, 0).map_err(map_err("IGNORED_TIDS"))?;
+        // Set after the entry, so that a program that sees the flag finds the entry.
+        self.consumer.set(1, 1, 0).map_err(map_err("CONSUMER"))
     }
 
     fn ebpf_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ObserveError> {

@@ -280,7 +280,8 @@ pub struct Watcher {
 }
 
 /// How long a consumer that just drained events lets more gather before it waits for a wake-up
-/// (the producer then wakes nobody: see `vmaudit_common::WAKEUP_BYTES`).
+/// (the producer then wakes nobody unless the pending bytes cross the threshold: see
+/// `vmaudit_common::WAKEUP_BYTES`).
 const LINGER: Duration = Duration::from_micros(200);
 
 /// A kernel snapshot as the tables take it: fd -> (identity, close-on-exec).
@@ -403,11 +404,17 @@ impl Watcher {
     }
 
     /// Waits until the ring buffer has events (then [`Watcher::drain`] them). After a drain
-    /// that found events it first lets more gather for a moment; before it sleeps it asks the
-    /// kernel side for a wake-up, which the next event sends (the others send none).
+    /// that found events it first lets more gather for a moment, cut short when the pending
+    /// bytes cross the wake-up threshold (a small ring would otherwise fill meanwhile); before
+    /// it sleeps it asks the kernel side for a wake-up, which the next event sends (the others
+    /// send none).
     pub async fn readable(&mut self) -> Result<(), ObserveError> {
         if self.busy {
-            tokio::time::sleep(LINGER).await;
+            if let Ok(ready) = tokio::time::timeout(LINGER, self.ring.readable_mut()).await {
+                ready
+                    .map_err(|source| ObserveError::Poll { source })?
+                    .clear_ready();
+            }
             if self.has_events() {
                 return Ok(());
             }

@@ -7,7 +7,7 @@
 //! of a file that is not a device, an anonymous inode's type, a tun/tap fd's interface.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     io,
 };
 
@@ -44,15 +44,20 @@ impl Resolver for ProcFs {
 
 /// An fd's identity from what the kernel program read (`path`: a device's, from its dentries).
 pub fn kernel_identity(info: &FileInfo, path: Option<String>, iface: Option<String>) -> FdIdentity {
+    let name = match FileKind::of_mode(info.mode as u32) {
+        FileKind::Fifo => format!("pipe:[{}]", info.ino),
+        FileKind::Socket => format!("socket:[{}]", info.ino),
+        _ => path.unwrap_or_default(),
+    };
+    named_kernel_identity(info, name, iface)
+}
+
+/// [`kernel_identity`] with the name already known (a dup's, from the fd it copies).
+fn named_kernel_identity(info: &FileInfo, name: String, iface: Option<String>) -> FdIdentity {
     let kind = FileKind::of_mode(info.mode as u32);
     let dev = |d: u32| {
         let (major, minor) = kdev_split(d);
         DevNum { major, minor }
-    };
-    let name = match kind {
-        FileKind::Fifo => format!("pipe:[{}]", info.ino),
-        FileKind::Socket => format!("socket:[{}]", info.ino),
-        _ => path.unwrap_or_default(),
     };
     FdIdentity {
         path: name,
@@ -71,11 +76,11 @@ pub fn kernel_identity(info: &FileInfo, path: Option<String>, iface: Option<Stri
 /// The tables of every watched process.
 pub struct Tables<R> {
     resolver: R,
-    procs: HashMap<u32, ProcTable>,
+    procs: BTreeMap<u32, ProcTable>,
     /// Processes that share one fd table (a child cloned with CLONE_FILES), each mapped to
     /// every member of its group, itself included. A change any member makes is applied to
     /// each member's table, so that each reads as the one table the kernel has.
-    peers: HashMap<u32, BTreeSet<u32>>,
+    peers: BTreeMap<u32, BTreeSet<u32>>,
 }
 
 /// Whether a change made through one member of a shared table is a change of the others'.
@@ -99,8 +104,8 @@ impl<R: Resolver> Tables<R> {
     pub fn new(resolver: R) -> Self {
         Self {
             resolver,
-            procs: HashMap::new(),
-            peers: HashMap::new(),
+            procs: BTreeMap::new(),
+            peers: BTreeMap::new(),
         }
     }
 
@@ -343,14 +348,14 @@ impl<R: Resolver> Tables<R> {
             } => self.gain(ev, *fd, *how, *cloexec, *from, file.as_ref(), out),
             Change::Close { fd } => {
                 let old = self.table(pid).fds.remove(fd);
-                out.push(record(
+                out.push(record_of_removed(
                     ts,
                     pid,
                     tid,
                     Op::Close,
                     sys,
                     Some(*fd),
-                    old.as_ref(),
+                    old,
                 ));
             }
             Change::CloseRange { first, last } => {
@@ -461,16 +466,17 @@ impl<R: Resolver> Tables<R> {
         let source_entry = from.and_then(|src| self.table(pid).fds.get(&src));
         let id = match file {
             Some(f) => {
-                let mut id = kernel_identity(&f.info, f.path.clone(), f.iface.clone());
                 // A dup shares the open file: its names are those already known.
-                match source_entry.filter(|e| e.id.same_ofd(&id) == Some(true)) {
+                match source_entry.filter(|e| e.id.ofd == Some(f.info.ofd)) {
                     Some(e) => {
-                        id.path = e.id.path.clone();
-                        id.iface = e.id.iface.clone();
+                        named_kernel_identity(&f.info, e.id.path.clone(), e.id.iface.clone())
                     }
-                    None => self.resolver.name(pid, fd, &mut id),
+                    None => {
+                        let mut id = kernel_identity(&f.info, f.path.clone(), f.iface.clone());
+                        self.resolver.name(pid, fd, &mut id);
+                        id
+                    }
                 }
-                id
             }
             // The fd was closed by another thread before the program read it: a close event
             // follows. A dup's source still says what it was.
@@ -484,14 +490,14 @@ impl<R: Resolver> Tables<R> {
         };
         let table = self.table(pid);
         if let Some(old) = table.fds.remove(&fd) {
-            out.push(record(
+            out.push(record_of_removed(
                 ts,
                 pid,
                 tid,
                 Op::Replaced,
                 sys,
                 Some(fd),
-                Some(&old),
+                Some(old),
             ));
         }
         let entry = FdEntry {
@@ -527,7 +533,7 @@ impl<R: Resolver> Tables<R> {
             .collect();
         for fd in gone {
             if let Some(e) = table.fds.remove(&fd) {
-                out.push(record(ts, pid, tid, op, sys, Some(fd), Some(&e)));
+                out.push(record_of_removed(ts, pid, tid, op, sys, Some(fd), Some(e)));
             }
         }
     }
@@ -576,9 +582,28 @@ fn record(
     }
 }
 
+/// [`record`] of an entry the table no longer holds: its identity moves into the record
+/// rather than being copied (one allocation less per close).
+fn record_of_removed(
+    ts: u64,
+    pid: u32,
+    tid: u32,
+    op: Op,
+    syscall: &'static str,
+    fd: Option<i32>,
+    entry: Option<FdEntry>,
+) -> FdRecord {
+    let cloexec = entry.as_ref().map(|e| e.cloexec);
+    FdRecord {
+        cloexec,
+        file: entry.map(|e| e.id),
+        ..record(ts, pid, tid, op, syscall, fd, None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
+    use std::{cell::RefCell, collections::HashMap};
 
     use super::*;
 
