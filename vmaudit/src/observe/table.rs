@@ -133,32 +133,19 @@ impl<R: Resolver> Tables<R> {
         self.procs.values().all(|t| t.exited)
     }
 
-    /// Starts a table from /proc. Returns the seed records.
+    /// Starts a table from the resolver's snapshot (the tests' fake table). Returns the seed
+    /// records.
+    #[cfg(test)]
     pub fn seed(&mut self, pid: u32) -> io::Result<Vec<FdRecord>> {
         let snap = self.resolver.snapshot(pid)?;
-        let mut table = ProcTable::default();
-        let mut out = Vec::new();
-        for (fd, id) in snap {
-            let entry = FdEntry {
-                fd,
-                cloexec: cloexec_of(&id),
-                id,
-                since_ns: 0,
-                via: Op::Seed,
-            };
-            out.push(record(
-                0,
-                pid,
-                pid,
-                Op::Seed,
-                "proc",
-                Some(fd),
-                Some(&entry),
-            ));
-            table.fds.insert(fd, entry);
-        }
-        self.procs.insert(pid, table);
-        Ok(out)
+        let snap = snap
+            .into_iter()
+            .map(|(fd, id)| {
+                let cloexec = cloexec_of(&id);
+                (fd, (id, cloexec))
+            })
+            .collect();
+        Ok(self.seed_from(pid, snap))
     }
 
     /// Starts a table from a kernel snapshot (fd -> identity, close-on-exec). Returns the seed
