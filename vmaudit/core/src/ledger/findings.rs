@@ -7,9 +7,13 @@
 //!   passes, or one the claimed ACL does not allow);
 //! - a device access the cgroup program decided otherwise than the claimed ACL says.
 
-use std::path::PathBuf;
+use std::{collections::HashSet, path::PathBuf};
 
-use super::{Found, Ledger, kernel::Change, vm::acl_allows};
+use super::{
+    Found, Ledger,
+    kernel::Change,
+    vm::{Vm, acl_allows},
+};
 use crate::{
     acl::{Acl, Decision, DecisionDev, DeviceRule},
     fd::{DevNum, FdIdentity, FdRecord, FileKind, Op},
@@ -125,7 +129,7 @@ pub(super) fn on_change(
         Change::DeviceGained(at, op, file) => {
             // A child of the emulator, or a process not known as an emulator yet.
             if file.is_net_device() && l.vm_of_pid(at.pid).is_none() {
-                check_copy(l, at, op.name(), view, r.ts, out);
+                check_copy(l, at, op.name(), Against::All, view, r.ts, out);
             }
             let from_nic = op == Op::Dup
                 && r.from_fd
@@ -356,12 +360,49 @@ fn device(
     );
 }
 
+/// Which of the emulators' NIC fds a copy check compares with: all, or one VM's one NIC (the
+/// NIC a claim just named).
+#[derive(Clone, Copy)]
+pub(super) enum Against<'a> {
+    All,
+    Nic { uuid: &'a str, mac: &'a str },
+}
+
+/// An emulator's NIC fd a copy may be of: its VM's name, the NIC, the fd, the claim that named it.
+type NicCopySource = (String, String, FdRef, ClaimRef);
+
+/// The emulators' live NIC fds `against` takes.
+fn live_nic_fds(l: &Ledger, against: Against<'_>) -> Vec<NicCopySource> {
+    let of_vm = |vm: &Vm, only: Option<&str>| -> Vec<NicCopySource> {
+        vm.live_fds()
+            .filter(|(mac, _)| only.is_none_or(|m| m == *mac))
+            .map(|(mac, h)| (vm.name.clone(), mac.to_owned(), h.at, h.claim.clone()))
+            .collect()
+    };
+    match against {
+        Against::All => l.vms.values().flat_map(|vm| of_vm(vm, None)).collect(),
+        Against::Nic { uuid, mac } => l
+            .vms
+            .get(uuid)
+            .map(|vm| of_vm(vm, Some(mac)))
+            .unwrap_or_default(),
+    }
+}
+
+/// The kernel's open-file-description id of a watched fd, when its table has it.
+fn ofd_of(view: &dyn KernelView, at: FdRef) -> Option<u64> {
+    view.table(at.pid)
+        .and_then(|t| t.fds.get(&at.fd))
+        .and_then(|e| e.id.ofd)
+}
+
 /// Whether `holder` (any process but the emulators and managers) holds one of the emulators'
-/// NIC fds: kcmp against each.
+/// NIC fds: kcmp decides, asked only where the kernel's ids do not already tell two files apart.
 fn check_copy(
     l: &mut Ledger,
     holder: FdRef,
     how: &str,
+    against: Against<'_>,
     view: &dyn KernelView,
     now: u64,
     out: &mut Vec<Verdict>,
@@ -369,15 +410,25 @@ fn check_copy(
     if l.managers.contains(&holder.pid) || l.vm_of_pid(holder.pid).is_some() {
         return;
     }
-    let live: Vec<(String, String, FdRef, ClaimRef)> = l
-        .vms
-        .values()
-        .flat_map(|vm| {
-            vm.live_fds()
-                .map(|(mac, h)| (vm.name.clone(), mac.to_owned(), h.at, h.claim.clone()))
-        })
-        .collect();
-    for (name, mac, of, claim) in live {
+    let live = live_nic_fds(l, against);
+    compare_copy(l, holder, how, &live, view, now, out);
+}
+
+/// Reports `holder` if it holds one of `live`.
+fn compare_copy(
+    l: &mut Ledger,
+    holder: FdRef,
+    how: &str,
+    live: &[NicCopySource],
+    view: &dyn KernelView,
+    now: u64,
+    out: &mut Vec<Verdict>,
+) {
+    let mine = ofd_of(view, holder);
+    for (name, mac, of, claim) in live.iter().cloned() {
+        if mine.zip(ofd_of(view, of)).is_some_and(|(a, b)| a != b) {
+            continue;
+        }
         if view.same_file(holder, of) != Some(true) {
             continue;
         }
@@ -401,15 +452,21 @@ fn check_copy(
 }
 
 /// The network fds of every watched process that is not an emulator (its children) compared
-/// with the emulators' NIC fds: what they got before the claim that named the NIC.
+/// with the NIC fds `against`: what they got before the claim that named the NIC.
 pub(super) fn scan_watched(
     l: &mut Ledger,
+    against: Against<'_>,
     view: &dyn KernelView,
     now: u64,
     out: &mut Vec<Verdict>,
 ) {
+    let live = live_nic_fds(l, against);
+    if live.is_empty() {
+        return;
+    }
+    let emulators: HashSet<u32> = l.vms.values().filter_map(|vm| vm.pid).collect();
     for pid in view.watched() {
-        if l.managers.contains(&pid) || l.vm_of_pid(pid).is_some() {
+        if l.managers.contains(&pid) || emulators.contains(&pid) {
             continue;
         }
         let held: Vec<(FdRef, Op)> = view
@@ -424,7 +481,7 @@ pub(super) fn scan_watched(
             })
             .unwrap_or_default();
         for (at, via) in held {
-            check_copy(l, at, via.name(), view, now, out);
+            compare_copy(l, at, via.name(), &live, view, now, out);
         }
     }
 }
@@ -443,6 +500,7 @@ pub(super) fn scan_copies(l: &mut Ledger, view: &dyn KernelView, now: u64, out: 
             l,
             n.at,
             "found by a scan of every process's fds",
+            Against::All,
             view,
             now,
             out,

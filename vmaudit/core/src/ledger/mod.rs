@@ -338,9 +338,12 @@ impl Ledger {
         let confirmed = v.status == Status::Confirmed;
         out.push(v);
         match c.kind {
-            ClaimKind::NetUp { .. } if confirmed => {
-                // Copies made before the claim named the NIC (a child forked at launch).
-                findings::scan_watched(self, view, now, out);
+            ClaimKind::NetUp { ref mac, .. } if confirmed => {
+                // Copies made before the claim named the NIC (a child forked at launch); the
+                // NICs named before were scanned when they were named, and later gains are
+                // checked as they come.
+                let against = findings::Against::Nic { uuid: &c.uuid, mac };
+                findings::scan_watched(self, against, view, now, out);
             }
             ClaimKind::VmStart { pid } => {
                 // The VM's NIC claims waited for its emulator: judge them now.
