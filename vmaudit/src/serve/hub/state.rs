@@ -96,15 +96,7 @@ pub(super) fn apply_fd(
     now_ns: u64,
 ) {
     match r.op {
-        Op::Seed
-        | Op::Open
-        | Op::Dup
-        | Op::RecvFd
-        | Op::PidfdGetfd
-        | Op::New
-        | Op::Addfd
-        | Op::Inherit
-        | Op::ResyncAdd => {
+        op if op.is_gain() => {
             let file = r.file.as_ref();
             // The kernel stamp, moved to the wall clock by how long ago it was.
             let since_unix_ns = match r.ts {
@@ -127,12 +119,7 @@ pub(super) fn apply_fd(
                 },
             );
         }
-        Op::Close
-        | Op::Replaced
-        | Op::CloseRange
-        | Op::ExecCloexec
-        | Op::Exit
-        | Op::ResyncRemove => {
+        op if op.is_release() => {
             if let Some(table) = procs.get_mut(&r.pid) {
                 table.remove(&fd);
                 if r.op == Op::Exit && table.is_empty() {
@@ -145,7 +132,7 @@ pub(super) fn apply_fd(
                 row.cloexec = r.op == Op::CloexecOn;
             }
         }
-        // Still held here.
-        Op::SendFd => {}
+        // SendFd: still held here.
+        _ => {}
     }
 }

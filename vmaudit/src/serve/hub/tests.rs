@@ -113,18 +113,7 @@ fn tables_claims_verdicts_and_metrics_follow_the_verifier() {
 
     // The close, then its violation.
     hub.fd(&record(Op::Close, 38, "/dev/net/tun"));
-    let claim = ClaimRef {
-        id: 3,
-        kind: "net-start".into(),
-        ..ClaimRef::default()
-    };
-    let ev = Evidence {
-        pid: EMU,
-        fd: Some(38),
-        what: "close".into(),
-        ..Evidence::default()
-    };
-    hub.verdict(&Verdict::new(claim, Status::Violated, "released", vec![ev]));
+    hub.verdict(&released_fd_38());
     let st: Value = serde_json::from_str(&hub.state_json()).unwrap();
     assert_eq!(st["processes"][0]["fds"].as_array().unwrap().len(), 1);
     assert_eq!(st["totals"]["violated"], 1);
@@ -216,18 +205,7 @@ fn the_history_follows_fd_events_verdicts_and_vms() {
     hub.vm(&vm1("running"));
     hub.fd(&record(Op::Inherit, 39, "/dev/vhost-net"));
     hub.fd(&record(Op::Close, 38, "/dev/net/tun"));
-    let claim = ClaimRef {
-        id: 3,
-        kind: "net-start".into(),
-        ..ClaimRef::default()
-    };
-    let ev = Evidence {
-        pid: EMU,
-        fd: Some(38),
-        what: "close".into(),
-        ..Evidence::default()
-    };
-    hub.verdict(&Verdict::new(claim, Status::Violated, "released", vec![ev]));
+    hub.verdict(&released_fd_38());
     let st: Value = serde_json::from_str(&hub.state_json()).unwrap();
     assert_eq!(st["scope"], "vms");
     let h = &st["history"];
@@ -325,4 +303,20 @@ fn watched_processes_are_their_own_subjects() {
     let steps = st["history"]["subjects"]["4242"]["fds"].as_array().unwrap();
     assert_eq!(steps.last().unwrap()[1], 0);
     assert_eq!(metric(&hub.metrics_text(), gauge), None);
+}
+
+/// The violation of claim 3 (net-start): the emulator released fd 38.
+fn released_fd_38() -> Verdict {
+    let claim = ClaimRef {
+        id: 3,
+        kind: "net-start".into(),
+        ..ClaimRef::default()
+    };
+    let ev = Evidence {
+        pid: EMU,
+        fd: Some(38),
+        what: "close".into(),
+        ..Evidence::default()
+    };
+    Verdict::new(claim, Status::Violated, "released", vec![ev])
 }
