@@ -47,62 +47,65 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// The first `N` bytes of a kernel struct, copied in one helper call (each call costs more than
-/// the copy): a field inside them is taken from the copy, one past them is read alone, so a
-/// kernel with another layout is read correctly, only with more calls. `N` stays within the
+/// The first `W` 8-byte words of a kernel struct, copied in one helper call (each call costs
+/// more than the copy): a field inside them is taken from the copy, one past them is read alone,
+/// so a kernel with another layout is read correctly, only with more calls. `W` stays within the
 /// smallest size the struct has had, so the copy never reaches past the object. The offsets
 /// are constants of the loaded program (read-only data), so the verifier sees fixed stack
-/// offsets and drops the branch not taken.
-struct Window<const N: usize> {
+/// offsets and drops the branch not taken. The copy is kept in words, and fields (naturally
+/// aligned in the kernel's structs) are taken with one aligned load each: a byte array would
+/// cost a load, shift and or per byte of every field, and a byte-wise move of the whole copy.
+struct Window<const W: usize> {
     base: u64,
-    bytes: [u8; N],
+    words: [u64; W],
 }
 
-impl<const N: usize> Window<N> {
+impl<const W: usize> Window<W> {
     #[inline(always)]
     fn read(base: u64) -> Option<Self> {
         if base == 0 {
             return None;
         }
-        let mut bytes = MaybeUninit::<[u8; N]>::uninit();
-        // SAFETY: copies N bytes of kernel memory into the buffer, failing cleanly on a bad
-        // address; the buffer is used only when the copy succeeded.
-        let ret = unsafe { probe_read_raw(bytes.as_mut_ptr().cast(), N as u32, base as *const _) };
-        if ret != 0 {
-            return None;
+        let mut w = MaybeUninit::<Self>::uninit();
+        let p = w.as_mut_ptr();
+        // SAFETY: copies W words of kernel memory into the window, in place, failing cleanly on
+        // a bad address; the window is used only when the copy succeeded and `base` is set.
+        unsafe {
+            let words = (&raw mut (*p).words).cast();
+            if probe_read_raw(words, (W * 8) as u32, base as *const _) != 0 {
+                return None;
+            }
+            (&raw mut (*p).base).write(base);
+            Some(w.assume_init())
         }
-        Some(Self {
-            base,
-            // SAFETY: the helper wrote all N bytes.
-            bytes: unsafe { bytes.assume_init() },
-        })
     }
 
     #[inline(always)]
     fn get<T: Copy>(&self, off: u64) -> Option<T> {
         let off = off as usize;
-        if off + size_of::<T>() <= N {
-            // SAFETY: `off..off + size_of::<T>()` lies within the copy; any bit pattern is a
-            // valid integer or address, which is all this reads.
-            Some(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(off).cast()) })
+        if off + size_of::<T>() <= W * 8 && off % align_of::<T>() == 0 {
+            // SAFETY: `off..off + size_of::<T>()` lies within the copy and is aligned for `T`
+            // (the words are 8-aligned); any bit pattern is a valid integer or address, which
+            // is all this reads.
+            Some(unsafe { self.words.as_ptr().cast::<u8>().add(off).cast::<T>().read() })
         } else {
             read(self.base + off as u64)
         }
     }
 }
 
-/// Bytes of `struct fdtable` copied at once (max_fds, fd, close_on_exec lead it; it has been at
+/// Words of `struct fdtable` copied at once (max_fds, fd, close_on_exec lead it; it has been at
 /// least 48 bytes long).
-const FDTABLE_WINDOW: usize = 32;
-/// Bytes of `struct file` copied at once (f_inode, f_flags, private_data, f_path lie within the
-/// first 96 of 6.x kernels; it is over 180 bytes long).
-const FILE_WINDOW: usize = 96;
-/// Bytes of `struct inode` copied at once (i_mode, i_sb, i_ino, i_rdev lie within the first 96;
-/// it is over 500 bytes long).
-const INODE_WINDOW: usize = 96;
-/// Bytes of `struct dentry` copied at once (d_parent and d_name.name lie within the first 48; it
-/// is over 150 bytes long).
-const DENTRY_WINDOW: usize = 48;
+const FDTABLE_WINDOW: usize = 4;
+/// Words of `struct file` copied at once (f_inode, f_flags, private_data, f_path lie within the
+/// first 96 bytes of 6.x kernels; it is over 180 bytes long).
+const FILE_WINDOW: usize = 12;
+/// Words of `struct inode` copied at once (i_mode, i_sb, i_ino, i_rdev lie within the first 96
+/// bytes; it is over 500 bytes long).
+const INODE_WINDOW: usize = 12;
+/// Words of `struct dentry` copied at once (d_parent and d_name.name lie within the first 48
+/// bytes; it is over 150 bytes long).
+const DENTRY_WINDOW: usize = 6;
 
 /// Whether a file mode is a character or block device.
 #[inline(always)]
