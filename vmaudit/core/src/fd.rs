@@ -466,7 +466,7 @@ impl FdRecord {
             file,
         } = self;
         out.extend_from_slice(b"{\"type\":");
-        json::str(out, ty);
+        json::name(out, ty);
         out.extend_from_slice(b",\"ts\":");
         json::int(out, *ts);
         out.extend_from_slice(b",\"pid\":");
@@ -474,9 +474,9 @@ impl FdRecord {
         out.extend_from_slice(b",\"tid\":");
         json::int(out, *tid);
         out.extend_from_slice(b",\"op\":");
-        json::str(out, op.name());
+        json::name(out, op.name());
         out.extend_from_slice(b",\"syscall\":");
-        json::str(out, syscall);
+        json::name(out, syscall);
         out.extend_from_slice(b",\"fd\":");
         match fd {
             Some(fd) => json::int(out, *fd),
@@ -484,7 +484,7 @@ impl FdRecord {
         }
         out.extend_from_slice(b",\"result\":");
         match result {
-            Outcome::Ok => json::str(out, Outcome::OK),
+            Outcome::Ok => json::name(out, Outcome::OK),
             Outcome::Failed(_) => json::value(out, result),
         }
         if let Some(c) = cloexec {
@@ -520,7 +520,7 @@ impl FdIdentity {
         out.extend_from_slice(b",\"path\":");
         json::str(out, path);
         out.extend_from_slice(b",\"kind\":");
-        json::str(out, kind.name());
+        json::name(out, kind.name());
         if let Some(d) = rdev {
             out.extend_from_slice(b",\"rdev\":");
             json::dev(out, *d);
@@ -550,7 +550,7 @@ impl FdIdentity {
             json::str(out, i);
         }
         out.extend_from_slice(b",\"source\":");
-        json::str(out, source.name());
+        json::name(out, source.name());
     }
 }
 
@@ -569,6 +569,19 @@ mod json {
         } else {
             value(out, s);
         }
+    }
+
+    /// One of our own names (a record type, op, syscall, kind, source): ASCII letters, digits
+    /// and `_`, nothing to escape, so quoted as it is without looking.
+    pub fn name(out: &mut Vec<u8>, s: &'static str) {
+        debug_assert!(
+            s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "{s}"
+        );
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
     }
 
     pub fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
@@ -606,7 +619,9 @@ pub struct FdEntry {
 /// The fd table of one process, as the tracker keeps it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProcTable {
-    pub fds: std::collections::BTreeMap<i32, FdEntry>,
+    /// Entries boxed: a B-tree moves its values on every insert and removal, and an fd event
+    /// inserts or removes one (a pointer moves where a whole entry would).
+    pub fds: std::collections::BTreeMap<i32, Box<FdEntry>>,
     pub exited: bool,
 }
 

@@ -156,7 +156,7 @@ impl FakeKernel {
             .entry(pid)
             .or_default()
             .fds
-            .insert(entry.fd, entry);
+            .insert(entry.fd, Box::new(entry));
     }
 
     /// Takes `fd` out of `pid`'s table.

@@ -47,37 +47,45 @@ pub fn print_json(value: &impl serde::Serialize) {
     let _ = out.flush();
 }
 
-/// JSON lines on stdout, buffered and written once per batch of kernel events.
+/// JSON lines on stdout, gathered in one buffer and written once per batch of kernel events
+/// (or once the buffer holds [`JsonLines::WRITE_AT`] bytes, so memory stays flat).
 pub struct JsonLines {
-    out: std::io::BufWriter<std::io::Stdout>,
-    /// One line, reused: no allocation per record.
-    line: Vec<u8>,
+    out: std::io::Stdout,
+    /// The batch's lines, each appended in place: no allocation and no copy per record.
+    buf: Vec<u8>,
 }
 
 impl JsonLines {
+    /// The most bytes a batch holds before they are written.
+    const WRITE_AT: usize = 1 << 16;
+
     pub fn stdout() -> Self {
         Self {
-            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout()),
-            line: Vec::with_capacity(1024),
+            out: std::io::stdout(),
+            buf: Vec::with_capacity(Self::WRITE_AT + 4096),
         }
     }
 }
 
 impl Sink for JsonLines {
     fn record(&mut self, out: Output) {
-        self.line.clear();
         match &out {
             // An fd record per kernel event: its direct writer (the same bytes as serde's).
-            Output::Fd(r) => r.write_json(&mut self.line),
+            Output::Fd(r) => r.write_json(&mut self.buf),
             Output::Gap(_) => {
-                let _ = serde_json::to_writer(&mut self.line, &out);
+                let _ = serde_json::to_writer(&mut self.buf, &out);
             }
         }
-        self.line.push(b'\n');
-        let _ = self.out.write_all(&self.line);
+        self.buf.push(b'\n');
+        if self.buf.len() >= Self::WRITE_AT {
+            self.flush();
+        }
     }
     fn flush(&mut self) {
+        // Whole lines only, so stdout's own line buffer passes them straight through.
+        let _ = self.out.write_all(&self.buf);
         let _ = self.out.flush();
+        self.buf.clear();
     }
 }
 

@@ -154,13 +154,13 @@ mod tests {
         for &(fd, ofd, cloexec) in fds {
             t.fds.insert(
                 fd,
-                FdEntry {
+                Box::new(FdEntry {
                     fd,
                     id: id(ofd),
                     cloexec,
                     since_ns: 0,
                     via: Op::Seed,
-                },
+                }),
             );
         }
         t

@@ -175,7 +175,7 @@ impl<R: Resolver> Tables<R> {
                 Some(fd),
                 Some(&entry),
             ));
-            table.fds.insert(fd, entry);
+            table.fds.insert(fd, Box::new(entry));
         }
         self.procs.insert(pid, table);
         out
@@ -264,7 +264,7 @@ impl<R: Resolver> Tables<R> {
                 Some(fd),
                 Some(&entry),
             ));
-            table.fds.insert(fd, entry);
+            table.fds.insert(fd, Box::new(entry));
         }
         table.exited = gone;
         out
@@ -352,12 +352,11 @@ impl<R: Resolver> Tables<R> {
             }
             Change::SetCloexec { fd, on } => {
                 let op = if *on { Op::CloexecOn } else { Op::CloexecOff };
-                let table = self.table(pid);
-                let entry = table.fds.get_mut(fd).map(|e| {
+                let entry = self.table(pid).fds.get_mut(fd).map(|e| {
                     e.cloexec = *on;
-                    e.clone()
+                    &**e
                 });
-                out.push(record(ts, pid, tid, op, sys, Some(*fd), entry.as_ref()));
+                out.push(record(ts, pid, tid, op, sys, Some(*fd), entry));
             }
             Change::CloexecRange { first, last } => {
                 for (fd, e) in self.table(pid).fds.iter_mut() {
@@ -405,16 +404,8 @@ impl<R: Resolver> Tables<R> {
                 out.push(r);
             }
             Change::SendFd { fd } => {
-                let entry = self.table(pid).fds.get(fd).cloned();
-                out.push(record(
-                    ts,
-                    pid,
-                    tid,
-                    Op::SendFd,
-                    sys,
-                    Some(*fd),
-                    entry.as_ref(),
-                ));
+                let entry = self.table(pid).fds.get(fd).map(Box::as_ref);
+                out.push(record(ts, pid, tid, Op::SendFd, sys, Some(*fd), entry));
             }
             // The watcher checks the table against the kernel's; nothing to apply here.
             Change::Unseen { .. } => {}
@@ -487,13 +478,13 @@ impl<R: Resolver> Tables<R> {
                 Some(old),
             ));
         }
-        let entry = FdEntry {
+        let entry = Box::new(FdEntry {
             fd,
             id,
             cloexec,
             since_ns: ts,
             via,
-        };
+        });
         let mut r = record(ts, pid, tid, via, sys, Some(fd), Some(&entry));
         r.from_fd = from;
         out.push(r);
@@ -578,7 +569,7 @@ fn record_of_removed(
     op: Op,
     syscall: &'static str,
     fd: Option<i32>,
-    entry: Option<FdEntry>,
+    entry: Option<Box<FdEntry>>,
 ) -> FdRecord {
     let cloexec = entry.as_ref().map(|e| e.cloexec);
     FdRecord {

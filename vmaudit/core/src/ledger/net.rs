@@ -290,6 +290,7 @@ pub(super) fn judge_up(
     let bad = handed.iter().find_map(|h| {
         let held = table
             .and_then(|t| t.fds.get(&h.emulator_fd))
+            .map(Box::as_ref)
             .filter(|e| arrived_for(e, c));
         let how = Handoff::of(l, c, mac, &managers, h, held);
         (how.same() == Some(false)).then_some((h, how))
@@ -455,6 +456,7 @@ fn handed_fds(
             let held = table
                 .fds
                 .get(&h.emulator_fd)
+                .map(Box::as_ref)
                 .filter(|e| h.rdev.is_none() || e.id.rdev == h.rdev)
                 .filter(|e| arrived_for(e, c));
             let how = handoff(h, held);
