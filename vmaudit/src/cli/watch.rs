@@ -5,7 +5,10 @@ use std::{io::Write as _, sync::Arc};
 
 use vmaudit::{
     exit,
-    observe::{ObserveError, Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions},
+    observe::{
+        ObserveError, Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions,
+        table::FdRecord,
+    },
     procfs::ProcFs,
     serve::{self, Hub, ServeError},
     verify::observer::Observer as _,
@@ -67,6 +70,15 @@ impl JsonLines {
     }
 }
 
+impl JsonLines {
+    fn end_line(&mut self) {
+        self.buf.push(b'\n');
+        if self.buf.len() >= Self::WRITE_AT {
+            self.flush();
+        }
+    }
+}
+
 impl Sink for JsonLines {
     fn record(&mut self, out: Output) {
         match &out {
@@ -76,10 +88,14 @@ impl Sink for JsonLines {
                 let _ = serde_json::to_writer(&mut self.buf, &out);
             }
         }
-        self.buf.push(b'\n');
-        if self.buf.len() >= Self::WRITE_AT {
-            self.flush();
+        self.end_line();
+    }
+    fn records(&mut self, batch: &mut Vec<FdRecord>) {
+        for r in batch.iter() {
+            r.write_json(&mut self.buf);
+            self.end_line();
         }
+        batch.clear();
     }
     fn flush(&mut self) {
         // Whole lines only, so stdout's own line buffer passes them straight through.
@@ -103,6 +119,12 @@ impl Sink for Tee<'_> {
             (None, _) => {}
         }
         self.sink.record(out);
+    }
+    fn records(&mut self, batch: &mut Vec<FdRecord>) {
+        if let Some(hub) = &self.hub {
+            batch.iter().for_each(|r| hub.fd(r));
+        }
+        self.sink.records(batch);
     }
     fn flush(&mut self) {
         self.sink.flush();

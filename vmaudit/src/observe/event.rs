@@ -16,15 +16,28 @@ pub enum DecodeError {
     Kind(u8),
 }
 
-/// What a ring-buffer record holds: the event, and the path that follows it, if any.
+/// What a ring-buffer record holds: the event, and the bytes of the path tail that follows it,
+/// if any (their length checked). The tail (over 300 bytes) is copied out only when read, so
+/// an event without one costs no copy of it.
 #[derive(Clone, Copy, Debug)]
-pub struct Raw {
+pub struct Raw<'a> {
     pub event: RawEvent,
-    pub path: Option<PathTail>,
+    tail: Option<&'a [u8]>,
 }
 
-/// Copies an event (and its path tail) out of ring-buffer bytes, which need not be aligned.
-pub fn parse_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
+impl Raw<'_> {
+    /// The path tail that follows the event, if any.
+    pub fn path(&self) -> Option<PathTail> {
+        // SAFETY: parse_raw checked that the slice holds a whole PathTail, which is plain old
+        // data (every bit pattern is valid); read_unaligned makes no alignment assumption.
+        self.tail
+            .map(|b| unsafe { ptr::read_unaligned(b.as_ptr().cast::<PathTail>()) })
+    }
+}
+
+/// Copies an event out of ring-buffer bytes, which need not be aligned, and checks that the
+/// path tail its flags announce is there.
+pub fn parse_raw(bytes: &[u8]) -> Result<Raw<'_>, DecodeError> {
     if bytes.len() < RawEvent::SIZE {
         return Err(DecodeError::Length {
             got: bytes.len(),
@@ -34,7 +47,7 @@ pub fn parse_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
     // SAFETY: the length is checked above; RawEvent is plain old data (every bit pattern is
     // valid) and read_unaligned makes no alignment assumption.
     let event = unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) };
-    let path = if event.flags & EventFlags::PATH != 0 {
+    let tail = if event.flags & EventFlags::PATH != 0 {
         let need = RawEvent::SIZE + size_of::<PathTail>();
         if bytes.len() < need {
             return Err(DecodeError::Length {
@@ -42,12 +55,11 @@ pub fn parse_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
                 expected: need,
             });
         }
-        // SAFETY: as above, for the tail that follows the event.
-        Some(unsafe { ptr::read_unaligned(bytes[RawEvent::SIZE..].as_ptr().cast::<PathTail>()) })
+        Some(&bytes[RawEvent::SIZE..need])
     } else {
         None
     };
-    Ok(Raw { event, path })
+    Ok(Raw { event, tail })
 }
 
 /// The name in a path tail: a device file's dentries joined from the root (`…/` in front when
@@ -193,6 +205,7 @@ fn how(n: u32) -> Gain {
 /// Decodes a raw event into a table change.
 pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
     let e = &raw.event;
+    let tail = raw.path();
     let kind = EventKind::try_from(e.kind).map_err(DecodeError::Kind)?;
     let n = e.nr as u32;
     let flag = |f: u8| e.flags & f != 0;
@@ -200,8 +213,8 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
         EventKind::Gain => {
             let file = flag(EventFlags::FILE).then(|| KernelFile {
                 info: e.file,
-                path: raw.path.as_ref().map(path_of),
-                iface: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
+                path: tail.as_ref().map(path_of),
+                iface: tail.as_ref().and_then(|t| iface_of(&t.iface)),
             });
             let from = (how(n) == Gain::Dup).then_some(e.aux as i32);
             (
@@ -237,7 +250,7 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
             Change::Failed {
                 errno: e.aux as i32,
                 fd: (e.fd >= 0).then_some(e.fd),
-                path: raw.path.as_ref().map(path_of),
+                path: tail.as_ref().map(path_of),
             },
         ),
         EventKind::Fork => (
@@ -252,7 +265,7 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
             syscall_name(n),
             Change::Iface {
                 fd: e.fd,
-                name: raw.path.as_ref().and_then(|t| iface_of(&t.iface)),
+                name: tail.as_ref().and_then(|t| iface_of(&t.iface)),
             },
         ),
         EventKind::AddFd => (
@@ -409,7 +422,8 @@ mod tests {
         );
         let mut r = raw(EventKind::Exit, 0, -1, 0, 0);
         r.kind = 99;
-        let parsed = parse_raw(&bytes(&r)).unwrap();
+        let b = bytes(&r);
+        let parsed = parse_raw(&b).unwrap();
         assert_eq!(decode(&parsed).unwrap_err(), DecodeError::Kind(99));
         // A path flag with no tail behind it.
         let r = raw(EventKind::Gain, nr::OPENAT, 3, 0, EventFlags::PATH);

@@ -173,6 +173,13 @@ pub enum Output {
 /// buffer); `flush` ends each batch, so a buffered sink writes once per batch, not per line.
 pub trait Sink {
     fn record(&mut self, out: Output);
+    /// fd records in order, taken out of `batch` (left empty). A sink that only reads them
+    /// overrides it to take them by reference: a record is over 200 bytes, moved at each hand-over.
+    fn records(&mut self, batch: &mut Vec<FdRecord>) {
+        for r in batch.drain(..) {
+            self.record(Output::Fd(r));
+        }
+    }
     fn flush(&mut self) {}
 }
 
@@ -455,6 +462,12 @@ impl Watcher {
         sink.record(out);
     }
 
+    /// Hands a batch of fd records to `sink`, leaving `batch` empty.
+    fn emit_batch(&mut self, sink: &mut dyn Sink, batch: &mut Vec<FdRecord>) {
+        self.records += batch.len() as u64;
+        sink.records(batch);
+    }
+
     /// Reads every event available now and applies it. Returns whether any arrived.
     pub fn drain(&mut self, sink: &mut dyn Sink) -> bool {
         let mut n = 0u64;
@@ -476,14 +489,10 @@ impl Watcher {
             }
             // Hand records over in bounded batches: memory stays flat however long the drain.
             if batch.len() >= 4096 {
-                for r in batch.drain(..) {
-                    self.emit(sink, Output::Fd(r));
-                }
+                self.emit_batch(sink, &mut batch);
             }
         }
-        for r in batch.drain(..) {
-            self.emit(sink, Output::Fd(r));
-        }
+        self.emit_batch(sink, &mut batch);
         self.batch = batch;
         self.events += n;
         self.busy = n > 0;
@@ -525,9 +534,7 @@ impl Watcher {
         }
         if self.tables.get(ev.tgid).is_none() {
             // A process whose fork event was lost: start its table from the kernel.
-            for r in batch.drain(..) {
-                self.emit(sink, Output::Fd(r));
-            }
+            self.emit_batch(sink, batch);
             self.resync_one(ev.tgid, sink);
         }
         // Processes sharing the table see the change too (the tables apply it to each).
