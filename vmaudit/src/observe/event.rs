@@ -183,13 +183,21 @@ pub struct Event {
     pub unshare: bool,
 }
 
+/// [`nr::TRACED`]'s names indexed by syscall number (every traced number is below 512, as
+/// [`nr::TRACED_BITS`] has it): a look-up per event instead of a search.
+const NAMES: [&str; 512] = {
+    let mut names = ["unknown"; 512];
+    let mut i = 0;
+    while i < nr::TRACED.len() {
+        names[nr::TRACED[i].0 as usize] = nr::TRACED[i].1;
+        i += 1;
+    }
+    names
+};
+
 /// The syscall's name, for output.
 pub fn syscall_name(n: u32) -> &'static str {
-    nr::TRACED
-        .iter()
-        .find(|(x, _)| *x == n)
-        .map(|(_, name)| *name)
-        .unwrap_or("unknown")
+    NAMES.get(n as usize).copied().unwrap_or("unknown")
 }
 
 fn how(n: u32) -> Gain {
@@ -216,12 +224,13 @@ pub fn decode(raw: &Raw) -> Result<Event, DecodeError> {
                 path: tail.as_ref().map(path_of),
                 iface: tail.as_ref().and_then(|t| iface_of(&t.iface)),
             });
-            let from = (how(n) == Gain::Dup).then_some(e.aux as i32);
+            let how = how(n);
+            let from = (how == Gain::Dup).then_some(e.aux as i32);
             (
                 syscall_name(n),
                 Change::Gain {
                     fd: e.fd,
-                    how: how(n),
+                    how,
                     cloexec: flag(EventFlags::CLOEXEC),
                     from,
                     file,
@@ -409,6 +418,11 @@ mod tests {
             assert_eq!(*ours as libc::c_long, *libc_nr, "{}", syscall_name(*ours));
         }
         assert_eq!(pairs.len(), nr::TRACED.len());
+        for (n, name) in nr::TRACED {
+            assert_eq!(syscall_name(*n), *name);
+        }
+        assert_eq!(syscall_name(511), "unknown");
+        assert_eq!(syscall_name(u32::MAX), "unknown");
     }
 
     #[test]
