@@ -159,7 +159,17 @@ impl EventFlags {
     pub const COMPAT: u8 = 8;
     /// CloseRange: the caller's table was unshared first (CLOSE_RANGE_UNSHARE).
     pub const UNSHARE: u8 = 16;
+    /// Gain of a device file whose dentry and mount are those of the last path sent for the
+    /// same inode (`file.dev`, `file.ino`) less than [`PATH_REUSE_NS`] ago: no [`PathTail`]
+    /// follows, the path is that one.
+    pub const PATH_REUSED: u8 = 32;
 }
+
+/// How long a device file's path, once sent, stands for later gains of the same dentry and
+/// mount: a rename within it is seen at the first gain after it ends.
+pub const PATH_REUSE_NS: u64 = 1_000_000_000;
+/// Slots of the programs' memory of the paths they sent (`PATHS_SENT`), indexed by inode.
+pub const PATHS_SENT_SLOTS: u32 = 1024;
 
 /// Why an [`EventKind::Unseen`] was sent.
 #[repr(u64)]

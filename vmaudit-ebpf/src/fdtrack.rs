@@ -13,9 +13,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
-    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT,
-    PathTail, Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags,
-    nr, uring,
+    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG,
+    PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail, Unseen, UringOffsets, WAKEUP_BYTES,
+    WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
 };
 
 use crate::kfile;
@@ -62,6 +62,22 @@ static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIE
 /// thread's table. LRU: a supervisor that never answers cannot fill it.
 #[map]
 static NOTIF_TARGETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// The path last sent for a device inode, by slot (`PATHS_SENT_SLOTS`): a later gain of the
+/// same inode, dentry and mount within `PATH_REUSE_NS` skips the walk and says so
+/// (`EventFlags::PATH_REUSED`); userspace names it with the path it kept. An array, so the
+/// look-up is inlined; the addresses stay in the kernel (userspace never reads this map).
+#[map]
+static PATHS_SENT: Array<PathSent> = Array::with_max_entries(PATHS_SENT_SLOTS, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PathSent {
+    ino: u64,
+    dev: u64,
+    at: kfile::FilePath,
+    ts_ns: u64,
+}
 
 /// Written by userspace before loading: pending bytes past which a submit wakes the consumer
 /// even when it did not ask.
@@ -232,14 +248,56 @@ fn event(h: &Head, kind: EventKind, fd: i32, aux: u64) -> Event {
 /// Sends a 64-byte event.
 #[inline(never)]
 fn send(ev: &Event) {
+    send_at(ev, now());
+}
+
+/// Sends a 64-byte event stamped `ts_ns`.
+#[inline(always)]
+fn send_at(ev: &Event, ts_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         lose(LossCause::RingFull, ev.tgid);
         return;
     };
     let mut e = *ev;
-    e.ts_ns = now();
+    e.ts_ns = ts_ns;
     entry.write(e);
     entry.submit(wake_flags(size_of::<Event>() as u64));
+}
+
+/// The `PATHS_SENT` slot of an inode.
+#[inline(always)]
+fn path_slot(info: &FileInfo) -> u32 {
+    let h = (info.ino ^ ((info.dev as u64) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as u32 % PATHS_SENT_SLOTS
+}
+
+/// Whether the path sent last for this inode, dentry and mount still stands at `ts_ns`.
+#[inline(always)]
+fn path_sent(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) -> bool {
+    PATHS_SENT.get(path_slot(info)).is_some_and(|p| {
+        p.ino == info.ino
+            && p.dev == info.dev as u64
+            && p.at == *at
+            && ts_ns.wrapping_sub(p.ts_ns) < PATH_REUSE_NS
+    })
+}
+
+/// Remembers the path just submitted (after the submit, so that a gain that finds it is
+/// behind it in the ring).
+#[inline(always)]
+fn remember_path(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) {
+    if let Some(p) = PATHS_SENT.get_ptr_mut(path_slot(info)) {
+        // SAFETY: a live array slot; a racing writer can at worst leave a slot that matches no
+        // file, which costs one walk.
+        unsafe {
+            *p = PathSent {
+                ino: info.ino,
+                dev: info.dev as u64,
+                at: *at,
+                ts_ns,
+            };
+        }
+    }
 }
 
 /// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
@@ -263,15 +321,24 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
             file
         }
     };
-    if file != 0 {
-        if kfile::file_info(file, &mut ev.file).is_none() {
-            lose(LossCause::KernelRead, h.tgid);
-            return;
-        }
-        ev.flags |= EventFlags::FILE;
+    let ts_ns = now();
+    if file == 0 {
+        send_at(&ev, ts_ns);
+        return;
     }
-    if !walk || file == 0 || !kfile::is_device(ev.file.mode) {
-        send(&ev);
+    let Some(at) = kfile::file_info(file, &mut ev.file) else {
+        lose(LossCause::KernelRead, h.tgid);
+        return;
+    };
+    ev.flags |= EventFlags::FILE;
+    if !walk || !kfile::is_device(ev.file.mode) {
+        send_at(&ev, ts_ns);
+        return;
+    }
+    // A tun fd's interface is read at every gain; an attached one is not in the path memory.
+    if ev.file.rdev != kfile::TUN_RDEV && path_sent(&ev.file, &at, ts_ns) {
+        ev.flags |= EventFlags::PATH_REUSED;
+        send_at(&ev, ts_ns);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
@@ -280,15 +347,16 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     };
     let p = entry.as_mut_ptr();
     ev.flags |= EventFlags::PATH;
-    ev.ts_ns = now();
+    ev.ts_ns = ts_ns;
     // SAFETY: `p` points at a reserved, writable ring-buffer slot of size_of::<EventWithPath>();
     // the event is written whole and the walk writes every field of the tail it reports.
     unsafe {
         (*p).event = ev;
-        kfile::walk_path(file, &mut (*p).path);
+        kfile::walk_path(&at, &mut (*p).path);
         kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
     }
     entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
+    remember_path(&ev.file, &at, ts_ns);
 }
 
 /// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
