@@ -3,8 +3,8 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -15,7 +15,7 @@ use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
     INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG,
     PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail, Unseen, UringOffsets, WAKEUP_BYTES,
-    WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring, watch_generation,
 };
 
 use crate::kfile;
@@ -52,6 +52,22 @@ static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0)
 /// lookup (an array read is inlined, a hash lookup is a call).
 #[map]
 static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Changed after every removal from `WATCHED` (here at a process's exit, by userspace when it
+/// stops watching one): see [`watched`].
+#[map]
+static WATCH_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the process this CPU last found in `WATCHED`, and `WATCH_GEN` then.
+#[map]
+static LAST_WATCHED: PerCpuArray<LastWatched> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LastWatched {
+    tgid: u32,
+    generation: u64,
+}
 
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
@@ -171,6 +187,46 @@ fn maybe_watched(tgid: u32) -> bool {
 fn is_watched(tgid: u32) -> Option<u32> {
     // SAFETY: the value is copied out at once; a concurrent delete can only make it stale.
     unsafe { WATCHED.get(tgid) }.copied()
+}
+
+/// Whether `tgid` is in `WATCHED`, as [`is_watched`] says, without its hash look-up when this
+/// CPU found the same process watched last and nothing was removed since (`WATCH_GEN` is
+/// unchanged): a watched process's syscalls come in runs on one CPU, and inlined array reads
+/// cost far less than a hash look-up. The generation is read before the look-up, so a removal
+/// that races with it changes the generation after and the memory is not trusted again.
+#[inline(always)]
+fn watched(tgid: u32) -> bool {
+    let Some(gen_slot) = WATCH_GEN.get_ptr(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: a live array slot of 8 bytes; other CPUs change it atomically.
+    let generation = unsafe { core::ptr::read_volatile(gen_slot) };
+    let Some(last) = LAST_WATCHED.get_ptr_mut(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: this CPU's slot, written only here and by no other CPU.
+    unsafe {
+        if (*last).tgid == tgid && (*last).generation == generation {
+            return true;
+        }
+        if is_watched(tgid).is_none() {
+            return false;
+        }
+        *last = LastWatched { tgid, generation };
+    }
+    true
+}
+
+/// Changes `WATCH_GEN` after a removal from `WATCHED`: to a value never written before (the
+/// clock and this CPU's number), so that racing writers cannot put back one a CPU remembers.
+#[inline(always)]
+fn watch_removed() {
+    if let Some(p) = WATCH_GEN.get_ptr_mut(0) {
+        // SAFETY: the helper has no preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+        // SAFETY: a live array slot of 8 bytes.
+        unsafe { *p = watch_generation(now(), cpu) };
+    }
 }
 
 /// Counts one undeliverable event, globally by cause and for the process it concerned.
@@ -483,7 +539,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         match nr::i386::to_x86_64(raw_nr) {
             Some(n) => n as u64,
             None => {
-                if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
+                if nr::i386::changes_fds_undecoded(raw_nr) && watched(tgid) {
                     debug!(
                         &ctx,
                         "pid {} made 32-bit syscall {}, not decoded: its table is checked",
@@ -504,7 +560,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     } else {
         raw_nr
     };
-    if !nr::is_traced(nr) || is_watched(tgid).is_none() {
+    if !nr::is_traced(nr) || !watched(tgid) {
         return 0;
     }
     // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
@@ -919,6 +975,7 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = WATCHED.remove(tgid);
+    watch_removed();
     let h = Head {
         tgid,
         tid,
