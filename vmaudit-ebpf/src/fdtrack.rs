@@ -2,9 +2,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -111,8 +112,8 @@ static VMAUDIT_URING: UringOffsets = UringOffsets {
 
 // x86_64 `struct pt_regs`: a syscall's arguments are in di, si, dx, r10, its number in orig_ax;
 // a 32-bit compat syscall's arguments are in bx, cx, dx, si. A syscall leaves these saved user
-// registers as they were, so the exit sees the arguments of the entry. They are read in one
-// copy of the 8-byte words from bx (at 40) to orig_ax (at 120): one helper call, not six.
+// registers as they were, so the exit sees the arguments of the entry. The 8-byte words from
+// bx (at 40) to orig_ax (at 120) are loaded directly (see `saved_regs`).
 const PT_REGS_WINDOW_OFF: u64 = 40;
 const PT_REGS_WINDOW_WORDS: usize = 11;
 /// Word indices in that window: di (112), si (104), dx (96), r10 (56); bx (40), cx (88), dx,
@@ -276,6 +277,24 @@ fn wake_flags(size: u64) -> u64 {
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
+}
+
+/// The words of the running task's saved user registers from bx to orig_ax (see
+/// `PT_REGS_WINDOW_OFF`), loaded directly: the helper returns a typed `pt_regs` pointer and
+/// each load is at a fixed field offset, which the verifier checks against the kernel's BTF.
+#[inline(always)]
+fn saved_regs() -> [u64; PT_REGS_WINDOW_WORDS] {
+    let mut w = [0u64; PT_REGS_WINDOW_WORDS];
+    // SAFETY: the helpers return the running task and its saved registers, valid for the
+    // program's whole run; every load is of an 8-byte register field of `struct pt_regs`.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+        let first = (PT_REGS_WINDOW_OFF / 8) as usize;
+        for (i, word) in w.iter_mut().enumerate() {
+            *word = core::ptr::read_volatile(regs.add(first + i));
+        }
+    }
+    w
 }
 
 /// What every event of one syscall exit shares.
@@ -487,12 +506,6 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-#[inline(always)]
-fn read_kernel<T>(addr: u64) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
-}
-
 /// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: remembers a watched thread's clone flags for
 /// `sched_process_fork`, which needs them to tell a child process from a thread. Per-syscall
 /// tracepoints run only for these (rare) syscalls.
@@ -524,10 +537,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let regs: u64 = ctx.arg(0);
-    let Some(w) = read_kernel::<[u64; PT_REGS_WINDOW_WORDS]>(regs + PT_REGS_WINDOW_OFF) else {
-        return 0;
-    };
+    let w = saved_regs();
     let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.
     let compat = kfile::current_ti_status() & TS_COMPAT != 0;

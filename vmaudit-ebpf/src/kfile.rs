@@ -83,7 +83,7 @@ impl<const W: usize> Window<W> {
     #[inline(always)]
     fn get<T: Copy>(&self, off: u64) -> Option<T> {
         let off = off as usize;
-        if off + size_of::<T>() <= W * 8 && off % align_of::<T>() == 0 {
+        if off + size_of::<T>() <= W * 8 && off.is_multiple_of(align_of::<T>()) {
             // SAFETY: `off..off + size_of::<T>()` lies within the copy and is aligned for `T`
             // (the words are 8-aligned); any bit pattern is a valid integer or address, which
             // is all this reads.
