@@ -772,9 +772,9 @@ fn scm_rights(h: &Head, msg: u64) {
         fds_left: 0,
         done: false,
     };
-    // A step reads one header or one fd: a control message of `len` bytes takes at most
-    // `len / 4` steps (one for its 16-byte header, one per 4-byte fd), plus the step that
-    // finds the end.
+    // A step reads a header, an fd, or both: a control message of `len` bytes takes at most
+    // `len / 4` steps (its 16-byte header, then one per 4-byte fd), plus one that finds the
+    // end.
     let steps = (controllen / 4 + 1).min(BPF_MAX_LOOPS);
     // SAFETY: the callback has the signature bpf_loop calls, and `c` outlives the call.
     let r = unsafe {
@@ -795,26 +795,39 @@ extern "C" fn cmsg_step(_: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Cmsgs` that `scm_rights` passed, alive for the whole loop and
     // touched by nothing else meanwhile.
     let c = unsafe { &mut *(ctx as *mut Cmsgs) };
+    if c.fds_left == 0 && !next_cmsg(c) {
+        c.done = true;
+        return LOOP_BREAK;
+    }
     if c.fds_left > 0 {
         received_or_sent(c, c.fd_at);
         c.fd_at += 4;
         c.fds_left -= 1;
-        return LOOP_CONTINUE;
     }
-    let off = c.off;
-    if off + CMSG_HDR_LEN > c.controllen {
+    // Finding the end in the same step leaves the usual message (one control message, one
+    // fd) to a single step.
+    if c.fds_left == 0 && c.off + CMSG_HDR_LEN > c.controllen {
         c.done = true;
         return LOOP_BREAK;
+    }
+    LOOP_CONTINUE
+}
+
+/// Reads the control message header at `c.off` and moves past it: an SCM_RIGHTS one leaves
+/// its fds to be read, an SCM_PIDFD one is received at once. False at the end of the buffer.
+#[inline(always)]
+fn next_cmsg(c: &mut Cmsgs) -> bool {
+    let off = c.off;
+    if off + CMSG_HDR_LEN > c.controllen {
+        return false;
     }
     let Some(hdr) = read_user::<[u64; 2]>(c.control + off) else {
         lose(LossCause::UserRead, c.h.tgid);
-        c.done = true;
-        return LOOP_BREAK;
+        return false;
     };
     let len = hdr[0];
     if len < CMSG_HDR_LEN || off + len > c.controllen {
-        c.done = true;
-        return LOOP_BREAK;
+        return false;
     }
     let level = hdr[1] & 0xffff_ffff;
     let ty = hdr[1] >> 32;
@@ -825,7 +838,7 @@ extern "C" fn cmsg_step(_: u64, ctx: *mut c_void) -> i64 {
         received_or_sent(c, c.control + off + CMSG_HDR_LEN);
     }
     c.off = off + ((len + 7) & !7);
-    LOOP_CONTINUE
+    true
 }
 
 /// The fd at user address `at` in a control message: gained (received) or sent.
