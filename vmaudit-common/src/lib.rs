@@ -29,6 +29,9 @@ pub mod maps {
     pub const WATCH_FILTER: &str = "WATCH_FILTER";
     /// One slot, set to 1 by the consumer before it sleeps: the next submit wakes it.
     pub const CONSUMER: &str = "CONSUMER";
+    /// One slot, changed after every removal from `WATCHED`: a CPU's memory of the last process
+    /// it found watched holds only while it is unchanged.
+    pub const WATCH_GEN: &str = "WATCH_GEN";
     /// io_uring request -> (tgid, opcode): fd-changing requests of watched processes in flight.
     pub const URING_REQS: &str = "URING_REQS";
     /// seccomp notification id -> the thread it stopped: the target of an ADDFD on it.
@@ -155,7 +158,26 @@ impl EventFlags {
     pub const COMPAT: u8 = 8;
     /// CloseRange: the caller's table was unshared first (CLOSE_RANGE_UNSHARE).
     pub const UNSHARE: u8 = 16;
+    /// Gain of a device file whose dentry and mount are those of the last path sent for the
+    /// same inode (`file.dev`, `file.ino`) less than [`PATH_REUSE_NS`] ago: no [`PathTail`]
+    /// follows, the path is that one.
+    pub const PATH_REUSED: u8 = 32;
 }
+
+/// A value for the `WATCH_GEN` slot that no other writer can have written: the monotonic clock
+/// in nanoseconds and the writer (a CPU's number below 255, or 255 for userspace).
+pub const fn watch_generation(now_ns: u64, writer: u64) -> u64 {
+    now_ns << 8 | (writer & 0xff)
+}
+
+/// The writer number of userspace in [`watch_generation`].
+pub const WATCH_GEN_USERSPACE: u64 = 0xff;
+
+/// How long a device file's path, once sent, stands for later gains of the same dentry and
+/// mount: a rename within it is seen at the first gain after it ends.
+pub const PATH_REUSE_NS: u64 = 1_000_000_000;
+/// Slots of the programs' memory of the paths they sent (`PATHS_SENT`), indexed by inode.
+pub const PATHS_SENT_SLOTS: u32 = 1024;
 
 /// Why an [`EventKind::Unseen`] was sent.
 #[repr(u64)]

@@ -4,8 +4,9 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     cty::c_void,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_loop,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::bpf_loop,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -14,8 +15,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
-    INFLIGHT_ENTRIES, Inflight, LossCause, PATH_SLOT, PathTail, Unseen, UringOffsets, WAKEUP_BYTES,
-    WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    INFLIGHT_ENTRIES, Inflight, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail,
+    Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    watch_generation,
 };
 
 use crate::kfile;
@@ -53,6 +55,22 @@ static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0)
 #[map]
 static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
 
+/// Changed after every removal from `WATCHED` (here at a process's exit, by userspace when it
+/// stops watching one): see [`watched`].
+#[map]
+static WATCH_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the process this CPU last found in `WATCHED`, and `WATCH_GEN` then.
+#[map]
+static LAST_WATCHED: PerCpuArray<LastWatched> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LastWatched {
+    tgid: u32,
+    generation: u64,
+}
+
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
 static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
@@ -62,6 +80,22 @@ static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIE
 /// thread's table. LRU: a supervisor that never answers cannot fill it.
 #[map]
 static NOTIF_TARGETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// The path last sent for a device inode, by slot (`PATHS_SENT_SLOTS`): a later gain of the
+/// same inode, dentry and mount within `PATH_REUSE_NS` skips the walk and says so
+/// (`EventFlags::PATH_REUSED`); userspace names it with the path it kept. An array, so the
+/// look-up is inlined; the addresses stay in the kernel (userspace never reads this map).
+#[map]
+static PATHS_SENT: Array<PathSent> = Array::with_max_entries(PATHS_SENT_SLOTS, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PathSent {
+    ino: u64,
+    dev: u64,
+    at: kfile::FilePath,
+    ts_ns: u64,
+}
 
 /// Written by userspace before loading: pending bytes past which a submit wakes the consumer
 /// even when it did not ask.
@@ -163,6 +197,46 @@ fn is_watched(tgid: u32) -> Option<u32> {
     unsafe { WATCHED.get(tgid) }.copied()
 }
 
+/// Whether `tgid` is in `WATCHED`, as [`is_watched`] says, without its hash look-up when this
+/// CPU found the same process watched last and nothing was removed since (`WATCH_GEN` is
+/// unchanged): a watched process's syscalls come in runs on one CPU, and inlined array reads
+/// cost far less than a hash look-up. The generation is read before the look-up, so a removal
+/// that races with it changes the generation after and the memory is not trusted again.
+#[inline(always)]
+fn watched(tgid: u32) -> bool {
+    let Some(gen_slot) = WATCH_GEN.get_ptr(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: a live array slot of 8 bytes; other CPUs change it atomically.
+    let generation = unsafe { core::ptr::read_volatile(gen_slot) };
+    let Some(last) = LAST_WATCHED.get_ptr_mut(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: this CPU's slot, written only here and by no other CPU.
+    unsafe {
+        if (*last).tgid == tgid && (*last).generation == generation {
+            return true;
+        }
+        if is_watched(tgid).is_none() {
+            return false;
+        }
+        *last = LastWatched { tgid, generation };
+    }
+    true
+}
+
+/// Changes `WATCH_GEN` after a removal from `WATCHED`: to a value never written before (the
+/// clock and this CPU's number), so that racing writers cannot put back one a CPU remembers.
+#[inline(always)]
+fn watch_removed() {
+    if let Some(p) = WATCH_GEN.get_ptr_mut(0) {
+        // SAFETY: the helper has no preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+        // SAFETY: a live array slot of 8 bytes.
+        unsafe { *p = watch_generation(now(), cpu) };
+    }
+}
+
 /// Counts one undeliverable event, globally by cause and for the process it concerned.
 #[inline(never)]
 fn lose(cause: LossCause, tgid: u32) {
@@ -239,14 +313,56 @@ fn event(h: &Head, kind: EventKind, fd: i32, aux: u64) -> Event {
 /// Sends a 64-byte event.
 #[inline(never)]
 fn send(ev: &Event) {
+    send_at(ev, now());
+}
+
+/// Sends a 64-byte event stamped `ts_ns`.
+#[inline(always)]
+fn send_at(ev: &Event, ts_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         lose(LossCause::RingFull, ev.tgid);
         return;
     };
     let mut e = *ev;
-    e.ts_ns = now();
+    e.ts_ns = ts_ns;
     entry.write(e);
     entry.submit(wake_flags(size_of::<Event>() as u64));
+}
+
+/// The `PATHS_SENT` slot of an inode.
+#[inline(always)]
+fn path_slot(info: &FileInfo) -> u32 {
+    let h = (info.ino ^ ((info.dev as u64) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as u32 % PATHS_SENT_SLOTS
+}
+
+/// Whether the path sent last for this inode, dentry and mount still stands at `ts_ns`.
+#[inline(always)]
+fn path_sent(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) -> bool {
+    PATHS_SENT.get(path_slot(info)).is_some_and(|p| {
+        p.ino == info.ino
+            && p.dev == info.dev as u64
+            && p.at == *at
+            && ts_ns.wrapping_sub(p.ts_ns) < PATH_REUSE_NS
+    })
+}
+
+/// Remembers the path just submitted (after the submit, so that a gain that finds it is
+/// behind it in the ring).
+#[inline(always)]
+fn remember_path(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) {
+    if let Some(p) = PATHS_SENT.get_ptr_mut(path_slot(info)) {
+        // SAFETY: a live array slot; a racing writer can at worst leave a slot that matches no
+        // file, which costs one walk.
+        unsafe {
+            *p = PathSent {
+                ino: info.ino,
+                dev: info.dev as u64,
+                at: *at,
+                ts_ns,
+            };
+        }
+    }
 }
 
 /// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
@@ -270,15 +386,24 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
             file
         }
     };
-    if file != 0 {
-        if kfile::file_info(file, &mut ev.file).is_none() {
-            lose(LossCause::KernelRead, h.tgid);
-            return;
-        }
-        ev.flags |= EventFlags::FILE;
+    let ts_ns = now();
+    if file == 0 {
+        send_at(&ev, ts_ns);
+        return;
     }
-    if !walk || file == 0 || !kfile::is_device(ev.file.mode) {
-        send(&ev);
+    let Some(at) = kfile::file_info(file, &mut ev.file) else {
+        lose(LossCause::KernelRead, h.tgid);
+        return;
+    };
+    ev.flags |= EventFlags::FILE;
+    if !walk || !kfile::is_device(ev.file.mode) {
+        send_at(&ev, ts_ns);
+        return;
+    }
+    // A tun fd's interface is read at every gain; an attached one is not in the path memory.
+    if ev.file.rdev != kfile::TUN_RDEV && path_sent(&ev.file, &at, ts_ns) {
+        ev.flags |= EventFlags::PATH_REUSED;
+        send_at(&ev, ts_ns);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
@@ -287,15 +412,16 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     };
     let p = entry.as_mut_ptr();
     ev.flags |= EventFlags::PATH;
-    ev.ts_ns = now();
+    ev.ts_ns = ts_ns;
     // SAFETY: `p` points at a reserved, writable ring-buffer slot of size_of::<EventWithPath>();
     // the event is written whole and the walk writes every field of the tail it reports.
     unsafe {
         (*p).event = ev;
-        kfile::walk_path(file, &mut (*p).path);
+        kfile::walk_path(&at, &mut (*p).path);
         kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
     }
     entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
+    remember_path(&ev.file, &at, ts_ns);
 }
 
 /// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
@@ -422,7 +548,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
         match nr::i386::to_x86_64(raw_nr) {
             Some(n) => n as u64,
             None => {
-                if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
+                if nr::i386::changes_fds_undecoded(raw_nr) && watched(tgid) {
                     debug!(
                         &ctx,
                         "pid {} made 32-bit syscall {}, not decoded: its table is checked",
@@ -443,7 +569,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     } else {
         raw_nr
     };
-    if !nr::is_traced(nr) || is_watched(tgid).is_none() {
+    if !nr::is_traced(nr) || !watched(tgid) {
         return 0;
     }
     // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
@@ -944,6 +1070,7 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = WATCHED.remove(tgid);
+    watch_removed();
     let h = Head {
         tgid,
         tid,

@@ -141,9 +141,17 @@ pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
     Some((file, word & (1 << (fd % 64)) != 0))
 }
 
-/// What the kernel says about `file`.
+/// Where a file was opened: its `f_path` (dentry and mount), kernel addresses that stay in the
+/// kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FilePath {
+    pub dentry: u64,
+    pub mnt: u64,
+}
+
+/// What the kernel says about `file`; returns where it was opened.
 #[inline(always)]
-pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
+pub fn file_info(file: u64, info: &mut FileInfo) -> Option<FilePath> {
     let f = Window::<FILE_WINDOW>::read(file)?;
     let inode = Window::<INODE_WINDOW>::read(f.get(o!(file_inode))?)?;
     info.flags = f.get(o!(file_flags))?;
@@ -154,11 +162,14 @@ pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
     info.dev = read(sb + o!(sb_dev))?;
     info.ofd = ofd::id(key(), file);
     info._pad = 0;
-    Some(())
+    Some(FilePath {
+        dentry: f.get(o!(file_dentry))?,
+        mnt: f.get(o!(file_mnt))?,
+    })
 }
 
 /// `i_rdev` of /dev/net/tun (10:200), kernel encoding.
-const TUN_RDEV: u32 = (10 << 20) | 200;
+pub const TUN_RDEV: u32 = (10 << 20) | 200;
 
 /// Writes the interface a tun fd is attached to into `out` (NUL-padded; left empty for another
 /// device, or a tun fd not attached yet).
@@ -184,20 +195,16 @@ pub fn tun_iface(file: u64, rdev: u32, out: &mut [u8; IFNAMSIZ]) {
     }
 }
 
-/// Writes the names of `file`'s dentries, leaf first, crossing mounts, into `tail`.
+/// Writes the names of the dentries of `at`, leaf first, crossing mounts, into `tail`.
 #[inline(never)]
-pub fn walk_path(file: u64, tail: &mut PathTail) {
+pub fn walk_path(at: &FilePath, tail: &mut PathTail) {
     tail.form = PathTail::COMPONENTS;
     tail.depth = 0;
     tail.complete = 0;
-    let Some(f) = Window::<FILE_WINDOW>::read(file) else {
+    let (mut dentry, mut vfsmnt) = (at.dentry, at.mnt);
+    if dentry == 0 || vfsmnt == 0 {
         return;
-    };
-    let (Some(mut dentry), Some(mut vfsmnt)) =
-        (f.get::<u64>(o!(file_dentry)), f.get::<u64>(o!(file_mnt)))
-    else {
-        return;
-    };
+    }
     // The root of the mount being walked, read again only when the walk crosses into another.
     let Some(mut root) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
         return;

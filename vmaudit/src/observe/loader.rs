@@ -14,8 +14,8 @@ use aya::{
     programs::{Iter, RawTracePoint, TracePoint},
 };
 use vmaudit_common::{
-    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WatchFlags, globals,
-    maps, programs,
+    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WATCH_GEN_USERSPACE,
+    WatchFlags, globals, maps, programs, watch_generation,
 };
 
 use super::{ObserveError, btf::Btf, key};
@@ -103,6 +103,7 @@ pub struct Tracker {
     lost_tgids: HashMap<MapData, u32, u64>,
     filter: Array<MapData, u32>,
     consumer: Array<MapData, u32>,
+    watch_gen: Array<MapData, u64>,
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
@@ -259,9 +260,12 @@ impl Tracker {
             .map_err(map_err("LOST_TGIDS"))?;
         let consumer =
             Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
+        let watch_gen =
+            Array::try_from(take_map(&mut ebpf, maps::WATCH_GEN)?).map_err(map_err("WATCH_GEN"))?;
         Ok(Self {
             logger,
             consumer,
+            watch_gen,
             tun_named: offsets.tun_ready != 0,
             _ebpf: ebpf,
             ring: Some(ring),
@@ -340,9 +344,15 @@ impl Tracker {
             .ok_or(ObserveError::MissingObject { name })
     }
 
-    /// Stops watching a process; a missing entry (it exited) is not an error.
-    pub fn unwatch(&mut self, tgid: u32) {
+    /// Stops watching a process; a missing entry (it exited) is not an error. The programs'
+    /// generation of the watch set is changed after the removal, so that no CPU keeps taking
+    /// the process for watched.
+    pub fn unwatch(&mut self, tgid: u32) -> Result<(), ObserveError> {
         let _ = self.watched.remove(&tgid);
+        let generation = watch_generation(super::monotonic_ns(), WATCH_GEN_USERSPACE);
+        self.watch_gen
+            .set(0, generation, 0)
+            .map_err(map_err("WATCH_GEN"))
     }
 
     /// Events lost so far, per cause (summed over CPUs), indexed by [`LossCause`].

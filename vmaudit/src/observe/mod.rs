@@ -29,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use vmaudit_common::LossCause;
 
 use self::{
-    event::{Change, Event, Gain, decode, parse_raw},
+    event::{Change, Event, Gain, PathMemory, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
     table::{FdRecord, Op, Tables},
 };
@@ -270,6 +270,8 @@ pub struct Watcher {
     last_losses: [u64; LossCause::COUNT as usize],
     /// Records of the current batch, reused: no allocation per event.
     batch: Vec<FdRecord>,
+    /// Device files' paths as the kernel side last sent them.
+    paths: PathMemory,
     /// Whether the last drain found events (the consumer then lingers before it waits).
     busy: bool,
     loss_checks: u64,
@@ -337,6 +339,7 @@ impl Watcher {
             unseen: BTreeMap::new(),
             last_losses,
             batch: Vec::with_capacity(4096),
+            paths: PathMemory::default(),
             busy: false,
             loss_checks: 0,
             events: 0,
@@ -465,7 +468,11 @@ impl Watcher {
                     break;
                 };
                 n += 1;
-                parse_raw(&item).and_then(|raw| decode(&raw))
+                parse_raw(&item).and_then(|raw| {
+                    let mut ev = decode(&raw)?;
+                    self.paths.fill(&raw, &mut ev);
+                    Ok(ev)
+                })
             };
             match decoded {
                 Ok(ev) => self.apply(&ev, &mut batch, sink),
