@@ -4,9 +4,8 @@
 //! Message `k` carries `N[k]` fds, alternately of /dev/null and /dev/zero, in SCM_RIGHTS
 //! control messages of at most [`PER_CMSG`] fds each (the kernel joins them into one on
 //! receipt). The receiving socket asks for two timestamps, the sender's credentials and a
-//! pidfd of the sender as well, so each received message holds five control messages, the
-//! SCM_RIGHTS one last, and gains a pidfd besides its `N[k]` fds. The sender closes its copies
-//! once sent.
+//! pidfd of the sender as well, so each received message holds five control messages and
+//! gains a pidfd besides its `N[k]` fds. The sender closes its copies once sent.
 //!
 //! Reply: `ok cmsgs:C FD:KIND...`: `C` the most control messages any received message held,
 //! then every fd received in the order the kernel installed them (buffer order), `KIND` one
@@ -118,7 +117,9 @@ fn send_all(tx: &OwnedFd, files: &[Vec<OwnedFd>]) -> Result<(), String> {
             tx.as_raw_fd(),
             msgs.as_mut_ptr(),
             msgs.len(),
-            0,
+            // More datagrams than the receiver queues (net.unix.max_dgram_qlen) fail here,
+            // rather than wait for a reader that comes only after.
+            libc::MSG_DONTWAIT,
         )
     })?;
     if sent as usize != msgs.len() {
