@@ -372,9 +372,7 @@ fn remember_path(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) {
 #[inline(never)]
 fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     let mut ev = event(h, EventKind::Gain, fd, aux);
-    // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let file = match kfile::file_at(task, fd) {
+    let file = match kfile::current_file_at(fd) {
         None => {
             lose(LossCause::KernelRead, h.tgid);
             return;
@@ -541,9 +539,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     };
     let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let compat =
-        read_kernel::<u32>(task + kfile::task_ti_status_off()).is_some_and(|s| s & TS_COMPAT != 0);
+    let compat = kfile::current_ti_status() & TS_COMPAT != 0;
     let nr = if compat {
         match nr::i386::to_x86_64(raw_nr) {
             Some(n) => n as u64,
