@@ -73,10 +73,6 @@ pub const INFLIGHT_ENTRIES: u32 = 16384;
 pub const WATCH_FILTER_SLOTS: u32 = 65536;
 /// Entries in the `WATCHED` map.
 pub const WATCHED_ENTRIES: u32 = 16384;
-/// Most SCM_RIGHTS fds read from one control message / one message / one recvmmsg call.
-pub const MAX_RIGHTS_PER_CMSG: u32 = 16;
-pub const MAX_CMSGS: u32 = 4;
-pub const MAX_MMSGS: u32 = 4;
 
 /// Flags stored as the value of the `WATCHED` map.
 pub struct WatchFlags;
@@ -220,7 +216,8 @@ pub enum LossCause {
     InflightFull = 1,
     /// Reading the fds a syscall wrote to user memory (pipe, socketpair, SCM_RIGHTS) failed.
     UserRead = 2,
-    /// More SCM_RIGHTS fds, or messages, arrived in one call than the kernel side reads.
+    /// A message's control buffer is longer than one `bpf_loop` can read (more than 32 MiB,
+    /// which no kernel accepts), or bpf_loop refused: its fds were not read.
     TooManyFds = 3,
     /// A followed child could not be added to `WATCHED`.
     WatchFull = 4,

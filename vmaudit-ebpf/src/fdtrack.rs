@@ -2,10 +2,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    cty::c_void,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -14,9 +15,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
-    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG,
-    PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail, Unseen, UringOffsets, WAKEUP_BYTES,
-    WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring, watch_generation,
+    INFLIGHT_ENTRIES, Inflight, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail,
+    Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    watch_generation,
 };
 
 use crate::kfile;
@@ -138,6 +139,12 @@ const MMSGHDR_SIZE: u64 = 64;
 const CMSG_HDR_LEN: u64 = 16;
 const SOL_SOCKET: u64 = 1;
 const SCM_RIGHTS: u64 = 1;
+/// A pidfd of the sender, installed by recvmsg on a socket with SO_PASSPIDFD.
+const SCM_PIDFD: u64 = 4;
+/// bpf_loop's most iterations, and what its callback returns to go on or to stop.
+const BPF_MAX_LOOPS: u64 = 1 << 23;
+const LOOP_CONTINUE: i64 = 0;
+const LOOP_BREAK: i64 = 1;
 
 const F_DUPFD: u64 = 0;
 const F_SETFD: u64 = 2;
@@ -298,6 +305,7 @@ fn saved_regs() -> [u64; PT_REGS_WINDOW_WORDS] {
 }
 
 /// What every event of one syscall exit shares.
+#[derive(Clone, Copy)]
 struct Head {
     tgid: u32,
     tid: u32,
@@ -659,19 +667,7 @@ fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
         }
         nr::IOCTL => return ioctl(h, &a, ret),
         nr::RECVMSG | nr::SENDMSG => scm_rights(h, a[1]),
-        nr::RECVMMSG | nr::SENDMMSG => {
-            let mut i: u64 = 0;
-            while i < MAX_MMSGS as u64 {
-                if (i as i64) >= ret {
-                    break;
-                }
-                scm_rights(h, a[1] + i * MMSGHDR_SIZE);
-                i += 1;
-            }
-            if ret > MAX_MMSGS as i64 {
-                lose(LossCause::TooManyFds, h.tgid);
-            }
-        }
+        nr::RECVMMSG | nr::SENDMMSG => mmsg_rights(h, a[1], ret as u64),
         nr::PIPE | nr::PIPE2 | nr::SOCKETPAIR => {
             let ptr = if nr == nr::SOCKETPAIR { a[3] } else { a[0] };
             match read_user::<[i32; 2]>(ptr) {
@@ -834,11 +830,59 @@ fn clone_pidfd(h: &Head, nr: u32, a: &[u64; 4]) -> Option<(i32, u64)> {
     fd.map(|fd| (fd, u64::MAX))
 }
 
-/// One event per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`: a Gain (recvmsg
-/// family, the file read from the table) or a SendFd.
-#[inline(never)]
+/// What one `bpf_loop` over the messages of a recvmmsg/sendmmsg carries.
+struct Mmsgs {
+    h: Head,
+    /// The `struct mmsghdr` array.
+    vec: u64,
+}
+
+/// Every message the kernel transferred (`n`, the syscall's result, at most UIO_MAXIOV),
+/// in order. Inlined, as `scm_rights` is: each call frame counts against the verifier's eight
+/// (here: the program, `exit_of`, two loop steps, `gain`, `send`, `lose`).
+#[inline(always)]
+fn mmsg_rights(h: &Head, vec: u64, n: u64) {
+    let mut m = Mmsgs { h: *h, vec };
+    // SAFETY: the callback has the signature bpf_loop calls, and `m` outlives the call.
+    let r = unsafe {
+        bpf_loop(
+            n as u32,
+            mmsg_step as *mut c_void,
+            &mut m as *mut Mmsgs as *mut c_void,
+            0,
+        )
+    };
+    if r < 0 {
+        lose(LossCause::TooManyFds, h.tgid);
+    }
+}
+
+extern "C" fn mmsg_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Mmsgs` that `mmsg_rights` passed, alive for the whole loop.
+    let m = unsafe { &*(ctx as *const Mmsgs) };
+    scm_rights(&m.h, m.vec + i * MMSGHDR_SIZE);
+    LOOP_CONTINUE
+}
+
+/// Where a walk of one message's control buffer is, from one `bpf_loop` step to the next.
+struct Cmsgs {
+    h: Head,
+    recv: bool,
+    control: u64,
+    controllen: u64,
+    /// Offset of the next control message's header.
+    off: u64,
+    /// The next fd of the SCM_RIGHTS message being read, and how many are left in it.
+    fd_at: u64,
+    fds_left: u64,
+    done: bool,
+}
+
+/// One event per fd carried in the `struct msghdr` at `msg`: SCM_RIGHTS (every fd of every
+/// control message), and SCM_PIDFD on receipt. A Gain (recvmsg family, the file read from the
+/// table) or a SendFd, in buffer order, which is the order the kernel installed them.
+#[inline(always)]
 fn scm_rights(h: &Head, msg: u64) {
-    let recv = matches!(h.nr as u32, nr::RECVMSG | nr::RECVMMSG);
     let (Some(control), Some(controllen)) = (
         read_user::<u64>(msg + MSGHDR_CONTROL_OFF),
         read_user::<u64>(msg + MSGHDR_CONTROLLEN_OFF),
@@ -846,45 +890,95 @@ fn scm_rights(h: &Head, msg: u64) {
         lose(LossCause::UserRead, h.tgid);
         return;
     };
-    let mut off: u64 = 0;
-    let mut c = 0;
-    while c < MAX_CMSGS {
-        c += 1;
-        if control == 0 || off + CMSG_HDR_LEN > controllen {
-            return;
-        }
-        let Some(hdr) = read_user::<[u64; 2]>(control + off) else {
-            lose(LossCause::UserRead, h.tgid);
-            return;
-        };
-        let len = hdr[0];
-        if len < CMSG_HDR_LEN || off + len > controllen {
-            return;
-        }
-        let level = hdr[1] & 0xffff_ffff;
-        let ty = hdr[1] >> 32;
-        if level == SOL_SOCKET && ty == SCM_RIGHTS {
-            let n = (len - CMSG_HDR_LEN) / 4;
-            let mut i: u64 = 0;
-            while i < MAX_RIGHTS_PER_CMSG as u64 {
-                if i >= n {
-                    break;
-                }
-                match read_user::<i32>(control + off + CMSG_HDR_LEN + 4 * i) {
-                    Some(fd) if recv => gain(h, fd, u64::MAX, false),
-                    Some(fd) => send(&event(h, EventKind::SendFd, fd, 0)),
-                    None => lose(LossCause::UserRead, h.tgid),
-                }
-                i += 1;
-            }
-            if n > MAX_RIGHTS_PER_CMSG as u64 {
-                lose(LossCause::TooManyFds, h.tgid);
-            }
-        }
-        off += (len + 7) & !7;
+    if control == 0 || controllen < CMSG_HDR_LEN {
+        return;
     }
-    if off + CMSG_HDR_LEN <= controllen {
+    let mut c = Cmsgs {
+        h: *h,
+        recv: matches!(h.nr as u32, nr::RECVMSG | nr::RECVMMSG),
+        control,
+        controllen,
+        off: 0,
+        fd_at: 0,
+        fds_left: 0,
+        done: false,
+    };
+    // A step reads a header, an fd, or both: a control message of `len` bytes takes at most
+    // `len / 4` steps (its 16-byte header, then one per 4-byte fd), plus one that finds the
+    // end.
+    let steps = (controllen / 4 + 1).min(BPF_MAX_LOOPS);
+    // SAFETY: the callback has the signature bpf_loop calls, and `c` outlives the call.
+    let r = unsafe {
+        bpf_loop(
+            steps as u32,
+            cmsg_step as *mut c_void,
+            &mut c as *mut Cmsgs as *mut c_void,
+            0,
+        )
+    };
+    // Only a buffer of more than 32 MiB (more than the kernel accepts) can outlast the steps.
+    if r < 0 || !c.done {
         lose(LossCause::TooManyFds, h.tgid);
+    }
+}
+
+extern "C" fn cmsg_step(_: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Cmsgs` that `scm_rights` passed, alive for the whole loop and
+    // touched by nothing else meanwhile.
+    let c = unsafe { &mut *(ctx as *mut Cmsgs) };
+    if c.fds_left == 0 && !next_cmsg(c) {
+        c.done = true;
+        return LOOP_BREAK;
+    }
+    if c.fds_left > 0 {
+        received_or_sent(c, c.fd_at);
+        c.fd_at += 4;
+        c.fds_left -= 1;
+    }
+    // Finding the end in the same step leaves the usual message (one control message, one
+    // fd) to a single step.
+    if c.fds_left == 0 && c.off + CMSG_HDR_LEN > c.controllen {
+        c.done = true;
+        return LOOP_BREAK;
+    }
+    LOOP_CONTINUE
+}
+
+/// Reads the control message header at `c.off` and moves past it: an SCM_RIGHTS one leaves
+/// its fds to be read, an SCM_PIDFD one is received at once. False at the end of the buffer.
+#[inline(always)]
+fn next_cmsg(c: &mut Cmsgs) -> bool {
+    let off = c.off;
+    if off + CMSG_HDR_LEN > c.controllen {
+        return false;
+    }
+    let Some(hdr) = read_user::<[u64; 2]>(c.control + off) else {
+        lose(LossCause::UserRead, c.h.tgid);
+        return false;
+    };
+    let len = hdr[0];
+    if len < CMSG_HDR_LEN || off + len > c.controllen {
+        return false;
+    }
+    let level = hdr[1] & 0xffff_ffff;
+    let ty = hdr[1] >> 32;
+    if level == SOL_SOCKET && ty == SCM_RIGHTS {
+        c.fd_at = c.control + off + CMSG_HDR_LEN;
+        c.fds_left = (len - CMSG_HDR_LEN) / 4;
+    } else if level == SOL_SOCKET && ty == SCM_PIDFD && c.recv && len >= CMSG_HDR_LEN + 4 {
+        received_or_sent(c, c.control + off + CMSG_HDR_LEN);
+    }
+    c.off = off + ((len + 7) & !7);
+    true
+}
+
+/// The fd at user address `at` in a control message: gained (received) or sent.
+#[inline(always)]
+fn received_or_sent(c: &Cmsgs, at: u64) {
+    match read_user::<i32>(at) {
+        Some(fd) if c.recv => gain(&c.h, fd, u64::MAX, false),
+        Some(fd) => send(&event(&c.h, EventKind::SendFd, fd, 0)),
+        None => lose(LossCause::UserRead, c.h.tgid),
     }
 }
 
