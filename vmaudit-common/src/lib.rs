@@ -46,6 +46,9 @@ pub mod programs {
     pub const SYS_EXIT: &str = "vmaudit_sys_exit";
     /// Does nothing: the cost floor of a `raw_syscalls/sys_exit` hook (`vmaudit noop-hook`).
     pub const NOOP: &str = "vmaudit_noop";
+    /// Sends a bare event per syscall exit of one process, reading nothing: the cost floor of
+    /// any tracer that sends an event per fd change (`vmaudit noop-hook --emit-for PID`).
+    pub const EMIT_FLOOR: &str = "vmaudit_emit_floor";
     /// `sched/sched_process_fork`.
     pub const SCHED_FORK: &str = "vmaudit_sched_fork";
     /// `sched/sched_process_exec`.
@@ -502,6 +505,8 @@ pub mod globals {
     pub const WAKEUP_BYTES: &str = "VMAUDIT_WAKEUP_BYTES";
     /// [`crate::UringOffsets`].
     pub const URING: &str = "VMAUDIT_URING";
+    /// `u32`: the one process the floor program sends events for.
+    pub const FLOOR_PID: &str = "VMAUDIT_FLOOR_PID";
 }
 
 pub mod ofd {

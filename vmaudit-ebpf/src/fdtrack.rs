@@ -1154,6 +1154,31 @@ pub fn vmaudit_uring_complete(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Written by userspace before loading: the process `vmaudit_emit_floor` sends events for.
+#[unsafe(no_mangle)]
+static VMAUDIT_FLOOR_PID: u32 = 0;
+
+/// For `vmaudit noop-hook --emit-for PID`: one 64-byte event (the clock, pid and tid) per
+/// syscall exit of one process, through the same ring buffer and wake-up rule as the tracker,
+/// reading nothing of the syscall or its file: what sending an event costs on this hook, the
+/// floor under any tracer that reports every fd change (see BENCHMARKS.md).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn vmaudit_emit_floor(_ctx: RawTracePointContext) -> i32 {
+    let (tgid, tid) = ids();
+    // SAFETY: a static of the object, replaced by the loader.
+    if tgid != unsafe { core::ptr::read_volatile(&VMAUDIT_FLOOR_PID) } {
+        return 0;
+    }
+    let h = Head {
+        tgid,
+        tid,
+        nr: 0,
+        flags: 0,
+    };
+    send(&event(&h, EventKind::Unseen, -1, 0));
+    0
+}
+
 /// A program that does nothing, for `vmaudit noop-hook`: what merely hooking every syscall's
 /// exit costs on this kernel, the floor under `vmaudit_sys_exit` (see BENCHMARKS.md).
 #[raw_tracepoint(tracepoint = "sys_exit")]

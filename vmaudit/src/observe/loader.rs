@@ -168,6 +168,41 @@ pub fn attach_noop_hook() -> Result<Ebpf, ObserveError> {
     Ok(ebpf)
 }
 
+/// The floor program, attached to `raw_syscalls/sys_exit` for process `pid`, and its ring
+/// buffer and consumer flag (see `programs::EMIT_FLOOR`), for benchmarks. Detached when the
+/// returned object is dropped.
+pub struct EmitFloor {
+    pub ring: RingBuf<MapData>,
+    consumer: Array<MapData, u32>,
+    _ebpf: Ebpf,
+}
+
+impl EmitFloor {
+    pub fn attach(pid: u32) -> Result<Self, ObserveError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::FLOOR_PID, &pid, true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| ObserveError::Load {
+                source: Box::new(source),
+            })?;
+        attach_raw(&mut ebpf, programs::EMIT_FLOOR, "sys_exit")?;
+        let ring =
+            RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
+        let consumer =
+            Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
+        Ok(Self {
+            ring,
+            consumer,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// As [`Tracker::consumer_waits`].
+    pub fn consumer_waits(&mut self) -> Result<(), ObserveError> {
+        self.consumer.set(0, 1, 0).map_err(map_err("CONSUMER"))
+    }
+}
+
 impl Tracker {
     /// Loads the programs and attaches them. The kernel's field offsets (from its BTF), the
     /// per-boot key of open-file-description ids and the io_uring tracepoints' layout are

@@ -284,7 +284,7 @@ pub struct Watcher {
 /// How long a consumer that just drained events lets more gather before it waits for a wake-up
 /// (the producer then wakes nobody unless the pending bytes cross the threshold: see
 /// `vmaudit_common::WAKEUP_BYTES`).
-const LINGER: Duration = Duration::from_micros(200);
+pub const LINGER: Duration = Duration::from_micros(200);
 
 /// A kernel snapshot as the tables take it: fd -> (identity, close-on-exec).
 fn snapshot_map(recs: Vec<vmaudit_common::IterRecord>) -> BTreeMap<i32, (FdIdentity, bool)> {
