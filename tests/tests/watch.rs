@@ -333,6 +333,39 @@ fn a_device_opened_again_keeps_its_path_through_each_mount() {
     assert_eq!(records.last().unwrap()["lost_total"], 0);
 }
 
+#[test]
+fn the_floor_hook_drains_an_event_per_syscall_of_its_process() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid().to_string();
+    let w = Watch::start_sub(
+        &bins,
+        "noop-hook",
+        &["--emit-for", &pid],
+        "floor hook attached",
+    );
+    // 1000 openat+close pairs: 2000 syscall exits, plus those of the helper's command I/O.
+    h.cmd("flood 1000");
+    let mut other = Helper::spawn(&bins);
+    other.cmd("flood 1000");
+    // SAFETY: kill with the pid of our own child.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGINT) };
+    let last = w.wait_stderr(|l| l.contains("events drained"));
+    let (code, records) = w.finish();
+    assert_eq!(code, 0, "{last}");
+    assert!(records.is_empty(), "{records:?}");
+    let events: u64 = last
+        .split_whitespace()
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {last:?}"));
+    // The other process's 2000 exits are not among them; the helper's own I/O adds a few.
+    assert!((2000..2100).contains(&events), "{last}");
+    h.exit();
+    other.exit();
+    vmaudit_programs_gone().expect("the floor program is detached at exit");
+}
+
 fn writeln_helper_exec(h: &mut Helper) {
     // The helper re-executes itself and says `ok exec` from the new image.
     assert_eq!(h.cmd("exec"), vec!["exec".to_owned()]);
