@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError, channel},
     thread,
@@ -443,6 +443,30 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A bind mount of `source` on `target` (a file made for it), unmounted on drop.
+pub struct BindMount(pub PathBuf);
+
+impl BindMount {
+    pub fn new(source: &Path, target: &Path) -> Self {
+        std::fs::write(target, b"").expect("the bind mount's target file");
+        sh(
+            "mount",
+            &[
+                "--bind",
+                &source.to_string_lossy(),
+                &target.to_string_lossy(),
+            ],
+        );
+        Self(target.to_owned())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
     }
 }
 

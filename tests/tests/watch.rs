@@ -10,7 +10,7 @@ use std::{
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::Value;
 use vmaudit_tests::{
-    Helper, TempDir, VethGuard, Watch, bins, proc_fds, require_root, run_vmaudit,
+    BindMount, Helper, TempDir, VethGuard, Watch, bins, proc_fds, require_root, run_vmaudit,
     vmaudit_programs_gone,
 };
 
@@ -299,6 +299,71 @@ fn every_fd_transition_is_reported() {
     let me = std::process::id();
     assert!(records.iter().all(|v| v["pid"] != me));
     assert_eq!(vmaudit_programs_gone(), Ok(()), "programs left after exit");
+}
+
+#[test]
+fn a_device_opened_again_keeps_its_path_through_each_mount() {
+    require_root();
+    let bins = bins!();
+    let tmp = TempDir::new("paths-again");
+    // The same inode (/dev/null) under a second mount: its path differs by mount.
+    let alias = tmp.0.join("null-alias");
+    let _bind = BindMount::new(std::path::Path::new("/dev/null"), &alias);
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid();
+    let mut w = Watch::start(&bins, &["--pid", &pid.to_string()]);
+    let alias = alias.to_string_lossy().into_owned();
+    // Each path twice in a row (the second gain of a dentry and mount reuses the path the
+    // kernel side sent), then alternating (each change of mount walks again).
+    let order = ["/dev/null", "/dev/null", alias.as_str(), alias.as_str()];
+    for path in order.iter().chain(order.iter().rev()) {
+        let fd = h.fd(&format!("open {path}"));
+        let r = w.wait_fd(pid, "open", fd);
+        assert_eq!(
+            (r["path"].as_str(), r["rdev"].as_str(), r["source"].as_str()),
+            (Some(*path), Some("1:3"), Some("kernel")),
+            "{r}"
+        );
+        h.cmd(&format!("close {fd}"));
+        w.wait_fd(pid, "close", fd);
+    }
+    h.exit();
+    let (code, records) = w.finish();
+    assert_eq!(code, 6);
+    assert_eq!(records.last().unwrap()["lost_total"], 0);
+}
+
+#[test]
+fn the_floor_hook_drains_an_event_per_syscall_of_its_process() {
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let pid = h.pid().to_string();
+    let w = Watch::start_sub(
+        &bins,
+        "noop-hook",
+        &["--emit-for", &pid],
+        "floor hook attached",
+    );
+    // 1000 openat+close pairs: 2000 syscall exits, plus those of the helper's command I/O.
+    h.cmd("flood 1000");
+    let mut other = Helper::spawn(&bins);
+    other.cmd("flood 1000");
+    // SAFETY: kill with the pid of our own child.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGINT) };
+    let last = w.wait_stderr(|l| l.contains("events drained"));
+    let (code, records) = w.finish();
+    assert_eq!(code, 0, "{last}");
+    assert!(records.is_empty(), "{records:?}");
+    let events: u64 = last
+        .split_whitespace()
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {last:?}"));
+    // The other process's 2000 exits are not among them; the helper's own I/O adds a few.
+    assert!((2000..2100).contains(&events), "{last}");
+    h.exit();
+    other.exit();
+    vmaudit_programs_gone().expect("the floor program is detached at exit");
 }
 
 fn writeln_helper_exec(h: &mut Helper) {

@@ -1,5 +1,5 @@
 //! `vmaudit watch` against the real kernel on the rarer ways into and out of a table: io_uring,
-//! recvmmsg past what the probe reads, fd-returning ioctls and syscalls, a table shared through
+//! recvmmsg of many messages, control messages and fds, fd-returning ioctls and syscalls, a table shared through
 //! CLONE_FILES, a seccomp supervisor's ADDFD. Each is either followed event by event, or found
 //! and repaired with a gap that names its cause: never missed silently.
 
@@ -54,36 +54,65 @@ fn io_uring_opens_and_closes_are_repaired_with_a_gap() {
 }
 
 #[test]
-fn recvmmsg_past_the_fourth_message_is_counted_and_repaired() {
+fn every_fd_of_every_message_of_a_recvmmsg_is_followed() {
     require_root();
     let bins = bins!();
     let mut h = Helper::spawn(&bins);
     let pid = h.pid();
     let mut w = Watch::start(&bins, &["--pid", &pid.to_string()]);
-    let fds = ints(h.cmd("recvmmsg_fds 6"));
-    assert_eq!(fds.len(), 6);
-    // The probe reads the first four messages: those fds are events, with the file.
-    for fd in &fds[..4] {
+    // Six datagrams in one sendmmsg and one recvmmsg; the second carries 40 fds, sent in five
+    // SCM_RIGHTS control messages, the last the kernel's most (SCM_MAX_FD, 253), in 32; each
+    // arrives with five control messages (two timestamps, credentials, a pidfd of the sender
+    // and its fds).
+    let counts = [1, 40, 0, 3, 1, 253];
+    let line = counts.map(|n: usize| n.to_string()).join(" ");
+    let words = h.cmd(&format!("recvmmsg_fds {line}"));
+    assert_eq!(words[0], "cmsgs:5", "{words:?}");
+    let got: Vec<(i32, String)> = words[1..]
+        .iter()
+        .map(|w| {
+            let (fd, kind) = w.split_once(':').unwrap();
+            (fd.parse().unwrap(), kind.to_string())
+        })
+        .collect();
+    let sent: usize = counts.iter().sum();
+    assert_eq!(got.len(), sent + counts.len(), "{got:?}");
+    // Each fd received is an event with its file read from the table, in the order the kernel
+    // installed them (each wait looks past the previous match only).
+    for (fd, kind) in &got {
         let r = w.wait_fd(pid, "recv_fd", *fd);
         assert_eq!(
-            (r["syscall"].as_str(), r["rdev"].as_str()),
-            (Some("recvmmsg"), Some("1:3"))
+            (r["syscall"].as_str(), r["source"].as_str()),
+            (Some("recvmmsg"), Some("kernel")),
+            "{r}"
         );
+        let identity = match kind.as_str() {
+            "null" => r["rdev"] == "1:3",
+            "zero" => r["rdev"] == "1:5",
+            "pidfd" => r["path"] == "anon_inode:[pidfd]",
+            other => panic!("fd {fd} holds {other}"),
+        };
+        assert!(identity, "fd {fd} ({kind}): {r}");
     }
-    // The rest is a counted loss, repaired from the kernel's table.
-    let gap = w.wait_for("the too-many-fds gap", |v| v["type"] == "gap");
-    assert!(
-        gap["causes"]["too_many_fds"].as_u64().unwrap() >= 1,
-        "{gap}"
-    );
-    assert_eq!(gap["added"], serde_json::json!(fds[4..]), "{gap}");
-    h.exit();
-    let (_, records) = w.finish();
+    // The sender's side: every fd of every control message is a send_fd.
+    let send_fds = w
+        .seen
+        .iter()
+        .filter(|v| v["op"] == "send_fd" && v["syscall"] == "sendmmsg")
+        .count();
+    assert_eq!(send_fds, sent);
+    let table = proc_fds(pid);
+    let records = finish_clean(h, w);
     let summary = records.last().unwrap();
-    assert!(
-        summary["lost"]["too_many_fds"].as_u64().unwrap() >= 1,
-        "{summary}"
-    );
+    assert_eq!(summary["gaps"], 0, "{summary}");
+    // Nothing left to repair: vmaudit's table at the exit is what /proc showed.
+    let released: std::collections::BTreeSet<i32> = records
+        .iter()
+        .filter(|v| v["type"] == "fd" && v["pid"] == pid && v["op"] == "exit")
+        .map(|v| v["fd"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(released, table);
+    assert!(got.iter().all(|(fd, _)| table.contains(fd)));
 }
 
 #[test]

@@ -29,6 +29,9 @@ pub mod maps {
     pub const WATCH_FILTER: &str = "WATCH_FILTER";
     /// One slot, set to 1 by the consumer before it sleeps: the next submit wakes it.
     pub const CONSUMER: &str = "CONSUMER";
+    /// One slot, changed after every removal from `WATCHED`: a CPU's memory of the last process
+    /// it found watched holds only while it is unchanged.
+    pub const WATCH_GEN: &str = "WATCH_GEN";
     /// io_uring request -> (tgid, opcode): fd-changing requests of watched processes in flight.
     pub const URING_REQS: &str = "URING_REQS";
     /// seccomp notification id -> the thread it stopped: the target of an ADDFD on it.
@@ -43,6 +46,9 @@ pub mod programs {
     pub const SYS_EXIT: &str = "vmaudit_sys_exit";
     /// Does nothing: the cost floor of a `raw_syscalls/sys_exit` hook (`vmaudit noop-hook`).
     pub const NOOP: &str = "vmaudit_noop";
+    /// Sends a bare event per syscall exit of one process, reading nothing: the cost floor of
+    /// any tracer that sends an event per fd change (`vmaudit noop-hook --emit-for PID`).
+    pub const EMIT_FLOOR: &str = "vmaudit_emit_floor";
     /// `sched/sched_process_fork`.
     pub const SCHED_FORK: &str = "vmaudit_sched_fork";
     /// `sched/sched_process_exec`.
@@ -70,10 +76,6 @@ pub const INFLIGHT_ENTRIES: u32 = 16384;
 pub const WATCH_FILTER_SLOTS: u32 = 65536;
 /// Entries in the `WATCHED` map.
 pub const WATCHED_ENTRIES: u32 = 16384;
-/// Most SCM_RIGHTS fds read from one control message / one message / one recvmmsg call.
-pub const MAX_RIGHTS_PER_CMSG: u32 = 16;
-pub const MAX_CMSGS: u32 = 4;
-pub const MAX_MMSGS: u32 = 4;
 
 /// Flags stored as the value of the `WATCHED` map.
 pub struct WatchFlags;
@@ -159,7 +161,26 @@ impl EventFlags {
     pub const COMPAT: u8 = 8;
     /// CloseRange: the caller's table was unshared first (CLOSE_RANGE_UNSHARE).
     pub const UNSHARE: u8 = 16;
+    /// Gain of a device file whose dentry and mount are those of the last path sent for the
+    /// same inode (`file.dev`, `file.ino`) less than [`PATH_REUSE_NS`] ago: no [`PathTail`]
+    /// follows, the path is that one.
+    pub const PATH_REUSED: u8 = 32;
 }
+
+/// A value for the `WATCH_GEN` slot that no other writer can have written: the monotonic clock
+/// in nanoseconds and the writer (a CPU's number below 255, or 255 for userspace).
+pub const fn watch_generation(now_ns: u64, writer: u64) -> u64 {
+    now_ns << 8 | (writer & 0xff)
+}
+
+/// The writer number of userspace in [`watch_generation`].
+pub const WATCH_GEN_USERSPACE: u64 = 0xff;
+
+/// How long a device file's path, once sent, stands for later gains of the same dentry and
+/// mount: a rename within it is seen at the first gain after it ends.
+pub const PATH_REUSE_NS: u64 = 1_000_000_000;
+/// Slots of the programs' memory of the paths they sent (`PATHS_SENT`), indexed by inode.
+pub const PATHS_SENT_SLOTS: u32 = 1024;
 
 /// Why an [`EventKind::Unseen`] was sent.
 #[repr(u64)]
@@ -198,7 +219,8 @@ pub enum LossCause {
     InflightFull = 1,
     /// Reading the fds a syscall wrote to user memory (pipe, socketpair, SCM_RIGHTS) failed.
     UserRead = 2,
-    /// More SCM_RIGHTS fds, or messages, arrived in one call than the kernel side reads.
+    /// A message's control buffer is longer than one `bpf_loop` can read (more than 32 MiB,
+    /// which no kernel accepts), or bpf_loop refused: its fds were not read.
     TooManyFds = 3,
     /// A followed child could not be added to `WATCHED`.
     WatchFull = 4,
@@ -483,6 +505,8 @@ pub mod globals {
     pub const WAKEUP_BYTES: &str = "VMAUDIT_WAKEUP_BYTES";
     /// [`crate::UringOffsets`].
     pub const URING: &str = "VMAUDIT_URING";
+    /// `u32`: the one process the floor program sends events for.
+    pub const FLOOR_PID: &str = "VMAUDIT_FLOOR_PID";
 }
 
 pub mod ofd {

@@ -2,9 +2,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    cty::c_void,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -13,9 +15,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
-    INFLIGHT_ENTRIES, Inflight, LossCause, MAX_CMSGS, MAX_MMSGS, MAX_RIGHTS_PER_CMSG, PATH_SLOT,
-    PathTail, Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags,
-    nr, uring,
+    INFLIGHT_ENTRIES, Inflight, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail,
+    Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    watch_generation,
 };
 
 use crate::kfile;
@@ -53,6 +55,22 @@ static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0)
 #[map]
 static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
 
+/// Changed after every removal from `WATCHED` (here at a process's exit, by userspace when it
+/// stops watching one): see [`watched`].
+#[map]
+static WATCH_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the process this CPU last found in `WATCHED`, and `WATCH_GEN` then.
+#[map]
+static LAST_WATCHED: PerCpuArray<LastWatched> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LastWatched {
+    tgid: u32,
+    generation: u64,
+}
+
 /// io_uring request address -> `tgid << 8 | opcode`, from submission to completion.
 #[map]
 static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
@@ -62,6 +80,22 @@ static URING_REQS: HashMap<u64, u64> = HashMap::with_max_entries(INFLIGHT_ENTRIE
 /// thread's table. LRU: a supervisor that never answers cannot fill it.
 #[map]
 static NOTIF_TARGETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// The path last sent for a device inode, by slot (`PATHS_SENT_SLOTS`): a later gain of the
+/// same inode, dentry and mount within `PATH_REUSE_NS` skips the walk and says so
+/// (`EventFlags::PATH_REUSED`); userspace names it with the path it kept. An array, so the
+/// look-up is inlined; the addresses stay in the kernel (userspace never reads this map).
+#[map]
+static PATHS_SENT: Array<PathSent> = Array::with_max_entries(PATHS_SENT_SLOTS, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PathSent {
+    ino: u64,
+    dev: u64,
+    at: kfile::FilePath,
+    ts_ns: u64,
+}
 
 /// Written by userspace before loading: pending bytes past which a submit wakes the consumer
 /// even when it did not ask.
@@ -79,8 +113,8 @@ static VMAUDIT_URING: UringOffsets = UringOffsets {
 
 // x86_64 `struct pt_regs`: a syscall's arguments are in di, si, dx, r10, its number in orig_ax;
 // a 32-bit compat syscall's arguments are in bx, cx, dx, si. A syscall leaves these saved user
-// registers as they were, so the exit sees the arguments of the entry. They are read in one
-// copy of the 8-byte words from bx (at 40) to orig_ax (at 120): one helper call, not six.
+// registers as they were, so the exit sees the arguments of the entry. The 8-byte words from
+// bx (at 40) to orig_ax (at 120) are loaded directly (see `saved_regs`).
 const PT_REGS_WINDOW_OFF: u64 = 40;
 const PT_REGS_WINDOW_WORDS: usize = 11;
 /// Word indices in that window: di (112), si (104), dx (96), r10 (56); bx (40), cx (88), dx,
@@ -105,6 +139,12 @@ const MMSGHDR_SIZE: u64 = 64;
 const CMSG_HDR_LEN: u64 = 16;
 const SOL_SOCKET: u64 = 1;
 const SCM_RIGHTS: u64 = 1;
+/// A pidfd of the sender, installed by recvmsg on a socket with SO_PASSPIDFD.
+const SCM_PIDFD: u64 = 4;
+/// bpf_loop's most iterations, and what its callback returns to go on or to stop.
+const BPF_MAX_LOOPS: u64 = 1 << 23;
+const LOOP_CONTINUE: i64 = 0;
+const LOOP_BREAK: i64 = 1;
 
 const F_DUPFD: u64 = 0;
 const F_SETFD: u64 = 2;
@@ -157,6 +197,46 @@ fn is_watched(tgid: u32) -> Option<u32> {
     unsafe { WATCHED.get(tgid) }.copied()
 }
 
+/// Whether `tgid` is in `WATCHED`, as [`is_watched`] says, without its hash look-up when this
+/// CPU found the same process watched last and nothing was removed since (`WATCH_GEN` is
+/// unchanged): a watched process's syscalls come in runs on one CPU, and inlined array reads
+/// cost far less than a hash look-up. The generation is read before the look-up, so a removal
+/// that races with it changes the generation after and the memory is not trusted again.
+#[inline(always)]
+fn watched(tgid: u32) -> bool {
+    let Some(gen_slot) = WATCH_GEN.get_ptr(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: a live array slot of 8 bytes; other CPUs change it atomically.
+    let generation = unsafe { core::ptr::read_volatile(gen_slot) };
+    let Some(last) = LAST_WATCHED.get_ptr_mut(0) else {
+        return is_watched(tgid).is_some();
+    };
+    // SAFETY: this CPU's slot, written only here and by no other CPU.
+    unsafe {
+        if (*last).tgid == tgid && (*last).generation == generation {
+            return true;
+        }
+        if is_watched(tgid).is_none() {
+            return false;
+        }
+        *last = LastWatched { tgid, generation };
+    }
+    true
+}
+
+/// Changes `WATCH_GEN` after a removal from `WATCHED`: to a value never written before (the
+/// clock and this CPU's number), so that racing writers cannot put back one a CPU remembers.
+#[inline(always)]
+fn watch_removed() {
+    if let Some(p) = WATCH_GEN.get_ptr_mut(0) {
+        // SAFETY: the helper has no preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+        // SAFETY: a live array slot of 8 bytes.
+        unsafe { *p = watch_generation(now(), cpu) };
+    }
+}
+
 /// Counts one undeliverable event, globally by cause and for the process it concerned.
 #[inline(never)]
 fn lose(cause: LossCause, tgid: u32) {
@@ -206,7 +286,26 @@ fn wake_flags(size: u64) -> u64 {
     }
 }
 
+/// The words of the running task's saved user registers from bx to orig_ax (see
+/// `PT_REGS_WINDOW_OFF`), loaded directly: the helper returns a typed `pt_regs` pointer and
+/// each load is at a fixed field offset, which the verifier checks against the kernel's BTF.
+#[inline(always)]
+fn saved_regs() -> [u64; PT_REGS_WINDOW_WORDS] {
+    let mut w = [0u64; PT_REGS_WINDOW_WORDS];
+    // SAFETY: the helpers return the running task and its saved registers, valid for the
+    // program's whole run; every load is of an 8-byte register field of `struct pt_regs`.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+        let first = (PT_REGS_WINDOW_OFF / 8) as usize;
+        for (i, word) in w.iter_mut().enumerate() {
+            *word = core::ptr::read_volatile(regs.add(first + i));
+        }
+    }
+    w
+}
+
 /// What every event of one syscall exit shares.
+#[derive(Clone, Copy)]
 struct Head {
     tgid: u32,
     tid: u32,
@@ -232,14 +331,56 @@ fn event(h: &Head, kind: EventKind, fd: i32, aux: u64) -> Event {
 /// Sends a 64-byte event.
 #[inline(never)]
 fn send(ev: &Event) {
+    send_at(ev, now());
+}
+
+/// Sends a 64-byte event stamped `ts_ns`.
+#[inline(always)]
+fn send_at(ev: &Event, ts_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         lose(LossCause::RingFull, ev.tgid);
         return;
     };
     let mut e = *ev;
-    e.ts_ns = now();
+    e.ts_ns = ts_ns;
     entry.write(e);
     entry.submit(wake_flags(size_of::<Event>() as u64));
+}
+
+/// The `PATHS_SENT` slot of an inode.
+#[inline(always)]
+fn path_slot(info: &FileInfo) -> u32 {
+    let h = (info.ino ^ ((info.dev as u64) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as u32 % PATHS_SENT_SLOTS
+}
+
+/// Whether the path sent last for this inode, dentry and mount still stands at `ts_ns`.
+#[inline(always)]
+fn path_sent(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) -> bool {
+    PATHS_SENT.get(path_slot(info)).is_some_and(|p| {
+        p.ino == info.ino
+            && p.dev == info.dev as u64
+            && p.at == *at
+            && ts_ns.wrapping_sub(p.ts_ns) < PATH_REUSE_NS
+    })
+}
+
+/// Remembers the path just submitted (after the submit, so that a gain that finds it is
+/// behind it in the ring).
+#[inline(always)]
+fn remember_path(info: &FileInfo, at: &kfile::FilePath, ts_ns: u64) {
+    if let Some(p) = PATHS_SENT.get_ptr_mut(path_slot(info)) {
+        // SAFETY: a live array slot; a racing writer can at worst leave a slot that matches no
+        // file, which costs one walk.
+        unsafe {
+            *p = PathSent {
+                ino: info.ino,
+                dev: info.dev as u64,
+                at: *at,
+                ts_ns,
+            };
+        }
+    }
 }
 
 /// `fd` is now in the current task's table: reads the file behind it and sends a Gain (with
@@ -249,9 +390,7 @@ fn send(ev: &Event) {
 #[inline(never)]
 fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     let mut ev = event(h, EventKind::Gain, fd, aux);
-    // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let file = match kfile::file_at(task, fd) {
+    let file = match kfile::current_file_at(fd) {
         None => {
             lose(LossCause::KernelRead, h.tgid);
             return;
@@ -263,15 +402,24 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
             file
         }
     };
-    if file != 0 {
-        if kfile::file_info(file, &mut ev.file).is_none() {
-            lose(LossCause::KernelRead, h.tgid);
-            return;
-        }
-        ev.flags |= EventFlags::FILE;
+    let ts_ns = now();
+    if file == 0 {
+        send_at(&ev, ts_ns);
+        return;
     }
-    if !walk || file == 0 || !kfile::is_device(ev.file.mode) {
-        send(&ev);
+    let Some(at) = kfile::file_info(file, &mut ev.file) else {
+        lose(LossCause::KernelRead, h.tgid);
+        return;
+    };
+    ev.flags |= EventFlags::FILE;
+    if !walk || !kfile::is_device(ev.file.mode) {
+        send_at(&ev, ts_ns);
+        return;
+    }
+    // A tun fd's interface is read at every gain; an attached one is not in the path memory.
+    if ev.file.rdev != kfile::TUN_RDEV && path_sent(&ev.file, &at, ts_ns) {
+        ev.flags |= EventFlags::PATH_REUSED;
+        send_at(&ev, ts_ns);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<EventWithPath>(0) else {
@@ -280,15 +428,16 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
     };
     let p = entry.as_mut_ptr();
     ev.flags |= EventFlags::PATH;
-    ev.ts_ns = now();
+    ev.ts_ns = ts_ns;
     // SAFETY: `p` points at a reserved, writable ring-buffer slot of size_of::<EventWithPath>();
     // the event is written whole and the walk writes every field of the tail it reports.
     unsafe {
         (*p).event = ev;
-        kfile::walk_path(file, &mut (*p).path);
+        kfile::walk_path(&at, &mut (*p).path);
         kfile::tun_iface(file, ev.file.rdev, &mut (*p).path.iface);
     }
     entry.submit(wake_flags(size_of::<EventWithPath>() as u64));
+    remember_path(&ev.file, &at, ts_ns);
 }
 
 /// TUNSETIFF/TUNSETQUEUE attached tun fd `fd` to an interface: an Iface event with its name,
@@ -365,12 +514,6 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-#[inline(always)]
-fn read_kernel<T>(addr: u64) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails cleanly.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
-}
-
 /// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: remembers a watched thread's clone flags for
 /// `sched_process_fork`, which needs them to tell a child process from a thread. Per-syscall
 /// tracepoints run only for these (rare) syscalls.
@@ -402,20 +545,15 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let regs: u64 = ctx.arg(0);
-    let Some(w) = read_kernel::<[u64; PT_REGS_WINDOW_WORDS]>(regs + PT_REGS_WINDOW_OFF) else {
-        return 0;
-    };
+    let w = saved_regs();
     let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let compat =
-        read_kernel::<u32>(task + kfile::task_ti_status_off()).is_some_and(|s| s & TS_COMPAT != 0);
+    let compat = kfile::current_ti_status() & TS_COMPAT != 0;
     let nr = if compat {
         match nr::i386::to_x86_64(raw_nr) {
             Some(n) => n as u64,
             None => {
-                if nr::i386::changes_fds_undecoded(raw_nr) && is_watched(tgid).is_some() {
+                if nr::i386::changes_fds_undecoded(raw_nr) && watched(tgid) {
                     debug!(
                         &ctx,
                         "pid {} made 32-bit syscall {}, not decoded: its table is checked",
@@ -436,7 +574,7 @@ pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
     } else {
         raw_nr
     };
-    if !nr::is_traced(nr) || is_watched(tgid).is_none() {
+    if !nr::is_traced(nr) || !watched(tgid) {
         return 0;
     }
     // vmaudit's own consumer thread, when vmaudit watches itself: its reads would otherwise
@@ -529,19 +667,7 @@ fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
         }
         nr::IOCTL => return ioctl(h, &a, ret),
         nr::RECVMSG | nr::SENDMSG => scm_rights(h, a[1]),
-        nr::RECVMMSG | nr::SENDMMSG => {
-            let mut i: u64 = 0;
-            while i < MAX_MMSGS as u64 {
-                if (i as i64) >= ret {
-                    break;
-                }
-                scm_rights(h, a[1] + i * MMSGHDR_SIZE);
-                i += 1;
-            }
-            if ret > MAX_MMSGS as i64 {
-                lose(LossCause::TooManyFds, h.tgid);
-            }
-        }
+        nr::RECVMMSG | nr::SENDMMSG => mmsg_rights(h, a[1], ret as u64),
         nr::PIPE | nr::PIPE2 | nr::SOCKETPAIR => {
             let ptr = if nr == nr::SOCKETPAIR { a[3] } else { a[0] };
             match read_user::<[i32; 2]>(ptr) {
@@ -704,11 +830,59 @@ fn clone_pidfd(h: &Head, nr: u32, a: &[u64; 4]) -> Option<(i32, u64)> {
     fd.map(|fd| (fd, u64::MAX))
 }
 
-/// One event per fd carried by SCM_RIGHTS in the `struct msghdr` at `msg`: a Gain (recvmsg
-/// family, the file read from the table) or a SendFd.
-#[inline(never)]
+/// What one `bpf_loop` over the messages of a recvmmsg/sendmmsg carries.
+struct Mmsgs {
+    h: Head,
+    /// The `struct mmsghdr` array.
+    vec: u64,
+}
+
+/// Every message the kernel transferred (`n`, the syscall's result, at most UIO_MAXIOV),
+/// in order. Inlined, as `scm_rights` is: each call frame counts against the verifier's eight
+/// (here: the program, `exit_of`, two loop steps, `gain`, `send`, `lose`).
+#[inline(always)]
+fn mmsg_rights(h: &Head, vec: u64, n: u64) {
+    let mut m = Mmsgs { h: *h, vec };
+    // SAFETY: the callback has the signature bpf_loop calls, and `m` outlives the call.
+    let r = unsafe {
+        bpf_loop(
+            n as u32,
+            mmsg_step as *mut c_void,
+            &mut m as *mut Mmsgs as *mut c_void,
+            0,
+        )
+    };
+    if r < 0 {
+        lose(LossCause::TooManyFds, h.tgid);
+    }
+}
+
+extern "C" fn mmsg_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Mmsgs` that `mmsg_rights` passed, alive for the whole loop.
+    let m = unsafe { &*(ctx as *const Mmsgs) };
+    scm_rights(&m.h, m.vec + i * MMSGHDR_SIZE);
+    LOOP_CONTINUE
+}
+
+/// Where a walk of one message's control buffer is, from one `bpf_loop` step to the next.
+struct Cmsgs {
+    h: Head,
+    recv: bool,
+    control: u64,
+    controllen: u64,
+    /// Offset of the next control message's header.
+    off: u64,
+    /// The next fd of the SCM_RIGHTS message being read, and how many are left in it.
+    fd_at: u64,
+    fds_left: u64,
+    done: bool,
+}
+
+/// One event per fd carried in the `struct msghdr` at `msg`: SCM_RIGHTS (every fd of every
+/// control message), and SCM_PIDFD on receipt. A Gain (recvmsg family, the file read from the
+/// table) or a SendFd, in buffer order, which is the order the kernel installed them.
+#[inline(always)]
 fn scm_rights(h: &Head, msg: u64) {
-    let recv = matches!(h.nr as u32, nr::RECVMSG | nr::RECVMMSG);
     let (Some(control), Some(controllen)) = (
         read_user::<u64>(msg + MSGHDR_CONTROL_OFF),
         read_user::<u64>(msg + MSGHDR_CONTROLLEN_OFF),
@@ -716,45 +890,95 @@ fn scm_rights(h: &Head, msg: u64) {
         lose(LossCause::UserRead, h.tgid);
         return;
     };
-    let mut off: u64 = 0;
-    let mut c = 0;
-    while c < MAX_CMSGS {
-        c += 1;
-        if control == 0 || off + CMSG_HDR_LEN > controllen {
-            return;
-        }
-        let Some(hdr) = read_user::<[u64; 2]>(control + off) else {
-            lose(LossCause::UserRead, h.tgid);
-            return;
-        };
-        let len = hdr[0];
-        if len < CMSG_HDR_LEN || off + len > controllen {
-            return;
-        }
-        let level = hdr[1] & 0xffff_ffff;
-        let ty = hdr[1] >> 32;
-        if level == SOL_SOCKET && ty == SCM_RIGHTS {
-            let n = (len - CMSG_HDR_LEN) / 4;
-            let mut i: u64 = 0;
-            while i < MAX_RIGHTS_PER_CMSG as u64 {
-                if i >= n {
-                    break;
-                }
-                match read_user::<i32>(control + off + CMSG_HDR_LEN + 4 * i) {
-                    Some(fd) if recv => gain(h, fd, u64::MAX, false),
-                    Some(fd) => send(&event(h, EventKind::SendFd, fd, 0)),
-                    None => lose(LossCause::UserRead, h.tgid),
-                }
-                i += 1;
-            }
-            if n > MAX_RIGHTS_PER_CMSG as u64 {
-                lose(LossCause::TooManyFds, h.tgid);
-            }
-        }
-        off += (len + 7) & !7;
+    if control == 0 || controllen < CMSG_HDR_LEN {
+        return;
     }
-    if off + CMSG_HDR_LEN <= controllen {
+    let mut c = Cmsgs {
+        h: *h,
+        recv: matches!(h.nr as u32, nr::RECVMSG | nr::RECVMMSG),
+        control,
+        controllen,
+        off: 0,
+        fd_at: 0,
+        fds_left: 0,
+        done: false,
+    };
+    // A step reads a header, an fd, or both: a control message of `len` bytes takes at most
+    // `len / 4` steps (its 16-byte header, then one per 4-byte fd), plus one that finds the
+    // end.
+    let steps = (controllen / 4 + 1).min(BPF_MAX_LOOPS);
+    // SAFETY: the callback has the signature bpf_loop calls, and `c` outlives the call.
+    let r = unsafe {
+        bpf_loop(
+            steps as u32,
+            cmsg_step as *mut c_void,
+            &mut c as *mut Cmsgs as *mut c_void,
+            0,
+        )
+    };
+    // Only a buffer of more than 32 MiB (more than the kernel accepts) can outlast the steps.
+    if r < 0 || !c.done {
         lose(LossCause::TooManyFds, h.tgid);
+    }
+}
+
+extern "C" fn cmsg_step(_: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Cmsgs` that `scm_rights` passed, alive for the whole loop and
+    // touched by nothing else meanwhile.
+    let c = unsafe { &mut *(ctx as *mut Cmsgs) };
+    if c.fds_left == 0 && !next_cmsg(c) {
+        c.done = true;
+        return LOOP_BREAK;
+    }
+    if c.fds_left > 0 {
+        received_or_sent(c, c.fd_at);
+        c.fd_at += 4;
+        c.fds_left -= 1;
+    }
+    // Finding the end in the same step leaves the usual message (one control message, one
+    // fd) to a single step.
+    if c.fds_left == 0 && c.off + CMSG_HDR_LEN > c.controllen {
+        c.done = true;
+        return LOOP_BREAK;
+    }
+    LOOP_CONTINUE
+}
+
+/// Reads the control message header at `c.off` and moves past it: an SCM_RIGHTS one leaves
+/// its fds to be read, an SCM_PIDFD one is received at once. False at the end of the buffer.
+#[inline(always)]
+fn next_cmsg(c: &mut Cmsgs) -> bool {
+    let off = c.off;
+    if off + CMSG_HDR_LEN > c.controllen {
+        return false;
+    }
+    let Some(hdr) = read_user::<[u64; 2]>(c.control + off) else {
+        lose(LossCause::UserRead, c.h.tgid);
+        return false;
+    };
+    let len = hdr[0];
+    if len < CMSG_HDR_LEN || off + len > c.controllen {
+        return false;
+    }
+    let level = hdr[1] & 0xffff_ffff;
+    let ty = hdr[1] >> 32;
+    if level == SOL_SOCKET && ty == SCM_RIGHTS {
+        c.fd_at = c.control + off + CMSG_HDR_LEN;
+        c.fds_left = (len - CMSG_HDR_LEN) / 4;
+    } else if level == SOL_SOCKET && ty == SCM_PIDFD && c.recv && len >= CMSG_HDR_LEN + 4 {
+        received_or_sent(c, c.control + off + CMSG_HDR_LEN);
+    }
+    c.off = off + ((len + 7) & !7);
+    true
+}
+
+/// The fd at user address `at` in a control message: gained (received) or sent.
+#[inline(always)]
+fn received_or_sent(c: &Cmsgs, at: u64) {
+    match read_user::<i32>(at) {
+        Some(fd) if c.recv => gain(&c.h, fd, u64::MAX, false),
+        Some(fd) => send(&event(&c.h, EventKind::SendFd, fd, 0)),
+        None => lose(LossCause::UserRead, c.h.tgid),
     }
 }
 
@@ -851,6 +1075,7 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = WATCHED.remove(tgid);
+    watch_removed();
     let h = Head {
         tgid,
         tid,
@@ -926,6 +1151,31 @@ pub fn vmaudit_uring_complete(ctx: TracePointContext) -> u32 {
     };
     let aux = Unseen::IoUring as u64 | ((v & 0xff) << 8) | ((res as u32 as u64) << 32);
     send(&event(&h, EventKind::Unseen, -1, aux));
+    0
+}
+
+/// Written by userspace before loading: the process `vmaudit_emit_floor` sends events for.
+#[unsafe(no_mangle)]
+static VMAUDIT_FLOOR_PID: u32 = 0;
+
+/// For `vmaudit noop-hook --emit-for PID`: one 64-byte event (the clock, pid and tid) per
+/// syscall exit of one process, through the same ring buffer and wake-up rule as the tracker,
+/// reading nothing of the syscall or its file: what sending an event costs on this hook, the
+/// floor under any tracer that reports every fd change (see BENCHMARKS.md).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn vmaudit_emit_floor(_ctx: RawTracePointContext) -> i32 {
+    let (tgid, tid) = ids();
+    // SAFETY: a static of the object, replaced by the loader.
+    if tgid != unsafe { core::ptr::read_volatile(&VMAUDIT_FLOOR_PID) } {
+        return 0;
+    }
+    let h = Head {
+        tgid,
+        tid,
+        nr: 0,
+        flags: 0,
+    };
+    send(&event(&h, EventKind::Unseen, -1, 0));
     0
 }
 

@@ -21,8 +21,9 @@ pub struct TaskFileCtx {
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn vmaudit_iter_task_file(ctx: *const TaskFileCtx) -> i32 {
     // SAFETY: the kernel passes a valid context. `task` and `file` are copied with
-    // bpf_probe_read_kernel so that they are plain numbers to the verifier (it refuses
-    // arithmetic on the typed pointers a direct load gives, and the offsets come at run time).
+    // bpf_probe_read_kernel so that they are plain numbers to the verifier, as the readers of
+    // `kfile` that take an address expect (a typed pointer from a direct load could not be
+    // indexed by an fd).
     let (meta, fd) = unsafe { ((*ctx).meta, (*ctx).fd) };
     // SAFETY: as above; the addresses are those of the context's fields.
     let (task, file) = unsafe {

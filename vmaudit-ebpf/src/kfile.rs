@@ -5,7 +5,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-    generated::bpf_probe_read_kernel as probe_read_raw,
+    generated::{bpf_get_current_task_btf, bpf_probe_read_kernel as probe_read_raw},
 };
 use vmaudit_common::{FileInfo, IFNAMSIZ, KernelOffsets, PATH_SLOTS, PathTail, ofd};
 
@@ -83,7 +83,7 @@ impl<const W: usize> Window<W> {
     #[inline(always)]
     fn get<T: Copy>(&self, off: u64) -> Option<T> {
         let off = off as usize;
-        if off + size_of::<T>() <= W * 8 && off % align_of::<T>() == 0 {
+        if off + size_of::<T>() <= W * 8 && off.is_multiple_of(align_of::<T>()) {
             // SAFETY: `off..off + size_of::<T>()` lies within the copy and is aligned for `T`
             // (the words are 8-aligned); any bit pattern is a valid integer or address, which
             // is all this reads.
@@ -141,9 +141,65 @@ pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
     Some((file, word & (1 << (fd % 64)) != 0))
 }
 
-/// What the kernel says about `file`.
+/// Where a file was opened: its `f_path` (dentry and mount), kernel addresses that stay in the
+/// kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FilePath {
+    pub dentry: u64,
+    pub mnt: u64,
+}
+
+/// Bits of an fd number that can be set: the kernel's hard limit on fds per process (nr_open)
+/// is 2^20; masking tells the verifier the index is bounded.
+const FD_MASK: u32 = (1 << 20) - 1;
+
+/// [`file_at`] for the running task: `task → files → fdtable` and the table's fields are
+/// direct loads (the helper returns a typed task pointer and the offsets are constants of the
+/// loaded program, so the verifier checks each load against the kernel's BTF and the JIT makes
+/// it one guarded load); only the fd slot and its close-on-exec word are copied with a helper.
 #[inline(always)]
-pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
+pub fn current_file_at(fd: i32) -> Option<(u64, bool)> {
+    if o!(ready) == 0 || fd < 0 {
+        return None;
+    }
+    let (files_off, fdt_off) = (o!(task_files) as usize, o!(files_fdt) as usize);
+    let (max_off, fd_off, bits_off) = (
+        o!(fdt_max_fds) as usize,
+        o!(fdt_fd) as usize,
+        o!(fdt_close_on_exec) as usize,
+    );
+    // SAFETY: each load is at the offset of a field of the struct the pointer before it names
+    // (the kernel's BTF says so, and the verifier checks it); a NULL pointer is stopped before
+    // the next load.
+    let (max, arr, bits) = unsafe {
+        let task = bpf_get_current_task_btf().cast::<u8>();
+        let files = core::ptr::read_volatile(task.add(files_off).cast::<*const u8>());
+        if files.is_null() {
+            return None;
+        }
+        let fdt = core::ptr::read_volatile(files.add(fdt_off).cast::<*const u8>());
+        if fdt.is_null() {
+            return None;
+        }
+        (
+            core::ptr::read_volatile(fdt.add(max_off).cast::<u32>()),
+            core::ptr::read_volatile(fdt.add(fd_off).cast::<u64>()),
+            core::ptr::read_volatile(fdt.add(bits_off).cast::<u64>()),
+        )
+    };
+    let fd = fd as u32;
+    if fd >= max {
+        return Some((0, false));
+    }
+    let fd = fd & FD_MASK;
+    let file: u64 = read(arr + 8 * fd as u64)?;
+    let word: u64 = read(bits + 8 * (fd / 64) as u64)?;
+    Some((file, word & (1 << (fd % 64)) != 0))
+}
+
+/// What the kernel says about `file`; returns where it was opened.
+#[inline(always)]
+pub fn file_info(file: u64, info: &mut FileInfo) -> Option<FilePath> {
     let f = Window::<FILE_WINDOW>::read(file)?;
     let inode = Window::<INODE_WINDOW>::read(f.get(o!(file_inode))?)?;
     info.flags = f.get(o!(file_flags))?;
@@ -154,11 +210,14 @@ pub fn file_info(file: u64, info: &mut FileInfo) -> Option<()> {
     info.dev = read(sb + o!(sb_dev))?;
     info.ofd = ofd::id(key(), file);
     info._pad = 0;
-    Some(())
+    Some(FilePath {
+        dentry: f.get(o!(file_dentry))?,
+        mnt: f.get(o!(file_mnt))?,
+    })
 }
 
 /// `i_rdev` of /dev/net/tun (10:200), kernel encoding.
-const TUN_RDEV: u32 = (10 << 20) | 200;
+pub const TUN_RDEV: u32 = (10 << 20) | 200;
 
 /// Writes the interface a tun fd is attached to into `out` (NUL-padded; left empty for another
 /// device, or a tun fd not attached yet).
@@ -184,20 +243,16 @@ pub fn tun_iface(file: u64, rdev: u32, out: &mut [u8; IFNAMSIZ]) {
     }
 }
 
-/// Writes the names of `file`'s dentries, leaf first, crossing mounts, into `tail`.
+/// Writes the names of the dentries of `at`, leaf first, crossing mounts, into `tail`.
 #[inline(never)]
-pub fn walk_path(file: u64, tail: &mut PathTail) {
+pub fn walk_path(at: &FilePath, tail: &mut PathTail) {
     tail.form = PathTail::COMPONENTS;
     tail.depth = 0;
     tail.complete = 0;
-    let Some(f) = Window::<FILE_WINDOW>::read(file) else {
+    let (mut dentry, mut vfsmnt) = (at.dentry, at.mnt);
+    if dentry == 0 || vfsmnt == 0 {
         return;
-    };
-    let (Some(mut dentry), Some(mut vfsmnt)) =
-        (f.get::<u64>(o!(file_dentry)), f.get::<u64>(o!(file_mnt)))
-    else {
-        return;
-    };
+    }
     // The root of the mount being walked, read again only when the walk crosses into another.
     let Some(mut root) = read::<u64>(vfsmnt + o!(vfsmount_root)) else {
         return;
@@ -252,8 +307,17 @@ pub fn walk_path(file: u64, tail: &mut PathTail) {
     }
 }
 
-/// Where `thread_info.status` sits in `task_struct`.
+/// The current task's `thread_info.status`, loaded directly: the helper returns a typed
+/// pointer, the offset is a constant of the loaded program, so the verifier checks the load
+/// against the kernel's BTF and the JIT makes it one guarded load (no helper call).
 #[inline(always)]
-pub fn task_ti_status_off() -> u64 {
-    o!(task_ti_status)
+pub fn current_ti_status() -> u32 {
+    let off = o!(task_ti_status) as usize;
+    // SAFETY: the helper returns the running task, valid for the program's whole run; the
+    // offset is that of a u32 field of it (from the kernel's BTF), and the verifier refuses
+    // the program otherwise.
+    unsafe {
+        let task = bpf_get_current_task_btf().cast::<u8>();
+        core::ptr::read_volatile(task.add(off).cast::<u32>())
+    }
 }

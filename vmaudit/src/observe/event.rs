@@ -1,6 +1,6 @@
 //! Decoding ring-buffer bytes into what happened to a process's fd table.
 
-use std::ptr;
+use std::{collections::HashMap, ptr};
 
 use thiserror::Error;
 use vmaudit_common::{
@@ -86,6 +86,40 @@ pub fn path_of(tail: &PathTail) -> String {
         out.push('/');
     }
     out
+}
+
+/// The paths device files were last sent with, by inode (`dev`, `ino`): the kernel side sends a
+/// device file's path once and flags later gains of the same dentry and mount
+/// ([`EventFlags::PATH_REUSED`]) instead of walking its dentries again.
+#[derive(Debug, Default)]
+pub struct PathMemory {
+    by_inode: HashMap<(u32, u64), String>,
+}
+
+impl PathMemory {
+    /// Inodes remembered at most; past it the memory starts again (a gain it no longer names
+    /// is named from /proc, as a file whose path never arrived is).
+    const MAX: usize = 4096;
+
+    /// Remembers the path a gain carries, or names a gain whose path is the one sent before.
+    pub fn fill(&mut self, raw: &Raw, ev: &mut Event) {
+        let Change::Gain { file: Some(f), .. } = &mut ev.change else {
+            return;
+        };
+        let key = (f.info.dev, f.info.ino);
+        match &f.path {
+            Some(path) => {
+                if self.by_inode.len() >= Self::MAX && !self.by_inode.contains_key(&key) {
+                    self.by_inode.clear();
+                }
+                self.by_inode.insert(key, path.clone());
+            }
+            None if raw.event.flags & EventFlags::PATH_REUSED != 0 => {
+                f.path = self.by_inode.get(&key).cloned();
+            }
+            None => {}
+        }
+    }
 }
 
 /// How an fd was gained.
@@ -489,6 +523,58 @@ mod tests {
         assert_eq!(file.path.as_deref(), Some("/dev/net/tun"));
         assert_eq!(file.iface.as_deref(), Some("vmtap0"));
         assert_eq!((file.info.ino, file.info.ofd), (5, 0xabc));
+    }
+
+    #[test]
+    fn a_reused_path_is_the_one_sent_for_the_same_inode() {
+        let mut slots = [[0u8; PATH_SLOT]; PATH_SLOTS];
+        for (i, name) in ["null", "dev"].iter().enumerate() {
+            slots[i][..name.len()].copy_from_slice(name.as_bytes());
+        }
+        let walked = EventWithPath {
+            event: raw(
+                EventKind::Gain,
+                nr::OPENAT,
+                4,
+                0,
+                EventFlags::FILE | EventFlags::PATH,
+            ),
+            path: PathTail {
+                form: PathTail::COMPONENTS,
+                depth: 2,
+                complete: 1,
+                slots,
+                iface: [0; vmaudit_common::IFNAMSIZ],
+            },
+        };
+        let reused = raw(
+            EventKind::Gain,
+            nr::OPENAT,
+            5,
+            0,
+            EventFlags::FILE | EventFlags::PATH_REUSED,
+        );
+        let mut other_inode = reused;
+        other_inode.file.ino += 1;
+        let mut memory = PathMemory::default();
+        let mut path_after = |bytes: Vec<u8>| {
+            let raw = parse_raw(&bytes).unwrap();
+            let mut ev = decode(&raw).unwrap();
+            memory.fill(&raw, &mut ev);
+            let Change::Gain { file, .. } = ev.change else {
+                panic!("{ev:?}")
+            };
+            file.unwrap().path
+        };
+        // Before any path was sent for the inode, none is made up.
+        assert_eq!(path_after(bytes(&reused)), None);
+        assert_eq!(path_after(bytes(&walked)).as_deref(), Some("/dev/null"));
+        assert_eq!(path_after(bytes(&reused)).as_deref(), Some("/dev/null"));
+        assert_eq!(path_after(bytes(&other_inode)), None);
+        // A gain without the flag and without a path is not named from memory.
+        let mut plain = reused;
+        plain.flags = EventFlags::FILE;
+        assert_eq!(path_after(bytes(&plain)), None);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use aya::{
     programs::{Iter, RawTracePoint, TracePoint},
 };
 use vmaudit_common::{
-    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WatchFlags, globals,
-    maps, programs,
+    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WATCH_GEN_USERSPACE,
+    WatchFlags, globals, maps, programs, watch_generation,
 };
 
 use super::{ObserveError, btf::Btf, key};
@@ -103,6 +103,7 @@ pub struct Tracker {
     lost_tgids: HashMap<MapData, u32, u64>,
     filter: Array<MapData, u32>,
     consumer: Array<MapData, u32>,
+    watch_gen: Array<MapData, u64>,
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
@@ -165,6 +166,41 @@ pub fn attach_noop_hook() -> Result<Ebpf, ObserveError> {
         })?;
     attach_raw(&mut ebpf, programs::NOOP, "sys_exit")?;
     Ok(ebpf)
+}
+
+/// The floor program, attached to `raw_syscalls/sys_exit` for process `pid`, and its ring
+/// buffer and consumer flag (see `programs::EMIT_FLOOR`), for benchmarks. Detached when the
+/// returned object is dropped.
+pub struct EmitFloor {
+    pub ring: RingBuf<MapData>,
+    consumer: Array<MapData, u32>,
+    _ebpf: Ebpf,
+}
+
+impl EmitFloor {
+    pub fn attach(pid: u32) -> Result<Self, ObserveError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::FLOOR_PID, &pid, true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| ObserveError::Load {
+                source: Box::new(source),
+            })?;
+        attach_raw(&mut ebpf, programs::EMIT_FLOOR, "sys_exit")?;
+        let ring =
+            RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
+        let consumer =
+            Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
+        Ok(Self {
+            ring,
+            consumer,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// As [`Tracker::consumer_waits`].
+    pub fn consumer_waits(&mut self) -> Result<(), ObserveError> {
+        self.consumer.set(0, 1, 0).map_err(map_err("CONSUMER"))
+    }
 }
 
 impl Tracker {
@@ -259,9 +295,12 @@ impl Tracker {
             .map_err(map_err("LOST_TGIDS"))?;
         let consumer =
             Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
+        let watch_gen =
+            Array::try_from(take_map(&mut ebpf, maps::WATCH_GEN)?).map_err(map_err("WATCH_GEN"))?;
         Ok(Self {
             logger,
             consumer,
+            watch_gen,
             tun_named: offsets.tun_ready != 0,
             _ebpf: ebpf,
             ring: Some(ring),
@@ -340,9 +379,15 @@ impl Tracker {
             .ok_or(ObserveError::MissingObject { name })
     }
 
-    /// Stops watching a process; a missing entry (it exited) is not an error.
-    pub fn unwatch(&mut self, tgid: u32) {
+    /// Stops watching a process; a missing entry (it exited) is not an error. The programs'
+    /// generation of the watch set is changed after the removal, so that no CPU keeps taking
+    /// the process for watched.
+    pub fn unwatch(&mut self, tgid: u32) -> Result<(), ObserveError> {
         let _ = self.watched.remove(&tgid);
+        let generation = watch_generation(super::monotonic_ns(), WATCH_GEN_USERSPACE);
+        self.watch_gen
+            .set(0, generation, 0)
+            .map_err(map_err("WATCH_GEN"))
     }
 
     /// Events lost so far, per cause (summed over CPUs), indexed by [`LossCause`].

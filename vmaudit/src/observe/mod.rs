@@ -29,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use vmaudit_common::LossCause;
 
 use self::{
-    event::{Change, Event, Gain, decode, parse_raw},
+    event::{Change, Event, Gain, PathMemory, decode, parse_raw},
     loader::{Tracker, TrackerOptions},
     table::{FdRecord, Op, Tables},
 };
@@ -277,6 +277,8 @@ pub struct Watcher {
     last_losses: [u64; LossCause::COUNT as usize],
     /// Records of the current batch, reused: no allocation per event.
     batch: Vec<FdRecord>,
+    /// Device files' paths as the kernel side last sent them.
+    paths: PathMemory,
     /// Whether the last drain found events (the consumer then lingers before it waits).
     busy: bool,
     loss_checks: u64,
@@ -293,7 +295,7 @@ const HANDOVER: usize = 128;
 /// How long a consumer that just drained events lets more gather before it waits for a wake-up
 /// (the producer then wakes nobody unless the pending bytes cross the threshold: see
 /// `vmaudit_common::WAKEUP_BYTES`).
-const LINGER: Duration = Duration::from_micros(200);
+pub const LINGER: Duration = Duration::from_micros(200);
 
 /// A kernel snapshot as the tables take it: fd -> (identity, close-on-exec).
 fn snapshot_map(recs: Vec<vmaudit_common::IterRecord>) -> BTreeMap<i32, (FdIdentity, bool)> {
@@ -348,6 +350,7 @@ impl Watcher {
             unseen: BTreeMap::new(),
             last_losses,
             batch: Vec::with_capacity(HANDOVER),
+            paths: PathMemory::default(),
             busy: false,
             loss_checks: 0,
             events: 0,
@@ -482,7 +485,11 @@ impl Watcher {
                     break;
                 };
                 n += 1;
-                parse_raw(&item).and_then(|raw| decode(&raw))
+                parse_raw(&item).and_then(|raw| {
+                    let mut ev = decode(&raw)?;
+                    self.paths.fill(&raw, &mut ev);
+                    Ok(ev)
+                })
             };
             match decoded {
                 Ok(ev) => self.apply(&ev, &mut batch, sink),

@@ -20,6 +20,7 @@ use nix::{
 };
 
 mod paths;
+mod scm;
 
 fn main() {
     // After an exec of ourselves, say so: the test waits for it.
@@ -389,6 +390,12 @@ fn run(
                 libc::syscall(libc::SYS_ioctl, master, TIOCGPTPEER, libc::O_RDWR)
             })?;
             return Ok(format!("ok {master} {peer}"));
+        }
+        "recvmmsg_fds" => {
+            let counts = (1..words.len())
+                .map(|i| int(words, i).map(|n| n as usize))
+                .collect::<Result<Vec<_>, _>>()?;
+            return scm::recvmmsg_fds(&counts);
         }
         "ping" => 0,
         "exit" => std::process::exit(0),

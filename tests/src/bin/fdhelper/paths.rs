@@ -1,4 +1,4 @@
-//! The rarer paths into and out of a table: io_uring, recvmmsg, fd-returning ioctls, a table
+//! The rarer paths into and out of a table: io_uring, fd-returning ioctls, a table
 //! shared through CLONE_FILES, a seccomp supervisor's ADDFD, and the mount, message-queue and
 //! landlock syscalls that return fds.
 
@@ -24,7 +24,6 @@ pub fn run(cmd: &str, words: &[&str], child: &mut Option<(i32, RawFd)>) -> Resul
         "kvm_device" => kvm_device()?,
         "uring_open" => vec![uring(UringOp::Open(cpath(words, 1)?))?],
         "uring_close" => vec![uring(UringOp::Close(int(words, 1)? as RawFd))?],
-        "recvmmsg_fds" => recvmmsg_fds(int(words, 1)? as usize)?,
         "clone_files_open" => clone_files_open(&cpath(words, 1)?)?,
         "addfd" => addfd(&cpath(words, 1)?, child)?,
         "newfds" => newfds()?,
@@ -91,90 +90,6 @@ fn uring(op: UringOp) -> Result<i64, String> {
         return Err(std::io::Error::from_raw_os_error(-cqe.result()).to_string());
     }
     Ok(i64::from(cqe.result()))
-}
-
-/// `n` datagrams on a socket pair, each carrying one fd of /dev/null (closed by the sender
-/// once sent), all received by one recvmmsg: the fds received, in order.
-fn recvmmsg_fds(n: usize) -> Result<Vec<i64>, String> {
-    let mut pair = [0i32; 2];
-    // SAFETY: socketpair writes two ints into `pair`.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_socketpair,
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-            pair.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: both fds were just created and are owned here.
-    let (tx, rx) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
-    for _ in 0..n {
-        let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
-        let iov = [std::io::IoSlice::new(b"x")];
-        let fds = [null.as_raw_fd()];
-        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-        nix::sys::socket::sendmsg::<()>(
-            tx.as_raw_fd(),
-            &iov,
-            &cmsg,
-            nix::sys::socket::MsgFlags::empty(),
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    let space = unsafe_cmsg_space();
-    let mut bufs = vec![[0u8; 1]; n];
-    let mut controls = vec![vec![0u8; space]; n];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: 1,
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = (0..n)
-        .map(|i| {
-            // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_control = controls[i].as_mut_ptr().cast();
-            m.msg_hdr.msg_controllen = space;
-            m
-        })
-        .collect();
-    // SAFETY: every message points at buffers owned by this frame, of the lengths given.
-    let got = check(unsafe {
-        libc::syscall(
-            libc::SYS_recvmmsg,
-            rx.as_raw_fd(),
-            msgs.as_mut_ptr(),
-            n,
-            0,
-            0usize,
-        )
-    })? as usize;
-    let mut out = Vec::new();
-    for m in &msgs[..got] {
-        // SAFETY: the kernel filled the control buffer of each received message; CMSG_FIRSTHDR
-        // and CMSG_DATA stay inside it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
-            if !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS {
-                out.push(i64::from(std::ptr::read_unaligned(
-                    libc::CMSG_DATA(c).cast::<i32>(),
-                )));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Bytes of a control buffer for one fd.
-fn unsafe_cmsg_space() -> usize {
-    // SAFETY: CMSG_SPACE only computes a size.
-    unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) as usize }
 }
 
 /// A child cloned with CLONE_FILES (one table for both) opens `path` and exits: the fd is

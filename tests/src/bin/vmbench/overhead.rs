@@ -3,6 +3,9 @@
 //! machine hits all of them alike:
 //! - `bare`: nothing attached;
 //! - `no-op hook`: a program that returns at once on `raw_syscalls/sys_exit`;
+//! - `floor`: a program that sends a bare 64-byte event per syscall exit of the loop (nothing
+//!   read), drained by vmaudit as its tracker's events are: the floor of any tracer that sends
+//!   an event per fd change;
 //! - `unwatched`: `vmaudit watch` running, watching another process;
 //! - `watched`: the looping process is the one watched;
 //! - `bpftrace`: Debian's bpftrace on the same tracepoint, counting the looping process's
@@ -121,13 +124,16 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     let emit_n = (o.iterations / 10).max(1000);
     // Warm up caches and the dentry of /dev/null.
     time_loop(&mut looper, o.iterations / 10);
-    let mut t: [Vec<f64>; 6] = Default::default();
+    let mut t: [Vec<f64>; 7] = Default::default();
     let (mut vm_counts, mut emit_counts) = (Counts::default(), Counts::default());
     for round in 0..o.rounds {
-        let [bare, noop, unw, wat, bpf, emit] = &mut t;
+        let [bare, noop, floor, unw, wat, bpf, emit] = &mut t;
         bare.push(time_loop(&mut looper, o.iterations));
         let g = tracers::noop_hook(bins);
         noop.push(time_loop(&mut looper, o.iterations));
+        g.stop();
+        let g = tracers::emit_floor(bins, looper.pid());
+        floor.push(time_loop(&mut looper, o.iterations));
         g.stop();
         let g = tracers::watch(bins, watched.pid(), None);
         // Alternate which goes first, so neither always follows vmaudit's start-up.
@@ -150,18 +156,19 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
         let out = bt.stop();
         emit_counts.add("bpftrace emitting", 2 * emit_n, out.lines, out.lost);
         eprintln!(
-            "overhead round {}: bare {:.0} ns, no-op hook {:.0} ns, unwatched {:.0} ns, \
-             watched {:.0} ns, bpftrace {:.0} ns, bpftrace emitting {:.0} ns",
+            "overhead round {}: bare {:.0} ns, no-op hook {:.0} ns, floor {:.0} ns, unwatched \
+             {:.0} ns, watched {:.0} ns, bpftrace {:.0} ns, bpftrace emitting {:.0} ns",
             round + 1,
             bare[round],
             noop[round],
+            floor[round],
             unw[round],
             wat[round],
             bpf[round],
             emit[round]
         );
     }
-    let [b, n, u, w, bt, be] = t.map(|v| median(&v));
+    let [b, n, f, u, w, bt, be] = t.map(|v| median(&v));
     let profile = profile(bins, &mut looper, &mut watched, o.iterations);
     let mut s = header(
         &format!(
@@ -189,6 +196,12 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     row(
         "no-op program on raw_syscalls/sys_exit (the floor of any syscall hook)",
         n,
+        "",
+        "",
+    );
+    row(
+        "floor: a bare 64-byte event per syscall of the loop, nothing read (`noop-hook --emit-for`)",
+        f,
         "",
         "",
     );
@@ -221,12 +234,14 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     let _ = writeln!(
         s,
         "\nGoals in this run: watched {:.3}× ({} bpftrace counting at {:.3}×, {} bpftrace \
-         emitting at {:.3}×): {}; unwatched {:.3}× against the no-op hook's {:.3}×: {}.\n",
+         emitting at {:.3}×; the floor of sending an event per syscall is {:.3}×): {}; \
+         unwatched {:.3}× against the no-op hook's {:.3}×: {}.\n",
         w / b,
         if w < bt { "below" } else { "above" },
         bt / b,
         if w < be { "below" } else { "above" },
         be / b,
+        f / b,
         goal(watched_met),
         u / b,
         n / b,

@@ -260,6 +260,17 @@ pub fn noop_hook(bins: &Bins) -> Vmaudit {
     Vmaudit::start(bins, &["noop-hook"], "no-op hook attached")
 }
 
+/// `vmaudit noop-hook --emit-for PID`: a bare event per syscall exit of `pid`, drained and
+/// discarded.
+pub fn emit_floor(bins: &Bins, pid: u32) -> Vmaudit {
+    let pid = pid.to_string();
+    Vmaudit::start(
+        bins,
+        &["noop-hook", "--emit-for", &pid],
+        "floor hook attached",
+    )
+}
+
 /// The summary line `vmaudit watch` ends with.
 pub struct WatchSummary {
     /// Kernel events vmaudit received.
