@@ -6,6 +6,9 @@
 //! - `floor`: a program that sends a bare 64-byte event per syscall exit of the loop (nothing
 //!   read), drained by vmaudit as its tracker's events are: the floor of any tracer that sends
 //!   an event per fd change;
+//! - `pid filter`: the same program sending for another process (the `watched` helper, idle):
+//!   what asking the kernel for the current pid and comparing it costs, the floor under any
+//!   program that filters by process;
 //! - `unwatched`: `vmaudit watch` running, watching another process;
 //! - `watched`: the looping process is the one watched;
 //! - `bpftrace`: Debian's bpftrace on the same tracepoint, counting the looping process's
@@ -124,13 +127,16 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     let emit_n = (o.iterations / 10).max(1000);
     // Warm up caches and the dentry of /dev/null.
     time_loop(&mut looper, o.iterations / 10);
-    let mut t: [Vec<f64>; 7] = Default::default();
+    let mut t: [Vec<f64>; 8] = Default::default();
     let (mut vm_counts, mut emit_counts) = (Counts::default(), Counts::default());
     for round in 0..o.rounds {
-        let [bare, noop, floor, unw, wat, bpf, emit] = &mut t;
+        let [bare, noop, filter, floor, unw, wat, bpf, emit] = &mut t;
         bare.push(time_loop(&mut looper, o.iterations));
         let g = tracers::noop_hook(bins);
         noop.push(time_loop(&mut looper, o.iterations));
+        g.stop();
+        let g = tracers::emit_floor(bins, watched.pid());
+        filter.push(time_loop(&mut looper, o.iterations));
         g.stop();
         let g = tracers::emit_floor(bins, looper.pid());
         floor.push(time_loop(&mut looper, o.iterations));
@@ -156,11 +162,13 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
         let out = bt.stop();
         emit_counts.add("bpftrace emitting", 2 * emit_n, out.lines, out.lost);
         eprintln!(
-            "overhead round {}: bare {:.0} ns, no-op hook {:.0} ns, floor {:.0} ns, unwatched \
-             {:.0} ns, watched {:.0} ns, bpftrace {:.0} ns, bpftrace emitting {:.0} ns",
+            "overhead round {}: bare {:.0} ns, no-op hook {:.0} ns, pid filter {:.0} ns, floor \
+             {:.0} ns, unwatched {:.0} ns, watched {:.0} ns, bpftrace {:.0} ns, bpftrace \
+             emitting {:.0} ns",
             round + 1,
             bare[round],
             noop[round],
+            filter[round],
             floor[round],
             unw[round],
             wat[round],
@@ -168,7 +176,7 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
             emit[round]
         );
     }
-    let [b, n, f, u, w, bt, be] = t.map(|v| median(&v));
+    let [b, n, pf, f, u, w, bt, be] = t.map(|v| median(&v));
     let profile = profile(bins, &mut looper, &mut watched, o.iterations);
     let mut s = header(
         &format!(
@@ -196,6 +204,12 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
     row(
         "no-op program on raw_syscalls/sys_exit (the floor of any syscall hook)",
         n,
+        "",
+        "",
+    );
+    row(
+        "pid filter: the floor program below, sending for another process (the pid read and compared)",
+        pf,
         "",
         "",
     );
@@ -235,7 +249,7 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
         s,
         "\nGoals in this run: watched {:.3}× ({} bpftrace counting at {:.3}×, {} bpftrace \
          emitting at {:.3}×; the floor of sending an event per syscall is {:.3}×): {}; \
-         unwatched {:.3}× against the no-op hook's {:.3}×: {}.\n",
+         unwatched {:.3}× against the no-op hook's {:.3}× (a bare pid filter: {:.3}×): {}.\n",
         w / b,
         if w < bt { "below" } else { "above" },
         bt / b,
@@ -245,6 +259,7 @@ pub fn run(bins: &Bins, o: &Opts, quick: bool) -> String {
         goal(watched_met),
         u / b,
         n / b,
+        pf / b,
         goal(unwatched_met),
     );
     s.push_str(&profile);
