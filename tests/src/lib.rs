@@ -324,6 +324,17 @@ impl Watch {
         (status.code().unwrap_or(-1), std::mem::take(&mut self.seen))
     }
 
+    /// The watched helper's exit, then vmaudit's end (exit 6: the watched process exited) and
+    /// its summary, which must show nothing lost.
+    pub fn finish_clean(self, h: Helper) -> Vec<Value> {
+        h.exit();
+        let (code, records) = self.finish();
+        assert_eq!(code, 6);
+        let summary = records.last().expect("the summary").clone();
+        assert_eq!(summary["lost_total"], 0, "{summary}");
+        records
+    }
+
     /// Asks vmaudit to stop (SIGTERM) and collects the rest.
     pub fn stop(self) -> (i32, Vec<Value>) {
         // SAFETY: kill with a valid pid of our own child.

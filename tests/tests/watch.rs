@@ -327,10 +327,7 @@ fn a_device_opened_again_keeps_its_path_through_each_mount() {
         h.cmd(&format!("close {fd}"));
         w.wait_fd(pid, "close", fd);
     }
-    h.exit();
-    let (code, records) = w.finish();
-    assert_eq!(code, 6);
-    assert_eq!(records.last().unwrap()["lost_total"], 0);
+    w.finish_clean(h);
 }
 
 #[test]

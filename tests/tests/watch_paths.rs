@@ -3,21 +3,10 @@
 //! CLONE_FILES, a seccomp supervisor's ADDFD. Each is either followed event by event, or found
 //! and repaired with a gap that names its cause: never missed silently.
 
-use serde_json::Value;
 use vmaudit_tests::{Helper, Watch, bins, proc_fds, require_root};
 
 fn ints(words: Vec<String>) -> Vec<i32> {
     words.iter().map(|w| w.parse().unwrap()).collect()
-}
-
-/// The helper's exit, then vmaudit's summary, which must show nothing lost.
-fn finish_clean(h: Helper, w: Watch) -> Vec<Value> {
-    h.exit();
-    let (code, records) = w.finish();
-    assert_eq!(code, 6);
-    let summary = records.last().unwrap().clone();
-    assert_eq!(summary["lost_total"], 0, "{summary}");
-    records
 }
 
 #[test]
@@ -49,7 +38,7 @@ fn io_uring_opens_and_closes_are_repaired_with_a_gap() {
         "{gap}"
     );
     w.wait_fd(pid, "resync_remove", fd);
-    let records = finish_clean(h, w);
+    let records = w.finish_clean(h);
     assert_eq!(records.last().unwrap()["gaps"], 2);
 }
 
@@ -102,7 +91,7 @@ fn every_fd_of_every_message_of_a_recvmmsg_is_followed() {
         .count();
     assert_eq!(send_fds, sent);
     let table = proc_fds(pid);
-    let records = finish_clean(h, w);
+    let records = w.finish_clean(h);
     let summary = records.last().unwrap();
     assert_eq!(summary["gaps"], 0, "{summary}");
     // Nothing left to repair: vmaudit's table at the exit is what /proc showed.
@@ -178,7 +167,7 @@ fn fd_returning_ioctls_and_syscalls_are_followed() {
         "anon_inode:[landlock-ruleset]",
     );
     let held = proc_fds(pid);
-    let records = finish_clean(h, w);
+    let records = w.finish_clean(h);
     let summary = records.last().unwrap();
     assert_eq!(summary["gaps"], 0, "nothing missed: {summary}");
     // Every fd the helper held is one vmaudit released at its exit.
@@ -213,7 +202,7 @@ fn a_table_shared_through_clone_files_is_one_table() {
         (Some(child as u64), Some("/dev/zero"))
     );
     assert!(proc_fds(pid).contains(&fd));
-    let records = finish_clean(h, w);
+    let records = w.finish_clean(h);
     assert_eq!(records.last().unwrap()["gaps"], 0);
 }
 
@@ -234,7 +223,7 @@ fn what_no_probe_sees_is_found_by_the_periodic_check() {
     assert!(gap["since_ns"].as_u64().unwrap() <= gap["ts"].as_u64().unwrap());
     let r = w.wait_fd(pid, "resync_add", fd);
     assert_eq!(r["path"], "/dev/zero");
-    finish_clean(h, w);
+    w.finish_clean(h);
 }
 
 #[test]
@@ -271,7 +260,7 @@ fn a_seccomp_supervisors_addfd_is_a_gain_of_the_target() {
     );
     assert!(proc_fds(target).contains(&fd));
     h.cmd("reap");
-    let records = finish_clean(h, w);
+    let records = w.finish_clean(h);
     assert_eq!(records.last().unwrap()["gaps"], 0);
 }
 
@@ -294,5 +283,5 @@ fn the_programs_diagnostics_reach_the_log_at_debug() {
     );
     assert!(line.contains("followed"), "{line}");
     h.cmd("reap");
-    finish_clean(h, w);
+    w.finish_clean(h);
 }

@@ -29,9 +29,6 @@ pub mod maps {
     pub const WATCH_FILTER: &str = "WATCH_FILTER";
     /// One slot, set to 1 by the consumer before it sleeps: the next submit wakes it.
     pub const CONSUMER: &str = "CONSUMER";
-    /// One slot, changed after every removal from `WATCHED`: a CPU's memory of the last process
-    /// it found watched holds only while it is unchanged.
-    pub const WATCH_GEN: &str = "WATCH_GEN";
     /// io_uring request -> (tgid, opcode): fd-changing requests of watched processes in flight.
     pub const URING_REQS: &str = "URING_REQS";
     /// seccomp notification id -> the thread it stopped: the target of an ADDFD on it.
@@ -166,15 +163,6 @@ impl EventFlags {
     /// follows, the path is that one.
     pub const PATH_REUSED: u8 = 32;
 }
-
-/// A value for the `WATCH_GEN` slot that no other writer can have written: the monotonic clock
-/// in nanoseconds and the writer (a CPU's number below 255, or 255 for userspace).
-pub const fn watch_generation(now_ns: u64, writer: u64) -> u64 {
-    now_ns << 8 | (writer & 0xff)
-}
-
-/// The writer number of userspace in [`watch_generation`].
-pub const WATCH_GEN_USERSPACE: u64 = 0xff;
 
 /// How long a device file's path, once sent, stands for later gains of the same dentry and
 /// mount: a rename within it is seen at the first gain after it ends.

@@ -4,8 +4,8 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     cty::c_void,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint, tracepoint},
@@ -17,7 +17,6 @@ use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
     INFLIGHT_ENTRIES, Inflight, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail,
     Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
-    watch_generation,
 };
 
 use crate::kfile;
@@ -55,8 +54,8 @@ static WATCH_FILTER: Array<u32> = Array::with_max_entries(WATCH_FILTER_SLOTS, 0)
 #[map]
 static CONSUMER: Array<u32> = Array::with_max_entries(2, 0);
 
-/// Changed after every removal from `WATCHED` (here at a process's exit, by userspace when it
-/// stops watching one): see [`watched`].
+/// Changed after every removal from `WATCHED` (at a process's exit; userspace only adds):
+/// see [`watched`].
 #[map]
 static WATCH_GEN: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -233,7 +232,7 @@ fn watch_removed() {
         // SAFETY: the helper has no preconditions.
         let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
         // SAFETY: a live array slot of 8 bytes.
-        unsafe { *p = watch_generation(now(), cpu) };
+        unsafe { *p = now() << 8 | (cpu & 0xff) };
     }
 }
 
@@ -311,6 +310,19 @@ struct Head {
     tid: u32,
     nr: u16,
     flags: u8,
+}
+
+impl Head {
+    /// The head of an event that no syscall number describes (sched events, io_uring).
+    #[inline(always)]
+    fn plain(tgid: u32, tid: u32) -> Self {
+        Self {
+            tgid,
+            tid,
+            nr: 0,
+            flags: 0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -444,9 +456,7 @@ fn gain(h: &Head, fd: i32, aux: u64, walk: bool) {
 /// read from the kernel.
 #[inline(never)]
 fn attached(h: &Head, fd: i32) {
-    // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let Some((file, _)) = kfile::file_at(task, fd) else {
+    let Some((file, _)) = kfile::current_file_at(fd) else {
         lose(LossCause::KernelRead, h.tgid);
         return;
     };
@@ -791,9 +801,7 @@ fn addfd(h: &Head, arg: u64, fd: i32) {
     if newfd_flags & O_CLOEXEC != 0 {
         ev.flags |= EventFlags::CLOEXEC;
     }
-    // SAFETY: the helper has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    if let Some((file, _)) = kfile::file_at(task, srcfd as i32)
+    if let Some((file, _)) = kfile::current_file_at(srcfd as i32)
         && file != 0
         && kfile::file_info(file, &mut ev.file).is_some()
     {
@@ -1052,12 +1060,7 @@ pub fn vmaudit_sched_exec(_ctx: TracePointContext) -> u32 {
     if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
-    let h = Head {
-        tgid,
-        tid,
-        nr: 0,
-        flags: 0,
-    };
+    let h = Head::plain(tgid, tid);
     send(&event(&h, EventKind::Exec, -1, 0));
     0
 }
@@ -1076,12 +1079,7 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
     }
     let _ = WATCHED.remove(tgid);
     watch_removed();
-    let h = Head {
-        tgid,
-        tid,
-        nr: 0,
-        flags: 0,
-    };
+    let h = Head::plain(tgid, tid);
     send(&event(&h, EventKind::Exit, -1, 0));
     0
 }
@@ -1143,12 +1141,7 @@ pub fn vmaudit_uring_complete(ctx: TracePointContext) -> u32 {
         (v & 0xff) as u8,
         res
     );
-    let h = Head {
-        tgid: (v >> 8) as u32,
-        tid,
-        nr: 0,
-        flags: 0,
-    };
+    let h = Head::plain((v >> 8) as u32, tid);
     let aux = Unseen::IoUring as u64 | ((v & 0xff) << 8) | ((res as u32 as u64) << 32);
     send(&event(&h, EventKind::Unseen, -1, aux));
     0
@@ -1169,12 +1162,7 @@ pub fn vmaudit_emit_floor(_ctx: RawTracePointContext) -> i32 {
     if tgid != unsafe { core::ptr::read_volatile(&VMAUDIT_FLOOR_PID) } {
         return 0;
     }
-    let h = Head {
-        tgid,
-        tid,
-        nr: 0,
-        flags: 0,
-    };
+    let h = Head::plain(tgid, tid);
     send(&event(&h, EventKind::Unseen, -1, 0));
     0
 }

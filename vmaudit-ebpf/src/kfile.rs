@@ -122,7 +122,8 @@ fn fdtable(task: u64) -> Option<Window<FDTABLE_WINDOW>> {
 }
 
 /// The `struct file` at `fd` of `task`'s table and whether the fd is close-on-exec; `Some((0,
-/// _))` when the slot is empty (another thread closed it already).
+/// _))` when the slot is empty (another thread closed it already). For a task known only by
+/// its address (the iterator's); the running task's is [`current_file_at`].
 #[inline(always)]
 pub fn file_at(task: u64, fd: i32) -> Option<(u64, bool)> {
     if o!(ready) == 0 || fd < 0 {

@@ -14,8 +14,8 @@ use aya::{
     programs::{Iter, RawTracePoint, TracePoint},
 };
 use vmaudit_common::{
-    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WATCH_GEN_USERSPACE,
-    WatchFlags, globals, maps, programs, watch_generation,
+    IterRecord, KernelOffsets, LossCause, UringOffsets, WATCH_FILTER_SLOTS, WatchFlags, globals,
+    maps, programs,
 };
 
 use super::{ObserveError, btf::Btf, key};
@@ -103,16 +103,21 @@ pub struct Tracker {
     lost_tgids: HashMap<MapData, u32, u64>,
     filter: Array<MapData, u32>,
     consumer: Array<MapData, u32>,
-    watch_gen: Array<MapData, u64>,
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
     move |source| ObserveError::Map { what, source }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ObserveError> {
-    ebpf.take_map(name)
-        .ok_or(ObserveError::MissingObject { name })
+/// Takes map `name` out of the object as the map type `T`.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ObserveError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ObserveError::MissingObject { name })?;
+    T::try_from(map).map_err(map_err(name))
 }
 
 fn tracepoint<'a>(
@@ -186,10 +191,8 @@ impl EmitFloor {
                 source: Box::new(source),
             })?;
         attach_raw(&mut ebpf, programs::EMIT_FLOOR, "sys_exit")?;
-        let ring =
-            RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
-        let consumer =
-            Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
+        let ring = take_map(&mut ebpf, maps::EVENTS)?;
+        let consumer = take_map(&mut ebpf, maps::CONSUMER)?;
         Ok(Self {
             ring,
             consumer,
@@ -283,24 +286,15 @@ impl Tracker {
                 name: programs::ITER_TASK_FILE,
                 source,
             })?;
-        let ring =
-            RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_err("EVENTS"))?;
-        let watched =
-            HashMap::try_from(take_map(&mut ebpf, maps::WATCHED)?).map_err(map_err("WATCHED"))?;
-        let losses =
-            PerCpuArray::try_from(take_map(&mut ebpf, maps::LOSSES)?).map_err(map_err("LOSSES"))?;
-        let filter = Array::try_from(take_map(&mut ebpf, maps::WATCH_FILTER)?)
-            .map_err(map_err("WATCH_FILTER"))?;
-        let lost_tgids = HashMap::try_from(take_map(&mut ebpf, maps::LOST_TGIDS)?)
-            .map_err(map_err("LOST_TGIDS"))?;
-        let consumer =
-            Array::try_from(take_map(&mut ebpf, maps::CONSUMER)?).map_err(map_err("CONSUMER"))?;
-        let watch_gen =
-            Array::try_from(take_map(&mut ebpf, maps::WATCH_GEN)?).map_err(map_err("WATCH_GEN"))?;
+        let ring = take_map(&mut ebpf, maps::EVENTS)?;
+        let watched = take_map(&mut ebpf, maps::WATCHED)?;
+        let losses = take_map(&mut ebpf, maps::LOSSES)?;
+        let filter = take_map(&mut ebpf, maps::WATCH_FILTER)?;
+        let lost_tgids = take_map(&mut ebpf, maps::LOST_TGIDS)?;
+        let consumer = take_map(&mut ebpf, maps::CONSUMER)?;
         Ok(Self {
             logger,
             consumer,
-            watch_gen,
             tun_named: offsets.tun_ready != 0,
             _ebpf: ebpf,
             ring: Some(ring),
@@ -377,17 +371,6 @@ impl Tracker {
         self._ebpf
             .map_mut(name)
             .ok_or(ObserveError::MissingObject { name })
-    }
-
-    /// Stops watching a process; a missing entry (it exited) is not an error. The programs'
-    /// generation of the watch set is changed after the removal, so that no CPU keeps taking
-    /// the process for watched.
-    pub fn unwatch(&mut self, tgid: u32) -> Result<(), ObserveError> {
-        let _ = self.watched.remove(&tgid);
-        let generation = watch_generation(super::monotonic_ns(), WATCH_GEN_USERSPACE);
-        self.watch_gen
-            .set(0, generation, 0)
-            .map_err(map_err("WATCH_GEN"))
     }
 
     /// Events lost so far, per cause (summed over CPUs), indexed by [`LossCause`].
