@@ -68,9 +68,7 @@ impl JsonLines {
             buf: Vec::with_capacity(Self::WRITE_AT + 4096),
         }
     }
-}
 
-impl JsonLines {
     fn end_line(&mut self) {
         self.buf.push(b'\n');
         if self.buf.len() >= Self::WRITE_AT {
