@@ -10,8 +10,8 @@ use std::{
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::Value;
 use vmaudit_tests::{
-    BindMount, Helper, TempDir, VethGuard, Watch, bins, proc_fds, require_root, run_vmaudit,
-    vmaudit_programs_gone,
+    BindMount, ChildGuard, Helper, TempDir, VethGuard, Watch, bins, proc_fds, require_root,
+    run_vmaudit, vmaudit_programs_gone,
 };
 
 fn fds_of(records: &[Value], pid: u32, op: &str) -> BTreeSet<i32> {
@@ -443,6 +443,44 @@ fn unknown_pid_is_refused_with_its_own_code_and_nothing_attached() {
     assert_eq!(
         (code, err.trim()),
         (3, "vmaudit: error: no such process: 999999999")
+    );
+    assert_eq!(vmaudit_programs_gone(), Ok(()));
+}
+
+/// Records whose reader left reach nobody: `vmaudit watch` says so in one line and ends with its
+/// own code, taking its programs with it, instead of watching on with its output going nowhere.
+#[test]
+fn a_reader_gone_from_stdout_ends_the_watch_with_its_own_code() {
+    use std::io::BufRead as _;
+    require_root();
+    let bins = bins!();
+    let mut h = Helper::spawn(&bins);
+    let mut child = ChildGuard(
+        std::process::Command::new(&bins.vmaudit)
+            .args(["watch", "--pid", &h.pid().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vmaudit"),
+    );
+    let mut stderr = std::io::BufReader::new(child.0.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("watching pid") {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read vmaudit's stderr");
+        assert_ne!(n, 0, "vmaudit ended before it was watching");
+    }
+    // The reader leaves; the watched process then gains and loses fds: records to write.
+    drop(child.0.stdout.take());
+    h.cmd("flood 1000");
+    // Its exit too: a watch that wrote on into nothing would end now with 6.
+    h.exit();
+    let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
+    let code = child.0.wait().expect("wait vmaudit").code();
+    assert_eq!(code, Some(23), "{rest:?}");
+    assert_eq!(
+        rest,
+        vec!["vmaudit: error: writing the records to stdout: Broken pipe (os error 32)".to_owned()]
     );
     assert_eq!(vmaudit_programs_gone(), Ok(()));
 }

@@ -67,6 +67,10 @@ pub const VM_RUNNING: u8 = 21;
 /// read (or is not one) or written.
 pub const FORWARD: u8 = 22;
 
+/// Standard output could not be written (its reader left, or the file it goes to is full):
+/// `watch` stops, as the records after the failed write reach nobody; `search` stops mid-answer.
+pub const OUTPUT: u8 = 23;
+
 /// The table printed by `vmaudit --help` and the README.
 pub const TABLE: &[(u8, &str)] = &[
     (OK, "finished normally (watch: stopped by SIGINT/SIGTERM)"),
@@ -123,5 +127,9 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         FORWARD,
         "forward: bad --to address, or the --state file cannot be read or written",
+    ),
+    (
+        OUTPUT,
+        "stdout cannot be written (its reader left, or it is full)",
     ),
 ];

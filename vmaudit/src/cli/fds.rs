@@ -49,11 +49,13 @@ pub fn run(args: Args) -> u8 {
                 v
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
-        return exit::OK;
+        return match super::print_json(&serde_json::Value::Array(rows)) {
+            Ok(()) => exit::OK,
+            Err(e) => super::output_failed(&e),
+        };
     }
-    println!(
-        "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  PATH",
+    let mut text = format!(
+        "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  PATH\n",
         "FD", "CLOEXEC", "KIND", "RDEV", "INODE", "IFACE"
     );
     for (fd, id) in &snap {
@@ -61,8 +63,8 @@ pub fn run(args: Args) -> u8 {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        println!(
-            "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  {}",
+        text.push_str(&format!(
+            "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  {}\n",
             fd,
             if flags_cloexec(id.flags) { "yes" } else { "no" },
             kind,
@@ -70,7 +72,10 @@ pub fn run(args: Args) -> u8 {
             id.ino.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
             id.iface.as_deref().unwrap_or("-"),
             id.path
-        );
+        ));
     }
-    exit::OK
+    match super::print_text(&text) {
+        Ok(()) => exit::OK,
+        Err(e) => super::output_failed(&e),
+    }
 }

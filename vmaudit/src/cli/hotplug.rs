@@ -54,15 +54,23 @@ fn send(vm: &str, req: Request) -> u8 {
         Err(e) => return super::fail(&e, exit::INTERNAL),
     };
     match rt.block_on(request(vm, &req)) {
-        Ok(r) if r.ok => {
-            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            vmaudit::notice!("{}", r.message);
-            exit::OK
-        }
         Ok(r) => {
-            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            vmaudit::failure!("{}", r.message);
-            r.code
+            let printed = super::print_json(&r);
+            if r.ok {
+                vmaudit::notice!("{}", r.message);
+            } else {
+                vmaudit::failure!("{}", r.message);
+            }
+            match printed {
+                Ok(()) if r.ok => exit::OK,
+                Err(e) if r.ok => super::output_failed(&e),
+                Ok(()) => r.code,
+                // The refusal's own code says more than the answer's lost copy.
+                Err(e) => {
+                    log::warn!("the answer could not be written to stdout: {e}");
+                    r.code
+                }
+            }
         }
         Err(e) => {
             vmaudit::failure!("{e}");

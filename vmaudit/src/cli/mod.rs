@@ -104,6 +104,30 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Writes one JSON object and a newline on stdout, at once.
+pub fn print_json(value: &impl serde::Serialize) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Writes `text` on stdout, at once.
+pub fn print_text(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// What a command's answer could not be written on stdout says and exits with: its reader left,
+/// or the file it goes to is full.
+pub fn output_failed(e: &std::io::Error) -> u8 {
+    vmaudit::failure!("writing to stdout: {e}");
+    exit::OUTPUT
+}
+
 /// Prints one clear line for a failure (its cause chain joined) and returns its exit code.
 pub fn fail(err: &(dyn std::error::Error + 'static), code: u8) -> u8 {
     // First lines only: a verifier log can run to thousands of lines (RUST_LOG=debug has it).

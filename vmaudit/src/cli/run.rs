@@ -8,7 +8,7 @@ use vmaudit::{
     serve,
 };
 
-use super::watch::print_json;
+use super::print_json;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -75,9 +75,20 @@ pub fn run(args: Args) -> u8 {
             None => None,
         };
         let shutdown = stop_signal();
+        // The journal holds every entry; stdout is a copy for whoever reads it. When its reader
+        // is gone the VM goes on, and that is said once.
+        let mut echo = true;
         run_vm(
             &opts,
-            &mut |entry| print_json(entry),
+            &mut |entry| {
+                if echo && let Err(e) = print_json(entry) {
+                    echo = false;
+                    log::warn!(
+                        "stdout cannot be written ({e}): journal entries are no longer printed, \
+                         the journal still has them all"
+                    );
+                }
+            },
             &mut |pid| vmaudit::notice!("VM running, emulator pid {pid}"),
             shutdown,
         )

@@ -6,6 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::{output_failed, print_json, print_text};
 use vmaudit::{
     exit, paths,
     search::{
@@ -198,13 +199,6 @@ fn usage(e: &FilterError) -> u8 {
     exit::USAGE
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string(v).expect("search output always serialises")
-    );
-}
-
 pub fn run(args: Args) -> u8 {
     match args.question {
         None => list(&args.filters, &args.inputs),
@@ -234,9 +228,11 @@ fn ask<A: serde::Serialize>(
         return exit::NO_MATCH;
     };
     if q.inputs.json || !std::io::stdout().is_terminal() {
-        print_json(&a);
-    } else {
-        print!("{}", render(&a));
+        if let Err(e) = print_json(&a) {
+            return output_failed(&e);
+        }
+    } else if let Err(e) = print_text(&render(&a)) {
+        return output_failed(&e);
     }
     exit::OK
 }
@@ -272,10 +268,12 @@ fn list(filters: &Filters, inputs: &Inputs) -> u8 {
     }
     if inputs.json || !std::io::stdout().is_terminal() {
         for e in &found {
-            print_json(e);
+            if let Err(e) = print_json(e) {
+                return output_failed(&e);
+            }
         }
-    } else {
-        print!("{}", render::events(&found));
+    } else if let Err(e) = print_text(&render::events(&found)) {
+        return output_failed(&e);
     }
     exit::OK
 }

@@ -28,10 +28,13 @@ pub fn run(args: Args) -> u8 {
     if r.chain.torn > 0 {
         eprintln!("vmaudit: journal {name}: a torn last line (a write cut short) is skipped");
     }
-    if args.json || !std::io::stdout().is_terminal() {
-        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    let printed = if args.json || !std::io::stdout().is_terminal() {
+        super::print_json(&r)
     } else {
-        print!("{}", r.render());
+        super::print_text(&r.render())
+    };
+    match printed {
+        Ok(()) => r.exit_code(),
+        Err(e) => super::output_failed(&e),
     }
-    r.exit_code()
 }

@@ -41,21 +41,14 @@ pub fn parse_ring(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// Writes one JSON object per line on stdout, unbuffered. A closed stdout (a pipe whose
-/// reader left) ends nothing.
-pub fn print_json(value: &impl serde::Serialize) {
-    let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, value);
-    let _ = out.write_all(b"\n");
-    let _ = out.flush();
-}
-
 /// JSON lines on stdout, gathered in one buffer and written once per batch of kernel events
 /// (or once the buffer holds [`JsonLines::WRITE_AT`] bytes, so memory stays flat).
 pub struct JsonLines {
     out: std::io::Stdout,
     /// The batch's lines, each appended in place: no allocation and no copy per record.
     buf: Vec<u8>,
+    /// The first write that failed: nothing is written after it, and the next flush returns it.
+    failed: Option<std::io::Error>,
 }
 
 impl JsonLines {
@@ -66,14 +59,29 @@ impl JsonLines {
         Self {
             out: std::io::stdout(),
             buf: Vec::with_capacity(Self::WRITE_AT + 4096),
+            failed: None,
         }
     }
 
     fn end_line(&mut self) {
         self.buf.push(b'\n');
         if self.buf.len() >= Self::WRITE_AT {
-            self.flush();
+            self.write_batch();
         }
+    }
+
+    /// Writes the batch's whole lines (so stdout's own line buffer passes them straight
+    /// through), or keeps the first error for [`Sink::flush`] to return.
+    fn write_batch(&mut self) {
+        if self.failed.is_none()
+            && let Err(e) = self
+                .out
+                .write_all(&self.buf)
+                .and_then(|()| self.out.flush())
+        {
+            self.failed = Some(e);
+        }
+        self.buf.clear();
     }
 }
 
@@ -82,9 +90,9 @@ impl Sink for JsonLines {
         match &out {
             // An fd record per kernel event: its direct writer (the same bytes as serde's).
             Output::Fd(r) => r.write_json(&mut self.buf),
-            Output::Gap(_) => {
-                let _ = serde_json::to_writer(&mut self.buf, &out);
-            }
+            // Writing to a `Vec` cannot fail, and a gap serializes (a test writes them all).
+            Output::Gap(_) => serde_json::to_writer(&mut self.buf, &out)
+                .expect("a gap record serializes into memory"),
         }
         self.end_line();
     }
@@ -95,11 +103,12 @@ impl Sink for JsonLines {
         }
         batch.clear();
     }
-    fn flush(&mut self) {
-        // Whole lines only, so stdout's own line buffer passes them straight through.
-        let _ = self.out.write_all(&self.buf);
-        let _ = self.out.flush();
-        self.buf.clear();
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.write_batch();
+        match &self.failed {
+            Some(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -124,8 +133,8 @@ impl Sink for Tee<'_> {
         }
         self.sink.records(batch);
     }
-    fn flush(&mut self) {
-        self.sink.flush();
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.flush()
     }
 }
 
@@ -167,10 +176,23 @@ pub fn run(args: Args) -> u8 {
             watch_on(&opts, &mut tee).await.map_err(Failed::Watch)
         })
     });
-    sink.flush();
+    let output = |source| Failed::Watch(ObserveError::Output { source });
+    let result = match (result, sink.flush()) {
+        (Ok(summary), Ok(())) => super::print_json(&summary)
+            .map(|()| summary)
+            .map_err(output),
+        (Ok(_), Err(e)) => Err(output(e)),
+        // The output's failure was said once already.
+        (Err(failed @ Failed::Watch(ObserveError::Output { .. })), _) | (Err(failed), Ok(())) => {
+            Err(failed)
+        }
+        (Err(failed), Err(e)) => {
+            log::warn!("the records before the failure could not be written to stdout either: {e}");
+            Err(failed)
+        }
+    };
     match result {
         Ok(summary) => {
-            print_json(&summary);
             if summary.ended == "exited" {
                 let pids: Vec<String> = args.pid.iter().map(u32::to_string).collect();
                 vmaudit::notice!("watched process {} exited", pids.join(", "));
@@ -194,7 +216,8 @@ pub fn watch(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, Observ
 async fn watch_on(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, ObserveError> {
     let shutdown = shutdown_signal();
     let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
-    sink.flush();
+    sink.flush()
+        .map_err(|source| ObserveError::Output { source })?;
     let held: usize = opts
         .pids
         .iter()

@@ -106,6 +106,11 @@ pub enum ObserveError {
         #[source]
         source: io::Error,
     },
+    #[error("writing the records to stdout")]
+    Output {
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ObserveError {
@@ -129,6 +134,7 @@ impl ObserveError {
             | Self::Key { .. }
             | Self::Iter { .. }
             | Self::Poll { .. } => exit::INTERNAL,
+            Self::Output { .. } => exit::OUTPUT,
         }
     }
 }
@@ -180,13 +186,22 @@ pub trait Sink {
             self.record(Output::Fd(r));
         }
     }
-    fn flush(&mut self) {}
+    /// Delivers what was handed over. An error ends the watch: records after it reach nobody.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: FnMut(Output)> Sink for F {
     fn record(&mut self, out: Output) {
         self(out)
     }
+}
+
+/// [`Sink::flush`], its error as the watch's.
+fn flushed(sink: &mut dyn Sink) -> Result<(), ObserveError> {
+    sink.flush()
+        .map_err(|source| ObserveError::Output { source })
 }
 
 /// Per-process line of the summary.
@@ -760,23 +775,23 @@ impl Watcher {
                     ready?;
                     self.drain(sink);
                     self.check_losses(sink)?;
-                    sink.flush();
+                    flushed(sink)?;
                 }
                 _ = tick.tick() => {
                     self.tracker.flush_logs();
                     self.drain(sink);
                     self.check_losses(sink)?;
-                    sink.flush();
+                    flushed(sink)?;
                 }
                 _ = check.tick() => {
                     self.check_tables(sink)?;
-                    sink.flush();
+                    flushed(sink)?;
                 }
             }
         };
         self.drain(sink);
         self.check_losses(sink)?;
-        sink.flush();
+        flushed(sink)?;
         Ok(self.summary(ended))
     }
 
