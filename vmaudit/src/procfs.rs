@@ -17,6 +17,8 @@ use std::{
     sync::Mutex,
 };
 
+use compact_str::CompactString;
+
 use crate::paths::Roots;
 
 pub use vmaudit_core::fd::{DevNum, FdIdentity, FileKind, O_CLOEXEC, Source};
@@ -46,7 +48,7 @@ pub fn identity_from_syscall(path: Option<String>) -> FdIdentity {
         .as_ref()
         .map_or(FileKind::Unknown, |m| FileKind::of(m.file_type(), ""));
     FdIdentity {
-        path: path.unwrap_or_else(|| "?".to_owned()),
+        path: path.map_or_else(|| "?".into(), CompactString::from),
         kind,
         rdev: meta
             .as_ref()
@@ -131,8 +133,8 @@ impl ProcFs {
             let link = self.roots.fd_link(pid, fd);
             let same = fs::metadata(&link).is_ok_and(|m| Some(m.ino()) == id.ino);
             id.path = match fs::read_link(&link) {
-                Ok(t) if same || id.kind == FileKind::Anon => t.to_string_lossy().into_owned(),
-                _ => "?".to_owned(),
+                Ok(t) if same || id.kind == FileKind::Anon => t.to_string_lossy().into(),
+                _ => "?".into(),
             };
         }
         if id.iface.is_some() || id.kind != FileKind::Char {
@@ -213,7 +215,7 @@ impl ProcFs {
             _ => None,
         });
         Ok(FdIdentity {
-            path,
+            path: path.into(),
             kind,
             rdev,
             dev: Some(DevNum::from_raw(meta.dev())),

@@ -3,6 +3,7 @@
 
 use std::{fmt, os::unix::fs::FileTypeExt as _};
 
+use compact_str::CompactString;
 use serde::{Serialize, Serializer};
 
 /// A device number, printed `MAJ:MIN` in decimal (as /proc and the journal write it).
@@ -212,7 +213,7 @@ impl Source {
 pub struct FdIdentity {
     /// What /proc/PID/fd/N points at (`/dev/net/tun`, `socket:[123]`, `anon_inode:[eventfd]`),
     /// or the syscall's name for the file when [`Source::Syscall`].
-    pub path: String,
+    pub path: CompactString,
     pub kind: FileKind,
     /// Device number of a character or block device.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -242,7 +243,7 @@ pub struct FdIdentity {
 
 impl FdIdentity {
     /// An identity with only a name and a kind, every kernel fact unknown.
-    pub fn named(path: impl Into<String>, kind: FileKind, source: Source) -> Self {
+    pub fn named(path: impl Into<CompactString>, kind: FileKind, source: Source) -> Self {
         Self {
             path: path.into(),
             kind,

@@ -11,6 +11,7 @@ use std::{
     io,
 };
 
+use compact_str::CompactString;
 use vmaudit_common::{FileInfo, kdev_split, nr};
 
 use super::event::{Change, Event, Gain, KernelFile};
@@ -45,15 +46,19 @@ impl Resolver for ProcFs {
 /// An fd's identity from what the kernel program read (`path`: a device's, from its dentries).
 pub fn kernel_identity(info: &FileInfo, path: Option<String>, iface: Option<String>) -> FdIdentity {
     let name = match FileKind::of_mode(info.mode as u32) {
-        FileKind::Fifo => format!("pipe:[{}]", info.ino),
-        FileKind::Socket => format!("socket:[{}]", info.ino),
-        _ => path.unwrap_or_default(),
+        FileKind::Fifo => compact_str::format_compact!("pipe:[{}]", info.ino),
+        FileKind::Socket => compact_str::format_compact!("socket:[{}]", info.ino),
+        _ => path.map(CompactString::from).unwrap_or_default(),
     };
     named_kernel_identity(info, name, iface)
 }
 
 /// [`kernel_identity`] with the name already known (a dup's, from the fd it copies).
-fn named_kernel_identity(info: &FileInfo, name: String, iface: Option<String>) -> FdIdentity {
+fn named_kernel_identity(
+    info: &FileInfo,
+    name: CompactString,
+    iface: Option<String>,
+) -> FdIdentity {
     let kind = FileKind::of_mode(info.mode as u32);
     let dev = |d: u32| {
         let (major, minor) = kdev_split(d);

@@ -133,7 +133,11 @@ impl KernelLog {
         if r.op == Op::Open && !r.result.is_ok() && managers.contains(&r.pid) {
             self.failed.push(FailedOpen {
                 pid: r.pid,
-                path: r.file.as_ref().map(|f| f.path.clone()).unwrap_or_default(),
+                path: r
+                    .file
+                    .as_ref()
+                    .map(|f| f.path.to_string())
+                    .unwrap_or_default(),
                 errno: r.result.to_string(),
                 ts: r.ts,
             });
@@ -185,7 +189,7 @@ impl KernelLog {
                 self.opens.push(MgrOpen {
                     at,
                     ts: r.ts,
-                    path: file.path.clone(),
+                    path: file.path.to_string(),
                     rdev: file.rdev,
                     ofd: file.ofd,
                     named: None,
@@ -204,7 +208,7 @@ impl KernelLog {
                 at,
                 since: r.ts,
                 via: op,
-                path: file.path.clone(),
+                path: file.path.to_string(),
                 rdev: file.rdev,
                 iface,
                 address,

@@ -533,7 +533,7 @@ fn candidates(l: &Ledger, emu: u32, since: u64, view: &dyn KernelView) -> Vec<Ne
                 at,
                 since: e.since_ns,
                 via: e.via,
-                path: e.id.path.clone(),
+                path: e.id.path.to_string(),
                 rdev: e.id.rdev,
                 address: iface.as_deref().and_then(|i| view.iface_address(i)),
                 iface,

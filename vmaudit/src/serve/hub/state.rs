@@ -107,7 +107,7 @@ pub(super) fn apply_fd(
                 fd,
                 FdRow {
                     fd,
-                    path: file.map(|f| f.path.clone()).unwrap_or_default(),
+                    path: file.map(|f| f.path.to_string()).unwrap_or_default(),
                     kind: file.map(|f| f.kind),
                     rdev: file.and_then(|f| f.rdev),
                     iface: file.and_then(|f| f.iface.clone()),
