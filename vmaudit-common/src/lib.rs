@@ -15,8 +15,6 @@ pub mod nr;
 pub mod maps {
     /// tgid -> [`crate::WatchFlags`]: the processes being watched.
     pub const WATCHED: &str = "WATCHED";
-    /// tid -> [`crate::Inflight`]: clone flags between the syscall's entry and the fork.
-    pub const INFLIGHT: &str = "INFLIGHT";
     /// The ring buffer of [`crate::RawEvent`]s.
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU counters of events the kernel side could not deliver, indexed by [`crate::LossCause`].
@@ -37,8 +35,6 @@ pub mod maps {
 
 /// Program names, as the eBPF object declares them.
 pub mod programs {
-    /// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: keeps a watched thread's clone flags.
-    pub const CLONE_ENTER: &str = "vmaudit_clone_enter";
     /// `raw_syscalls/sys_exit` raw tracepoint: reports a watched process's tracked syscalls.
     pub const SYS_EXIT: &str = "vmaudit_sys_exit";
     /// Does nothing: the cost floor of a `raw_syscalls/sys_exit` hook (`vmaudit noop-hook`).
@@ -46,7 +42,7 @@ pub mod programs {
     /// Sends a bare event per syscall exit of one process, reading nothing: the cost floor of
     /// any tracer that sends an event per fd change (`vmaudit noop-hook --emit-for PID`).
     pub const EMIT_FLOOR: &str = "vmaudit_emit_floor";
-    /// `sched/sched_process_fork`.
+    /// `sched_process_fork` raw tracepoint (the parent's and the child's `task_struct`).
     pub const SCHED_FORK: &str = "vmaudit_sched_fork";
     /// `sched/sched_process_exec`.
     pub const SCHED_EXEC: &str = "vmaudit_sched_exec";
@@ -67,7 +63,8 @@ pub const DEFAULT_RING_BYTES: u32 = 1 << 24;
 /// `BPF_RB_NO_WAKEUP`, and the consumer's periodic drain picks them up: a busy producer then
 /// costs one wake-up per crossing, not one per event.
 pub const WAKEUP_BYTES: u64 = 64 * 1024;
-/// Entries in the `INFLIGHT` map (threads of watched processes inside a tracked syscall).
+/// Entries in the `URING_REQS` map (fd-changing io_uring requests of watched processes in
+/// flight).
 pub const INFLIGHT_ENTRIES: u32 = 16384;
 /// Slots of the `WATCH_FILTER` array (256 KiB).
 pub const WATCH_FILTER_SLOTS: u32 = 65536;
@@ -98,7 +95,8 @@ pub enum EventKind {
     SetCloexec = 4,
     /// The syscall `nr` failed with errno `aux`; `fd` is the fd it named (close, dup2), or -1.
     Failed = 5,
-    /// A watched process forked child `fd` (a pid), now watched too; `aux`: clone flags.
+    /// A watched process forked child `fd` (a pid), now watched too; `aux`: `CLONE_FILES` when
+    /// the child shares its fd table, else 0.
     Fork = 6,
     /// A watched process called exec successfully (close-on-exec fds are gone).
     Exec = 7,
@@ -203,7 +201,8 @@ impl Unseen {
 pub enum LossCause {
     /// The ring buffer was full.
     RingFull = 0,
-    /// No room in `INFLIGHT` to remember a clone's flags: a followed child may be missed.
+    /// No room in `URING_REQS` to remember an fd-changing io_uring request until it completes:
+    /// its completion is not checked.
     InflightFull = 1,
     /// Reading the fds a syscall wrote to user memory (pipe, socketpair, SCM_RIGHTS) failed.
     UserRead = 2,
@@ -214,7 +213,8 @@ pub enum LossCause {
     WatchFull = 4,
     /// Reading the task's fd table or the file behind a new fd failed.
     KernelRead = 5,
-    /// The child's pid could not be read from `sched_process_fork`: the child is not followed.
+    /// The child's pid, tgid or fd table could not be read at `sched_process_fork`: the child
+    /// is not followed.
     ForkRead = 6,
 }
 
@@ -241,15 +241,6 @@ impl LossCause {
         }
     }
 }
-
-/// A watched thread's clone/fork arguments, kept from the syscall's entry to sched_process_fork.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Inflight {
-    pub nr: u64,
-    pub args: [u64; 4],
-}
-const _: () = assert!(size_of::<Inflight>() == 40);
 
 /// What the kernel says about the file behind an fd, read at the hook.
 #[repr(C)]
@@ -389,6 +380,10 @@ pub struct KernelOffsets {
     pub vfsmount_root: u32,
     /// `task_struct.thread_info.status` (x86: `TS_COMPAT` tells a 32-bit syscall).
     pub task_ti_status: u32,
+    /// `task_struct.pid` (the thread's id)
+    pub task_pid: u32,
+    /// `task_struct.tgid` (the process's id)
+    pub task_tgid: u32,
     /// `file.private_data` (a tun fd's `struct tun_file`).
     pub file_private: u32,
     /// `tun_file.tun`: the `tun_struct` the fd is attached to (NULL before TUNSETIFF).
@@ -402,7 +397,7 @@ pub struct KernelOffsets {
     /// Non-zero once userspace has filled this in (a program loaded without it reads nothing).
     pub ready: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 108);
+const _: () = assert!(size_of::<KernelOffsets>() == 116);
 
 impl KernelOffsets {
     /// What the object is built with; the loader replaces it.
@@ -428,6 +423,8 @@ impl KernelOffsets {
         mount_mountpoint: 0,
         vfsmount_root: 0,
         task_ti_status: 0,
+        task_pid: 0,
+        task_tgid: 0,
         file_private: 0,
         tun_file_tun: 0,
         tun_dev: 0,
@@ -557,7 +554,6 @@ pub const fn kdev_split(dev: u32) -> (u32, u32) {
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: `#[repr(C)]`, `Copy`, only integer fields and no implicit padding (sizes asserted).
-    unsafe impl aya::Pod for super::Inflight {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: as above.

@@ -15,17 +15,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use vmaudit_common::{
     DEFAULT_RING_BYTES, Event, EventFlags, EventKind, EventWithPath, FileInfo, IFNAMSIZ,
-    INFLIGHT_ENTRIES, Inflight, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail,
-    Unseen, UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
+    INFLIGHT_ENTRIES, LossCause, PATH_REUSE_NS, PATH_SLOT, PATHS_SENT_SLOTS, PathTail, Unseen,
+    UringOffsets, WAKEUP_BYTES, WATCH_FILTER_SLOTS, WATCHED_ENTRIES, WatchFlags, nr, uring,
 };
 
 use crate::kfile;
 
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
-
-#[map]
-static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(INFLIGHT_ENTRIES, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -123,12 +120,7 @@ const PT_REGS_COMPAT_ARG_WORD: [usize; 4] = [0, 6, 7, 8];
 const PT_REGS_ORIG_AX_WORD: usize = 10;
 /// `thread_info.status` bit of a task inside a 32-bit syscall (x86).
 const TS_COMPAT: u32 = 0x0002;
-// Classic syscall tracepoint records (events/syscalls/*/format): `int __syscall_nr` at 8, the
-// arguments as 8 bytes each from 16.
-const SYSCALL_NR_OFF: usize = 8;
-const SYSCALL_ARG0_OFF: usize = 16;
-// sched_process_fork: `pid_t child_pid` at 20. sched_process_exit: `bool group_dead` at 32.
-const FORK_CHILD_PID_OFF: usize = 20;
+// sched_process_exit: `bool group_dead` at 32.
 const EXIT_GROUP_DEAD_OFF: usize = 32;
 
 // x86_64 `struct msghdr`: msg_control at 32, msg_controllen at 40; `struct mmsghdr` is 64 bytes.
@@ -151,11 +143,7 @@ const F_DUPFD_CLOEXEC: u64 = 1030;
 const FD_CLOEXEC: u64 = 1;
 const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
 const EBADF: i64 = 9;
-const CLONE_VM: u64 = 0x100;
 const CLONE_PIDFD: u64 = 0x1000;
-const CLONE_VFORK: u64 = 0x4000;
-const CLONE_THREAD: u64 = 0x10000;
-const SIGCHLD: u64 = 17;
 /// `struct seccomp_notif_addfd`: `id` at 0, `srcfd` at 12, `newfd_flags` at 20.
 const ADDFD_SRCFD_OFF: u64 = 12;
 const ADDFD_NEWFD_FLAGS_OFF: u64 = 20;
@@ -524,27 +512,6 @@ fn read_user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// `syscalls/sys_enter_{clone,clone3,fork,vfork}`: remembers a watched thread's clone flags for
-/// `sched_process_fork`, which needs them to tell a child process from a thread. Per-syscall
-/// tracepoints run only for these (rare) syscalls.
-#[tracepoint]
-pub fn vmaudit_clone_enter(ctx: TracePointContext) -> u32 {
-    let (tgid, tid) = ids();
-    if !maybe_watched(tgid) || is_watched(tgid).is_none() {
-        return 0;
-    }
-    let nr = read_ctx::<i32>(&ctx, SYSCALL_NR_OFF).unwrap_or(-1) as u64;
-    let arg0 = read_ctx::<u64>(&ctx, SYSCALL_ARG0_OFF).unwrap_or(0);
-    let inflight = Inflight {
-        nr,
-        args: [arg0, 0, 0, 0],
-    };
-    if INFLIGHT.insert(tid, inflight, 0).is_err() {
-        lose(LossCause::InflightFull, tgid);
-    }
-    0
-}
-
 /// `raw_syscalls/sys_exit` (a raw tracepoint: `struct pt_regs *regs, long ret`), run for every
 /// syscall of every process. An unwatched process costs an inlined array read; a watched
 /// process's tracked syscall is reported with its result and, for each fd it gained, the file
@@ -623,8 +590,6 @@ fn exit_of(h: &Head, nr: u32, args: &[u64; 4], ret: i64) -> Option<(i32, u64)> {
     let a = *args;
     match nr {
         nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => {
-            // sched_process_fork has used the entry (in the parent); the child has none.
-            let _ = INFLIGHT.remove(h.tid);
             if ret > 0 {
                 return clone_pidfd(h, nr, &a);
             }
@@ -990,9 +955,14 @@ fn received_or_sent(c: &Cmsgs, at: u64) {
     }
 }
 
-/// `sched/sched_process_fork`: runs in the parent, inside its clone/fork syscall.
-#[tracepoint]
-pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
+/// `sched_process_fork`, a raw tracepoint (`struct task_struct *parent, *child`): runs in the
+/// parent, inside its clone or fork. A new process of a watched process that follows its
+/// children is watched before it runs; a new thread is not an event. The child's own task says
+/// which it is (its tgid is its pid) and whether it shares the parent's fd table (CLONE_FILES),
+/// so no syscall entry is hooked for the clone flags: such a hook would run for every syscall
+/// of every process on the host. 32-bit clones are followed alike.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn vmaudit_sched_fork(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid) = ids();
     if !maybe_watched(tgid) {
         return 0;
@@ -1003,53 +973,39 @@ pub fn vmaudit_sched_fork(ctx: TracePointContext) -> u32 {
     if flags & WatchFlags::FOLLOW_CHILDREN == 0 {
         return 0;
     }
-    // SAFETY: copied out at once.
-    let Some(inf) = (unsafe { INFLIGHT.get(tid) }).copied() else {
-        // The clone's entry was not recorded (INFLIGHT full, counted then; or a compat clone,
-        // which the per-syscall entry tracepoints do not see): the child is lost.
-        lose(LossCause::WatchFull, tgid);
-        return 0;
-    };
-    let clone_flags = match inf.nr as u32 {
-        nr::CLONE => inf.args[0],
-        nr::CLONE3 => match read_user::<u64>(inf.args[0]) {
-            Some(f) => f,
-            None => {
-                lose(LossCause::UserRead, tgid);
-                return 0;
-            }
-        },
-        nr::FORK => SIGCHLD,
-        nr::VFORK => CLONE_VFORK | CLONE_VM | SIGCHLD,
-        _ => return 0,
-    };
-    if clone_flags & CLONE_THREAD != 0 {
-        return 0;
-    }
-    let Some(child) = read_ctx::<i32>(&ctx, FORK_CHILD_PID_OFF) else {
+    let Some(child) = kfile::forked(ctx.arg(0), ctx.arg(1)) else {
         lose(LossCause::ForkRead, tgid);
         return 0;
     };
-    let child = child as u32;
-    if WATCHED.insert(child, flags, 0).is_err() {
+    if child.tgid != child.pid {
+        return 0;
+    }
+    if WATCHED.insert(child.pid, flags, 0).is_err() {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
     debug!(
         &ctx,
-        "pid {} forked {} (clone flags {:x}): followed", tgid, child, clone_flags
+        "pid {} forked {} (sharing its fd table: {}): followed",
+        tgid,
+        child.pid,
+        child.shares_files as u8
     );
-    if let Some(slot) = WATCH_FILTER.get_ptr_mut(child % WATCH_FILTER_SLOTS) {
+    if let Some(slot) = WATCH_FILTER.get_ptr_mut(child.pid % WATCH_FILTER_SLOTS) {
         // SAFETY: a live array slot of 4 bytes; any racing writer also writes 1.
         unsafe { *slot = 1 };
     }
-    let h = Head {
-        tgid,
-        tid,
-        nr: inf.nr as u16,
-        flags: 0,
+    let shared = if child.shares_files {
+        nr::CLONE_FILES
+    } else {
+        0
     };
-    send(&event(&h, EventKind::Fork, child as i32, clone_flags));
+    send(&event(
+        &Head::plain(tgid, tid),
+        EventKind::Fork,
+        child.pid as i32,
+        shared,
+    ));
     0
 }
 
@@ -1072,8 +1028,6 @@ pub fn vmaudit_sched_exit(ctx: TracePointContext) -> u32 {
     if !maybe_watched(tgid) || is_watched(tgid).is_none() {
         return 0;
     }
-    // A thread killed inside a syscall never reaches its sys_exit.
-    let _ = INFLIGHT.remove(tid);
     if read_ctx::<u8>(&ctx, EXIT_GROUP_DEAD_OFF).unwrap_or(0) == 0 {
         return 0;
     }

@@ -47,6 +47,32 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
+/// A task just forked, as `sched_process_fork` shows it.
+pub struct Forked {
+    /// Its thread id.
+    pub pid: u32,
+    /// Its process id: its own `pid` for a new process, the parent's for a new thread.
+    pub tgid: u32,
+    /// It has the parent's fd table itself, not a copy (CLONE_FILES).
+    pub shares_files: bool,
+}
+
+/// Reads `child`'s ids and whether it shares `parent`'s fd table (two `task_struct`s the
+/// tracepoint gave, so probe reads).
+#[inline(always)]
+pub fn forked(parent: u64, child: u64) -> Option<Forked> {
+    if o!(ready) == 0 {
+        return None;
+    }
+    let files: u64 = read(child + o!(task_files))?;
+    let parent_files: u64 = read(parent + o!(task_files))?;
+    Some(Forked {
+        pid: read(child + o!(task_pid))?,
+        tgid: read(child + o!(task_tgid))?,
+        shares_files: files == parent_files,
+    })
+}
+
 /// The first `W` 8-byte words of a kernel struct, copied in one helper call (each call costs
 /// more than the copy): a field inside them is taken from the copy, one past them is read alone,
 /// so a kernel with another layout is read correctly, only with more calls. `W` stays within the

@@ -320,6 +320,8 @@ impl Btf {
             mount_mountpoint: self.offset("mount", "mnt_mountpoint", 8)?,
             vfsmount_root: self.offset("vfsmount", "mnt_root", 8)?,
             task_ti_status: self.offset("task_struct", "thread_info.status", 4)?,
+            task_pid: self.offset("task_struct", "pid", 4)?,
+            task_tgid: self.offset("task_struct", "tgid", 4)?,
             ready: 1,
         })
     }

@@ -20,9 +20,6 @@ use vmaudit_common::{
 
 use super::{ObserveError, btf::Btf, key};
 
-/// Syscalls whose entry is hooked (classic tracepoints) to learn clone flags.
-pub const CLONE_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
-
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmaudit-ebpf"));
 
@@ -135,7 +132,12 @@ fn tracepoint<'a>(
     Ok(tp)
 }
 
-fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(), ObserveError> {
+fn attach_raw(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    tracepoint: &str,
+) -> Result<(), ObserveError> {
     let prog = ebpf
         .program_mut(name)
         .ok_or(ObserveError::MissingObject { name })?;
@@ -146,7 +148,7 @@ fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(
         .map_err(|source| ObserveError::Program { name, source })?;
     tp.attach(tracepoint)
         .map_err(|source| ObserveError::Attach {
-            tracepoint: format!("raw_syscalls/{tracepoint}"),
+            tracepoint: format!("{category}/{tracepoint}"),
             source,
         })?;
     Ok(())
@@ -169,7 +171,7 @@ pub fn attach_noop_hook() -> Result<Ebpf, ObserveError> {
         .map_err(|source| ObserveError::Load {
             source: Box::new(source),
         })?;
-    attach_raw(&mut ebpf, programs::NOOP, "sys_exit")?;
+    attach_raw(&mut ebpf, programs::NOOP, "raw_syscalls", "sys_exit")?;
     Ok(ebpf)
 }
 
@@ -190,7 +192,7 @@ impl EmitFloor {
             .map_err(|source| ObserveError::Load {
                 source: Box::new(source),
             })?;
-        attach_raw(&mut ebpf, programs::EMIT_FLOOR, "sys_exit")?;
+        attach_raw(&mut ebpf, programs::EMIT_FLOOR, "raw_syscalls", "sys_exit")?;
         let ring = take_map(&mut ebpf, maps::EVENTS)?;
         let consumer = take_map(&mut ebpf, maps::CONSUMER)?;
         Ok(Self {
@@ -242,16 +244,18 @@ impl Tracker {
         };
         // One raw tracepoint sees every syscall's exit, with the arguments still in the saved
         // registers; it keeps only watched processes and tracked syscall numbers. Per-syscall
-        // tracepoints would cost a perf buffer per call, and an entry hook a second program run
-        // per syscall, for every process on the host (see BENCHMARKS.md). Only clone-family
-        // entries are hooked, to tell a forked process from a thread.
-        attach_raw(&mut ebpf, programs::SYS_EXIT, "sys_exit")?;
-        let clone_enter = tracepoint(&mut ebpf, programs::CLONE_ENTER)?;
-        for name in CLONE_SYSCALLS {
-            attach(clone_enter, "syscalls", &format!("sys_enter_{name}"))?;
-        }
+        // tracepoints would cost a perf buffer per call, and any syscall entry hook (even one
+        // per-syscall tracepoint, such as clone's) a second probe per syscall, for every
+        // process on the host (see BENCHMARKS.md). A fork is told from a thread, and a shared
+        // table from a copy, by the child's task at sched_process_fork.
+        attach_raw(&mut ebpf, programs::SYS_EXIT, "raw_syscalls", "sys_exit")?;
+        attach_raw(
+            &mut ebpf,
+            programs::SCHED_FORK,
+            "sched",
+            "sched_process_fork",
+        )?;
         for (prog, event) in [
-            (programs::SCHED_FORK, "sched_process_fork"),
             (programs::SCHED_EXEC, "sched_process_exec"),
             (programs::SCHED_EXIT, "sched_process_exit"),
         ] {

@@ -74,21 +74,17 @@ pub fn ensure_tracefs() -> Result<PathBuf, ObserveError> {
     Ok(default.to_owned())
 }
 
-/// Fails when a sched or clone-entry tracepoint the tracker needs is missing. (Syscalls are followed through
-/// the `raw_syscalls` raw tracepoints, which need no tracefs; an absent one fails the attach.)
+/// Fails when a sched tracepoint the tracker needs is missing. (Syscalls are followed through the
+/// `raw_syscalls` raw tracepoint, which needs no tracefs; an absent one fails the attach.)
 pub fn check_tracepoints(tracefs: &Path) -> Result<(), ObserveError> {
-    let sched = [
+    for name in [
         "sched_process_fork",
         "sched_process_exec",
         "sched_process_exit",
-    ]
-    .map(|n| ("sched".to_owned(), n.to_owned()));
-    let clone =
-        super::loader::CLONE_SYSCALLS.map(|n| ("syscalls".to_owned(), format!("sys_enter_{n}")));
-    for (category, name) in sched.into_iter().chain(clone) {
-        if !tracefs.join("events").join(&category).join(&name).exists() {
+    ] {
+        if !tracefs.join("events/sched").join(name).exists() {
             return Err(ObserveError::Tracepoint {
-                name: format!("{category}/{name}"),
+                name: format!("sched/{name}"),
             });
         }
     }
@@ -134,11 +130,7 @@ mod tests {
     fn a_missing_tracepoint_is_named_and_exits_5() {
         let dir = std::env::temp_dir().join(format!("vmaudit-tracefs-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        for tp in [
-            "sched/sched_process_fork",
-            "sched/sched_process_exec",
-            "syscalls/sys_enter_clone",
-        ] {
+        for tp in ["sched/sched_process_fork", "sched/sched_process_exec"] {
             fs::create_dir_all(dir.join("events").join(tp)).unwrap();
         }
         let err = check_tracepoints(&dir).unwrap_err();
@@ -147,14 +139,7 @@ mod tests {
             "kernel has no tracepoint sched/sched_process_exit (needs CONFIG_FTRACE_SYSCALLS and tracefs)"
         );
         assert_eq!(err.exit_code(), crate::exit::KERNEL_FEATURE);
-        for tp in [
-            "sched/sched_process_exit",
-            "syscalls/sys_enter_clone3",
-            "syscalls/sys_enter_fork",
-            "syscalls/sys_enter_vfork",
-        ] {
-            fs::create_dir_all(dir.join("events").join(tp)).unwrap();
-        }
+        fs::create_dir_all(dir.join("events/sched/sched_process_exit")).unwrap();
         assert!(check_tracepoints(&dir).is_ok());
         fs::remove_dir_all(&dir).unwrap();
     }
