@@ -15,6 +15,8 @@ pub mod nr;
 pub mod maps {
     /// tgid -> [`crate::WatchFlags`]: the processes being watched.
     pub const WATCHED: &str = "WATCHED";
+    /// The program array `vmaudit_sys_exit` tail-calls (slot 0: `vmaudit_sys_exit_watched`).
+    pub const SYS_EXIT_WATCHED: &str = "SYS_EXIT_WATCHED";
     /// The ring buffer of [`crate::RawEvent`]s.
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU counters of events the kernel side could not deliver, indexed by [`crate::LossCause`].
@@ -35,8 +37,11 @@ pub mod maps {
 
 /// Program names, as the eBPF object declares them.
 pub mod programs {
-    /// `raw_syscalls/sys_exit` raw tracepoint: reports a watched process's tracked syscalls.
+    /// `raw_syscalls/sys_exit` raw tracepoint: the filter, which jumps to
+    /// [`SYS_EXIT_WATCHED`] for a process that may be watched.
     pub const SYS_EXIT: &str = "vmaudit_sys_exit";
+    /// The tracker's `sys_exit` proper: reports a watched process's tracked syscalls.
+    pub const SYS_EXIT_WATCHED: &str = "vmaudit_sys_exit_watched";
     /// Does nothing: the cost floor of a `raw_syscalls/sys_exit` hook (`vmaudit noop-hook`).
     pub const NOOP: &str = "vmaudit_noop";
     /// Sends a bare event per syscall exit of one process, reading nothing: the cost floor of

@@ -9,7 +9,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
@@ -23,6 +23,11 @@ use crate::kfile;
 
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
+
+/// Slot 0: [`vmaudit_sys_exit_watched`], where [`vmaudit_sys_exit`] jumps for a process that may
+/// be watched (set by the loader before the hook is attached).
+#[map]
+static SYS_EXIT_WATCHED: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -513,15 +518,29 @@ fn read_user<T>(addr: u64) -> Option<T> {
 }
 
 /// `raw_syscalls/sys_exit` (a raw tracepoint: `struct pt_regs *regs, long ret`), run for every
-/// syscall of every process. An unwatched process costs an inlined array read; a watched
-/// process's tracked syscall is reported with its result and, for each fd it gained, the file
-/// read from its fd table.
+/// syscall of every process: an unwatched process costs the pid and an inlined array read. The
+/// rest is another program, entered by a tail call (a direct jump), so that this one stays
+/// small: the JIT saves and restores only the registers a program uses, and the whole tracker
+/// uses them all, which every syscall on the host would pay for.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn vmaudit_sys_exit(ctx: RawTracePointContext) -> i32 {
-    let (tgid, tid) = ids();
+    let (tgid, _) = ids();
     if !maybe_watched(tgid) {
         return 0;
     }
+    // SAFETY: the slot holds a raw tracepoint program, which takes this context.
+    unsafe { SYS_EXIT_WATCHED.tail_call(&ctx, 0) };
+    // Only an empty slot comes back here (the loader fills it before attaching): counted.
+    lose(LossCause::KernelRead, tgid);
+    0
+}
+
+/// The tracker's `sys_exit`, for a process [`vmaudit_sys_exit`] found possibly watched: a
+/// watched process's tracked syscall is reported with its result and, for each fd it gained,
+/// the file read from its fd table. Never attached itself.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn vmaudit_sys_exit_watched(ctx: RawTracePointContext) -> i32 {
+    let (tgid, tid) = ids();
     let w = saved_regs();
     let raw_nr = w[PT_REGS_ORIG_AX_WORD];
     // SAFETY: the helper has no preconditions.

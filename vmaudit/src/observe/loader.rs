@@ -117,6 +117,37 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+/// Loads the tracker's `sys_exit` proper and puts it in the slot its filter jumps to, before
+/// the filter is attached (the array is the object's: it stays filled while the object lives).
+fn fill_sys_exit_jump(ebpf: &mut Ebpf) -> Result<(), ObserveError> {
+    let name = programs::SYS_EXIT_WATCHED;
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ObserveError::MissingObject { name })?
+        .try_into()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    let fd = prog
+        .fd()
+        .map_err(|source| ObserveError::Program { name, source })?
+        .try_clone()
+        .map_err(|e| ObserveError::Program {
+            name,
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
+    let map = ebpf
+        .map_mut(maps::SYS_EXIT_WATCHED)
+        .ok_or(ObserveError::MissingObject {
+            name: maps::SYS_EXIT_WATCHED,
+        })?;
+    let mut jumps =
+        aya::maps::ProgramArray::try_from(map).map_err(map_err(maps::SYS_EXIT_WATCHED))?;
+    jumps
+        .set(0, &fd, 0)
+        .map_err(map_err(maps::SYS_EXIT_WATCHED))
+}
+
 fn tracepoint<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -248,6 +279,7 @@ impl Tracker {
         // per-syscall tracepoint, such as clone's) a second probe per syscall, for every
         // process on the host (see BENCHMARKS.md). A fork is told from a thread, and a shared
         // table from a copy, by the child's task at sched_process_fork.
+        fill_sys_exit_jump(&mut ebpf)?;
         attach_raw(&mut ebpf, programs::SYS_EXIT, "raw_syscalls", "sys_exit")?;
         attach_raw(
             &mut ebpf,
