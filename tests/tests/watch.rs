@@ -618,7 +618,7 @@ fn tap_and_macvtap_fds_name_their_interfaces() {
 }
 
 #[test]
-fn compat_syscalls_clone_pidfd_and_fd_returning_ioctls_are_followed() {
+fn compat_syscalls_forks_clone_pidfd_and_fd_returning_ioctls_are_followed() {
     require_root();
     let bins = bins!();
     let mut h = Helper::spawn(&bins);
@@ -640,6 +640,17 @@ fn compat_syscalls_clone_pidfd_and_fd_returning_ioctls_are_followed() {
         (Some("dup"), Some(null as i64), Some(ofd)),
         "{r}"
     );
+
+    // fork through int 0x80: the child is followed (its inherited fds, then its exit), as a
+    // 64-bit fork's is; no syscall entry hook is needed to tell it from a thread.
+    let child = h.fd("compat_fork") as u32;
+    let r = w.wait_for("the 32-bit child's inherited /dev/null", |v| {
+        v["pid"] == child && v["op"] == "inherit" && v["fd"] == null
+    });
+    assert_eq!(r["ofd"].as_u64(), Some(ofd), "{r}");
+    w.wait_for("the 32-bit child's exit", |v| {
+        v["pid"] == child && v["op"] == "exit"
+    });
 
     // clone(CLONE_PIDFD): the pidfd lands in the parent's table.
     let pidfd = h.fd("clone_pidfd");

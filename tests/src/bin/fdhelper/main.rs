@@ -342,6 +342,27 @@ fn run(
             }
             ret
         }
+        "compat_fork" => {
+            // fork through the 32-bit compat entry (`int 0x80`, i386 number 2); answers the
+            // child's pid once it has exited.
+            let ret: i64;
+            // SAFETY: int 0x80 with eax = 2 (i386 fork) reads no memory; the kernel preserves
+            // every register but eax. The child only _exits.
+            unsafe {
+                std::arch::asm!("int 0x80", inlateout("rax") 2i64 => ret);
+            }
+            match ret {
+                // SAFETY: see above.
+                0 => unsafe { libc::_exit(0) },
+                r if r < 0 => return Err(std::io::Error::from_raw_os_error(-r as i32).to_string()),
+                child => {
+                    let mut status = 0;
+                    // SAFETY: waits for our own child.
+                    unsafe { libc::waitpid(child as i32, &mut status, 0) };
+                    child
+                }
+            }
+        }
         "clone_pidfd" => {
             // clone(CLONE_PIDFD | SIGCHLD): the parent gets a pidfd of the child in its table.
             let mut pidfd: libc::c_int = -1;
