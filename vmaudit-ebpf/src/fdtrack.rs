@@ -992,37 +992,35 @@ pub fn vmaudit_sched_fork(ctx: RawTracePointContext) -> i32 {
     if flags & WatchFlags::FOLLOW_CHILDREN == 0 {
         return 0;
     }
-    let Some(child) = kfile::forked(ctx.arg(0), ctx.arg(1)) else {
+    let (parent, task): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    let Some((child, child_tgid)) = kfile::task_ids(task) else {
         lose(LossCause::ForkRead, tgid);
         return 0;
     };
-    if child.tgid != child.pid {
+    if child_tgid != child {
         return 0;
     }
-    if WATCHED.insert(child.pid, flags, 0).is_err() {
+    let Some(shares_files) = kfile::shares_files(parent, task) else {
+        lose(LossCause::ForkRead, tgid);
+        return 0;
+    };
+    if WATCHED.insert(child, flags, 0).is_err() {
         lose(LossCause::WatchFull, tgid);
         return 0;
     }
     debug!(
         &ctx,
-        "pid {} forked {} (sharing its fd table: {}): followed",
-        tgid,
-        child.pid,
-        child.shares_files as u8
+        "pid {} forked {} (sharing its fd table: {}): followed", tgid, child, shares_files as u8
     );
-    if let Some(slot) = WATCH_FILTER.get_ptr_mut(child.pid % WATCH_FILTER_SLOTS) {
+    if let Some(slot) = WATCH_FILTER.get_ptr_mut(child % WATCH_FILTER_SLOTS) {
         // SAFETY: a live array slot of 4 bytes; any racing writer also writes 1.
         unsafe { *slot = 1 };
     }
-    let shared = if child.shares_files {
-        nr::CLONE_FILES
-    } else {
-        0
-    };
+    let shared = if shares_files { nr::CLONE_FILES } else { 0 };
     send(&event(
         &Head::plain(tgid, tid),
         EventKind::Fork,
-        child.pid as i32,
+        child as i32,
         shared,
     ));
     0

@@ -47,30 +47,25 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// A task just forked, as `sched_process_fork` shows it.
-pub struct Forked {
-    /// Its thread id.
-    pub pid: u32,
-    /// Its process id: its own `pid` for a new process, the parent's for a new thread.
-    pub tgid: u32,
-    /// It has the parent's fd table itself, not a copy (CLONE_FILES).
-    pub shares_files: bool,
+/// A new task's thread id and process id (`task_struct.pid`, `.tgid`): the two are equal for
+/// a new process, and the tgid is the parent's for a new thread. A `task_struct` the
+/// tracepoint gave, so probe reads.
+#[inline(always)]
+pub fn task_ids(task: u64) -> Option<(u32, u32)> {
+    if o!(ready) == 0 {
+        return None;
+    }
+    Some((read(task + o!(task_pid))?, read(task + o!(task_tgid))?))
 }
 
-/// Reads `child`'s ids and whether it shares `parent`'s fd table (two `task_struct`s the
-/// tracepoint gave, so probe reads).
+/// Whether `child` has `parent`'s fd table itself, not a copy (CLONE_FILES).
 #[inline(always)]
-pub fn forked(parent: u64, child: u64) -> Option<Forked> {
+pub fn shares_files(parent: u64, child: u64) -> Option<bool> {
     if o!(ready) == 0 {
         return None;
     }
     let files: u64 = read(child + o!(task_files))?;
-    let parent_files: u64 = read(parent + o!(task_files))?;
-    Some(Forked {
-        pid: read(child + o!(task_pid))?,
-        tgid: read(child + o!(task_tgid))?,
-        shares_files: files == parent_files,
-    })
+    Some(files == read::<u64>(parent + o!(task_files))?)
 }
 
 /// The first `W` 8-byte words of a kernel struct, copied in one helper call (each call costs

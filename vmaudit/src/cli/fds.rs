@@ -1,6 +1,6 @@
 //! `vmaudit fds`: a process's current fd table.
 
-use std::io::IsTerminal as _;
+use std::{fmt::Write as _, io::IsTerminal as _};
 
 use vmaudit::{exit, procfs::ProcFs};
 
@@ -63,8 +63,9 @@ pub fn run(args: Args) -> u8 {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        text.push_str(&format!(
-            "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  {}\n",
+        writeln!(
+            text,
+            "{:>4}  {:<7}  {:<7}  {:>8}  {:>10}  {:<8}  {}",
             fd,
             if flags_cloexec(id.flags) { "yes" } else { "no" },
             kind,
@@ -72,7 +73,8 @@ pub fn run(args: Args) -> u8 {
             id.ino.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
             id.iface.as_deref().unwrap_or("-"),
             id.path
-        ));
+        )
+        .expect("a String takes any text");
     }
     match super::print_text(&text) {
         Ok(()) => exit::OK,

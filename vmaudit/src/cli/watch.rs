@@ -6,8 +6,8 @@ use std::{io::Write as _, sync::Arc};
 use vmaudit::{
     exit,
     observe::{
-        ObserveError, Output, Sink, Summary, WatchOptions, Watcher, loader::TrackerOptions,
-        table::FdRecord,
+        ObserveError, Output, Sink, Summary, WatchOptions, Watcher, flushed,
+        loader::TrackerOptions, table::FdRecord,
     },
     procfs::ProcFs,
     serve::{self, Hub, ServeError},
@@ -216,8 +216,7 @@ pub fn watch(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, Observ
 async fn watch_on(opts: &WatchOptions, sink: &mut dyn Sink) -> Result<Summary, ObserveError> {
     let shutdown = shutdown_signal();
     let watcher = Watcher::start(opts, ProcFs::default(), sink)?;
-    sink.flush()
-        .map_err(|source| ObserveError::Output { source })?;
+    flushed(sink)?;
     let held: usize = opts
         .pids
         .iter()

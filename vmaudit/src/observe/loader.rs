@@ -121,14 +121,7 @@ where
 /// the filter is attached (the array is the object's: it stays filled while the object lives).
 fn fill_sys_exit_jump(ebpf: &mut Ebpf) -> Result<(), ObserveError> {
     let name = programs::SYS_EXIT_WATCHED;
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(ObserveError::MissingObject { name })?
-        .try_into()
-        .map_err(|source| ObserveError::Program { name, source })?;
-    prog.load()
-        .map_err(|source| ObserveError::Program { name, source })?;
-    let fd = prog
+    let fd = load_raw(ebpf, name)?
         .fd()
         .map_err(|source| ObserveError::Program { name, source })?
         .try_clone()
@@ -163,21 +156,29 @@ fn tracepoint<'a>(
     Ok(tp)
 }
 
+/// Raw tracepoint program `name` of the object, loaded.
+fn load_raw<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut RawTracePoint, ObserveError> {
+    let tp: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ObserveError::MissingObject { name })?
+        .try_into()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    tp.load()
+        .map_err(|source| ObserveError::Program { name, source })?;
+    Ok(tp)
+}
+
 fn attach_raw(
     ebpf: &mut Ebpf,
     name: &'static str,
     category: &str,
     tracepoint: &str,
 ) -> Result<(), ObserveError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(ObserveError::MissingObject { name })?;
-    let tp: &mut RawTracePoint = prog
-        .try_into()
-        .map_err(|source| ObserveError::Program { name, source })?;
-    tp.load()
-        .map_err(|source| ObserveError::Program { name, source })?;
-    tp.attach(tracepoint)
+    load_raw(ebpf, name)?
+        .attach(tracepoint)
         .map_err(|source| ObserveError::Attach {
             tracepoint: format!("{category}/{tracepoint}"),
             source,

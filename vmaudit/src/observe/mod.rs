@@ -199,7 +199,7 @@ impl<F: FnMut(Output)> Sink for F {
 }
 
 /// [`Sink::flush`], its error as the watch's.
-fn flushed(sink: &mut dyn Sink) -> Result<(), ObserveError> {
+pub fn flushed(sink: &mut dyn Sink) -> Result<(), ObserveError> {
     sink.flush()
         .map_err(|source| ObserveError::Output { source })
 }
